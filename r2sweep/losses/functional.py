@@ -152,21 +152,32 @@ class _MarginFunction(torch.autograd.Function):
 
 @dataclass
 class SoftMinMaxBuffers:
-    """Full-size work buffers of Soft-Min-Max for one layer, reused every step.
+    """Weight-sized work buffers of Soft-Min-Max, reused every step.
 
-    Allocating them once spares a page-faulting allocation per step; autograd's
-    version counters still guard them (a second forward before the backward makes
-    the backward raise instead of using stale values).
+    Allocating them once spares a page-faulting allocation per step. ``saved`` holds
+    what the backward pass reads (one set per layer); autograd's version counters
+    guard them, so a second forward before the backward makes the backward raise
+    instead of using stale values. ``scratch`` holds temporaries of the backward
+    pass only, and may be one dict shared by every layer of a model: each buffer
+    grows to the largest layer and smaller layers use a view of it.
     """
 
-    tensors: dict[str, Tensor] = field(default_factory=dict)
+    saved: dict[str, Tensor] = field(default_factory=dict)
+    scratch: dict[str, Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def _view(pool: dict[str, Tensor], name: str, like: Tensor) -> Tensor:
+        flat = pool.get(name)
+        if flat is None or flat.numel() < like.numel() or flat.device != like.device or flat.dtype != like.dtype:
+            flat = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+            pool[name] = flat
+        return flat[: like.numel()].view(like.shape)
 
     def get(self, name: str, like: Tensor) -> Tensor:
-        buffer = self.tensors.get(name)
-        if buffer is None or buffer.shape != like.shape or buffer.device != like.device or buffer.dtype != like.dtype:
-            buffer = torch.empty_like(like, memory_format=torch.contiguous_format)
-            self.tensors[name] = buffer
-        return buffer
+        return self._view(self.saved, name, like)
+
+    def get_scratch(self, name: str, like: Tensor) -> Tensor:
+        return self._view(self.scratch, name, like)
 
 
 class _SoftMinMaxFunction(torch.autograd.Function):
@@ -216,13 +227,13 @@ class _SoftMinMaxFunction(torch.autograd.Function):
         # cancel catastrophically once alpha is large (a concentrated softmax).
         # ``grad`` is a fresh tensor, not a kept buffer: autograd can then add the task
         # gradient into it in place instead of allocating the sum.
-        deviation = torch.sub(rows, soft_max, out=ctx.buffers.get("deviation", rows))
+        deviation = torch.sub(rows, soft_max, out=ctx.buffers.get_scratch("deviation", rows))
         grad = torch.addcmul(scale_max, deviation, scale_max * a).mul_(e_max)
         want_alpha = ctx.needs_input_grad[1]
         # <grad, w - smax> = g (sum p d + a Var_p) = g a Var_p  (sum p d = 0)
         var_term = _row_dot(grad, deviation) if want_alpha else None
         torch.sub(rows, soft_min, out=deviation)
-        term_min = ctx.buffers.get("term_min", rows)
+        term_min = ctx.buffers.get_scratch("term_min", rows)
         torch.addcmul(scale_min, deviation, -scale_min * a, out=term_min).mul_(e_min)
         if want_alpha:
             # <term_min, w - smin> = -g a Var_q

@@ -25,7 +25,8 @@ class SoftMinMaxR2(R2Loss):
     """``R(W) = smax(W) - smin(W) + eta * exp(-alpha)`` with a learnable alpha per layer.
 
     alpha stays positive through ``alpha = softplus(rho)``; ``rho`` is the parameter.
-    This kind keeps three weight-sized work buffers per layer between steps (see
+    This kind keeps two weight-sized buffers per layer, and two the size of the
+    largest layer, between steps (see
     :class:`~r2sweep.losses.functional.SoftMinMaxBuffers`).
 
     Args:
@@ -52,7 +53,9 @@ class SoftMinMaxR2(R2Loss):
         self.raw_alphas = nn.ParameterList(
             nn.Parameter(w.new_zeros(self._scalar_shape(w)).detach()) for w in self._weights
         )
-        self._buffers_per_layer = [F.SoftMinMaxBuffers() for _ in self._weights]
+        # Saved buffers per layer; the backward's temporaries shared by all layers.
+        shared_scratch: dict[str, Tensor] = {}
+        self._buffers_per_layer = [F.SoftMinMaxBuffers(scratch=shared_scratch) for _ in self._weights]
 
     def alpha(self, index: int) -> Tensor:
         return softplus(self.raw_alphas[index])
