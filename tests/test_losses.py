@@ -292,7 +292,7 @@ def test_start_epoch_switches_the_loss_on_and_initialises_then():
     net = _net()
     r2 = make_r2_loss(net, "margin", 0.1, start_epoch=2)
     r2.set_epoch(1)
-    assert float(r2()) == 0.0 and not bool(r2.initialized)
+    assert r2().item() == 0.0 and not bool(r2.initialized)
     with torch.no_grad():
         net[0].weight.mul_(3)  # weights move before the switch-on
     r2.set_epoch(2)

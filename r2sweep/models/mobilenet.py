@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from r2sweep.models.registry import register_model, scale_channels
+from r2sweep.models.registry import init_conv_bn_, register_model, scale_channels
 
 __all__ = ["DepthwiseSeparable", "MobileNetV1", "build_mobilenet_v1", "build_mobilenet_v2"]
 
@@ -86,12 +86,7 @@ class MobileNetV1(nn.Module):
         # No dropout: the paper's v1 classifier has none, and it would add
         # noise to the loss landscape a sweep is trying to compare.
         self.classifier = nn.Linear(cin, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(self.avgpool(self.features(x)), 1)

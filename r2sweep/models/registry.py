@@ -17,6 +17,7 @@ from r2sweep.errors import ConfigError
 from r2sweep.registry import Registry
 
 __all__ = [
+    "init_conv_bn_",
     "ModelBuilder",
     "STEMS",
     "MODELS",
@@ -87,6 +88,16 @@ def scale_channels(channels: int, width: float, *, divisor: int = 8, min_channel
     if rounded < 0.9 * target:
         rounded += divisor
     return rounded
+
+
+def init_conv_bn_(model: nn.Module) -> None:
+    """torchvision's ResNet initialisation: Kaiming-normal convs (fan-out), BatchNorm at identity."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def _require_int(field: str, value: object, minimum: int) -> int:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
-from r2sweep.models.registry import register_model, scale_channels
+from r2sweep.models.registry import init_conv_bn_, register_model, scale_channels
 
 __all__ = ["ResNet", "build_resnet18"]
 
@@ -62,12 +62,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(planes[3] * BasicBlock.expansion, num_classes)
 
         # torchvision's initialisation, so width-1.0 models start where torchvision's do.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        init_conv_bn_(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None

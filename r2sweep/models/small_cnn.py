@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from r2sweep.models.registry import register_model, scale_channels
+from r2sweep.models.registry import init_conv_bn_, register_model, scale_channels
 
 __all__ = ["SmallCNN", "build_small_cnn"]
 
@@ -60,12 +60,7 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels[-1], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.features(x))
