@@ -297,7 +297,7 @@ def test_start_epoch_switches_the_loss_on_and_initialises_then():
         net[0].weight.mul_(3)  # weights move before the switch-on
     r2.set_epoch(2)
     assert r2().item() > 0 and bool(r2.initialized)
-    assert float(r2.margins[0]) == pytest.approx(float(net[0].weight.abs().max()))
+    assert r2.margins[0].item() == pytest.approx(net[0].weight.abs().max().item())
 
 
 # --- conformance: every registered kind ------------------------------------------
@@ -337,7 +337,7 @@ def test_conformance_state_dict_round_trip(kind):
     fresh = make_r2_loss(net, kind, 0.2)
     fresh.load_state_dict(r2.state_dict())
     assert bool(fresh.initialized) == bool(r2.initialized)
-    assert float(fresh()) == pytest.approx(float(value))
+    assert fresh().item() == pytest.approx(value.item())
 
 
 def test_conformance_training_step_changes_weights_and_scalars(kind):
@@ -401,6 +401,6 @@ def test_a_fourth_kind_is_one_small_class():
         net = _net()
         r2 = make_r2_loss(net, "l2range_test", 0.5)
         expected = 0.5 * sum(float(w.detach().square().sum()) for w in r2.weights)
-        assert float(r2()) == pytest.approx(expected, rel=1e-5)
+        assert r2().item() == pytest.approx(expected, rel=1e-5)
     finally:
         R2_LOSSES.unregister("l2range_test")
