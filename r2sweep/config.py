@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import types
 import typing
 from collections.abc import Mapping
@@ -22,20 +21,11 @@ from torch import nn
 
 from r2sweep.errors import ConfigError
 from r2sweep.losses import R2_LOSSES, R2Loss, make_r2_loss
+from r2sweep.validate import check, is_number
 
-__all__ = ["TrainConfig", "R2Config", "from_dict", "to_dict", "check"]
+__all__ = ["TrainConfig", "R2Config", "from_dict", "to_dict"]
 
 C = TypeVar("C")
-
-
-def check(condition: bool, field: str, value: Any, allowed: str) -> None:
-    """Raise :class:`ConfigError` for ``field`` unless ``condition`` holds."""
-    if not condition:
-        raise ConfigError(field, value, allowed)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _coerce(field: str, value: Any, annotation: Any) -> Any:
@@ -63,7 +53,7 @@ def _coerce(field: str, value: Any, annotation: Any) -> Any:
     elif annotation is int:
         check(isinstance(value, int) and not isinstance(value, bool), field, value, "an integer")
     elif annotation is float:
-        check(_is_number(value), field, value, "a finite number")
+        check(is_number(value), field, value, "a finite number")
         return float(value)
     elif annotation is str:
         check(isinstance(value, str), field, value, "a string")

@@ -10,11 +10,11 @@ from r2sweep.data.registry import (
     DataSplits,
     TransformSubset,
     register_dataset,
-    require_int,
     require_root,
     stratified_split,
 )
 from r2sweep.errors import ConfigError, DataNotFoundError
+from r2sweep.validate import require_int
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_imagefolder"]
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from r2sweep.data.registry import require_int
+from r2sweep.validate import require_int
 
 __all__ = ["EpochLoader", "make_loader", "epoch_seed"]
 

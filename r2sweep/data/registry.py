@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Real
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from r2sweep.errors import ConfigError
 from r2sweep.registry import Registry
+from r2sweep.validate import require_int
 
 __all__ = [
     "DataSplits",
@@ -30,7 +31,6 @@ __all__ = [
     "dataset_options",
     "require_root",
     "stratified_split",
-    "require_int",
     "TransformSubset",
 ]
 
@@ -134,13 +134,6 @@ def create_data(
         val_fraction=None if val_fraction is None else float(val_fraction),
         **options,
     )
-
-
-def require_int(field: str, value: object, minimum: int) -> int:
-    """``value`` as an ``int`` if it is an integer >= ``minimum``, else a ConfigError naming ``field``."""
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ConfigError(field, value, f"an integer >= {minimum}")
-    return int(value)
 
 
 def require_root(root: str | None, dataset: str) -> Path:

@@ -11,7 +11,8 @@ from numbers import Real
 import torch
 from torch.utils.data import TensorDataset
 
-from r2sweep.data.registry import DataSplits, register_dataset, require_int, stratified_split
+from r2sweep.data.registry import DataSplits, register_dataset, stratified_split
+from r2sweep.validate import require_int
 from r2sweep.errors import ConfigError
 
 __all__ = ["make_synthetic"]

@@ -8,13 +8,14 @@ module only has to translate them into layers.
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
+from numbers import Real
 from typing import Callable, Protocol
 
 from torch import nn
 
 from r2sweep.errors import ConfigError
 from r2sweep.registry import Registry
+from r2sweep.validate import require_int
 
 __all__ = [
     "init_conv_bn_",
@@ -100,12 +101,6 @@ def init_conv_bn_(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def _require_int(field: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ConfigError(field, value, f"an integer >= {minimum}")
-    return int(value)
-
-
 def create_model(
     name: str,
     *,
@@ -135,9 +130,9 @@ def create_model(
         ConfigError: an argument is invalid; the message names the ``model.*`` field.
     """
     builder = MODELS.get(name)
-    num_classes = _require_int("model.num_classes", num_classes, 2)
-    in_channels = _require_int("model.in_channels", in_channels, 1)
-    input_size = _require_int("model.input_size", input_size, 4)
+    num_classes = require_int("model.num_classes", num_classes, 2)
+    in_channels = require_int("model.in_channels", in_channels, 1)
+    input_size = require_int("model.input_size", input_size, 4)
     if (
         isinstance(width, bool)
         or not isinstance(width, Real)

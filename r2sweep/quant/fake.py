@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from r2sweep.errors import ConfigError
+from r2sweep.validate import require_int
 
 __all__ = [
     "GRANULARITIES",
@@ -44,12 +45,6 @@ MSE_GRID_SIZE = 100
 _MSE_CHUNK_ELEMENTS = 1 << 24
 
 
-def _check_bits(field: str, bits: object) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ConfigError(field, bits, "an integer from 1 to 8")
-    return bits
-
-
 @dataclass(frozen=True)
 class QuantSpec:
     """How a weight tensor is quantized.
@@ -73,7 +68,7 @@ class QuantSpec:
     range: str = "minmax"
 
     def __post_init__(self) -> None:
-        _check_bits("downstream.weight_bits", self.bits)
+        require_int("downstream.weight_bits", self.bits, 1, maximum=8)
         if not isinstance(self.symmetric, bool):
             raise ConfigError("downstream.symmetric", self.symmetric, "true or false")
         if self.granularity not in GRANULARITIES:
@@ -93,7 +88,7 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     Raises:
         ConfigError: ``bits`` is not an integer from 1 to 8.
     """
-    _check_bits("downstream.weight_bits", bits)
+    require_int("downstream.weight_bits", bits, 1, maximum=8)
     if symmetric:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
@@ -251,7 +246,7 @@ class ActivationQuantizer(nn.Module):
 
     def __init__(self, bits: int, signed: bool = True, observer: str = "minmax", percentile: float = 99.99) -> None:
         super().__init__()
-        self.bits = _check_bits("downstream.act_bits", bits)
+        self.bits = require_int("downstream.act_bits", bits, 1, maximum=8)
         if not isinstance(signed, bool):
             raise ConfigError("downstream.act_signed", signed, "true or false")
         if observer not in OBSERVERS:
