@@ -18,17 +18,26 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["save_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
+__all__ = ["save_atomic", "write_text_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
 
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``state`` to ``path`` so that readers see the old file or the new one, never half."""
+    return _write_atomic(path, lambda handle: torch.save(state, handle))
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically, like :func:`save_atomic`."""
+    return _write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def _write_atomic(path: str | os.PathLike[str], write: Any) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, target)

@@ -1,7 +1,15 @@
-"""Fake quantization of weights and activations, BatchNorm folding and re-estimation."""
+"""Low-bit downstream methods: fake quantization, PTQ (RTN, AdaRound), QAT (LSQ, EWGS), DKM.
+
+Building blocks live in their own modules (``fake``, ``fold``, ``adaround``,
+``qat``, ``dkm``, ``layers``); the whole-model pipelines a trial calls are
+:func:`post_training_quantize`, :func:`quantization_aware_train` and
+:func:`dkm_compress`, each configured by a :class:`DownstreamConfig`.
+"""
 
 from __future__ import annotations
 
+from r2sweep.quant.adaround import AdaRoundSettings, adaround_layer
+from r2sweep.quant.dkm import DkmClusterer
 from r2sweep.quant.fake import (
     GRANULARITIES,
     OBSERVERS,
@@ -14,20 +22,37 @@ from r2sweep.quant.fake import (
     quantize_weight,
     weight_qparams,
 )
+from r2sweep.quant.finetune import dkm_compress, quantization_aware_train
 from r2sweep.quant.fold import conv_bn_pairs, fold_batchnorm, reestimate_bn
+from r2sweep.quant.layers import QuantLayer, bake_weights, wrap_layers
+from r2sweep.quant.ptq import post_training_quantize
+from r2sweep.quant.qat import EwgsQuantizer, LsqQuantizer
+from r2sweep.quant.recipe import DownstreamConfig
 
 __all__ = [
     "GRANULARITIES",
     "OBSERVERS",
     "RANGES",
     "ActivationQuantizer",
+    "AdaRoundSettings",
+    "DkmClusterer",
+    "DownstreamConfig",
+    "EwgsQuantizer",
+    "LsqQuantizer",
+    "QuantLayer",
     "QuantSpec",
+    "adaround_layer",
+    "bake_weights",
     "binarize",
     "conv_bn_pairs",
+    "dkm_compress",
     "fake_quantize",
     "fold_batchnorm",
+    "post_training_quantize",
     "qrange",
+    "quantization_aware_train",
     "quantize_weight",
     "reestimate_bn",
     "weight_qparams",
+    "wrap_layers",
 ]

@@ -18,7 +18,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from r2sweep.errors import ConfigError
 
-__all__ = ["conv_bn_pairs", "fold_batchnorm", "reestimate_bn"]
+__all__ = ["batch_inputs", "conv_bn_pairs", "fold_batchnorm", "reestimate_bn"]
 
 
 def _call_counts(graph: fx.Graph) -> dict[str, int]:
@@ -97,12 +97,12 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
-def _first_tensor(batch: object) -> Tensor:
-    # Loaders yield (inputs, targets); only the inputs are needed.
+def batch_inputs(batch: object) -> Tensor:
+    """The input tensor of a batch: loaders yield ``(inputs, targets)``; bare tensors pass."""
     if isinstance(batch, (tuple, list)):
         batch = batch[0]
     if not isinstance(batch, Tensor):
-        raise TypeError(f"reestimate_bn expects tensors or (inputs, targets) pairs, got {type(batch).__name__}")
+        raise TypeError(f"expected tensors or (inputs, targets) pairs, got {type(batch).__name__}")
     return batch
 
 
@@ -145,7 +145,7 @@ def reestimate_bn(model: nn.Module, batches: Iterable[Tensor], num_batches: int)
             for batch in batches:
                 if used >= num_batches:
                     break
-                model(_first_tensor(batch))
+                model(batch_inputs(batch))
                 used += 1
     finally:
         for module, mode in modes.items():

@@ -1,0 +1,222 @@
+"""The trial file: ``seed``, ``data``, ``model``, ``train``, ``r2`` and ``downstream``.
+
+One schema serves ``r2sweep trial FILE`` and every trial of a sweep (a sweep
+writes its sampled values into these same fields), so any trial can be re-run
+alone. Loading is strict and complete before anything runs: unknown keys,
+wrong types, out-of-range values and unknown registry names are all
+:class:`~r2sweep.errors.ConfigError` naming the dotted field.
+
+``--set PATH=VALUE`` overrides use the same dotted paths (``train.lr=0.1``,
+``downstream.0.weight_bits=[2,4]``), applied to the raw mapping before it is
+checked, so an override is validated exactly like the file.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import yaml
+
+from r2sweep.config import R2Config, TrainConfig, from_dict, to_dict
+from r2sweep.data import DATASETS, dataset_options
+from r2sweep.errors import ConfigError
+from r2sweep.models import MODELS
+from r2sweep.models.registry import STEMS
+from r2sweep.quant.recipe import DownstreamConfig, load_downstream
+from r2sweep.validate import check, require_int
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "TrialConfig",
+    "load_trial_config",
+    "read_yaml",
+    "apply_overrides",
+    "parse_override",
+]
+
+
+@dataclass
+class DataConfig:
+    """``data:``: a registered dataset; keys other than these are the dataset's own options."""
+
+    section: ClassVar[str] = "data"
+
+    name: str = "digits"
+    root: Optional[str] = None
+    val_fraction: Optional[float] = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check(self.name in DATASETS.names(), "data.name", self.name, f"one of {DATASETS.names()} (r2sweep list data)")
+        allowed = dataset_options(self.name)
+        for key, value in self.options.items():
+            if key not in allowed:
+                raise ConfigError(f"data.{key}", value, f"unknown field; dataset {self.name!r} takes {['name', 'root', 'val_fraction', *sorted(allowed)]}")
+        if self.val_fraction is not None:
+            check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "a number strictly between 0 and 1, or null")
+
+    @classmethod
+    def from_mapping(cls, data: Any) -> DataConfig:
+        if data is None:
+            data = {}
+        check(isinstance(data, Mapping), "data", data, "a mapping such as {name: digits}")
+        own = {k: v for k, v in data.items() if k in ("name", "root", "val_fraction")}
+        options = {k: v for k, v in data.items() if k not in own}
+        config = from_dict(cls, own, "data")
+        config.options = options
+        config.__post_init__()
+        return config
+
+    def to_mapping(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "root": self.root, "val_fraction": self.val_fraction}
+        out.update(self.options)
+        return out
+
+
+@dataclass
+class ModelConfig:
+    """``model:``: a registered architecture, its width multiplier and stem."""
+
+    section: ClassVar[str] = "model"
+
+    name: str = "small_cnn"
+    width: float = 1.0
+    stem: str = "auto"
+
+    def __post_init__(self) -> None:
+        check(self.name in MODELS.names(), "model.name", self.name, f"one of {MODELS.names()} (r2sweep list model)")
+        check(self.width > 0, "model.width", self.width, "a number > 0")
+        check(self.stem in STEMS, "model.stem", self.stem, f"one of {list(STEMS)}")
+
+
+@dataclass
+class TrialConfig:
+    """Everything one trial needs; see the module docstring."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    r2: R2Config = field(default_factory=R2Config)
+    downstream: list[DownstreamConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        require_int("seed", self.seed, 0)
+
+    def result_names(self) -> list[str]:
+        """Every downstream result prefix, in run order (``ptq_adaround_w2a8``, ...)."""
+        return [name for entry in self.downstream for name in entry.result_names()]
+
+    def metric_names(self) -> list[str]:
+        """The final ``/top1`` metrics this trial reports."""
+        return ["fp/top1"] + [f"{name}/top1" for name in self.result_names()]
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The plain form a YAML file holds (``load_trial_config`` reads it back)."""
+        return {
+            "seed": self.seed,
+            "data": self.data.to_mapping(),
+            "model": to_dict(self.model),
+            "train": to_dict(self.train),
+            "r2": to_dict(self.r2),
+            "downstream": [entry.to_mapping() for entry in self.downstream],
+        }
+
+
+_SECTIONS = ("seed", "data", "model", "train", "r2", "downstream")
+
+
+def load_trial_config(data: Any) -> TrialConfig:
+    """Build a :class:`TrialConfig` from a mapping (a parsed YAML file), strictly.
+
+    Raises:
+        ConfigError: naming the first bad field.
+    """
+    if data is None:
+        data = {}
+    check(isinstance(data, Mapping), "config", type(data).__name__, f"a mapping with the sections {list(_SECTIONS)}")
+    from_dict(_Sections, dict(data))  # unknown top-level keys, with a did-you-mean
+    seed = data.get("seed", 0)
+    check(isinstance(seed, int) and not isinstance(seed, bool), "seed", seed, "an integer >= 0")
+    return TrialConfig(
+        seed=seed,
+        data=DataConfig.from_mapping(data.get("data")),
+        model=from_dict(ModelConfig, data.get("model")),
+        train=from_dict(TrainConfig, data.get("train")),
+        r2=from_dict(R2Config, data.get("r2")),
+        downstream=load_downstream(data.get("downstream")),
+    )
+
+
+@dataclass
+class _Sections:
+    # Only its field names matter: from_dict's unknown-key check for the top level.
+    seed: Any = None
+    data: Any = None
+    model: Any = None
+    train: Any = None
+    r2: Any = None
+    downstream: Any = None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file with ``safe_load``; syntax errors become a ConfigError naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("file", str(path), "an existing YAML file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError("file", str(path), f"valid YAML; {problem} at {where}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=0.1"`` -> ``("train.lr", 0.1)``; the value is read as YAML (``[2, 4]``, ``true``, ``null``)."""
+    path, sep, raw = text.partition("=")
+    path = path.strip()
+    if not sep or not path:
+        raise ConfigError("--set", text, "PATH=VALUE, e.g. train.lr=0.1 or downstream.0.weight_bits=[2,4]")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {path}", raw, "a YAML value (a number, a string, [a, list], true/false)") from None
+    return path, value
+
+
+def apply_overrides(data: Any, overrides: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A copy of ``data`` with each ``(dotted path, value)`` written in.
+
+    Missing mappings along a path are created (``r2.kind=linf`` on a file
+    without ``r2:``); list entries are addressed by index and must exist.
+    The result is validated by :func:`load_trial_config` like any file.
+    """
+    result = copy.deepcopy(dict(data or {}))
+    for path, value in overrides:
+        node: Any = result
+        parts = path.split(".")
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                check(part.isdigit() and int(part) < len(node), where, part, f"an index below {len(node)} (the list has {len(node)} entries)")
+                key: Any = int(part)
+            elif isinstance(node, dict):
+                key = part
+                if not last and node.get(key) is None:
+                    node[key] = {}
+            else:
+                raise ConfigError(where, node, "a mapping or a list to set a field inside")
+            if last:
+                node[key] = value
+            else:
+                node = node[key]
+    return result
+
