@@ -227,3 +227,40 @@ def test_bn_reestimation_keeps_bn_and_recomputes_its_statistics(digits_model) ->
     assert norms and all(int(n.num_batches_tracked) == 4 for n in norms)
     assert not torch.allclose(norms[1].running_mean, originals[1].running_mean)
     assert evaluate(quantized, val, torch.device("cpu")) > 10  # runs and predicts
+
+
+def test_unfolded_ptq_keeps_batchnorm_with_its_statistics(digits_model) -> None:
+    model, _, _, val, calibration = digits_model
+    for algorithm in ("rtn", "adaround"):
+        cfg = DownstreamConfig(
+            method="ptq", algorithm=algorithm, weight_bits=[4], bn_fold=False, granularity="tensor", adaround_iters=50
+        )
+        quantized = post_training_quantize(model, cfg, 4, calibration)
+        norms = [m for m in quantized.modules() if isinstance(m, nn.BatchNorm2d)]
+        originals = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert len(norms) == len(originals)
+        assert all(torch.equal(a.running_var, b.running_var) for a, b in zip(norms, originals))
+        assert all(n <= 16 for n in _distinct_per_layer(quantized)[1:-1])
+        assert evaluate(quantized, val, torch.device("cpu")) > 80
+
+
+def test_adaround_through_an_unfolded_bn_beats_round_to_nearest_after_the_bn() -> None:
+    # Unfolded, the error that matters is after BN's per-channel rescaling
+    # (gains of 1 to 30 here, as in depthwise layers).
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, padding=1, bias=False)
+    bn = nn.BatchNorm2d(8).eval()
+    with torch.no_grad():
+        conv.weight.copy_(_heavy_tailed(8, 4, 3, 3))
+        bn.running_var.copy_(torch.logspace(-3, 0, 8))  # gains from 1 to ~30
+    inputs = torch.relu(torch.randn(128, 4, 6, 6))
+    with torch.no_grad():
+        targets = bn(conv(inputs))
+    spec = QuantSpec(3, granularity="channel")
+    learned = adaround_layer(conv, inputs, targets, spec, AdaRoundSettings(iterations=300, lr=1e-2), after=bn)
+
+    def error(weight: torch.Tensor) -> float:
+        with torch.no_grad():
+            return reconstruction_error(bn(conv._conv_forward(inputs, weight, None)), targets).item()
+
+    assert error(learned) < 0.8 * error(quantize_weight(conv.weight.detach(), spec))

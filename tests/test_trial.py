@@ -46,6 +46,16 @@ def test_defaults_and_metric_names() -> None:
     assert config.downstream[2].algorithm == "ewgs" and config.downstream[3].act_bits == 32
 
 
+def test_tags_tell_two_entries_of_one_algorithm_apart() -> None:
+    config = load_trial_config(
+        {"downstream": [{"method": "ptq", "algorithm": "rtn", "weight_bits": 2},
+                        {"method": "ptq", "algorithm": "rtn", "weight_bits": 2, "range": "minmax", "tag": "naive"}]}
+    )
+    assert config.metric_names()[1:] == ["ptq_rtn_w2a8/top1", "ptq_rtn_w2a8_naive/top1"]
+    assert config.downstream[0].bn_fold is True  # folded unless BN is re-estimated
+    assert load_downstream({"method": "ptq", "bn_reestimate": True})[0].bn_fold is False
+
+
 def test_round_trip_through_yaml() -> None:
     config = load_trial_config(
         {"seed": 3, "data": {"name": "synthetic", "num_samples": 64}, "r2": {"kind": "margin", "strength": 0.1},
@@ -84,6 +94,8 @@ def test_round_trip_through_yaml() -> None:
         ({"downstream": [{"method": "ptq", "weight_bits": 2}, {"method": "ptq", "weight_bits": [2]}]}, "downstream[1]", "ptq_adaround_w2a8"),
         ({"downstream": [{"method": "ptq", "frobnicate": 1}]}, "downstream[0].frobnicate", "unknown field"),
         ({"downstream": ["ptq"]}, "downstream[0]", "a mapping"),
+        ({"downstream": [{"method": "ptq", "tag": "Has Space"}]}, "downstream[0].tag", "lower-case"),
+        ({"downstream": [{"method": "ptq", "bn_fold": True, "bn_reestimate": True}]}, "downstream[0].bn_fold", "bn_reestimate"),
     ],
 )
 def test_bad_fields_are_named(data: dict, field: str, fragment: str) -> None:

@@ -8,7 +8,7 @@ continuous variable ``V`` per weight:
     W_soft = grid(clamp(floor(W / s) + h(V), qmin, qmax))
     h(V)   = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)    (rectified sigmoid)
 
-minimizing ``||f(W_soft; x) - target||^2 + lambda_r * sum(1 - |2 h(V) - 1|^beta)``
+minimizing ``||f(W_soft; x) - target||^2 / ||target||^2 + lambda_r * sum(1 - |2 h(V) - 1|^beta)``
 over calibration inputs ``x``. The regularizer pushes every ``h`` to 0 or 1;
 ``beta`` is annealed from 20 to 2 after a warm-up without it, so rounding
 decisions may move early and must settle late. Finally each weight is rounded
@@ -152,7 +152,12 @@ def reconstruction_error(output: Tensor, target: Tensor) -> Tensor:
 
 
 def adaround_layer(
-    layer: nn.Module, inputs: Tensor, targets: Tensor, spec: QuantSpec, settings: AdaRoundSettings
+    layer: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    spec: QuantSpec,
+    settings: AdaRoundSettings,
+    after: nn.Module | None = None,
 ) -> Tensor:
     """Learn the rounding of ``layer``'s weight so that ``layer(inputs)`` matches ``targets``.
 
@@ -162,6 +167,10 @@ def adaround_layer(
         targets: what the layer should output for them (the float network's
             output at this layer), same leading ``N``.
         spec: the weight quantizer; its grid is kept, only the rounding is learned.
+        after: a module applied to the layer's output before comparing it with
+            ``targets`` (an unfolded BatchNorm in eval mode): the error that
+            matters is after BN's per-channel rescaling, which can weigh a channel
+            by orders of magnitude more than another.
 
     Returns:
         The hard-rounded weight (same shape as ``layer.weight``, on its grid).
@@ -172,11 +181,19 @@ def adaround_layer(
     generator = torch.Generator().manual_seed(settings.seed)
     count = inputs.shape[0]
     batch = min(settings.batch_size, count)
+    # The reconstruction error is taken relative to the targets' energy, so that
+    # lambda_r weighs it the same whatever the layer's output scale: with an
+    # absolute error, a layer with small outputs (before an amplifying BN) lets
+    # the regularizer decide alone, and one with large outputs never lets it
+    # force the rounding decisions, so the final hard rounding is just RTN.
+    energy = reconstruction_error(torch.zeros_like(targets[:1]), targets).clamp(min=1e-12)
     with torch.enable_grad():
         for iteration in range(settings.iterations):
             index = torch.randint(count, (batch,), generator=generator).to(inputs.device)
             output = _layer_output(layer, inputs[index], soft.soft())
-            loss = reconstruction_error(output, targets[index])
+            if after is not None:
+                output = after(output)
+            loss = reconstruction_error(output, targets[index]) / energy
             beta = settings.beta(iteration)
             if beta is not None and settings.lambda_r > 0:
                 loss = loss + settings.lambda_r * soft.regularizer(beta)

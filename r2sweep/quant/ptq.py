@@ -4,11 +4,15 @@ The order follows deployment: fold BatchNorm into the preceding convs (the
 integer kernel sees the folded weight), quantize the weights layer by layer,
 then calibrate one activation quantizer per layer input on a few batches.
 
-With ``bn_reestimate`` the BNs are *not* folded: weights are quantized as they
-are, BN stays a per-channel float affine (which a deployment folds into the
-per-channel requantization multiplier instead of the weights) and its running
-statistics are re-estimated on training batches after quantization, which undoes
-the activation shift that low-bit weights cause.
+With ``bn_fold: false`` the BNs are *not* folded: weights are quantized as they
+are and BN stays a per-channel float affine (which a deployment folds into the
+per-channel requantization multiplier instead of the weights). This matters for
+R2, which restricts the range of the unfolded weight: folding multiplies each
+output channel by ``gamma / sqrt(var)``, which can re-create the outliers R2
+removed (MobileNet-V2's depthwise layers, see benchmarks/RESULTS.md).
+``bn_reestimate`` (which implies ``bn_fold: false``) then recomputes the BN
+running statistics on training batches after quantization, undoing the
+activation shift that low-bit weights cause.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch import Tensor, nn
 
 from r2sweep.quant.adaround import adaround_layer
 from r2sweep.quant.fake import ActivationQuantizer, QuantSpec, quantize_weight
-from r2sweep.quant.fold import fold_batchnorm, reestimate_bn
+from r2sweep.quant.fold import conv_bn_pairs, fold_batchnorm, reestimate_bn
 from r2sweep.quant.layers import LayerInfo, QuantLayer, input_is_nonnegative, layer_bits, quant_layers, wrap_layers
 from r2sweep.quant.recipe import DownstreamConfig
 
@@ -91,12 +95,9 @@ def post_training_quantize(
         bn_batches: training batches for BN re-estimation (``cfg.bn_reestimate``).
         seed: AdaRound's batch sampling.
     """
-    if cfg.bn_reestimate:
-        if bn_batches is None:
-            raise ValueError("bn_reestimate needs bn_batches (training batches)")
-        quantized = copy.deepcopy(model).eval()
-    else:
-        quantized = fold_batchnorm(model)
+    if cfg.bn_reestimate and bn_batches is None:
+        raise ValueError("bn_reestimate needs bn_batches (training batches)")
+    quantized = fold_batchnorm(model) if cfg.bn_fold else copy.deepcopy(model).eval()
     reference = copy.deepcopy(quantized)  # float, for AdaRound's targets
     calibration = calibration.to(next(model.parameters()).device)
     nonnegative = input_is_nonnegative(quantized, [calibration[:_CHUNK]], num_batches=1)
@@ -105,13 +106,17 @@ def post_training_quantize(
     # Weights first, with float activations (the activation quantizers pass
     # through until calibrated), so AdaRound sees each layer's true inputs.
     reference_layers = dict(reference.named_modules())
+    # Unfolded, AdaRound reconstructs each conv's BatchNorm output, not the raw conv output.
+    following_bn = dict(conv_bn_pairs(reference)) if cfg.algorithm == "adaround" and not cfg.bn_fold else {}
     for name, wrapper in quant_layers(quantized):
         spec = _weight_spec(cfg, wrapper, weight_bits)
         weight = wrapper.layer.weight
         if cfg.algorithm == "adaround":
+            target_module = reference_layers[following_bn.get(name, name)]
+            after = target_module if name in following_bn else None
             inputs = capture(quantized, wrapper, calibration, output=False)
-            targets = capture(reference, reference_layers[name], calibration, output=True)
-            new_weight = adaround_layer(wrapper.layer, inputs, targets, spec, cfg.adaround_settings(seed))
+            targets = capture(reference, target_module, calibration, output=True)
+            new_weight = adaround_layer(wrapper.layer, inputs, targets, spec, cfg.adaround_settings(seed), after=after)
         else:
             new_weight = quantize_weight(weight.detach(), spec)
         with torch.no_grad():
@@ -140,8 +145,8 @@ def _calibrate_activations(model: nn.Module, calibration: Tensor) -> None:
 
 
 def round_to_nearest(model: nn.Module, cfg: DownstreamConfig, weight_bits: int) -> nn.Module:
-    """Weights-only round-to-nearest on the BN-folded copy: the cheap per-epoch proxy."""
-    folded = fold_batchnorm(model)
+    """Weights-only round-to-nearest (BN folded as ``cfg`` says, no re-estimation): the cheap per-epoch proxy."""
+    folded = fold_batchnorm(model) if cfg.bn_fold else copy.deepcopy(model).eval()
     layers = [(n, m) for n, m in folded.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     with torch.no_grad():
         for index, (_, layer) in enumerate(layers):

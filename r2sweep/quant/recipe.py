@@ -11,6 +11,7 @@ to which method.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
@@ -27,11 +28,12 @@ ALGORITHMS = {"ptq": ("rtn", "adaround"), "qat": ("lsq", "ewgs"), "dkm": ("dkm",
 #: ``act_bits`` value meaning "activations stay in float" (weights-only quantization).
 FLOAT_ACT_BITS = 32
 
-_COMMON = ("method", "algorithm", "weight_bits", "act_bits", "granularity", "keep_first_last_bits")
+_TAG = re.compile(r"[a-z][a-z0-9-]*")
+_COMMON = ("method", "algorithm", "weight_bits", "act_bits", "granularity", "keep_first_last_bits", "tag")
 _FINE_TUNE = ("epochs", "lr", "weight_decay", "batch_size")
 METHOD_FIELDS: dict[str, tuple[str, ...]] = {
     "ptq": _COMMON
-    + ("symmetric", "range", "act_observer", "calib_samples", "bn_reestimate", "bn_batches")
+    + ("symmetric", "range", "act_observer", "calib_samples", "bn_fold", "bn_reestimate", "bn_batches")
     + ("adaround_iters", "adaround_lambda", "adaround_lr"),
     "qat": _COMMON + _FINE_TUNE + ("quant_lr", "delta"),
     "dkm": _COMMON + _FINE_TUNE + ("tau", "dkm_iters", "cluster_dim"),
@@ -54,11 +56,15 @@ class DownstreamConfig:
     act_bits: Optional[int] = None  # None: 8 for ptq and qat, float (32) for dkm
     granularity: str = "channel"
     keep_first_last_bits: Optional[int] = 8
+    # Appended to the result names (``ptq_rtn_w2a8_mse``) so that two entries of
+    # one method and algorithm with different knobs can sit in one trial.
+    tag: Optional[str] = None
     # PTQ
     symmetric: bool = True
     range: str = "mse"
     act_observer: str = "minmax"
     calib_samples: int = 256
+    bn_fold: Optional[bool] = None  # None: fold unless bn_reestimate
     bn_reestimate: bool = False
     bn_batches: int = 8
     adaround_iters: int = 1000
@@ -99,8 +105,14 @@ class DownstreamConfig:
         check(self.granularity in GRANULARITIES, f"{s}.granularity", self.granularity, f"one of {list(GRANULARITIES)}")
         if self.keep_first_last_bits is not None:
             require_int(f"{s}.keep_first_last_bits", self.keep_first_last_bits, 1, maximum=8)
+        if self.tag is not None:
+            check(bool(_TAG.fullmatch(self.tag)), f"{s}.tag", self.tag, "lower-case letters, digits and '-', starting with a letter")
         check(self.range in RANGES, f"{s}.range", self.range, f"one of {list(RANGES)}")
         check(self.act_observer in OBSERVERS, f"{s}.act_observer", self.act_observer, f"one of {list(OBSERVERS)}")
+        if self.bn_fold is None:
+            self.bn_fold = not self.bn_reestimate
+        check(not (self.bn_fold and self.bn_reestimate), f"{s}.bn_fold", self.bn_fold,
+              "false when bn_reestimate is true (folded BatchNorms have no statistics left to re-estimate)")
         require_int(f"{s}.calib_samples", self.calib_samples, 1)
         require_int(f"{s}.bn_batches", self.bn_batches, 1)
         require_int(f"{s}.epochs", self.epochs, 0)
@@ -124,10 +136,12 @@ class DownstreamConfig:
         return self.act_bits == FLOAT_ACT_BITS
 
     def result_name(self, weight_bits: int) -> str:
-        """The metric prefix of one result: ``ptq_adaround_w2a8``, ``qat_lsq_w2a2``, ``dkm_w1``."""
+        """The metric prefix of one result: ``ptq_adaround_w2a8``, ``qat_lsq_w2a2``, ``dkm_w1``, ``ptq_rtn_w2a8_mse``."""
         if self.method == "dkm":
-            return f"dkm_w{weight_bits}"
-        return f"{self.method}_{self.algorithm}_w{weight_bits}a{self.act_bits}"
+            name = f"dkm_w{weight_bits}"
+        else:
+            name = f"{self.method}_{self.algorithm}_w{weight_bits}a{self.act_bits}"
+        return f"{name}_{self.tag}" if self.tag else name
 
     def result_names(self) -> list[str]:
         return [self.result_name(bits) for bits in self.weight_bits]
@@ -163,7 +177,7 @@ def load_downstream(data: Any, path: str = "downstream") -> list[DownstreamConfi
                     raise ConfigError(f"{where}.{key}", item[key], f"not used by method {method} (only by {users})")
         entry = _with_path(lambda: from_dict(DownstreamConfig, item, where), where)
         for name in entry.result_names():
-            check(name not in seen, where, name, f"results distinct from entry {seen.get(name)} (both produce {name}/top1)")
+            check(name not in seen, where, name, f"results distinct from entry {seen.get(name)} (both produce {name}/top1); set a distinct 'tag' on one of them")
             seen[name] = i
         entries.append(entry)
     return entries
