@@ -199,17 +199,7 @@ def test_the_trial_core_imports_no_ray_optuna_or_mlflow() -> None:
 
 # --- the CLI on digits --------------------------------------------------------------
 
-DIGITS_TRIAL = """\
-seed: 0
-data: {name: digits}
-model: {name: small_cnn}
-train: {epochs: 2, lr: 0.05}
-r2: {kind: none}
-downstream:
-  - {method: ptq, algorithm: adaround, weight_bits: [2, 8], act_bits: 8, adaround_iters: 300}
-  - {method: qat, algorithm: lsq, weight_bits: [2], act_bits: 2, epochs: 1}
-  - {method: dkm, weight_bits: [1], epochs: 1}
-"""
+DIGITS_TRIAL = (REPO / "search_spaces" / "trial_digits.yaml").read_text()
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -228,7 +218,7 @@ def test_cli_trial_on_digits_writes_every_result(tmp_path: Path) -> None:
     # 2-bit results far above chance (10%): the methods work, not just run.
     assert min(metrics["ptq_adaround_w2a8/top1"], metrics["qat_lsq_w2a2/top1"], metrics["dkm_w1/top1"]) > 50
     resolved = load_trial_config(yaml.safe_load((tmp_path / "out" / "config.yaml").read_text()))
-    assert resolved.downstream[0].adaround_iters == 300 and resolved.train.epochs == 2
+    assert resolved.downstream[0].adaround_iters == 500 and resolved.train.epochs == 2
     assert "pre-train epoch 2/2" in done.stderr and "dkm_w1: top-1" in done.stderr
     assert "fp/top1" in done.stdout
 
