@@ -1,0 +1,275 @@
+"""The search-space file: a trial config plus ``objective``, ``search`` and ``sweep``.
+
+Everything is validated before anything starts (no Ray session, no MLflow
+experiment, no results folder): the trial sections as ``r2sweep trial`` would;
+the objective must be a metric some downstream entry produces; every search path
+must exist in the trial schema and every value a distribution can produce (the
+choices, the ends of a range) must be legal for that field, checked by loading
+the trial config with that value written in; ``when`` must name a parameter
+searched earlier in the file, with values it can take.
+
+This module imports neither Ray nor Optuna: :mod:`r2sweep.sweep.space` turns a
+:class:`SweepSpec` into an Optuna define-by-run function.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from r2sweep.errors import ConfigError
+from r2sweep.trial_config import TrialConfig, apply_overrides, load_trial_config
+from r2sweep.validate import check, is_number, require_int
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "SAMPLERS",
+    "SCHEDULERS",
+    "Objective",
+    "SearchParam",
+    "SweepSettings",
+    "SweepSpec",
+    "load_sweep_spec",
+]
+
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
+SAMPLERS = ("tpe", "gp", "cmaes", "random", "nsga2")
+SCHEDULERS = ("asha", "none")
+MODES = ("max", "min")
+# Samplers that handle several objectives (Optuna's multi-objective support).
+MULTI_OBJECTIVE_SAMPLERS = ("tpe", "nsga2", "random")
+_TOP_LEVEL = ("name", "seed", "data", "model", "train", "r2", "downstream", "objective", "search", "sweep")
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    mode: str = "max"
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    """One searched field: its dotted path, distribution and condition."""
+
+    path: str
+    kind: str  # one of DISTRIBUTIONS
+    values: tuple[Any, ...]  # choice: the options; ranges: (low, high)
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # (parameter, allowed values), all must hold
+
+    def applies(self, sampled: Mapping[str, Any]) -> bool:
+        """Whether this parameter is sampled given the values sampled so far."""
+        return all(name in sampled and sampled[name] in allowed for name, allowed in self.when)
+
+    def edge_values(self) -> list[Any]:
+        """Every value worth validating: all choices, or both ends of a range."""
+        return list(self.values)
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """The ``sweep:`` section."""
+
+    num_samples: int = 16
+    max_concurrent: int = 2
+    sampler: str = "tpe"
+    seed: int = 0
+    scheduler: str = "asha"
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_failures: int = 1
+    resources_per_trial: Mapping[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A validated search-space file."""
+
+    name: str
+    base: Mapping[str, Any]  # the trial sections as written (the values every trial shares)
+    objectives: tuple[Objective, ...]
+    params: tuple[SearchParam, ...]
+    settings: SweepSettings
+    trial: TrialConfig  # the base config, validated
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def objective(self) -> Objective:
+        """The first objective: the one a single-objective searcher and the best-config rule use."""
+        return self.objectives[0]
+
+    def trial_mapping(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
+        """The trial config (plain mapping) with the sampled values written at their paths."""
+        return apply_overrides(self.base, list(sampled.items()))
+
+    def trial_config(self, sampled: Mapping[str, Any]) -> TrialConfig:
+        return load_trial_config(self.trial_mapping(sampled))
+
+
+def _mapping(value: Any, field_name: str, example: str) -> Mapping[str, Any]:
+    check(isinstance(value, Mapping), field_name, value, f"a mapping, e.g. {example}")
+    return value
+
+
+def _load_objectives(data: Any, trial: TrialConfig) -> tuple[Objective, ...]:
+    check(data is not None, "objective", data, "{metric: <a /top1 key>, mode: max} (or a list of them)")
+    items = data if isinstance(data, list) else [data]
+    check(len(items) > 0, "objective", data, "at least one {metric, mode}")
+    produced = trial.metric_names()
+    objectives = []
+    for i, item in enumerate(items):
+        where = "objective" if not isinstance(data, list) else f"objective[{i}]"
+        item = _mapping(item, where, "{metric: ptq_adaround_w2a8/top1, mode: max}")
+        unknown = set(item) - {"metric", "mode"}
+        check(not unknown, f"{where}.{sorted(unknown)[0] if unknown else ''}", None, "unknown field; known fields are ['metric', 'mode']")
+        metric, mode = item.get("metric"), item.get("mode", "max")
+        check(isinstance(metric, str) and metric in produced, f"{where}.metric", metric, f"a metric the trial produces: {produced}")
+        check(mode in MODES, f"{where}.mode", mode, f"one of {list(MODES)}")
+        objectives.append(Objective(metric, mode))
+    metrics = [o.metric for o in objectives]
+    check(len(set(metrics)) == len(metrics), "objective", metrics, "distinct metrics")
+    return tuple(objectives)
+
+
+def _range(path: str, kind: str, value: Any) -> tuple[Any, ...]:
+    where = f"search.{path}.{kind}"
+    check(isinstance(value, list) and len(value) == 2, where, value, "[low, high]")
+    low, high = value
+    if kind == "int":
+        require_int(where, low, -(2**31))
+        require_int(where, high, -(2**31))
+        check(low <= high, where, value, "[low, high] with low <= high")
+    else:
+        check(is_number(low) and is_number(high), where, value, "[low, high] of numbers")
+        check(low < high, where, value, "[low, high] with low < high")
+        if kind == "loguniform":
+            check(low > 0, where, value, "[low, high] with 0 < low < high (a log range)")
+        low, high = float(low), float(high)
+    return (low, high)
+
+
+def _load_param(path: Any, data: Any, earlier: Mapping[str, SearchParam]) -> SearchParam:
+    check(isinstance(path, str) and path.strip() == path and path != "", "search", path, "dotted field paths such as r2.strength")
+    data = _mapping(data, f"search.{path}", "{loguniform: [1.0e-4, 1.0]} or {choice: [a, b]}")
+    kinds = [k for k in data if k in DISTRIBUTIONS]
+    unknown = [k for k in data if k not in DISTRIBUTIONS and k != "when"]
+    check(not unknown, f"search.{path}.{unknown[0] if unknown else ''}", data.get(unknown[0]) if unknown else None,
+          f"unknown key; a parameter takes one of {list(DISTRIBUTIONS)} and optionally 'when'")
+    check(len(kinds) == 1, f"search.{path}", dict(data), f"exactly one distribution out of {list(DISTRIBUTIONS)}")
+    kind = kinds[0]
+    if kind == "choice":
+        options = data[kind]
+        check(isinstance(options, list) and len(options) > 0, f"search.{path}.choice", options, "a non-empty list")
+        check(all(isinstance(o, (str, int, float, bool)) or o is None for o in options), f"search.{path}.choice", options, "a list of scalars")
+        check(len(set(map(repr, options))) == len(options), f"search.{path}.choice", options, "distinct values")
+        values: tuple[Any, ...] = tuple(options)
+    else:
+        values = _range(path, kind, data[kind])
+    when: list[tuple[str, tuple[Any, ...]]] = []
+    raw_when = data.get("when")
+    if raw_when is not None:
+        raw_when = _mapping(raw_when, f"search.{path}.when", "{r2.kind: [linf, margin]}")
+        for name, allowed in raw_when.items():
+            where = f"search.{path}.when.{name}"
+            check(name in earlier, where, allowed, f"a parameter searched above this one; searched so far: {list(earlier)}")
+            allowed = tuple(allowed) if isinstance(allowed, list) else (allowed,)
+            check(len(allowed) > 0, where, list(allowed), "a non-empty list of values")
+            source = earlier[name]
+            if source.kind == "choice":
+                bad = [v for v in allowed if v not in source.values]
+                check(not bad, where, bad[0] if bad else None, f"values {name} can take: {list(source.values)}")
+            when.append((name, allowed))
+    return SearchParam(path, kind, values, tuple(when))
+
+
+def _representative(param: SearchParam, params: Mapping[str, SearchParam]) -> dict[str, Any]:
+    """Values of the parameters ``param`` depends on that make it apply (first allowed of each)."""
+    values: dict[str, Any] = {}
+    for name, allowed in param.when:
+        values.update(_representative(params[name], params))
+        values[name] = allowed[0]
+    return values
+
+
+def _validate_values(base: Mapping[str, Any], params: Mapping[str, SearchParam]) -> None:
+    # Each value a parameter can take is written into the base config together
+    # with the values its conditions require, and the result loaded as a trial
+    # config: a path that does not exist, or a value its field refuses, fails
+    # here with the field's own message.
+    for param in params.values():
+        context = _representative(param, params)
+        for value in param.edge_values():
+            if param.kind == "int":
+                value = int(value)
+            try:
+                load_trial_config(apply_overrides(base, [*context.items(), (param.path, value)]))
+            except ConfigError as error:
+                if error.field.split("[")[0].split(".")[0] in ("data", "model", "train", "r2", "seed", "downstream"):
+                    raise ConfigError(f"search.{param.path}", value, f"{error.field}: {error.allowed}") from None
+                raise
+
+
+def _load_settings(data: Any, params: Mapping[str, SearchParam], multi: bool) -> SweepSettings:
+    data = _mapping(data if data is not None else {}, "sweep", "{num_samples: 16, max_concurrent: 2}")
+    known = [f for f in SweepSettings.__dataclass_fields__]
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"sweep.{key}", data[key], f"unknown field; {hint}known fields are {known}")
+    s = dict(data)
+    settings = SweepSettings(**s)
+    require_int("sweep.num_samples", settings.num_samples, 1)
+    require_int("sweep.max_concurrent", settings.max_concurrent, 1)
+    require_int("sweep.seed", settings.seed, 0)
+    require_int("sweep.grace_period", settings.grace_period, 1)
+    require_int("sweep.reduction_factor", settings.reduction_factor, 2)
+    require_int("sweep.max_failures", settings.max_failures, 0)
+    check(settings.sampler in SAMPLERS, "sweep.sampler", settings.sampler, f"one of {list(SAMPLERS)}")
+    check(settings.scheduler in SCHEDULERS, "sweep.scheduler", settings.scheduler, f"one of {list(SCHEDULERS)}")
+    if multi:
+        check(settings.sampler in MULTI_OBJECTIVE_SAMPLERS, "sweep.sampler", settings.sampler,
+              f"a multi-objective sampler for a list of objectives: one of {list(MULTI_OBJECTIVE_SAMPLERS)}")
+    if settings.sampler == "cmaes":
+        bad = [p.path for p in params.values() if p.kind == "choice" or p.when]
+        check(not bad, "sweep.sampler", "cmaes", f"tpe, gp or random: CMA-ES samples only unconditional numeric parameters (not {bad})")
+    resources = _mapping(settings.resources_per_trial, "sweep.resources_per_trial", "{cpu: 1, gpu: 0.5}")
+    for key, value in resources.items():
+        check(isinstance(key, str), f"sweep.resources_per_trial.{key}", value, "a resource name (cpu, gpu or a custom one)")
+        check(is_number(value) and value >= 0 and math.isfinite(value), f"sweep.resources_per_trial.{key}", value, "a number >= 0")
+    check(resources.get("cpu", 1) > 0, "sweep.resources_per_trial.cpu", resources.get("cpu"), "a number > 0")
+    gpu = resources.get("gpu", 0)
+    check(gpu <= 1 or float(gpu).is_integer(), "sweep.resources_per_trial.gpu", gpu, "a fraction of one GPU (0-1) or a whole number of GPUs")
+    return settings
+
+
+def load_sweep_spec(data: Any, *, default_name: str = "sweep") -> SweepSpec:
+    """Validate a parsed search-space file in full and return the :class:`SweepSpec`.
+
+    Raises:
+        ConfigError: naming the first bad field (``search.r2.strength.loguniform``, ...).
+    """
+    check(isinstance(data, Mapping), "config", type(data).__name__ if data is not None else "an empty file",
+          f"a mapping with the sections {list(_TOP_LEVEL)}")
+    for key in data:
+        if key not in _TOP_LEVEL:
+            close = difflib.get_close_matches(str(key), list(_TOP_LEVEL), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(str(key), data[key], f"unknown section; {hint}known sections are {list(_TOP_LEVEL)}")
+    name = data.get("name", default_name)
+    check(isinstance(name, str) and name.strip() != "" and "/" not in name, "name", name, "a non-empty sweep name without '/'")
+    base = {k: v for k, v in data.items() if k in ("seed", "data", "model", "train", "r2", "downstream")}
+    trial = load_trial_config(base)
+    objectives = _load_objectives(data.get("objective"), trial)
+    search = _mapping(data.get("search") or {}, "search", "{r2.strength: {loguniform: [1.0e-4, 1.0]}}")
+    params: dict[str, SearchParam] = {}
+    for path, body in search.items():
+        params[path] = _load_param(path, body, params)
+    _validate_values(base, params)
+    settings = _load_settings(data.get("sweep"), params, len(objectives) > 1)
+    return SweepSpec(name, base, objectives, tuple(params.values()), settings, trial)

@@ -1,0 +1,144 @@
+"""The search-space file: validated in full, conditions as real define-by-run conditionals."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import optuna
+import pytest
+
+from r2sweep.errors import ConfigError
+from r2sweep.sweep.space import make_sampler, make_space
+from r2sweep.sweep.spec import load_sweep_spec
+
+SPEC = {
+    "name": "unit",
+    "data": {"name": "digits"},
+    "model": {"name": "small_cnn"},
+    "train": {"epochs": 2},
+    "r2": {"kind": "none"},
+    "downstream": [{"method": "ptq", "algorithm": "rtn", "weight_bits": [2, 4]}],
+    "objective": {"metric": "ptq_rtn_w2a8/top1", "mode": "max"},
+    "search": {
+        "r2.kind": {"choice": ["none", "linf", "margin"]},
+        "r2.strength": {"loguniform": [1e-4, 1.0], "when": {"r2.kind": ["linf", "margin"]}},
+        "r2.margin_init": {"choice": ["max", "3std"], "when": {"r2.kind": "margin"}},
+        "train.lr": {"loguniform": [0.01, 0.2]},
+        "train.epochs": {"int": [1, 3]},
+    },
+    "sweep": {"num_samples": 8, "max_concurrent": 2, "sampler": "tpe", "seed": 0},
+}
+
+
+def _with(path: str, value, spec=SPEC) -> dict:
+    data = copy.deepcopy(spec)
+    node = data
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    if value is _DELETE:
+        node.pop(parts[-1])
+    else:
+        node[parts[-1]] = value
+    return data
+
+
+_DELETE = object()
+
+
+def test_a_good_spec_loads() -> None:
+    spec = load_sweep_spec(SPEC)
+    assert spec.name == "unit" and spec.objective.metric == "ptq_rtn_w2a8/top1"
+    assert [p.path for p in spec.params] == ["r2.kind", "r2.strength", "r2.margin_init", "train.lr", "train.epochs"]
+    assert spec.settings.num_samples == 8 and spec.settings.scheduler == "asha"
+    config = spec.trial_config({"r2.kind": "margin", "r2.strength": 0.01, "r2.margin_init": "3std", "train.epochs": 3})
+    assert config.r2.kind == "margin" and config.r2.margin_init == "3std" and config.train.epochs == 3
+
+
+def _search(path: str, body) -> dict:
+    data = copy.deepcopy(SPEC)
+    data["search"] = {"r2.kind": SPEC["search"]["r2.kind"], path: body}
+    return data
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "fragment"),
+    [
+        ({**SPEC, "serach": {}}, "serach", "did you mean 'search'"),
+        (_with("objective.metric", "ptq_adaround_w2a8/top1"), "objective.metric", "ptq_rtn_w2a8/top1"),
+        (_with("objective.mode", "maximize"), "objective.mode", "['max', 'min']"),
+        (_with("objective", _DELETE), "objective", "metric"),
+        (_with("sweep.num_samples", 0), "sweep.num_samples", ">= 1"),
+        (_with("sweep.max_concurrent", "two"), "sweep.max_concurrent", "integer"),
+        (_with("sweep.sampler", "bayes"), "sweep.sampler", "tpe"),
+        (_with("sweep.scheduler", "hyperband"), "sweep.scheduler", "asha"),
+        (_with("sweep.num_sample", 3), "sweep.num_sample", "did you mean 'num_samples'"),
+        (_with("sweep.resources_per_trial", {"cpu": 0}), "sweep.resources_per_trial.cpu", "> 0"),
+        (_with("sweep.resources_per_trial", {"cpu": 1, "gpu": 1.5}), "sweep.resources_per_trial.gpu", "fraction"),
+        (_with("train.epochs", 0), "train.epochs", ">= 1"),
+        (_search("r2.strength", {"loguniform": [1.0, 1e-4]}), "search.r2.strength.loguniform", "low < high"),
+        (_search("r2.strength", {"loguniform": [0.0, 1.0]}), "search.r2.strength.loguniform", "0 < low"),
+        (_search("r2.strength", {"uniform": [0.1]}), "search.r2.strength.uniform", "[low, high]"),
+        (_search("r2.strength", {"uniform": [0, 1], "loguniform": [0.1, 1]}), "search.r2.strength", "exactly one"),
+        (_search("r2.strength", {"choice": []}), "search.r2.strength.choice", "non-empty"),
+        (_search("r2.strength", {"normal": [0, 1]}), "search.r2.strength.normal", "unknown key"),
+        (_search("r2.strenght", {"uniform": [0, 1]}), "search.r2.strenght", "did you mean 'strength'"),
+        (_search("r2.strength", {"uniform": [0, 1], "when": {"train.lr": [0.1]}}), "search.r2.strength.when.train.lr", "searched above"),
+        (_search("r2.strength", {"uniform": [0, 1], "when": {"r2.kind": ["l2"]}}), "search.r2.strength.when.r2.kind", "['none', 'linf', 'margin']"),
+        (_search("r2.margin_init", {"choice": ["max", "wide"], "when": {"r2.kind": "margin"}}), "search.r2.margin_init", "r2.margin_init"),
+        (_search("train.epochs", {"int": [0, 3]}), "search.train.epochs", "train.epochs"),
+        (_search("downstream.0.weight_bits", {"choice": [2, 9]}), "search.downstream.0.weight_bits", "1 to 8"),
+        (_search("downstream.3.weight_bits", {"choice": [2]}), "search.downstream.3.weight_bits", "index below 1"),
+    ],
+)
+def test_bad_specs_name_the_field(data: dict, field: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_sweep_spec(data)
+    assert caught.value.field == field, str(caught.value)
+    assert fragment in str(caught.value)
+
+
+def test_empty_or_non_mapping_file() -> None:
+    with pytest.raises(ConfigError, match="an empty file"):
+        load_sweep_spec(None)
+    with pytest.raises(ConfigError, match="a mapping"):
+        load_sweep_spec([1])
+
+
+def test_multi_objective_needs_a_multi_objective_sampler() -> None:
+    data = _with("objective", [{"metric": "ptq_rtn_w2a8/top1", "mode": "max"}, {"metric": "fp/top1", "mode": "max"}])
+    assert load_sweep_spec(data).multi_objective
+    with pytest.raises(ConfigError, match="sweep.sampler"):
+        load_sweep_spec(_with("sweep.sampler", "gp", data))
+
+
+def test_space_samples_conditionals_only_where_they_apply() -> None:
+    spec = load_sweep_spec(SPEC)
+    space = make_space(spec.params)
+    pickle.loads(pickle.dumps(space))  # OptunaSearch pickles it with the searcher state
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=make_sampler(spec.settings), direction="maximize")
+    study.optimize(lambda t: (space(t), 0.0)[1], n_trials=30)
+    kinds = set()
+    for trial in study.trials:
+        kind = trial.params["r2.kind"]
+        kinds.add(kind)
+        assert ("r2.strength" in trial.params) == (kind in ("linf", "margin"))
+        assert ("r2.margin_init" in trial.params) == (kind == "margin")
+        assert 1 <= trial.params["train.epochs"] <= 3
+        assert 0.01 <= trial.params["train.lr"] <= 0.2
+        spec.trial_config(trial.params)  # every sample is a valid trial
+    assert kinds == {"none", "linf", "margin"}
+
+
+def test_seeded_sampler_repeats_its_proposals() -> None:
+    spec = load_sweep_spec(SPEC)
+
+    def proposals() -> list[dict]:
+        study = optuna.create_study(sampler=make_sampler(spec.settings), direction="maximize")
+        space = make_space(spec.params)
+        study.optimize(lambda t: (space(t), t.params.get("train.lr", 0))[1], n_trials=6)
+        return [t.params for t in study.trials]
+
+    assert proposals() == proposals()
