@@ -8,7 +8,7 @@ nothing of Ray, Optuna or MLflow: it reports through a plain callback, called
   enough to rank trials early), and
 * once at the end with every final metric (``fp/top1``, one ``<result>/top1``
   per downstream result, the pre-trained weight statistics, the seconds each
-  phase took); that call has ``done = 1``.
+  phase took); that call has ``final = 1`` (not ``done``: Ray Tune reserves it).
 
 The pre-trained weights are computed once; each downstream result starts from
 its own copy of them, so results never contaminate each other.
@@ -138,9 +138,12 @@ def run_trial(
     proxy_entry = config.downstream[0] if config.downstream else None
     proxy_bits = min((b for entry in config.downstream for b in entry.weight_bits), default=None)
 
+    last_proxy: dict[str, float] = {}
+
     def on_epoch(metrics: dict[str, float]) -> None:
         if proxy_entry is not None and proxy_bits is not None:
             metrics["proxy/top1"] = evaluate(round_to_nearest(model, proxy_entry, proxy_bits), val_loader, device)
+            last_proxy["proxy/top1"] = metrics["proxy/top1"]
         progress(
             f"pre-train epoch {int(metrics['epoch']) + 1}/{config.train.epochs}: loss {metrics['train/loss']:.3f}, "
             f"val {metrics['val/top1']:.1f}%" + (f", W{proxy_bits} RTN {metrics['proxy/top1']:.1f}%" if "proxy/top1" in metrics else "")
@@ -149,13 +152,13 @@ def run_trial(
 
     progress(f"pre-training {config.model.name} on {config.data.name} with R2 {config.r2.kind} for {config.train.epochs} epochs")
     checkpoint = out / PRETRAIN_CHECKPOINT if out is not None else None
-    last = pretrain(model, r2, train_loader, val_loader, config.train, on_epoch=on_epoch, checkpoint_path=checkpoint, device=device)
+    pretrain(model, r2, train_loader, val_loader, config.train, on_epoch=on_epoch, checkpoint_path=checkpoint, device=device)
     final: dict[str, float] = {"time/pretrain_s": time.perf_counter() - started}
     model.eval()
     final["fp/top1"] = evaluate(model, val_loader, device)
     final.update(weight_stats(model))
-    if "proxy/top1" in last:
-        final["proxy/top1"] = last["proxy/top1"]
+    # The scheduler compares trials on the proxy at every report, the final one included.
+    final.update(last_proxy)
     if out is not None:
         save_atomic({"model": model.state_dict()}, out / "pretrained.pt")
 
@@ -172,7 +175,7 @@ def run_trial(
                 save_atomic({"model": bake_weights(quantized).state_dict()}, out / f"{name}.pt")
 
     final["time/total_s"] = time.perf_counter() - started
-    final["done"] = 1
+    final["final"] = 1
     report(dict(final))
     return final
 

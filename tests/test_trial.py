@@ -163,10 +163,10 @@ def test_run_trial_reports_each_epoch_with_the_proxy_then_everything(tmp_path: P
     epochs, last = reports[:-1], reports[-1]
     assert [r["epoch"] for r in epochs] == [0, 1]
     assert all(0 <= r["proxy/top1"] <= 100 and "val/top1" in r and "train/r2" in r for r in epochs)
-    assert last == final and last["done"] == 1
+    assert last == final and last["final"] == 1 and "final" not in epochs[0]
     for name in config.metric_names():
         assert 0 <= final[name] <= 100
-    assert {"weights/max_abs", "weights/kurtosis", "time/pretrain_s", "time/ptq_rtn_w2a8_s", "time/dkm_w1_s"} <= set(final)
+    assert {"proxy/top1", "weights/max_abs", "weights/kurtosis", "time/pretrain_s", "time/ptq_rtn_w2a8_s", "time/dkm_w1_s"} <= set(final)
     written = {p.name for p in tmp_path.iterdir()}
     assert {"pretrained.pt", "pretrain_state.pt", "ptq_rtn_w4a8.pt", "ptq_rtn_w2a8.pt", "qat_lsq_w2a4.pt", "dkm_w1.pt"} <= written
     # The DKM checkpoint holds the clustered weights: at most 2 values per middle layer.

@@ -1,0 +1,205 @@
+"""Ray Tune orchestration: one Tune experiment per sweep, Optuna proposing, ASHA stopping.
+
+Who sees which metric, and why:
+
+* the **searcher** (Optuna) sees only the final objective, a key a trial
+  reports once, at its end. A trial stopped early by the scheduler never
+  reports it, so Optuna records it as PRUNED instead of scoring a partial
+  pre-training as if it were complete;
+* the **scheduler** (ASHA) ranks trials per pre-training epoch on
+  ``proxy/top1``: round-to-nearest accuracy at the lowest requested bit width,
+  the cheap stand-in for the downstream result.
+
+Each epoch's pre-training state is reported as a Tune checkpoint, so a trial
+restarted after a worker or driver failure resumes from its last epoch. Trials
+that diverge report ``diverged = 1`` and end; Optuna sees no objective and marks
+them pruned, so the best config is always a finite one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from r2sweep.errors import TrialDiverged
+from r2sweep.sweep.space import make_sampler, make_space
+from r2sweep.sweep.spec import SweepSpec
+from r2sweep.trial import PRETRAIN_CHECKPOINT, run_trial
+
+__all__ = ["run_sweep", "SweepOutcome", "trainable", "DEFAULT_STORAGE"]
+
+DEFAULT_STORAGE = "r2sweep_results"
+
+
+class _FinalOnlyOptunaSearch(OptunaSearch):
+    """OptunaSearch that ignores per-epoch results.
+
+    The stock class reads the objective from every intermediate result (for
+    Optuna's pruners) and fails on results that do not carry it; here the
+    objective exists only in a trial's final report, by design.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        return
+
+
+def _scheduler_metric(spec: SweepSpec) -> str:
+    return "proxy/top1" if spec.trial.downstream else "val/top1"
+
+
+def trainable(config: dict[str, Any], spec: SweepSpec) -> None:
+    """The Tune function trainable: one r2sweep trial with the sampled values written in."""
+    import torch
+
+    cpus = int(max(1, spec.settings.resources_per_trial.get("cpu", 1)))
+    torch.set_num_threads(cpus)  # a trial's share of the node, not every core
+    trial_config = spec.trial_config(config)
+    work = Path(tune.get_context().get_trial_dir()) / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            saved = Path(directory) / PRETRAIN_CHECKPOINT
+            if saved.exists():
+                shutil.copy2(saved, work / PRETRAIN_CHECKPOINT)
+
+    def report(metrics: dict[str, float]) -> None:
+        if metrics.get("final"):
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            shutil.copy2(work / PRETRAIN_CHECKPOINT, Path(directory) / PRETRAIN_CHECKPOINT)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+    try:
+        run_trial(trial_config, report, out_dir=work)
+    except TrialDiverged as error:
+        tune.report({"diverged": 1.0, "final": 1.0, "error": str(error)[:200]})
+
+
+@dataclass
+class SweepOutcome:
+    """What a finished (or interrupted) sweep left: Tune's results and where they live."""
+
+    name: str
+    path: str
+    results: Any  # ray.tune.ResultGrid
+    spec: SweepSpec
+
+    def finished(self) -> list[Any]:
+        """Results of trials that reported the objective(s)."""
+        metrics = [o.metric for o in self.spec.objectives]
+        return [r for r in self.results if r.metrics and all(m in r.metrics for m in metrics)]
+
+    def best(self) -> Any | None:
+        """The best finished result (first objective; ties broken by FP accuracy)."""
+        objective = self.spec.objective
+        finished = self.finished()
+        if not finished:
+            return None
+        sign = 1 if objective.mode == "max" else -1
+        return max(finished, key=lambda r: (sign * r.metrics[objective.metric], r.metrics.get("fp/top1", 0.0)))
+
+
+def _init_ray(address: str | None, num_cpus: int | None) -> None:
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+def run_sweep(
+    spec: SweepSpec,
+    *,
+    storage: str | Path = DEFAULT_STORAGE,
+    name: str | None = None,
+    resume: bool = False,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    callbacks: Sequence[tune.Callback] = (),
+) -> SweepOutcome:
+    """Run (or resume) the sweep described by ``spec`` and return its outcome.
+
+    Args:
+        storage: Tune's ``storage_path``: a local directory or a shared URI
+            (``s3://...``, a network file system) that every node can reach.
+        name: the experiment's name (defaults to ``spec.name``).
+        resume: continue the sweep stored under ``storage/name`` (finished trials
+            kept, running ones restarted from their last epoch checkpoint).
+        address: a Ray cluster to join (else ``RAY_ADDRESS``, else a local Ray).
+        callbacks: Tune callbacks (tracking, progress).
+    """
+    name = name or spec.name
+    # Tune checks that every result carries the searcher's metric; ours carry it
+    # only in the final report, on purpose (see the module docstring).
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    storage_path = str(storage) if "://" in str(storage) else str(Path(storage).resolve())
+    _init_ray(address, num_cpus)
+    resources = {k: float(v) for k, v in spec.settings.resources_per_trial.items() if float(v) > 0}
+    function = tune.with_resources(tune.with_parameters(trainable, spec=spec), resources)
+    experiment = f"{storage_path.rstrip('/')}/{name}"
+    if resume:
+        if not tune.Tuner.can_restore(experiment):
+            raise FileNotFoundError(f"no sweep to resume at {experiment}")
+        tuner = tune.Tuner.restore(experiment, trainable=function, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(function, tune_config=_tune_config(spec), run_config=_run_config(spec, name, storage_path, callbacks))
+    results = tuner.fit()
+    return SweepOutcome(name=name, path=experiment, results=results, spec=spec)
+
+
+def _tune_config(spec: SweepSpec) -> tune.TuneConfig:
+    objectives = spec.objectives
+    metric: str | list[str] = [o.metric for o in objectives] if spec.multi_objective else objectives[0].metric
+    mode: str | list[str] = [o.mode for o in objectives] if spec.multi_objective else objectives[0].mode
+    searcher = _FinalOnlyOptunaSearch(
+        space=make_space(spec.params),
+        metric=metric,
+        mode=mode,
+        sampler=make_sampler(spec.settings, spec.multi_objective),
+    )
+    settings = spec.settings
+    if settings.scheduler == "asha":
+        scheduler: Any = ASHAScheduler(
+            time_attr="training_iteration",
+            metric=_scheduler_metric(spec),
+            mode="max",
+            max_t=spec.trial.train.epochs + 1,  # + the final report
+            grace_period=settings.grace_period,
+            reduction_factor=settings.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    return tune.TuneConfig(
+        search_alg=searcher,
+        scheduler=scheduler,
+        num_samples=settings.num_samples,
+        max_concurrent_trials=settings.max_concurrent,
+        reuse_actors=True,  # a fresh worker costs seconds of torch import per trial
+    )
+
+
+def _run_config(spec: SweepSpec, name: str, storage_path: str, callbacks: Sequence[tune.Callback]) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=name,
+        storage_path=storage_path,
+        callbacks=list(callbacks),
+        failure_config=tune.FailureConfig(max_failures=spec.settings.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        verbose=0,
+    )
+
+
