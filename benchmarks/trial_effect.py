@@ -116,9 +116,13 @@ def main() -> int:
                 args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
 
     def cell(name: str, key: str) -> str:
-        values = [m[key] for m in results[name]]
+        values = [m[key] for m in results[name] if key in m]
+        if not values:
+            return "diverged"
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.1f} +- {spread:.1f}"
+        missing = len(results[name]) - len(values)
+        note = f" ({missing} diverged)" if missing else ""
+        return f"{statistics.mean(values):.1f} +- {spread:.1f}{note}"
 
     names = list(settings)
     print(f"| result | {' | '.join(names)} |")

@@ -76,6 +76,90 @@ def _cmd_trial(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_spec_or_exit(args: argparse.Namespace):
+    """(spec, the resolved mapping) or a ConfigError, before anything is created."""
+    from r2sweep.sweep.spec import load_sweep_spec
+    from r2sweep.trial_config import apply_overrides, parse_override, read_yaml
+
+    raw = read_yaml(args.file)
+    overrides = [parse_override(text) for text in args.set]
+    if args.num_samples is not None:
+        overrides.append(("sweep.num_samples", args.num_samples))
+    if args.max_concurrent is not None:
+        overrides.append(("sweep.max_concurrent", args.max_concurrent))
+    if overrides:
+        if not isinstance(raw, dict):
+            raw = {}  # load_sweep_spec names the real problem
+        raw = apply_overrides(raw, overrides)
+    default_name = Path(args.file).stem
+    return load_sweep_spec(raw, default_name=default_name), raw
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    import yaml
+
+    from r2sweep.errors import ConfigError
+
+    try:
+        spec, raw = _load_spec_or_exit(args)
+    except ConfigError as error:
+        return _error(f"{args.file}: {error}")
+    name = args.name or spec.name
+
+    from r2sweep.sweep.callbacks import ProgressCallback, TrackingCallback
+    from r2sweep.sweep.select import select_best
+    from r2sweep.sweep.tuner import DEFAULT_STORAGE, run_sweep
+    from r2sweep.tracking import Tracker, TrackingError
+
+    tracker = Tracker(args.tracking_uri)
+    storage = args.storage or DEFAULT_STORAGE
+    spec_text = yaml.safe_dump(raw, sort_keys=False)
+    callbacks = [TrackingCallback(tracker, spec, spec_text, name=name, resume=args.resume), ProgressCallback(spec)]
+    print(f"sweep {name}: {spec.settings.num_samples} trials, {spec.settings.max_concurrent} at a time, "
+          f"objective {spec.objective.metric} ({spec.objective.mode}); tracking {tracker.tracking_uri}", file=sys.stderr)
+    try:
+        outcome = run_sweep(spec, storage=storage, name=name, resume=args.resume, address=args.address, callbacks=callbacks)
+        # Next to the sweep's results when they are local, else in the working directory.
+        best_path = Path(outcome.path) / "best.yaml" if "://" not in outcome.path else Path(f"{name}-best.yaml")
+        best = select_best(tracker, name, out=best_path)
+    except (TrackingError, FileNotFoundError) as error:
+        return _error(str(error))
+    except Exception as error:  # Ray and friends: one clear line, not a traceback
+        return _error(f"sweep {name} failed: {type(error).__name__}: {error}")
+    _print_top(outcome, spec)
+    print(f"best: {spec.objective.metric} = {best.metrics[spec.objective.metric]:.2f} (trial {best.trial_id}, "
+          f"fp/top1 {best.metrics.get('fp/top1', float('nan')):.2f}); champion model version {best.model_version}")
+    print(f"best config: {best.config_path}   (re-run: r2sweep trial {best.config_path} --out runs/best)")
+    print(f"browse: mlflow ui --backend-store-uri {tracker.tracking_uri}")
+    return 0
+
+
+def _print_top(outcome, spec, count: int = 5) -> None:
+    metric = spec.objective.metric
+    finished = sorted(outcome.finished(), key=lambda r: r.metrics[metric], reverse=spec.objective.mode == "max")
+    print(f"{'trial':<10} {metric:>24} {'fp/top1':>8}  params")
+    for result in finished[:count]:
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.config.items())
+        print(f"{result.metrics.get('trial_id', ''):<10} {result.metrics[metric]:>24.2f} {result.metrics.get('fp/top1', float('nan')):>8.2f}  {params}")
+
+
+def _cmd_best(args: argparse.Namespace) -> int:
+    from r2sweep.errors import R2SweepError
+    from r2sweep.sweep.select import select_best
+    from r2sweep.tracking import Tracker
+
+    try:
+        best = select_best(Tracker(args.tracking_uri), args.name, out=args.out, register=not args.no_register)
+    except R2SweepError as error:
+        return _error(str(error))
+    print(f"best run {best.run_id} (trial {best.trial_id}): " + ", ".join(f"{k}={v:.2f}" for k, v in sorted(best.metrics.items()) if k.endswith("/top1")))
+    if best.config_path:
+        print(f"config: {best.config_path}")
+    if best.model_version:
+        print(f"champion: models:/r2sweep-{args.name}@champion (version {best.model_version})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r2sweep", description="Tune R2-Loss for 1-2-bit quantization.")
     parser.add_argument("--version", action="version", version=f"r2sweep {__version__}")
@@ -91,6 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a field, e.g. --set r2.kind=linf --set downstream.0.weight_bits=[2,4] (repeatable)",
     )
     trial.set_defaults(run=_cmd_trial)
+    sweep = commands.add_parser("sweep", help="run a Ray Tune + Optuna sweep from a search-space file")
+    sweep.add_argument("file", help="search-space YAML (trial sections + objective, search, sweep)")
+    sweep.add_argument("--name", help="sweep (and MLflow experiment) name; default: the file's 'name'")
+    sweep.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db here)")
+    sweep.add_argument("--storage", help="Ray Tune storage path or URI (default ./r2sweep_results)")
+    sweep.add_argument("--num-samples", type=int, help="override sweep.num_samples")
+    sweep.add_argument("--max-concurrent", type=int, help="override sweep.max_concurrent")
+    sweep.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a field (repeatable)")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    sweep.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    sweep.set_defaults(run=_cmd_sweep)
+    best = commands.add_parser("best", help="pick a sweep's best trial from MLflow, write its config, tag it")
+    best.add_argument("name", help="sweep name")
+    best.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db here)")
+    best.add_argument("--out", default="best.yaml", help="where to write the best trial's config (default best.yaml)")
+    best.add_argument("--no-register", action="store_true", help="do not register the model as the champion")
+    best.set_defaults(run=_cmd_best)
     return parser
 
 

@@ -26,9 +26,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from r2sweep.checkpoint import save_atomic
+from r2sweep.checkpoint import load_checkpoint, save_atomic
 from r2sweep.data import DataSplits, create_data, make_loader
+from r2sweep.errors import TrialDiverged
 from r2sweep.models import create_model
+from r2sweep.plots import weight_histograms
 from r2sweep.quant.finetune import dkm_compress, quantization_aware_train
 from r2sweep.quant.layers import bake_weights
 from r2sweep.quant.ptq import post_training_quantize, round_to_nearest
@@ -37,7 +39,7 @@ from r2sweep.stats import weight_stats
 from r2sweep.train import evaluate, pretrain, resolve_device
 from r2sweep.trial_config import TrialConfig
 
-__all__ = ["run_trial", "Reporter", "Progress", "PRETRAIN_CHECKPOINT"]
+__all__ = ["run_trial", "load_pretrained", "Reporter", "Progress", "PRETRAIN_CHECKPOINT", "PRETRAINED", "HISTOGRAMS"]
 
 #: Receives a flat ``{metric: number}`` dict; see the module docstring.
 Reporter = Callable[[dict[str, float]], None]
@@ -45,6 +47,10 @@ Reporter = Callable[[dict[str, float]], None]
 Progress = Callable[[str], None]
 
 PRETRAIN_CHECKPOINT = "pretrain_state.pt"
+#: The pre-trained weights (and the model's constructor arguments).
+PRETRAINED = "pretrained.pt"
+#: Weight histograms of the pre-trained model's worst-outlier layers.
+HISTOGRAMS = "weights.png"
 # Evaluation batches are large: no gradients, and fewer Python round-trips.
 _EVAL_BATCH = 256
 
@@ -108,8 +114,11 @@ def run_trial(
         progress: receives one line per phase.
         device: defaults to ``config.train.device`` (a GPU when present).
 
+    A downstream fine-tuning that diverges is reported as ``<result>/diverged = 1``
+    without a ``<result>/top1``; the other results still run.
+
     Raises:
-        TrialDiverged: pre-training or a fine-tuning produced a non-finite loss.
+        TrialDiverged: pre-training produced a non-finite loss.
     """
     report = report or (lambda metrics: None)
     progress = progress or (lambda line: None)
@@ -160,14 +169,29 @@ def run_trial(
     # The scheduler compares trials on the proxy at every report, the final one included.
     final.update(last_proxy)
     if out is not None:
-        save_atomic({"model": model.state_dict()}, out / "pretrained.pt")
+        # The model's constructor arguments travel with its weights, so whoever
+        # loads it (the sweep driver logging the champion) needs no dataset.
+        model_args = {
+            "name": config.model.name, "num_classes": data.num_classes, "in_channels": data.in_channels,
+            "input_size": data.input_size, "width": config.model.width, "stem": config.model.stem,
+        }
+        save_atomic({"model": model.state_dict(), "model_args": model_args}, out / PRETRAINED)
+        weight_histograms(model.cpu(), out / HISTOGRAMS, title=f"pre-trained weights, R2 {config.r2.kind}")
+        model.to(device)
 
     for entry in config.downstream:
         for bits in entry.weight_bits:
             name = entry.result_name(bits)
             progress(f"{name}: {entry.method} {entry.algorithm} at {bits}-bit weights")
             phase_start = time.perf_counter()
-            quantized = _run_downstream(model, entry, bits, data, config, device, progress)
+            try:
+                quantized = _run_downstream(model, entry, bits, data, config, device, progress)
+            except TrialDiverged as error:
+                # One recipe failing must not discard the pre-training and the
+                # other results: this result is marked and left out.
+                final[f"{name}/diverged"] = 1
+                progress(f"{name}: diverged ({error})")
+                continue
             final[f"{name}/top1"] = evaluate(quantized, val_loader, device)
             final[f"time/{name}_s"] = time.perf_counter() - phase_start
             progress(f"{name}: top-1 {final[f'{name}/top1']:.2f}% ({final[f'time/{name}_s']:.1f}s)")
@@ -178,6 +202,15 @@ def run_trial(
     final["final"] = 1
     report(dict(final))
     return final
+
+
+def load_pretrained(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The pre-trained model a trial saved as ``pretrained.pt`` (eval mode, CPU) and its constructor arguments."""
+    state = load_checkpoint(path)
+    args = dict(state["model_args"])
+    model = create_model(**{k: v for k, v in args.items() if k != "name"}, name=args["name"])
+    model.load_state_dict(state["model"])
+    return model.eval(), args
 
 
 def summarize(metrics: dict[str, Any], config: TrialConfig) -> list[str]:

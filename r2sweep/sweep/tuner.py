@@ -27,18 +27,23 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from r2sweep.checkpoint import write_text_atomic
 from r2sweep.errors import TrialDiverged
 from r2sweep.sweep.space import make_sampler, make_space
 from r2sweep.sweep.spec import SweepSpec
-from r2sweep.trial import PRETRAIN_CHECKPOINT, run_trial
+from r2sweep.trial import HISTOGRAMS, PRETRAIN_CHECKPOINT, PRETRAINED, run_trial
 
-__all__ = ["run_sweep", "SweepOutcome", "trainable", "DEFAULT_STORAGE"]
+__all__ = ["run_sweep", "SweepOutcome", "trainable", "DEFAULT_STORAGE", "TRIAL_CONFIG", "TRIAL_ARTIFACTS"]
 
 DEFAULT_STORAGE = "r2sweep_results"
+#: The trial config as a re-runnable YAML file, in a trial's final checkpoint.
+TRIAL_CONFIG = "trial_config.yaml"
+TRIAL_ARTIFACTS = (PRETRAINED, HISTOGRAMS, TRIAL_CONFIG)
 
 
 class _FinalOnlyOptunaSearch(OptunaSearch):
@@ -74,13 +79,18 @@ def trainable(config: dict[str, Any], spec: SweepSpec) -> None:
                 shutil.copy2(saved, work / PRETRAIN_CHECKPOINT)
 
     def report(metrics: dict[str, float]) -> None:
-        if metrics.get("final"):
-            tune.report(metrics)
-            return
+        # Per epoch the checkpoint holds the pre-training state (to resume); at the
+        # end it holds what the tracking callback logs: the pre-trained weights,
+        # their histograms and the trial config. Checkpoints go to the sweep's
+        # storage, which the driver can read on a cluster too.
+        files = TRIAL_ARTIFACTS if metrics.get("final") else (PRETRAIN_CHECKPOINT,)
         with tempfile.TemporaryDirectory() as directory:
-            shutil.copy2(work / PRETRAIN_CHECKPOINT, Path(directory) / PRETRAIN_CHECKPOINT)
+            for file in files:
+                if (work / file).exists():
+                    shutil.copy2(work / file, Path(directory) / file)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
+    write_text_atomic(work / TRIAL_CONFIG, yaml.safe_dump(trial_config.to_mapping(), sort_keys=False))
     try:
         run_trial(trial_config, report, out_dir=work)
     except TrialDiverged as error:

@@ -1,0 +1,153 @@
+"""Tune callbacks on the driver: MLflow tracking and the live progress line.
+
+Tracking runs on the driver, not in the trials: only the driver needs to reach
+the tracking server, and a run is found by its trial-id tag before one is
+created, so a trial restarted after a crash, or a resumed sweep, never leaves a
+second run (Ray's own MLflow callback does; see README). Artifacts come from the
+trial's final checkpoint, which lives in the sweep's storage and so is readable
+from the driver on a cluster too.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from r2sweep.sweep.spec import SweepSpec
+from r2sweep.tracking import SweepRun, Tracker
+from r2sweep.trial import PRETRAINED
+
+__all__ = ["TrackingCallback", "ProgressCallback", "EPOCH_METRICS"]
+
+#: Per-epoch metrics logged with their step (the pre-training epoch).
+EPOCH_METRICS = ("train/loss", "train/r2", "val/top1", "proxy/top1", "lr", "weights/max_abs", "weights/range", "weights/kurtosis", "time/epoch_s")
+
+TAG_OUTCOME = "r2sweep.outcome"
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+class TrackingCallback(tune.Callback):
+    """Logs a sweep to MLflow: one parent run, one child run per trial.
+
+    Args:
+        tracker: the MLflow backend.
+        spec: the validated spec (its YAML text is the parent's artifact).
+        spec_text: the file as the user wrote it.
+        resume: continue the sweep's existing parent run.
+    """
+
+    def __init__(self, tracker: Tracker, spec: SweepSpec, spec_text: str, *, name: str, resume: bool = False) -> None:
+        self.tracker = tracker
+        self.spec = spec
+        self.spec_text = spec_text
+        self.name = name
+        self.resume = resume
+        self.sweep: SweepRun | None = None
+        self._runs: dict[str, str] = {}
+
+    def setup(self, **info: Any) -> None:
+        if self.sweep is None:
+            self.sweep = self.tracker.start_sweep(self.name, self.spec_text, resume=self.resume)
+
+    def _run(self, trial: Any) -> str:
+        assert self.sweep is not None
+        if trial.trial_id not in self._runs:
+            self._runs[trial.trial_id] = self.sweep.trial_run(trial.trial_id, dict(trial.config))
+        return self._runs[trial.trial_id]
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._run(trial)
+
+    def on_trial_restore(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._run(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        assert self.sweep is not None
+        run_id = self._run(trial)
+        if result.get("final"):
+            metrics = {k: v for k, v in result.items() if "/" in k or k in ("diverged",)}
+            self.sweep.log_metrics(run_id, _finite(metrics))
+        else:
+            step = int(result.get("epoch", result.get("training_iteration", 1) - 1))
+            self.sweep.log_metrics(run_id, _finite({k: result[k] for k in EPOCH_METRICS if k in result}), step=step)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        assert self.sweep is not None
+        run_id = self._run(trial)
+        result = trial.last_result or {}
+        objective = self.spec.objective.metric
+        if result.get("diverged"):
+            outcome, status = "diverged", "FAILED"
+        elif objective in result:
+            outcome, status = "finished", "FINISHED"
+        else:
+            outcome, status = "stopped", "KILLED"
+        self.sweep.set_tags(run_id, {TAG_OUTCOME: outcome})
+        if outcome != "stopped" and trial.checkpoint is not None:
+            with trial.checkpoint.as_directory() as directory:
+                for path in sorted(Path(directory).iterdir()):
+                    if path.suffix in (".yaml", ".png") or path.name == PRETRAINED:
+                        self.sweep.log_artifact(run_id, path)
+        self.sweep.end_trial(run_id, status)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        assert self.sweep is not None
+        run_id = self._run(trial)
+        self.sweep.set_tags(run_id, {TAG_OUTCOME: "failed"})
+        self.sweep.end_trial(run_id, "FAILED")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self.sweep is not None:
+            self.sweep.end("FINISHED")
+
+
+class ProgressCallback(tune.Callback):
+    """One line per finished trial: counts and the best objective so far."""
+
+    def __init__(self, spec: SweepSpec, write: Callable[[str], None] | None = None) -> None:
+        self.spec = spec
+        self.write = write or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.started = time.perf_counter()
+        self.best: float | None = None
+        self.counts = {"finished": 0, "stopped": 0, "failed": 0}
+
+    def _line(self, trials: list, event: str) -> None:
+        running = sum(1 for t in trials if t.status == "RUNNING")
+        best = "-" if self.best is None else f"{self.best:.2f}"
+        c = self.counts
+        self.write(
+            f"[{time.perf_counter() - self.started:7.1f}s] {event}; trials: {c['finished']} finished, "
+            f"{c['stopped']} stopped, {c['failed']} failed, {running} running of {self.spec.settings.num_samples}; "
+            f"best {self.spec.objective.metric} = {best}"
+        )
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = trial.last_result or {}
+        objective = self.spec.objective
+        value = result.get(objective.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            self.counts["finished"] += 1
+            better = self.best is None or (value > self.best if objective.mode == "max" else value < self.best)
+            self.best = value if better else self.best
+            event = f"trial {trial.trial_id}: {objective.metric} = {value:.2f}"
+        else:
+            self.counts["stopped" if not result.get("diverged") else "failed"] += 1
+            event = f"trial {trial.trial_id}: {'diverged' if result.get('diverged') else 'stopped early'}"
+        self._line(trials, event)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.counts["failed"] += 1
+        self._line(trials, f"trial {trial.trial_id}: failed")

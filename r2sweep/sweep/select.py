@@ -1,0 +1,119 @@
+"""Pick a sweep's best trial from MLflow, export its config and promote its model.
+
+MLflow is the source of truth, so selection works for a sweep run on a cluster
+and inspected elsewhere, and for a sweep still running. The rule:
+
+* single objective: the finished trial with the best objective; ties broken by
+  the higher ``fp/top1`` (the cheaper R2 setting in FP accuracy wins);
+* several objectives: the Pareto front of the finished trials, and from it the
+  trial best on the first objective (ties by the next objectives): the front is
+  reported, the first objective is what the user listed first.
+
+Diverged, failed and stopped trials never win: they have no objective value.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from r2sweep.errors import R2SweepError
+from r2sweep.sweep.spec import SweepSpec, load_sweep_spec
+from r2sweep.tracking import TAG_TRIAL_ID, SPEC_ARTIFACT, Tracker
+from r2sweep.trial import PRETRAINED, load_pretrained
+
+__all__ = ["BestTrial", "select_best", "pareto_front", "TAG_BEST_RUN", "TAG_BEST_TRIAL"]
+
+TAG_BEST_RUN = "r2sweep.best_run_id"
+TAG_BEST_TRIAL = "r2sweep.best_trial_id"
+TRIAL_CONFIG_ARTIFACT = "trial_config.yaml"
+
+
+@dataclass
+class BestTrial:
+    run_id: str
+    trial_id: str
+    metrics: dict[str, float]
+    params: dict[str, str]
+    config_path: Path | None
+    model_version: str | None
+    front: list[str]  # run ids on the Pareto front (multi-objective), else [run_id]
+
+
+def _dominates(a: dict[str, float], b: dict[str, float], spec: SweepSpec) -> bool:
+    better_somewhere = False
+    for objective in spec.objectives:
+        sign = 1 if objective.mode == "max" else -1
+        x, y = sign * a[objective.metric], sign * b[objective.metric]
+        if x < y:
+            return False
+        better_somewhere |= x > y
+    return better_somewhere
+
+
+def pareto_front(runs: list[Any], spec: SweepSpec) -> list[Any]:
+    """The runs no other run dominates on every objective."""
+    return [r for r in runs if not any(_dominates(o.data.metrics, r.data.metrics, spec) for o in runs if o is not r)]
+
+
+def select_best(
+    tracker: Tracker,
+    name: str,
+    *,
+    out: str | Path | None = None,
+    register: bool = True,
+) -> BestTrial:
+    """Select the best trial of sweep ``name``, write its config to ``out``, tag it, register its model.
+
+    Raises:
+        R2SweepError: no such sweep, or no finished trial yet.
+    """
+    sweep = tracker.find_sweep(name)
+    if sweep is None:
+        raise R2SweepError(f"no sweep named {name!r} in {tracker.tracking_uri}")
+    client = tracker.client
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_text = Path(client.download_artifacts(sweep.parent_run_id, SPEC_ARTIFACT, tmp)).read_text()
+    spec = load_sweep_spec(yaml.safe_load(spec_text), default_name=name)
+    metrics = [o.metric for o in spec.objectives]
+    finished = [r for r in sweep.trial_runs() if all(m in r.data.metrics for m in metrics)]
+    if not finished:
+        raise R2SweepError(f"sweep {name!r} has no finished trial with {metrics[0]} yet")
+    front = pareto_front(finished, spec) if spec.multi_objective else finished
+
+    def key(run: Any) -> tuple[float, ...]:
+        values = [(1 if o.mode == "max" else -1) * run.data.metrics[o.metric] for o in spec.objectives]
+        return (*values, run.data.metrics.get("fp/top1", 0.0))
+
+    best = max(front, key=key)
+    run_id = best.info.run_id
+    config_path = None
+    if out is not None:
+        config_path = Path(out)
+        with tempfile.TemporaryDirectory() as tmp:
+            text = Path(client.download_artifacts(run_id, TRIAL_CONFIG_ARTIFACT, tmp)).read_text()
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(text)
+    sweep.set_tags(sweep.parent_run_id, {TAG_BEST_RUN: run_id, TAG_BEST_TRIAL: best.data.tags.get(TAG_TRIAL_ID, "")})
+    version = None
+    if register:
+        with tempfile.TemporaryDirectory() as tmp:
+            model, args = load_pretrained(client.download_artifacts(run_id, PRETRAINED, tmp))
+        example = np.zeros((1, args["in_channels"], args["input_size"], args["input_size"]), dtype=np.float32)
+        uri = sweep.log_model(run_id, model, example)
+        version = str(sweep.register_champion(run_id, f"r2sweep-{name}", uri).version)
+    return BestTrial(
+        run_id=run_id,
+        trial_id=best.data.tags.get(TAG_TRIAL_ID, ""),
+        metrics=dict(best.data.metrics),
+        params=dict(best.data.params),
+        config_path=config_path,
+        model_version=version,
+        front=[r.info.run_id for r in front] if spec.multi_objective else [run_id],
+    )
+

@@ -1,0 +1,111 @@
+"""`r2sweep sweep` and `r2sweep best` end to end: real Ray, a real MLflow store, real training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+mlflow = pytest.importorskip("mlflow")
+
+SPEC = {
+    "name": "cli-tiny",
+    "data": {"name": "synthetic", "num_samples": 256},
+    "model": {"name": "small_cnn", "width": 0.25},
+    "train": {"epochs": 2, "batch_size": 32},
+    "r2": {"kind": "none"},
+    "downstream": [{"method": "ptq", "algorithm": "rtn", "weight_bits": [2]}],
+    "objective": {"metric": "ptq_rtn_w2a8/top1", "mode": "max"},
+    "search": {
+        "r2.kind": {"choice": ["none", "linf"]},
+        "r2.strength": {"loguniform": [1e-3, 1e-1], "when": {"r2.kind": "linf"}},
+        "train.lr": {"loguniform": [0.02, 0.2]},
+    },
+    "sweep": {"num_samples": 4, "max_concurrent": 2, "seed": 0, "scheduler": "none", "resources_per_trial": {"cpu": 1}},
+}
+
+
+def _r2sweep(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "r2sweep.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory: pytest.TempPathFactory):
+    work = tmp_path_factory.mktemp("sweep-cli")
+    (work / "tiny.yaml").write_text(yaml.safe_dump(SPEC))
+    done = _r2sweep("sweep", "tiny.yaml", cwd=work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work, done
+
+
+def _client(work: Path):
+    return mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+
+
+def test_sweep_logs_one_parent_and_one_child_per_trial(finished_sweep) -> None:
+    work, done = finished_sweep
+    client = _client(work)
+    experiment = client.get_experiment_by_name("cli-tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("r2sweep.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("r2sweep.role") == "trial"]
+    assert len(parents) == 1 and len(children) == SPEC["sweep"]["num_samples"]
+    assert len({r.data.tags["r2sweep.trial_id"] for r in children}) == len(children)
+    for run in children:
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.info.status == "FINISHED"
+        params = run.data.params
+        # Exactly the sampled parameters, under their dotted paths, conditionals only where they apply.
+        assert set(params) == ({"r2.kind", "train.lr", "r2.strength"} if params["r2.kind"] == "linf" else {"r2.kind", "train.lr"})
+        history = client.get_metric_history(run.info.run_id, "val/top1")
+        assert sorted(m.step for m in history) == [0, 1]
+        assert 0 <= run.data.metrics["ptq_rtn_w2a8/top1"] <= 100
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"trial_config.yaml", "weights.png", "pretrained.pt"} <= artifacts
+    assert parents[0].info.status == "FINISHED"
+    assert "sweep cli-tiny" in done.stderr and "best ptq_rtn_w2a8/top1" in done.stderr
+    assert "mlflow ui --backend-store-uri" in done.stdout
+
+
+def test_best_config_reruns_to_the_same_accuracy_and_is_the_champion(finished_sweep) -> None:
+    work, _ = finished_sweep
+    client = _client(work)
+    best_path = work / "r2sweep_results" / "cli-tiny" / "best.yaml"
+    assert best_path.exists()
+    experiment = client.get_experiment_by_name("cli-tiny")
+    children = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("r2sweep.role") == "trial"]
+    best_run = max(children, key=lambda r: (r.data.metrics["ptq_rtn_w2a8/top1"], r.data.metrics["fp/top1"]))
+    parent = next(r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("r2sweep.role") == "sweep")
+    assert parent.data.tags["r2sweep.best_run_id"] == best_run.info.run_id
+    version = client.get_model_version_by_alias("r2sweep-cli-tiny", "champion")
+    assert version.run_id == best_run.info.run_id
+
+    rerun = _r2sweep("trial", str(best_path), "--out", "rerun", cwd=work)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    metrics = json.loads((work / "rerun" / "metrics.json").read_text())
+    assert metrics["fp/top1"] == pytest.approx(best_run.data.metrics["fp/top1"], abs=1.0)
+    assert metrics["ptq_rtn_w2a8/top1"] == pytest.approx(best_run.data.metrics["ptq_rtn_w2a8/top1"], abs=2.0)
+
+    again = _r2sweep("best", "cli-tiny", "--out", "again.yaml", cwd=work)
+    assert again.returncode == 0, again.stderr
+    assert yaml.safe_load((work / "again.yaml").read_text()) == yaml.safe_load(best_path.read_text())
+    assert client.get_model_version_by_alias("r2sweep-cli-tiny", "champion").version != version.version
+
+
+def test_bad_spec_exits_2_and_creates_nothing(tmp_path: Path) -> None:
+    bad = dict(SPEC, objective={"metric": "ptq_adaround_w2a8/top1", "mode": "max"})
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    done = _r2sweep("sweep", "bad.yaml", cwd=tmp_path, timeout=120)
+    assert done.returncode == 2 and "objective.metric" in done.stderr and "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+    done = _r2sweep("sweep", "bad.yaml", "--set", "objective.metric=ptq_rtn_w2a8/top1", "--num-samples", "0", cwd=tmp_path, timeout=120)
+    assert done.returncode == 2 and "sweep.num_samples" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+    done = _r2sweep("best", "nothing-here", cwd=tmp_path, timeout=120)
+    assert done.returncode == 2 and "no sweep named 'nothing-here'" in done.stderr
