@@ -142,3 +142,19 @@ def test_seeded_sampler_repeats_its_proposals() -> None:
         return [t.params for t in study.trials]
 
     assert proposals() == proposals()
+
+
+def test_every_shipped_search_space_validates() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    spaces = sorted((Path(__file__).resolve().parents[1] / "search_spaces").glob("*.yaml"))
+    sweeps = [p for p in spaces if not p.name.startswith("trial_")]
+    assert {p.stem for p in sweeps} >= {"quickstart", "mnv2_ptq_w2a8", "mnv1_qat_w2a2", "resnet18_dkm_w1"}
+    for path in sweeps:
+        spec = load_sweep_spec(yaml.safe_load(path.read_text()), default_name=path.stem)
+        assert spec.params, path
+    quickstart = load_sweep_spec(yaml.safe_load((spaces[0].parent / "quickstart.yaml").read_text()))
+    assert {"r2.kind", "r2.strength", "r2.margin_init", "train.lr"} <= {p.path for p in quickstart.params}
+    assert quickstart.trial.data.name == "digits"
