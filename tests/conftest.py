@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+import requests
 import torch
 
 
@@ -17,3 +27,69 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+SERVER_START_TIMEOUT_S = 90.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, served artifacts); yields its URL.
+
+    Shared by the tracking and sweep tests. Fails, never skips,
+    when the server does not answer ``/health`` in time, and shows its log.
+    """
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "server",
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--workers", "1",  # the default 4 workers take far longer to start on 2 cores
+        "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
+        "--artifacts-destination", str(root / "artifacts"),
+    ]  # fmt: skip
+    # The background job runner is not needed by tracking calls; it only costs CPU.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log_path = root / "server.log"
+    with open(log_path, "wb") as log:
+        # Its own session, so that teardown can stop the server and its uvicorn
+        # worker (a child process) as one process group, and nothing else.
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
+
+    def log_tail() -> str:
+        return log_path.read_text(errors="replace")[-3000:]
+
+    def stop() -> None:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(timeout=15)
+
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    try:
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"mlflow server exited with code {server.returncode} before answering; log:\n{log_tail()}")
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer {url}/health within {SERVER_START_TIMEOUT_S:.0f} s; log:\n{log_tail()}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        stop()

@@ -109,3 +109,20 @@ def test_bad_spec_exits_2_and_creates_nothing(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
     done = _r2sweep("best", "nothing-here", cwd=tmp_path, timeout=120)
     assert done.returncode == 2 and "no sweep named 'nothing-here'" in done.stderr
+
+
+def test_the_same_sweep_against_a_real_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
+    spec = dict(SPEC, name="served", sweep=dict(SPEC["sweep"], num_samples=2))
+    (tmp_path / "served.yaml").write_text(yaml.safe_dump(spec))
+    done = _r2sweep("sweep", "served.yaml", "--tracking-uri", mlflow_server, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "mlflow.db").exists()  # everything went to the server
+    client = mlflow.tracking.MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("served")
+    runs = client.search_runs([experiment.experiment_id])
+    children = [r for r in runs if r.data.tags.get("r2sweep.role") == "trial"]
+    assert len([r for r in runs if r.data.tags.get("r2sweep.role") == "sweep"]) == 1 and len(children) == 2
+    assert all(r.info.status == "FINISHED" and "ptq_rtn_w2a8/top1" in r.data.metrics for r in children)
+    assert {a.path for a in client.list_artifacts(children[0].info.run_id)} >= {"trial_config.yaml", "weights.png"}
+    best = max(children, key=lambda r: (r.data.metrics["ptq_rtn_w2a8/top1"], r.data.metrics["fp/top1"]))
+    assert client.get_model_version_by_alias("r2sweep-served", "champion").run_id == best.info.run_id

@@ -30,6 +30,7 @@ import torch
 from mlflow import MlflowClient
 from torch import nn
 
+from conftest import _free_port
 from r2sweep import __version__
 from r2sweep.plots import compare_weight_histograms, outlier_layers, weight_histograms
 from r2sweep.tracking import (
@@ -46,72 +47,6 @@ from r2sweep.tracking import (
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SPEC = "name: {name}\nmetric: ptq_adaround_w2a8/top1\nsearch_space:\n  r2.strength: {{loguniform: [1e-4, 1e-1]}}\n"
-SERVER_START_TIMEOUT_S = 90.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, served artifacts); yields its URL.
-
-    Reusable by any test module (move it to conftest.py). Fails, never skips,
-    when the server does not answer ``/health`` in time, and shows its log.
-    """
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [
-        str(Path(sys.executable).with_name("mlflow")),
-        "server",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--workers", "1",  # the default 4 workers take far longer to start on 2 cores
-        "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
-        "--artifacts-destination", str(root / "artifacts"),
-    ]  # fmt: skip
-    # The background job runner is not needed by tracking calls; it only costs CPU.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log_path = root / "server.log"
-    with open(log_path, "wb") as log:
-        # Its own session, so that teardown can stop the server and its uvicorn
-        # worker (a child process) as one process group, and nothing else.
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
-
-    def log_tail() -> str:
-        return log_path.read_text(errors="replace")[-3000:]
-
-    def stop() -> None:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=15)
-
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    try:
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"mlflow server exited with code {server.returncode} before answering; log:\n{log_tail()}")
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer {url}/health within {SERVER_START_TIMEOUT_S:.0f} s; log:\n{log_tail()}")
-            time.sleep(0.25)
-        yield url
-    finally:
-        stop()
-
-
 @pytest.fixture(scope="module")
 def sqlite_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     # One database for the module: creating one runs MLflow's schema migrations (~5 s).
