@@ -10,7 +10,6 @@ same way as one read from a file.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from collections.abc import Mapping
@@ -21,7 +20,7 @@ from torch import nn
 
 from r2sweep.errors import ConfigError
 from r2sweep.losses import R2_LOSSES, R2Loss, make_r2_loss
-from r2sweep.validate import check, is_number
+from r2sweep.validate import check, is_number, reject_unknown
 
 __all__ = ["TrainConfig", "R2Config", "from_dict", "to_dict"]
 
@@ -78,11 +77,8 @@ def from_dict(cls: type[C], data: Mapping[str, Any] | None, path: str | None = N
     hints = typing.get_type_hints(cls)
     known = [f.name for f in fields(cls) if f.init]
     kwargs = {}
+    reject_unknown(data, known, dotted)
     for key, value in data.items():
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(dotted(str(key)), value, f"unknown field; {hint}known fields are {known}")
         kwargs[key] = _coerce(dotted(key), value, hints[key])
     return cls(**kwargs)
 

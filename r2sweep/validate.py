@@ -6,13 +6,15 @@ reads the same wherever it is caught.
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Mapping, Sequence
 from numbers import Integral
-from typing import Any
+from typing import Any, Callable
 
 from r2sweep.errors import ConfigError
 
-__all__ = ["check", "is_number", "require_int"]
+__all__ = ["check", "is_number", "require_int", "reject_unknown"]
 
 
 def check(condition: bool, field: str, value: Any, allowed: str) -> None:
@@ -37,3 +39,12 @@ def require_int(field: str, value: object, minimum: int, maximum: int | None = N
     )
     check(in_range, field, value, allowed)
     return int(value)  # type: ignore[arg-type]
+
+
+def reject_unknown(data: Mapping[str, Any], known: Sequence[str], field: Callable[[str], str], what: str = "field") -> None:
+    """Raise a ConfigError for the first key of ``data`` not in ``known``, with a did-you-mean."""
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(field(str(key)), data[key], f"unknown {what}; {hint}known {what}s are {list(known)}")

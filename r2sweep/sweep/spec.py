@@ -14,7 +14,6 @@ This module imports neither Ray nor Optuna: :mod:`r2sweep.sweep.space` turns a
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import Any
 
 from r2sweep.errors import ConfigError
 from r2sweep.trial_config import TrialConfig, apply_overrides, load_trial_config
-from r2sweep.validate import check, is_number, require_int
+from r2sweep.validate import check, is_number, reject_unknown, require_int
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -216,12 +215,7 @@ def _validate_values(base: Mapping[str, Any], params: Mapping[str, SearchParam])
 
 def _load_settings(data: Any, params: Mapping[str, SearchParam], multi: bool) -> SweepSettings:
     data = _mapping(data if data is not None else {}, "sweep", "{num_samples: 16, max_concurrent: 2}")
-    known = [f for f in SweepSettings.__dataclass_fields__]
-    for key in data:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(f"sweep.{key}", data[key], f"unknown field; {hint}known fields are {known}")
+    reject_unknown(data, list(SweepSettings.__dataclass_fields__), lambda key: f"sweep.{key}")
     s = dict(data)
     settings = SweepSettings(**s)
     require_int("sweep.num_samples", settings.num_samples, 1)
@@ -256,11 +250,7 @@ def load_sweep_spec(data: Any, *, default_name: str = "sweep") -> SweepSpec:
     """
     check(isinstance(data, Mapping), "config", type(data).__name__ if data is not None else "an empty file",
           f"a mapping with the sections {list(_TOP_LEVEL)}")
-    for key in data:
-        if key not in _TOP_LEVEL:
-            close = difflib.get_close_matches(str(key), list(_TOP_LEVEL), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(str(key), data[key], f"unknown section; {hint}known sections are {list(_TOP_LEVEL)}")
+    reject_unknown(data, _TOP_LEVEL, str, what="section")
     name = data.get("name", default_name)
     check(isinstance(name, str) and name.strip() != "" and "/" not in name, "name", name, "a non-empty sweep name without '/'")
     base = {k: v for k, v in data.items() if k in ("seed", "data", "model", "train", "r2", "downstream")}
