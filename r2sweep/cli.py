@@ -105,6 +105,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     except ConfigError as error:
         return _error(f"{args.file}: {error}")
     name = args.name or spec.name
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # schema-migration chatter on a new store
 
     from r2sweep.sweep.callbacks import ProgressCallback, TrackingCallback
     from r2sweep.sweep.select import select_best

@@ -14,6 +14,7 @@ saved in the experiment directory for restores): :func:`make_space` returns a
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,10 +49,15 @@ def make_space(params: Sequence[SearchParam]) -> Callable[[optuna.Trial], None]:
 def make_sampler(settings: SweepSettings, multi_objective: bool = False) -> optuna.samplers.BaseSampler:
     """The seeded Optuna sampler named by ``sweep.sampler``."""
     seed = settings.seed
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is r2sweep's to print
     if settings.sampler == "tpe":
         # multivariate + group: TPE models the conditional parameters jointly
         # within the groups of trials that share a search-space shape.
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=min(8, settings.num_samples // 4 or 1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(
+                seed=seed, multivariate=True, group=True, n_startup_trials=min(8, settings.num_samples // 4 or 1)
+            )
     if settings.sampler == "gp":
         return optuna.samplers.GPSampler(seed=seed)
     if settings.sampler == "cmaes":

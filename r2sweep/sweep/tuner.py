@@ -156,6 +156,10 @@ def run_sweep(
     # Tune checks that every result carries the searcher's metric; ours carry it
     # only in the final report, on purpose (see the module docstring).
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Every epoch's checkpoint triggers an experiment snapshot (num_to_keep=1 keeps
+    # disk use flat); Tune then warns on every epoch of short trials. The snapshot
+    # cost is measured in benchmarks/RESULTS.md ("sweep overhead").
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     storage_path = str(storage) if "://" in str(storage) else str(Path(storage).resolve())
     _init_ray(address, num_cpus)
     resources = {k: float(v) for k, v in spec.settings.resources_per_trial.items() if float(v) > 0}
