@@ -87,8 +87,13 @@ def test_best_is_the_highest_finished_objective(tiny_sweep) -> None:
     assert best.metrics["ptq_rtn_w2a8/top1"] == max(r.metrics["ptq_rtn_w2a8/top1"] for r in tiny_sweep.finished())
 
 
-def test_each_epoch_leaves_a_checkpoint_with_the_pretraining_state(tiny_sweep) -> None:
+def test_checkpoints_hold_the_pretraining_state_then_the_trial_artifacts(tiny_sweep) -> None:
+    finished = tiny_sweep.finished()
     for result in tiny_sweep.results:
         assert result.checkpoint is not None
         with result.checkpoint.as_directory() as directory:
-            assert (Path(directory) / "pretrain_state.pt").stat().st_size > 0
+            names = {p.name for p in Path(directory).iterdir()}
+        if result in finished:  # the final report's checkpoint: what tracking logs
+            assert {"pretrained.pt", "weights.png", "trial_config.yaml"} <= names
+        else:  # stopped after an epoch: the state a restart resumes from
+            assert names == {"pretrain_state.pt"}
