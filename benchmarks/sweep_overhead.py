@@ -58,7 +58,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tracker = Tracker(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
         first = _FirstStart()
-        callbacks = [TrackingCallback(tracker, spec, "benchmark", name="overhead"), first]
+        callbacks = [TrackingCallback(tracker, spec, "benchmark", name="overhead", experiment_path="benchmark"), first]
         started = time.perf_counter()
         outcome = run_sweep(spec, storage=Path(tmp) / "results", num_cpus=args.concurrency, callbacks=callbacks)
         wall = time.perf_counter() - started

@@ -33,9 +33,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _error(message: str) -> int:
+def _error(message: str, status: int = 2) -> int:
+    """Print a one-line error; 2 means bad input (nothing was created), 1 any other failure."""
     print(f"r2sweep: error: {message}", file=sys.stderr)
-    return 2
+    return status
 
 
 def _cmd_trial(args: argparse.Namespace) -> int:
@@ -111,13 +112,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     from r2sweep.sweep.callbacks import ProgressCallback, TrackingCallback
     from r2sweep.sweep.select import select_best
-    from r2sweep.sweep.tuner import DEFAULT_STORAGE, run_sweep
+    from r2sweep.sweep.tuner import DEFAULT_STORAGE, experiment_path, run_sweep
     from r2sweep.tracking import Tracker, TrackingError
 
     tracker = Tracker(args.tracking_uri)
     storage = args.storage or DEFAULT_STORAGE
     spec_text = yaml.safe_dump(raw, sort_keys=False)
-    callbacks = [TrackingCallback(tracker, spec, spec_text, name=name, resume=args.resume), ProgressCallback(spec)]
+    tracking = TrackingCallback(tracker, spec, spec_text, name=name, experiment_path=experiment_path(storage, name))
+    callbacks = [tracking, ProgressCallback(spec)]
     print(f"sweep {name}: {spec.settings.num_samples} trials, {spec.settings.max_concurrent} at a time, "
           f"objective {spec.objective.metric} ({spec.objective.mode}); tracking {tracker.tracking_uri}", file=sys.stderr)
     try:
@@ -125,10 +127,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         # Next to the sweep's results when they are local, else in the working directory.
         best_path = Path(outcome.path) / "best.yaml" if "://" not in outcome.path else Path(f"{name}-best.yaml")
         best = select_best(tracker, name, out=best_path)
-    except (TrackingError, FileNotFoundError) as error:
+    except (FileNotFoundError, FileExistsError) as error:
         return _error(str(error))
+    except TrackingError as error:
+        return _error(str(error), status=1)
     except Exception as error:  # Ray and friends: one clear line, not a traceback
-        return _error(f"sweep {name} failed: {type(error).__name__}: {error}")
+        return _error(f"sweep {name} failed: {type(error).__name__}: {error}", status=1)
     _print_top(outcome, spec)
     print(f"best: {spec.objective.metric} = {best.metrics[spec.objective.metric]:.2f} (trial {best.trial_id}, "
           f"fp/top1 {best.metrics.get('fp/top1', float('nan')):.2f}); champion model version {best.model_version}")

@@ -98,6 +98,22 @@ def test_best_config_reruns_to_the_same_accuracy_and_is_the_champion(finished_sw
     assert client.get_model_version_by_alias("r2sweep-cli-tiny", "champion").version != version.version
 
 
+def test_resume_continues_the_same_sweep_without_duplicate_runs(finished_sweep) -> None:
+    work, _ = finished_sweep
+    again = _r2sweep("sweep", "tiny.yaml", cwd=work)
+    assert again.returncode == 2 and "add --resume" in again.stderr
+    resumed = _r2sweep("sweep", "tiny.yaml", "--resume", cwd=work)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    client = _client(work)
+    experiment = client.get_experiment_by_name("cli-tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len([r for r in runs if r.data.tags.get("r2sweep.role") == "sweep"]) == 1
+    assert len([r for r in runs if r.data.tags.get("r2sweep.role") == "trial"]) == SPEC["sweep"]["num_samples"]
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    missing = _r2sweep("sweep", "tiny.yaml", "--resume", "--name", "never-ran", cwd=work)
+    assert missing.returncode == 2 and "no sweep to resume" in missing.stderr
+
+
 def test_bad_spec_exits_2_and_creates_nothing(tmp_path: Path) -> None:
     bad = dict(SPEC, objective={"metric": "ptq_adaround_w2a8/top1", "mode": "max"})
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))

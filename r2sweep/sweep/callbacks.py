@@ -29,6 +29,7 @@ __all__ = ["TrackingCallback", "ProgressCallback", "EPOCH_METRICS"]
 EPOCH_METRICS = ("train/loss", "train/r2", "val/top1", "proxy/top1", "lr", "weights/max_abs", "weights/range", "weights/kurtosis", "time/epoch_s")
 
 TAG_OUTCOME = "r2sweep.outcome"
+TAG_EXPERIMENT_PATH = "r2sweep.experiment_path"
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:
@@ -46,21 +47,32 @@ class TrackingCallback(tune.Callback):
         tracker: the MLflow backend.
         spec: the validated spec (its YAML text is the parent's artifact).
         spec_text: the file as the user wrote it.
-        resume: continue the sweep's existing parent run.
+        experiment_path: where Tune keeps the sweep (``storage/name``); tagged on
+            the parent run, so a resumed sweep continues the same run.
     """
 
-    def __init__(self, tracker: Tracker, spec: SweepSpec, spec_text: str, *, name: str, resume: bool = False) -> None:
+    def __init__(self, tracker: Tracker, spec: SweepSpec, spec_text: str, *, name: str, experiment_path: str) -> None:
         self.tracker = tracker
         self.spec = spec
         self.spec_text = spec_text
         self.name = name
-        self.resume = resume
+        self.experiment_path = experiment_path
         self.sweep: SweepRun | None = None
         self._runs: dict[str, str] = {}
 
     def setup(self, **info: Any) -> None:
-        if self.sweep is None:
-            self.sweep = self.tracker.start_sweep(self.name, self.spec_text, resume=self.resume)
+        # A restored Tune experiment brings back this callback as it was pickled
+        # before the first run, so it cannot be told "resume": it recognises its
+        # own parent run by the experiment path it tagged it with instead.
+        if self.sweep is not None:
+            return
+        existing = self.tracker.find_sweep(self.name)
+        resume = existing is not None and (
+            self.tracker.client.get_run(existing.parent_run_id).data.tags.get(TAG_EXPERIMENT_PATH) == self.experiment_path
+        )
+        self.sweep = self.tracker.start_sweep(
+            self.name, self.spec_text, tags={TAG_EXPERIMENT_PATH: self.experiment_path}, resume=resume
+        )
 
     def _run(self, trial: Any) -> str:
         assert self.sweep is not None

@@ -38,7 +38,7 @@ from r2sweep.sweep.space import make_sampler, make_space
 from r2sweep.sweep.spec import SweepSpec
 from r2sweep.trial import HISTOGRAMS, PRETRAIN_CHECKPOINT, PRETRAINED, run_trial
 
-__all__ = ["run_sweep", "SweepOutcome", "trainable", "DEFAULT_STORAGE", "TRIAL_CONFIG", "TRIAL_ARTIFACTS"]
+__all__ = ["run_sweep", "experiment_path", "SweepOutcome", "trainable", "DEFAULT_STORAGE", "TRIAL_CONFIG", "TRIAL_ARTIFACTS"]
 
 DEFAULT_STORAGE = "r2sweep_results"
 #: The trial config as a re-runnable YAML file, in a trial's final checkpoint.
@@ -153,6 +153,7 @@ def run_sweep(
         callbacks: Tune callbacks (tracking, progress).
     """
     name = name or spec.name
+    experiment = experiment_path(storage, name)
     # Tune checks that every result carries the searcher's metric; ours carry it
     # only in the final report, on purpose (see the module docstring).
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -160,19 +161,28 @@ def run_sweep(
     # disk use flat); Tune then warns on every epoch of short trials. The snapshot
     # cost is measured in benchmarks/RESULTS.md ("sweep overhead").
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    storage_path = str(storage) if "://" in str(storage) else str(Path(storage).resolve())
+    storage_path = experiment.rsplit("/", 1)[0]
+    if not resume and tune.Tuner.can_restore(experiment):
+        raise FileExistsError(
+            f"a sweep named {name!r} already exists in {storage_path}: add --resume to continue it, or --name for a new one"
+        )
+    if resume and not tune.Tuner.can_restore(experiment):
+        raise FileNotFoundError(f"no sweep to resume at {experiment}")
     _init_ray(address, num_cpus)
     resources = {k: float(v) for k, v in spec.settings.resources_per_trial.items() if float(v) > 0}
     function = tune.with_resources(tune.with_parameters(trainable, spec=spec), resources)
-    experiment = f"{storage_path.rstrip('/')}/{name}"
     if resume:
-        if not tune.Tuner.can_restore(experiment):
-            raise FileNotFoundError(f"no sweep to resume at {experiment}")
         tuner = tune.Tuner.restore(experiment, trainable=function, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(function, tune_config=_tune_config(spec), run_config=_run_config(spec, name, storage_path, callbacks))
     results = tuner.fit()
     return SweepOutcome(name=name, path=experiment, results=results, spec=spec)
+
+
+def experiment_path(storage: str | Path, name: str) -> str:
+    """Where Tune keeps sweep ``name``: ``<storage>/<name>`` (a local path made absolute, or a URI)."""
+    root = str(storage) if "://" in str(storage) else str(Path(storage).resolve())
+    return f"{root.rstrip('/')}/{name}"
 
 
 def _tune_config(spec: SweepSpec) -> tune.TuneConfig:
