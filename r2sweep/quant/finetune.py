@@ -38,7 +38,7 @@ def _weight_channels(cfg: DownstreamConfig, info: LayerInfo) -> int | None:
 
 def _qat_factories(cfg: DownstreamConfig, weight_bits: int, nonnegative: dict[str, bool]):
     def weight(info: LayerInfo) -> nn.Module:
-        bits = layer_bits(info, weight_bits, cfg.keep_first_last_bits)
+        bits = layer_bits(info.first_or_last, weight_bits, cfg.keep_first_last_bits)
         channels = _weight_channels(cfg, info)
         if cfg.algorithm == "lsq":
             return LsqQuantizer(bits, True, channels)
@@ -47,7 +47,7 @@ def _qat_factories(cfg: DownstreamConfig, weight_bits: int, nonnegative: dict[st
     def activation(info: LayerInfo) -> nn.Module:
         if cfg.float_activations:
             return nn.Identity()
-        bits = layer_bits(info, cfg.act_bits, cfg.keep_first_last_bits)
+        bits = layer_bits(info.first_or_last, cfg.act_bits, cfg.keep_first_last_bits)
         signed = not nonnegative[info.name]
         if cfg.algorithm == "lsq":
             return LsqQuantizer(bits, signed, per_sample=True, field="downstream.act_bits")
@@ -165,7 +165,7 @@ def dkm_compress(
     quantized = copy.deepcopy(model).to(device)
 
     def weight(info: LayerInfo) -> nn.Module:
-        bits = layer_bits(info, weight_bits, cfg.keep_first_last_bits)
+        bits = layer_bits(info.first_or_last, weight_bits, cfg.keep_first_last_bits)
         return DkmClusterer(bits, cfg.tau, cfg.dkm_iters, cfg.cluster_dim)
 
     wrap_layers(quantized, weight, lambda info: nn.Identity())

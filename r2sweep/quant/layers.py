@@ -85,9 +85,9 @@ class QuantLayer(nn.Module):
         return F.linear(x, weight, self.layer.bias)
 
 
-def layer_bits(info: LayerInfo, bits: int, keep_first_last_bits: int | None) -> int:
+def layer_bits(first_or_last: bool, bits: int, keep_first_last_bits: int | None) -> int:
     """The bit width of a layer: ``keep_first_last_bits`` for the first and last layer when set."""
-    if keep_first_last_bits is not None and info.first_or_last:
+    if keep_first_last_bits is not None and first_or_last:
         return keep_first_last_bits
     return bits
 

@@ -64,14 +64,14 @@ def _input_quantizer_factory(cfg: DownstreamConfig, nonnegative: dict[str, bool]
     def make(info: LayerInfo) -> nn.Module:
         if cfg.float_activations:
             return nn.Identity()
-        bits = layer_bits(info, cfg.act_bits, cfg.keep_first_last_bits)
+        bits = layer_bits(info.first_or_last, cfg.act_bits, cfg.keep_first_last_bits)
         return ActivationQuantizer(bits, signed=not nonnegative[info.name], observer=cfg.act_observer)
 
     return make
 
 
 def _weight_spec(cfg: DownstreamConfig, wrapper: QuantLayer, weight_bits: int) -> QuantSpec:
-    bits = cfg.keep_first_last_bits if (wrapper.first_or_last and cfg.keep_first_last_bits) else weight_bits
+    bits = layer_bits(wrapper.first_or_last, weight_bits, cfg.keep_first_last_bits)
     return QuantSpec(bits, cfg.symmetric, cfg.granularity, cfg.range)
 
 
@@ -151,6 +151,6 @@ def round_to_nearest(model: nn.Module, cfg: DownstreamConfig, weight_bits: int) 
     with torch.no_grad():
         for index, (_, layer) in enumerate(layers):
             first_or_last = index in (0, len(layers) - 1)
-            bits = cfg.keep_first_last_bits if (first_or_last and cfg.keep_first_last_bits) else weight_bits
+            bits = layer_bits(first_or_last, weight_bits, cfg.keep_first_last_bits)
             layer.weight.copy_(quantize_weight(layer.weight, QuantSpec(bits, cfg.symmetric, cfg.granularity, cfg.range)))
     return folded
