@@ -77,8 +77,8 @@ def _cmd_trial(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_spec_or_exit(args: argparse.Namespace):
-    """(spec, the resolved mapping) or a ConfigError, before anything is created."""
+def _load_spec(args: argparse.Namespace):
+    """(spec, the file as resolved with overrides); raises ConfigError before anything is created."""
     from r2sweep.sweep.spec import load_sweep_spec
     from r2sweep.trial_config import apply_overrides, parse_override, read_yaml
 
@@ -102,7 +102,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from r2sweep.errors import ConfigError
 
     try:
-        spec, raw = _load_spec_or_exit(args)
+        spec, raw = _load_spec(args)
     except ConfigError as error:
         return _error(f"{args.file}: {error}")
     name = args.name or spec.name

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
+from r2sweep.config import from_dict
 from r2sweep.errors import ConfigError
 from r2sweep.quant.adaround import AdaRoundSettings
 from r2sweep.quant.fake import GRANULARITIES, OBSERVERS, RANGES
@@ -157,8 +158,6 @@ def load_downstream(data: Any, path: str = "downstream") -> list[DownstreamConfi
     Raises:
         ConfigError: naming ``downstream[i].field``.
     """
-    from r2sweep.config import from_dict  # config imports this package's siblings; avoid a cycle
-
     if data is None:
         return []
     if isinstance(data, Mapping):

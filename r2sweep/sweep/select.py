@@ -86,11 +86,7 @@ def select_best(
         raise R2SweepError(f"sweep {name!r} has no finished trial with {metrics[0]} yet")
     front = pareto_front(finished, spec) if spec.multi_objective else finished
 
-    def key(run: Any) -> tuple[float, ...]:
-        values = [(1 if o.mode == "max" else -1) * run.data.metrics[o.metric] for o in spec.objectives]
-        return (*values, run.data.metrics.get("fp/top1", 0.0))
-
-    best = max(front, key=key)
+    best = max(front, key=lambda run: spec.ranking(run.data.metrics))
     run_id = best.info.run_id
     config_path = None
     if out is not None:

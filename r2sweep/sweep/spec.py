@@ -102,6 +102,13 @@ class SweepSpec:
         """The first objective: the one a single-objective searcher and the best-config rule use."""
         return self.objectives[0]
 
+    def ranking(self, metrics: Mapping[str, float]) -> tuple[float, ...]:
+        """Sort key of a finished trial, larger is better: the objectives in order
+        (negated where minimized), then ``fp/top1`` (the tie-break). One rule for
+        every place that picks a best trial."""
+        signed = [(1 if o.mode == "max" else -1) * metrics[o.metric] for o in self.objectives]
+        return (*signed, metrics.get("fp/top1", 0.0))
+
     def trial_mapping(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
         """The trial config (plain mapping) with the sampled values written at their paths."""
         return apply_overrides(self.base, list(sampled.items()))

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -64,8 +65,6 @@ def _scheduler_metric(spec: SweepSpec) -> str:
 
 def trainable(config: dict[str, Any], spec: SweepSpec) -> None:
     """The Tune function trainable: one r2sweep trial with the sampled values written in."""
-    import torch
-
     cpus = int(max(1, spec.settings.resources_per_trial.get("cpu", 1)))
     torch.set_num_threads(cpus)  # a trial's share of the node, not every core
     trial_config = spec.trial_config(config)
@@ -112,13 +111,9 @@ class SweepOutcome:
         return [r for r in self.results if r.metrics and all(m in r.metrics for m in metrics)]
 
     def best(self) -> Any | None:
-        """The best finished result (first objective; ties broken by FP accuracy)."""
-        objective = self.spec.objective
+        """The best finished result by :meth:`SweepSpec.ranking`."""
         finished = self.finished()
-        if not finished:
-            return None
-        sign = 1 if objective.mode == "max" else -1
-        return max(finished, key=lambda r: (sign * r.metrics[objective.metric], r.metrics.get("fp/top1", 0.0)))
+        return max(finished, key=lambda r: self.spec.ranking(r.metrics)) if finished else None
 
 
 def _init_ray(address: str | None, num_cpus: int | None) -> None:
