@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
+# .ci/system-deps installs PostgreSQL and Docker Compose's plugin when missing
+# (as root with apt-get; otherwise it says what to install).
 test: $(STAMP)
+	@.ci/system-deps
 	$(PY) -m pytest -q
 
 # The quickstart: a real Ray Tune + Optuna sweep on digits, tracked in ./mlflow.db,
