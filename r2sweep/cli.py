@@ -121,13 +121,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     tracking = TrackingCallback(tracker, spec, spec_text, name=name, experiment_path=experiment_path(storage, name))
     callbacks = [tracking, ProgressCallback(spec)]
     print(f"sweep {name}: {spec.settings.num_samples} trials, {spec.settings.max_concurrent} at a time, "
-          f"objective {spec.objective.metric} ({spec.objective.mode}); tracking {tracker.tracking_uri}", file=sys.stderr)
+          f"objective {spec.objective.metric} ({spec.objective.mode}); tracking {tracker.display_uri}", file=sys.stderr)
     try:
+        tracker.check_access()  # a refused password fails here, before Ray starts or anything is logged
         outcome = run_sweep(spec, storage=storage, name=name, resume=args.resume, address=args.address, callbacks=callbacks)
         # Next to the sweep's results when they are local, else in the working directory.
         best_path = Path(outcome.path) / "best.yaml" if "://" not in outcome.path else Path(f"{name}-best.yaml")
         best = select_best(tracker, name, out=best_path)
-    except (FileNotFoundError, FileExistsError) as error:
+    except (FileNotFoundError, FileExistsError, ConfigError) as error:
         return _error(str(error))
     except TrackingError as error:
         return _error(str(error), status=1)
@@ -137,7 +138,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(f"best: {spec.objective.metric} = {best.metrics[spec.objective.metric]:.2f} (trial {best.trial_id}, "
           f"fp/top1 {best.metrics.get('fp/top1', float('nan')):.2f}); champion model version {best.model_version}")
     print(f"best config: {best.config_path}   (re-run: r2sweep trial {best.config_path} --out runs/best)")
-    print(f"browse: mlflow ui --backend-store-uri {tracker.tracking_uri}")
+    if tracker.tracking_uri.startswith(("http://", "https://")):
+        print(f"browse: {tracker.display_uri}")
+    else:
+        print(f"browse: mlflow ui --backend-store-uri {tracker.display_uri}")
     return 0
 
 

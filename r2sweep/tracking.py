@@ -51,6 +51,7 @@ from r2sweep import __version__
 from r2sweep.errors import R2SweepError
 
 __all__ = [
+    "redact_uri",
     "DEFAULT_TRACKING_URI",
     "SPEC_ARTIFACT",
     "TAG_ROLE",
@@ -178,6 +179,14 @@ def _hint(exc: BaseException) -> str:
     return ""
 
 
+_URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^/\s]*)@")
+
+
+def redact_uri(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` in it masked."""
+    return _URI_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
+
+
 def _short(exc: BaseException, limit: int = 600) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[:limit] + " ..."
@@ -239,13 +248,35 @@ class Tracker:
         registry_uri: str | None = None,
         artifact_location: str | None = None,
     ) -> None:
-        self.tracking_uri = tracking_uri or DEFAULT_TRACKING_URI
+        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
         self.registry_uri = registry_uri or self.tracking_uri
         self.artifact_location = artifact_location
         self._client: MlflowClient | None = None
 
     def __repr__(self) -> str:
-        return f"Tracker({self.tracking_uri!r})"
+        return f"Tracker({self.display_uri!r})"
+
+    @property
+    def display_uri(self) -> str:
+        """The tracking URI with any password in it replaced by ``***`` (safe to print or log)."""
+        return redact_uri(self.tracking_uri)
+
+    def check_access(self) -> None:
+        """Fail now, before a sweep starts, if the store is unreachable or refuses us.
+
+        A wrong password would otherwise surface only once Ray is up and trials
+        are scheduled. MLflow's client retries transient server errors (408, 429,
+        5xx, dropped connections) with exponential backoff on every request
+        (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7, about four minutes), so
+        this and every later call ride out a server restart.
+
+        Raises:
+            TrackingError: naming the server (without credentials) and the fix.
+        """
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return  # a local store has no credentials, and probing it would create its file
+        with self._failing("reach the tracking store"):
+            self.client.search_experiments(max_results=1)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_client": None}
@@ -266,7 +297,7 @@ class Tracker:
         except TrackingError:
             raise
         except (MlflowException, requests.RequestException, OSError) as exc:
-            raise TrackingError(self.tracking_uri, action, _short(exc) + _hint(exc)) from exc
+            raise TrackingError(self.display_uri, action, redact_uri(_short(exc)) + _hint(exc)) from exc
 
     # -- sweeps ---------------------------------------------------------------
 
@@ -296,7 +327,7 @@ class Tracker:
         if resume:
             sweep = self.find_sweep(name)
             if sweep is None:
-                raise TrackingError(self.tracking_uri, f"resume sweep {name!r}", f"no sweep named {name!r} in {self.tracking_uri}")
+                raise TrackingError(self.display_uri, f"resume sweep {name!r}", f"no sweep named {name!r} in {self.display_uri}")
             with self._failing(f"resume sweep {name!r}"):
                 self.client.update_run(sweep.parent_run_id, status="RUNNING")
                 if extra:
@@ -351,7 +382,7 @@ class Tracker:
             if not create:
                 return None
             raise TrackingError(
-                self.tracking_uri,
+                self.display_uri,
                 f"use experiment {name!r}",
                 f"it is deleted; restore it (mlflow experiments restore --experiment-id {experiment.experiment_id})"
                 " or choose another sweep name",
@@ -377,7 +408,7 @@ class SweepRun:
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"SweepRun({self.name!r}, parent_run_id={self.parent_run_id!r}, uri={self.tracker.tracking_uri!r})"
+        return f"SweepRun({self.name!r}, parent_run_id={self.parent_run_id!r}, uri={self.tracker.display_uri!r})"
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

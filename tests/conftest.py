@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,15 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     when the server does not answer ``/health`` in time, and shows its log.
     """
     root = tmp_path_factory.mktemp("mlflow-server")
+    with serve_mlflow(root, f"sqlite:///{root / 'db.sqlite'}") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serve_mlflow(
+    root: Path, backend_uri: str, extra_args: Sequence[str] = (), extra_env: Mapping[str, str] | None = None
+) -> Iterator[str]:
+    """Run ``mlflow server`` on a free 127.0.0.1 port until the block ends; yields its URL."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     command = [
@@ -54,11 +64,12 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--host", "127.0.0.1",
         "--port", str(port),
         "--workers", "1",  # the default 4 workers take far longer to start on 2 cores
-        "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
+        "--backend-store-uri", backend_uri,
         "--artifacts-destination", str(root / "artifacts"),
+        *extra_args,
     ]  # fmt: skip
     # The background job runner is not needed by tracking calls; it only costs CPU.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(extra_env or {})}
     log_path = root / "server.log"
     with open(log_path, "wb") as log:
         # Its own session, so that teardown can stop the server and its uvicorn

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 
 import optuna
@@ -158,3 +159,16 @@ def test_every_shipped_search_space_validates() -> None:
     quickstart = load_sweep_spec(yaml.safe_load((spaces[0].parent / "quickstart.yaml").read_text()))
     assert {"r2.kind", "r2.strength", "r2.margin_init", "train.lr"} <= {p.path for p in quickstart.params}
     assert quickstart.trial.data.name == "digits"
+
+
+def test_relative_data_roots_become_absolute_where_the_sweep_starts(tmp_path, monkeypatch) -> None:
+    # Trials run in their own directories (and on other nodes): a relative root
+    # must be resolved once, on the driver.
+    monkeypatch.chdir(tmp_path)
+    data = {**copy.deepcopy(SPEC), "data": {"name": "cifar10", "root": "datasets/cifar"}}
+    data["search"] = {"data.root": {"choice": ["a", "/abs/b", "~/c"]}}
+    spec = load_sweep_spec(data)
+    assert spec.trial.data.root == str(tmp_path / "datasets" / "cifar")
+    assert spec.params[0].values == (str(tmp_path / "a"), "/abs/b", os.path.expanduser("~/c"))
+    assert spec.trial_config({"data.root": str(tmp_path / "a")}).data.root == str(tmp_path / "a")
+    assert data["data"]["root"] == "datasets/cifar"  # the caller's mapping is left alone

@@ -277,3 +277,25 @@ def test_weight_histograms_png(tmp_path: Path) -> None:
     _check_png(compare_weight_histograms({"no R2": model, "R2": clipped}, tmp_path / "compare.png", layers=3))
     with pytest.raises(ValueError, match="no Conv/Linear layer"):
         weight_histograms(nn.ReLU(), tmp_path / "none.png")
+
+
+def test_passwords_in_uris_are_masked_wherever_a_tracker_shows_its_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    from r2sweep.tracking import redact_uri
+
+    assert redact_uri("http://alice:s3cr@t@mlflow:5000/x") == "http://alice:***@mlflow:5000/x"
+    assert redact_uri("failed: postgresql://u:pw@db:5432/m") == "failed: postgresql://u:***@db:5432/m"
+    assert redact_uri("http://mlflow:5000/a@b") == "http://mlflow:5000/a@b"  # no credentials: unchanged
+    tracker = Tracker("http://alice:hunter2@127.0.0.1:1")
+    assert "hunter2" not in repr(tracker) and "hunter2" not in tracker.display_uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert Tracker().tracking_uri == "http://127.0.0.1:9"  # MLflow's own variable, before the SQLite default
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert Tracker().tracking_uri == "sqlite:///mlflow.db"
+
+
+def test_an_unreachable_server_fails_the_access_check_without_showing_the_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    tracker = Tracker(f"http://alice:hunter2@127.0.0.1:{_free_port()}")
+    with pytest.raises(TrackingError, match=r"reach the tracking store") as caught:
+        tracker.check_access()
+    assert "hunter2" not in str(caught.value) and "alice:***@" in str(caught.value)

@@ -30,6 +30,9 @@ EPOCH_METRICS = ("train/loss", "train/r2", "val/top1", "proxy/top1", "lr", "weig
 
 TAG_OUTCOME = "r2sweep.outcome"
 TAG_EXPERIMENT_PATH = "r2sweep.experiment_path"
+#: Where the trial ran (Ray node id and host): the last node, if it was restored elsewhere.
+TAG_NODE_ID = "r2sweep.node_id"
+TAG_NODE_HOST = "r2sweep.node_host"
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:
@@ -59,6 +62,7 @@ class TrackingCallback(tune.Callback):
         self.experiment_path = experiment_path
         self.sweep: SweepRun | None = None
         self._runs: dict[str, str] = {}
+        self._nodes: dict[str, str] = {}
 
     def setup(self, **info: Any) -> None:
         # A restored Tune experiment brings back this callback as it was pickled
@@ -89,6 +93,10 @@ class TrackingCallback(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         assert self.sweep is not None
         run_id = self._run(trial)
+        node = result.get("node_id")
+        if node and self._nodes.get(trial.trial_id) != node:
+            self._nodes[trial.trial_id] = node
+            self.sweep.set_tags(run_id, {TAG_NODE_ID: node, TAG_NODE_HOST: result.get("hostname", "")})
         if result.get("final"):
             metrics = {k: v for k, v in result.items() if "/" in k or k in ("diverged",)}
             self.sweep.log_metrics(run_id, _finite(metrics))

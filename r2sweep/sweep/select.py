@@ -75,7 +75,7 @@ def select_best(
     """
     sweep = tracker.find_sweep(name)
     if sweep is None:
-        raise R2SweepError(f"no sweep named {name!r} in {tracker.tracking_uri}")
+        raise R2SweepError(f"no sweep named {name!r} in {tracker.display_uri}")
     client = tracker.client
     with tempfile.TemporaryDirectory() as tmp:
         spec_text = Path(client.download_artifacts(sweep.parent_run_id, SPEC_ARTIFACT, tmp)).read_text()

@@ -15,6 +15,7 @@ This module imports neither Ray nor Optuna: :mod:`r2sweep.sweep.space` turns a
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -249,6 +250,17 @@ def _load_settings(data: Any, params: Mapping[str, SearchParam], multi: bool) ->
     return settings
 
 
+def _absolute_root(value: Any) -> Any:
+    """A relative ``data.root`` made absolute against the directory the sweep starts in.
+
+    Trials run in their own directories (and on other nodes), so a relative path
+    would mean something else there.
+    """
+    if isinstance(value, str) and value.strip() and "://" not in value:
+        return os.path.abspath(os.path.expanduser(value))
+    return value
+
+
 def load_sweep_spec(data: Any, *, default_name: str = "sweep") -> SweepSpec:
     """Validate a parsed search-space file in full and return the :class:`SweepSpec`.
 
@@ -261,9 +273,14 @@ def load_sweep_spec(data: Any, *, default_name: str = "sweep") -> SweepSpec:
     name = data.get("name", default_name)
     check(isinstance(name, str) and name.strip() != "" and "/" not in name, "name", name, "a non-empty sweep name without '/'")
     base = {k: v for k, v in data.items() if k in ("seed", "data", "model", "train", "r2", "downstream")}
+    if isinstance(base.get("data"), Mapping) and "root" in base["data"]:
+        base["data"] = {**base["data"], "root": _absolute_root(base["data"]["root"])}
     trial = load_trial_config(base)
     objectives = _load_objectives(data.get("objective"), trial)
     search = _mapping(data.get("search") or {}, "search", "{r2.strength: {loguniform: [1.0e-4, 1.0]}}")
+    root_param = search.get("data.root")
+    if isinstance(root_param, Mapping) and isinstance(root_param.get("choice"), list):
+        search = {**search, "data.root": {**root_param, "choice": [_absolute_root(v) for v in root_param["choice"]]}}
     params: dict[str, SearchParam] = {}
     for path, body in search.items():
         params[path] = _load_param(path, body, params)

@@ -35,6 +35,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from r2sweep.checkpoint import write_text_atomic
 from r2sweep.errors import TrialDiverged
+from r2sweep.sweep.cluster import check_data_roots, check_resources, connect
 from r2sweep.sweep.space import make_sampler, make_space
 from r2sweep.sweep.spec import SweepSpec
 from r2sweep.trial import HISTOGRAMS, PRETRAIN_CHECKPOINT, PRETRAINED, run_trial
@@ -77,6 +78,8 @@ def trainable(config: dict[str, Any], spec: SweepSpec) -> None:
             if saved.exists():
                 shutil.copy2(saved, work / PRETRAIN_CHECKPOINT)
 
+    node_id = ray.get_runtime_context().get_node_id()  # tagged on the trial's MLflow run
+
     def report(metrics: dict[str, float]) -> None:
         # Per epoch the checkpoint holds the pre-training state (to resume); at the
         # end it holds what the tracking callback logs: the pre-trained weights,
@@ -87,13 +90,13 @@ def trainable(config: dict[str, Any], spec: SweepSpec) -> None:
             for file in files:
                 if (work / file).exists():
                     shutil.copy2(work / file, Path(directory) / file)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+            tune.report({**metrics, "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(directory))
 
     write_text_atomic(work / TRIAL_CONFIG, yaml.safe_dump(trial_config.to_mapping(), sort_keys=False))
     try:
         run_trial(trial_config, report, out_dir=work)
     except TrialDiverged as error:
-        tune.report({"diverged": 1.0, "final": 1.0, "error": str(error)[:200]})
+        tune.report({"diverged": 1.0, "final": 1.0, "error": str(error)[:200], "node_id": node_id})
 
 
 @dataclass
@@ -116,16 +119,6 @@ class SweepOutcome:
         return max(finished, key=lambda r: self.spec.ranking(r.metrics)) if finished else None
 
 
-def _init_ray(address: str | None, num_cpus: int | None) -> None:
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-
-
 def run_sweep(
     spec: SweepSpec,
     *,
@@ -146,6 +139,10 @@ def run_sweep(
             kept, running ones restarted from their last epoch checkpoint).
         address: a Ray cluster to join (else ``RAY_ADDRESS``, else a local Ray).
         callbacks: Tune callbacks (tracking, progress).
+
+    Raises:
+        ClusterError: no node can hold one trial's resources, or a data root is
+            missing on a node that runs trials (checked before any trial starts).
     """
     name = name or spec.name
     experiment = experiment_path(storage, name)
@@ -156,6 +153,10 @@ def run_sweep(
     # disk use flat); Tune then warns on every epoch of short trials. The snapshot
     # cost is measured in benchmarks/RESULTS.md ("sweep overhead").
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's newer console output prints a configuration box and result paths even
+    # at verbose=0; the classic reporter stays silent there. r2sweep prints its
+    # own progress (ProgressCallback).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     storage_path = experiment.rsplit("/", 1)[0]
     if not resume and tune.Tuner.can_restore(experiment):
         raise FileExistsError(
@@ -163,8 +164,10 @@ def run_sweep(
         )
     if resume and not tune.Tuner.can_restore(experiment):
         raise FileNotFoundError(f"no sweep to resume at {experiment}")
-    _init_ray(address, num_cpus)
+    connect(address, num_cpus)
     resources = {k: float(v) for k, v in spec.settings.resources_per_trial.items() if float(v) > 0}
+    check_resources(resources)
+    check_data_roots(_data_roots(spec))
     function = tune.with_resources(tune.with_parameters(trainable, spec=spec), resources)
     if resume:
         tuner = tune.Tuner.restore(experiment, trainable=function, resume_unfinished=True, resume_errored=True)
@@ -172,6 +175,15 @@ def run_sweep(
         tuner = tune.Tuner(function, tune_config=_tune_config(spec), run_config=_run_config(spec, name, storage_path, callbacks))
     results = tuner.fit()
     return SweepOutcome(name=name, path=experiment, results=results, spec=spec)
+
+
+def _data_roots(spec: SweepSpec) -> list[str]:
+    """Every ``data.root`` a trial of this sweep may read."""
+    roots = [spec.trial.data.root] if spec.trial.data.root else []
+    for param in spec.params:
+        if param.path == "data.root":
+            roots.extend(str(v) for v in param.values if v)
+    return roots
 
 
 def experiment_path(storage: str | Path, name: str) -> str:

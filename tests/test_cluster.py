@@ -1,0 +1,96 @@
+"""The sweep on a multi-node Ray cluster in one machine (``ray.cluster_utils.Cluster``).
+
+A head with no CPUs (it runs only the driver's side) and two worker nodes of one
+CPU each, both offering a custom ``r2sweep_slot`` resource that every trial asks
+for: trials can only run on the workers, and with two at a time they must use
+both. MLflow (a real SQLite store) must hold every trial, tagged with its node.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from r2sweep.sweep.spec import load_sweep_spec
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from r2sweep.sweep.callbacks import TAG_NODE_ID, TrackingCallback  # noqa: E402
+from r2sweep.sweep.cluster import ClusterError  # noqa: E402
+from r2sweep.sweep.tuner import experiment_path, run_sweep  # noqa: E402
+from r2sweep.tracking import TAG_ROLE, TAG_TRIAL_ID, Tracker  # noqa: E402
+
+SPEC = {
+    "name": "on-cluster",
+    "data": {"name": "synthetic", "num_samples": 128},
+    "model": {"name": "small_cnn", "width": 0.25},
+    "train": {"epochs": 2, "batch_size": 32},
+    "downstream": [{"method": "ptq", "algorithm": "rtn", "weight_bits": [4]}],
+    "objective": {"metric": "ptq_rtn_w4a8/top1", "mode": "max"},
+    "search": {"train.lr": {"loguniform": [0.01, 0.1]}},
+    "sweep": {"num_samples": 6, "max_concurrent": 2, "seed": 0, "scheduler": "none",
+              "resources_per_trial": {"cpu": 1, "r2sweep_slot": 1}},
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": False,
+                        "temp_dir": str(tmp_path_factory.mktemp("ray"))},
+    )
+    workers = [cluster.add_node(num_cpus=1, resources={"r2sweep_slot": 1}) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster, [w.node_id for w in workers], cluster.head_node.node_id
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_trials_run_on_both_workers_and_all_reach_mlflow(cluster, tmp_path: Path) -> None:
+    _, worker_ids, head_id = cluster
+    spec = load_sweep_spec(SPEC)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    storage = tmp_path / "results"
+    callback = TrackingCallback(tracker, spec, "spec", name=spec.name,
+                                experiment_path=experiment_path(storage, spec.name))
+    outcome = run_sweep(spec, storage=storage, callbacks=[callback])
+
+    assert len(outcome.finished()) == 6
+    runs = tracker.client.search_runs(
+        [tracker.client.get_experiment_by_name(spec.name).experiment_id],
+        filter_string=f"tags.`{TAG_ROLE}` = 'trial'",
+    )
+    assert len(runs) == 6
+    assert {r.data.tags[TAG_TRIAL_ID] for r in runs} == {r.metrics["trial_id"] for r in outcome.results}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    nodes = [r.data.tags[TAG_NODE_ID] for r in runs]
+    assert set(nodes) == set(worker_ids), "every trial ran on a worker, and both workers ran trials"
+    assert head_id not in nodes
+    assert {r.metrics["node_id"] for r in outcome.results} == set(worker_ids)
+
+
+def test_a_request_no_node_can_hold_fails_before_any_trial(cluster, tmp_path: Path) -> None:
+    # Each worker has one slot: a trial asking for two could never be placed.
+    data = {**SPEC, "sweep": {**SPEC["sweep"], "resources_per_trial": {"cpu": 1, "r2sweep_slot": 2}}}
+    with pytest.raises(ClusterError, match=r"sweep\.resources_per_trial.*r2sweep_slot: 2.*largest of this cluster's 3 node"):
+        run_sweep(load_sweep_spec(data), storage=tmp_path / "results")
+    assert not (tmp_path / "results").exists()
+
+    gpu = {**SPEC, "sweep": {**SPEC["sweep"], "resources_per_trial": {"cpu": 1, "gpu": 0.5}}}
+    with pytest.raises(ClusterError, match=r"gpu: 0\.5.*GPU: 0"):
+        run_sweep(load_sweep_spec(gpu), storage=tmp_path / "results")
+
+
+def test_a_data_root_missing_on_the_workers_fails_before_any_trial(cluster, tmp_path: Path) -> None:
+    data = {**SPEC, "data": {"name": "cifar10", "root": str(tmp_path / "nowhere")}}
+    with pytest.raises(ClusterError, match=r"data\.root=.*nowhere.*missing on 2 of 2"):
+        run_sweep(load_sweep_spec(data), storage=tmp_path / "results")
+    assert not (tmp_path / "results").exists()
