@@ -299,3 +299,52 @@ def test_an_unreachable_server_fails_the_access_check_without_showing_the_passwo
     with pytest.raises(TrackingError, match=r"reach the tracking store") as caught:
         tracker.check_access()
     assert "hunter2" not in str(caught.value) and "alice:***@" in str(caught.value)
+
+
+class _FlakyProxy(http.server.BaseHTTPRequestHandler):
+    """Forwards to a real MLflow server, answering 503 to the first ``failures`` metric writes."""
+
+    upstream = ""
+    failures = 0
+    refused: list[str] = []
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if "log-batch" in self.path and type(self).failures > 0:
+            type(self).failures -= 1
+            type(self).refused.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+        reply = requests.request(self.command, self.upstream + self.path, data=body, headers=headers, timeout=30)
+        self.send_response(reply.status_code)
+        self.send_header("Content-Type", reply.headers.get("Content-Type", "application/json"))
+        self.send_header("Content-Length", str(len(reply.content)))
+        self.end_headers()
+        self.wfile.write(reply.content)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_transient_server_errors_are_retried_and_nothing_is_doubled(mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")  # keep the test short
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "0")
+    _FlakyProxy.upstream, _FlakyProxy.failures, _FlakyProxy.refused = mlflow_server, 2, []
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyProxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        tracker = Tracker(f"http://127.0.0.1:{proxy.server_address[1]}")
+        sweep = tracker.start_sweep("flaky-server", "spec: 1")
+        run_id = sweep.trial_run("t0", {"r2.kind": "linf"})
+        sweep.log_metrics(run_id, {"proxy/top1": 50.0}, step=0)
+        sweep.log_metrics(run_id, {"proxy/top1": 60.0}, step=1)
+    finally:
+        proxy.shutdown()
+    assert len(_FlakyProxy.refused) == 2  # the server failed twice ...
+    history = MlflowClient(mlflow_server).get_metric_history(run_id, "proxy/top1")
+    assert [(m.step, m.value) for m in history] == [(0, 50.0), (1, 60.0)]  # ... and every value landed once
