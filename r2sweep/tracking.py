@@ -509,18 +509,22 @@ class SweepRun:
 
     # -- logging (works for the parent run id too) ---------------------------
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int | None = None) -> dict[str, float]:
+    def log_metrics(
+        self, run_id: str, metrics: Mapping[str, Any], step: int | None = None, timestamp: int | None = None
+    ) -> dict[str, float]:
         """Log the finite numeric values of ``metrics``; return what was logged, by MLflow name.
 
         Non-numeric and non-finite values (a diverged loss) are skipped: MLflow
-        would store NaN, which breaks sorting and "best run" queries.
+        would store NaN, which breaks sorting and "best run" queries. A given
+        ``timestamp`` (ms) makes a repeated call an exact duplicate, which MLflow's
+        SQL store ignores: a replay never doubles a metric.
         """
         logged: dict[str, float] = {}
         for key, value in metrics.items():
             number = _as_float(value)
             if number is not None:
                 logged[sanitize_key(key)] = number
-        timestamp = _now_ms()
+        timestamp = _now_ms() if timestamp is None else int(timestamp)
         batch = [Metric(key, value, timestamp, step or 0) for key, value in logged.items()]
         with self._failing(f"log {len(batch)} metrics to run {run_id}"):
             for start in range(0, len(batch), _MAX_METRICS_PER_BATCH):

@@ -53,10 +53,14 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @contextlib.contextmanager
 def serve_mlflow(
-    root: Path, backend_uri: str, extra_args: Sequence[str] = (), extra_env: Mapping[str, str] | None = None
+    root: Path,
+    backend_uri: str,
+    extra_args: Sequence[str] = (),
+    extra_env: Mapping[str, str] | None = None,
+    port: int | None = None,
 ) -> Iterator[str]:
-    """Run ``mlflow server`` on a free 127.0.0.1 port until the block ends; yields its URL."""
-    port = _free_port()
+    """Run ``mlflow server`` on 127.0.0.1 (``port``, else a free one) until the block ends; yields its URL."""
+    port = port or _free_port()
     url = f"http://127.0.0.1:{port}"
     command = [
         str(Path(sys.executable).with_name("mlflow")),
@@ -71,7 +75,7 @@ def serve_mlflow(
     # The background job runner is not needed by tracking calls; it only costs CPU.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(extra_env or {})}
     log_path = root / "server.log"
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:
         # Its own session, so that teardown can stop the server and its uvicorn
         # worker (a child process) as one process group, and nothing else.
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)

@@ -19,6 +19,7 @@ from typing import Any
 
 from ray import tune
 
+from r2sweep.sweep.journal import JournalFlusher, TrackingJournal
 from r2sweep.sweep.spec import SweepSpec
 from r2sweep.tracking import SweepRun, Tracker
 from r2sweep.trial import PRETRAINED
@@ -43,8 +44,17 @@ def _finite(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _say(line: str) -> None:
+    print(f"r2sweep: {line}", file=sys.stderr, flush=True)
+
+
 class TrackingCallback(tune.Callback):
     """Logs a sweep to MLflow: one parent run, one child run per trial.
+
+    Every trial event becomes an operation in a durable :class:`TrackingJournal`
+    that a background thread applies in order (see :mod:`r2sweep.sweep.journal`):
+    Tune's loop never waits for MLflow, and an unreachable server delays the
+    records instead of losing them or ending the sweep.
 
     Args:
         tracker: the MLflow backend.
@@ -52,86 +62,148 @@ class TrackingCallback(tune.Callback):
         spec_text: the file as the user wrote it.
         experiment_path: where Tune keeps the sweep (``storage/name``); tagged on
             the parent run, so a resumed sweep continues the same run.
+        journal_dir: where the journal lives; default ``<experiment_path>/tracking``
+            for local storage, ``./r2sweep_journal/<name>`` for a storage URI.
+        flush_timeout_s: how long the end of the sweep waits for MLflow to take
+            what is still pending (the journal keeps it either way).
     """
 
-    def __init__(self, tracker: Tracker, spec: SweepSpec, spec_text: str, *, name: str, experiment_path: str) -> None:
+    def __init__(
+        self,
+        tracker: Tracker,
+        spec: SweepSpec,
+        spec_text: str,
+        *,
+        name: str,
+        experiment_path: str,
+        journal_dir: str | None = None,
+        flush_timeout_s: float = 900.0,
+    ) -> None:
         self.tracker = tracker
         self.spec = spec
         self.spec_text = spec_text
         self.name = name
         self.experiment_path = experiment_path
+        local = "://" not in experiment_path
+        self.journal_dir = journal_dir or (
+            str(Path(experiment_path) / "tracking") if local else str(Path("r2sweep_journal") / name)
+        )
+        self.flush_timeout_s = flush_timeout_s
         self.sweep: SweepRun | None = None
         self._runs: dict[str, str] = {}
         self._nodes: dict[str, str] = {}
+        self._journal: TrackingJournal | None = None
+        self._flusher: JournalFlusher | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment; the journal and its
+        # thread are rebuilt in setup(), from the files on disk.
+        return {**self.__dict__, "_journal": None, "_flusher": None, "_runs": {}}
 
     def setup(self, **info: Any) -> None:
         # A restored Tune experiment brings back this callback as it was pickled
         # before the first run, so it cannot be told "resume": it recognises its
         # own parent run by the experiment path it tagged it with instead.
-        if self.sweep is not None:
-            return
-        existing = self.tracker.find_sweep(self.name)
-        resume = existing is not None and (
-            self.tracker.client.get_run(existing.parent_run_id).data.tags.get(TAG_EXPERIMENT_PATH) == self.experiment_path
-        )
-        self.sweep = self.tracker.start_sweep(
-            self.name, self.spec_text, tags={TAG_EXPERIMENT_PATH: self.experiment_path}, resume=resume
-        )
+        if self.sweep is None:
+            existing = self.tracker.find_sweep(self.name)
+            resume = existing is not None and (
+                self.tracker.client.get_run(existing.parent_run_id).data.tags.get(TAG_EXPERIMENT_PATH) == self.experiment_path
+            )
+            self.sweep = self.tracker.start_sweep(
+                self.name, self.spec_text, tags={TAG_EXPERIMENT_PATH: self.experiment_path}, resume=resume
+            )
+        if self._flusher is None:
+            # Operations a killed driver left unapplied go first.
+            self._journal = TrackingJournal(self.journal_dir)
+            self._flusher = JournalFlusher(self._journal, self._apply, report=_say)
 
-    def _run(self, trial: Any) -> str:
-        assert self.sweep is not None
-        if trial.trial_id not in self._runs:
-            self._runs[trial.trial_id] = self.sweep.trial_run(trial.trial_id, dict(trial.config))
-        return self._runs[trial.trial_id]
+    # -- what Tune tells us: recorded, never sent from here ------------------
+
+    def _record(self, op: str, **fields: Any) -> None:
+        assert self._journal is not None and self._flusher is not None, "setup() was not called"
+        self._journal.append(op, **fields)
+        self._flusher.notify()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._run(trial)
+        self._record("trial", trial=trial.trial_id, params=dict(trial.config))
 
     def on_trial_restore(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._run(trial)
+        self._record("trial", trial=trial.trial_id, params=dict(trial.config))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        assert self.sweep is not None
-        run_id = self._run(trial)
         node = result.get("node_id")
         if node and self._nodes.get(trial.trial_id) != node:
             self._nodes[trial.trial_id] = node
-            self.sweep.set_tags(run_id, {TAG_NODE_ID: node, TAG_NODE_HOST: result.get("hostname", "")})
+            self._record("tags", trial=trial.trial_id, tags={TAG_NODE_ID: node, TAG_NODE_HOST: result.get("hostname", "")})
         if result.get("final"):
             metrics = {k: v for k, v in result.items() if "/" in k or k in ("diverged",)}
-            self.sweep.log_metrics(run_id, _finite(metrics))
+            step = 0
         else:
+            metrics = {k: result[k] for k in EPOCH_METRICS if k in result}
             step = int(result.get("epoch", result.get("training_iteration", 1) - 1))
-            self.sweep.log_metrics(run_id, _finite({k: result[k] for k in EPOCH_METRICS if k in result}), step=step)
+        # The timestamp is fixed now, so that a replay is an exact duplicate MLflow ignores.
+        self._record("metrics", trial=trial.trial_id, metrics=_finite(metrics), step=step, timestamp=int(time.time() * 1000))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        assert self.sweep is not None
-        run_id = self._run(trial)
         result = trial.last_result or {}
-        objective = self.spec.objective.metric
         if result.get("diverged"):
             outcome, status = "diverged", "FAILED"
-        elif objective in result:
+        elif self.spec.objective.metric in result:
             outcome, status = "finished", "FINISHED"
         else:
             outcome, status = "stopped", "KILLED"
-        self.sweep.set_tags(run_id, {TAG_OUTCOME: outcome})
+        self._record("tags", trial=trial.trial_id, tags={TAG_OUTCOME: outcome})
         if outcome != "stopped" and trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as directory:
-                for path in sorted(Path(directory).iterdir()):
-                    if path.suffix in (".yaml", ".png") or path.name == PRETRAINED:
-                        self.sweep.log_artifact(run_id, path)
-        self.sweep.end_trial(run_id, status)
+                files = [p for p in sorted(Path(directory).iterdir()) if p.suffix in (".yaml", ".png") or p.name == PRETRAINED]
+                if files:
+                    self._record("artifacts", trial=trial.trial_id, files=files)
+        self._record("end_trial", trial=trial.trial_id, status=status)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        assert self.sweep is not None
-        run_id = self._run(trial)
-        self.sweep.set_tags(run_id, {TAG_OUTCOME: "failed"})
-        self.sweep.end_trial(run_id, "FAILED")
+        self._record("tags", trial=trial.trial_id, tags={TAG_OUTCOME: "failed"})
+        self._record("end_trial", trial=trial.trial_id, status="FAILED")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        if self.sweep is not None:
-            self.sweep.end("FINISHED")
+        if self._flusher is None:
+            return
+        self._record("end_sweep", status="FINISHED")
+        if not self._flusher.flush(self.flush_timeout_s):
+            print(
+                f"r2sweep: MLflow has not taken {len(self._journal.pending())} tracking operations yet "
+                f"({self._flusher.last_error}); they are kept in {self.journal_dir} and sent by "
+                "'r2sweep sweep ... --resume'",
+                file=sys.stderr,
+            )
+        self._flusher.close()
+        self._flusher = None
+
+    # -- applying one recorded operation to MLflow (the flusher's thread) ----
+
+    def _run_id(self, trial_id: str, params: dict[str, Any] | None = None) -> str:
+        assert self.sweep is not None
+        if params is not None or trial_id not in self._runs:
+            self._runs[trial_id] = self.sweep.trial_run(trial_id, params or {})
+        return self._runs[trial_id]
+
+    def _apply(self, op: dict[str, Any]) -> None:
+        assert self.sweep is not None
+        kind = op["op"]
+        if kind == "trial":
+            self._run_id(op["trial"], op["params"])
+        elif kind == "metrics":
+            self.sweep.log_metrics(self._run_id(op["trial"]), op["metrics"], step=op["step"], timestamp=op["timestamp"])
+        elif kind == "tags":
+            self.sweep.set_tags(self._run_id(op["trial"]), op["tags"])
+        elif kind == "artifacts":
+            for path in op["files"]:
+                self.sweep.log_artifact(self._run_id(op["trial"]), path)
+        elif kind == "end_trial":
+            self.sweep.end_trial(self._run_id(op["trial"]), op["status"])
+        elif kind == "end_sweep":
+            self.sweep.end(op["status"])
+        else:
+            raise ValueError(f"unknown tracking operation {kind!r} in {self.journal_dir}")
 
 
 class ProgressCallback(tune.Callback):
