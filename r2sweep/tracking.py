@@ -484,6 +484,20 @@ class SweepRun:
         for start in range(0, len(new), _MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=new[start : start + _MAX_PARAMS_PER_BATCH])
 
+    def forget_trial(self, trial_id: str) -> None:
+        """Delete the run of a trial the sweep no longer has (MLflow keeps it in the trash).
+
+        Used after a driver crash for trials started after the last experiment
+        snapshot: Tune restarts without them and samples their slots anew.
+        """
+        with self._lock, self._failing(f"remove the run of lost trial {trial_id!r} from sweep {self.name!r}"):
+            run = self._find_trial(trial_id)
+            if run is not None:
+                self.client.set_tag(run.info.run_id, "r2sweep.outcome", "lost")
+                if run.info.status == "RUNNING":
+                    self.client.set_terminated(run.info.run_id, status="KILLED")
+                self.client.delete_run(run.info.run_id)
+
     def trial_runs(self) -> list[Run]:
         """Every trial run of this sweep, oldest first."""
         with self._failing(f"list the trial runs of sweep {self.name!r}"):

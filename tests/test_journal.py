@@ -54,3 +54,12 @@ def test_the_flusher_retries_the_failing_operation_and_applies_each_once_in_orde
     assert failures["left"] == 0
     assert lines[0].startswith("tracking paused (tracking server down)") and lines[1].startswith("tracking resumed")
     assert journal.pending() == [] and journal.applied() == 5
+
+
+def test_an_operation_marked_once_is_recorded_once_even_across_restarts(tmp_path: Path) -> None:
+    journal = TrackingJournal(tmp_path)
+    assert journal.append("metrics", once="t0:epoch:3", step=3, metrics={"val/top1": 50.0})
+    # The trial was restored from its epoch-2 checkpoint and reports epoch 3 again.
+    assert not journal.append("metrics", once="t0:epoch:3", step=3, metrics={"val/top1": 51.0})
+    assert not TrackingJournal(tmp_path).append("metrics", once="t0:epoch:3", step=3, metrics={})
+    assert [op["metrics"] for _, op in TrackingJournal(tmp_path).pending()] == [{"val/top1": 50.0}]

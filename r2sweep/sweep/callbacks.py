@@ -94,11 +94,12 @@ class TrackingCallback(tune.Callback):
         self._nodes: dict[str, str] = {}
         self._journal: TrackingJournal | None = None
         self._flusher: JournalFlusher | None = None
+        self._reconciled = False
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment; the journal and its
         # thread are rebuilt in setup(), from the files on disk.
-        return {**self.__dict__, "_journal": None, "_flusher": None, "_runs": {}}
+        return {**self.__dict__, "_journal": None, "_flusher": None, "_runs": {}, "_reconciled": False}
 
     def setup(self, **info: Any) -> None:
         # A restored Tune experiment brings back this callback as it was pickled
@@ -121,8 +122,20 @@ class TrackingCallback(tune.Callback):
 
     def _record(self, op: str, **fields: Any) -> None:
         assert self._journal is not None and self._flusher is not None, "setup() was not called"
-        self._journal.append(op, **fields)
-        self._flusher.notify()
+        if self._journal.append(op, **fields):
+            self._flusher.notify()
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        # Once per driver start: trials the journal knows but Tune does not were
+        # created after Tune's last experiment snapshot, before a driver crash.
+        # Tune has forgotten them (their slots are sampled anew), so their runs
+        # are removed from the sweep: one MLflow run per trial Tune ran, no more.
+        if self._reconciled or self._journal is None:
+            return
+        self._reconciled = True
+        forgotten = sorted(self._journal.trials() - {t.trial_id for t in trials})
+        if forgotten:
+            self._record("forget", trials=forgotten)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._record("trial", trial=trial.trial_id, params=dict(trial.config))
@@ -137,12 +150,14 @@ class TrackingCallback(tune.Callback):
             self._record("tags", trial=trial.trial_id, tags={TAG_NODE_ID: node, TAG_NODE_HOST: result.get("hostname", "")})
         if result.get("final"):
             metrics = {k: v for k, v in result.items() if "/" in k or k in ("diverged",)}
-            step = 0
+            step, once = 0, f"{trial.trial_id}:final"
         else:
             metrics = {k: result[k] for k in EPOCH_METRICS if k in result}
             step = int(result.get("epoch", result.get("training_iteration", 1) - 1))
+            once = f"{trial.trial_id}:epoch:{step}"  # a restored trial repeats epochs after its checkpoint
         # The timestamp is fixed now, so that a replay is an exact duplicate MLflow ignores.
-        self._record("metrics", trial=trial.trial_id, metrics=_finite(metrics), step=step, timestamp=int(time.time() * 1000))
+        self._record("metrics", trial=trial.trial_id, metrics=_finite(metrics), step=step,
+                     timestamp=int(time.time() * 1000), once=once)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result or {}
@@ -202,6 +217,9 @@ class TrackingCallback(tune.Callback):
             self.sweep.end_trial(self._run_id(op["trial"]), op["status"])
         elif kind == "end_sweep":
             self.sweep.end(op["status"])
+        elif kind == "forget":
+            for trial_id in op["trials"]:
+                self.sweep.forget_trial(trial_id)
         else:
             raise ValueError(f"unknown tracking operation {kind!r} in {self.journal_dir}")
 

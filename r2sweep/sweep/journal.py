@@ -49,11 +49,26 @@ class TrackingJournal:
         self._lines = self.folder / "journal.jsonl"
         self._applied = self.folder / "applied"
         self._lock = threading.Lock()
-        self._count = len(self._read())
+        ops = self._read()
+        self._count = len(ops)
+        self._once = {op["once"] for op in ops if "once" in op}
 
-    def append(self, op: str, files: Iterable[str | os.PathLike[str]] = (), **fields: Any) -> None:
-        """Record one operation durably; ``files`` are copied, so they may vanish afterwards."""
+    def append(
+        self, op: str, files: Iterable[str | os.PathLike[str]] = (), once: str | None = None, **fields: Any
+    ) -> bool:
+        """Record one operation durably; ``files`` are copied, so they may vanish afterwards.
+
+        ``once`` names an operation that must be recorded at most once, ever: a
+        trial restored from an earlier checkpoint reports its last epochs again,
+        and MLflow must still hold one value per epoch. Returns False when an
+        operation with the same ``once`` was already recorded (nothing is written).
+        """
         with self._lock:
+            if once is not None:
+                if once in self._once:
+                    return False
+                self._once.add(once)
+                fields["once"] = once
             index = self._count
             copies = []
             for path in files:
@@ -68,6 +83,7 @@ class TrackingJournal:
                 handle.flush()
                 os.fsync(handle.fileno())
             self._count += 1
+            return True
 
     def _read(self) -> list[dict[str, Any]]:
         if not self._lines.exists():
@@ -79,6 +95,11 @@ class TrackingJournal:
             except json.JSONDecodeError:
                 break  # a line torn by a crash mid-write: it was never acknowledged
         return ops
+
+    def trials(self) -> set[str]:
+        """Every trial id any recorded operation names."""
+        with self._lock:
+            return {op["trial"] for op in self._read() if "trial" in op}
 
     def applied(self) -> int:
         """How many operations MLflow already has."""

@@ -1,0 +1,104 @@
+"""The sweep's driver killed with SIGKILL, several times at different moments, then resumed.
+
+Each round starts ``r2sweep sweep`` (``--resume`` after the first) in its own
+process group and kills the whole group (driver and the Ray it started) once a
+given number of trials have finished: before any, after one, after three. The
+last ``--resume`` runs to the end. What must hold: exactly ``num_samples``
+trials, each with exactly one MLflow run holding every epoch once, none left
+RUNNING, and the Optuna study continued rather than restarted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from r2sweep.tracking import TAG_ROLE, TAG_TRIAL_ID
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 8
+SAMPLES = 6
+SPEC = {
+    "name": "killed",
+    "data": {"name": "synthetic", "num_samples": 256},
+    "model": {"name": "small_cnn", "width": 0.25},
+    "train": {"epochs": EPOCHS, "batch_size": 32},
+    "downstream": [{"method": "ptq", "algorithm": "rtn", "weight_bits": [4]}],
+    "objective": {"metric": "ptq_rtn_w4a8/top1", "mode": "max"},
+    "search": {"r2.kind": {"choice": ["none", "linf"]},
+               "r2.strength": {"loguniform": [1e-3, 1e-1], "when": {"r2.kind": "linf"}},
+               "train.lr": {"loguniform": [0.01, 0.1]}},
+    "sweep": {"num_samples": SAMPLES, "max_concurrent": 2, "seed": 0, "scheduler": "none", "sampler": "tpe"},
+}
+
+
+def _start(work: Path, resume: bool) -> subprocess.Popen:
+    command = [str(Path(sys.executable).with_name("r2sweep")), "sweep", "space.yaml", *(["--resume"] if resume else [])]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    return subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _finished_in_mlflow(client: MlflowClient) -> int:
+    experiment = client.get_experiment_by_name("killed")
+    if experiment is None:
+        return 0
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'trial'")
+    return sum(1 for r in runs if r.info.status == "FINISHED")
+
+
+def _kill_after(process: subprocess.Popen, client: MlflowClient, finished: int, started_marker: Path) -> None:
+    """SIGKILL the process group once ``finished`` trials are FINISHED in MLflow (and trials run)."""
+    deadline = time.monotonic() + 300
+    while not (started_marker.exists() and _finished_in_mlflow(client) >= finished):
+        assert process.poll() is None, f"the sweep ended before the kill: {process.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline, "the sweep made no progress"
+        time.sleep(0.3)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def test_driver_killed_three_times_then_resumed_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPEC))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = tmp_path / "r2sweep_results" / "killed"
+    journal = experiment / "tracking" / "journal.jsonl"  # exists once the first trial started
+
+    for round_, finished in enumerate((0, 1, 3)):
+        _kill_after(_start(tmp_path, resume=round_ > 0), client, finished, journal)
+    final = _start(tmp_path, resume=True)
+    output = final.communicate(timeout=600)[0]
+    assert final.returncode == 0, output[-3000:]
+
+    runs = client.search_runs([client.get_experiment_by_name("killed").experiment_id])
+    trials = [r for r in runs if r.data.tags[TAG_ROLE] == "trial"]
+    assert len(trials) == SAMPLES, "exactly num_samples trials"
+    assert len({r.data.tags[TAG_TRIAL_ID] for r in trials}) == SAMPLES, "one run per trial"
+    assert all(r.info.status != "RUNNING" for r in runs)
+    assert [r.info.status for r in runs if r.data.tags[TAG_ROLE] == "sweep"] == ["FINISHED"]
+    for run in trials:
+        assert run.info.status == "FINISHED"
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/top1"))
+        assert steps == list(range(EPOCHS)), f"trial {run.data.tags[TAG_TRIAL_ID]}: every epoch exactly once"
+        assert "ptq_rtn_w4a8/top1" in run.data.metrics
+        # Exactly its sampled parameters: strength only where the kind needs it.
+        assert ("r2.strength" in run.data.params) == (run.data.params["r2.kind"] == "linf")
+
+    # The Optuna study went on instead of starting over: as many completed
+    # trials as the sweep ran, no more.
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(str(experiment))
+    complete = [t for t in searcher._ot_study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == SAMPLES
+    assert "best:" in output
