@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections import Counter
 from pathlib import Path
@@ -331,3 +332,17 @@ def test_synthetic_small_cnn_learns_it_in_two_epochs() -> None:
         vx, vy = data.val.tensors
         accuracy = (model(vx).argmax(1) == vy).float().mean().item()
     assert accuracy > 0.9
+
+
+def test_a_cifar_file_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    _write_cifar(tmp_path, "cifar10")
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": Payload(), b"labels": [0]}, f)
+    with pytest.raises(ConfigError, match=r"data\.root=.*data_batch_1.*not allowed in a CIFAR batch file"):
+        create_data("cifar10", seed=0, root=str(tmp_path))
+    assert not (tmp_path / "pwned").exists()

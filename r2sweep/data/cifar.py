@@ -88,10 +88,37 @@ def _locate(root: Path, name: str) -> Path:
     )
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batch files and nothing else.
+
+    The official format is a pickle, and a plain ``pickle.load`` of a file from a
+    shared data root would run whatever code the file names. A batch holds only
+    dicts, lists, strings, bytes, numbers and NumPy arrays, so only the classes
+    that rebuild an array are allowed.
+    """
+
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR batch file")
+
+
 def _read_file(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     with open(path, "rb") as f:
         # The official files were pickled by Python 2: keys come back as bytes.
-        entry = pickle.load(f, encoding="bytes")
+        try:
+            entry = _BatchUnpickler(f, encoding="bytes").load()
+        except pickle.UnpicklingError as error:
+            raise ConfigError("data.root", str(path), f"a CIFAR batch file ({error})") from error
     if not isinstance(entry, dict):
         raise ConfigError("data.root", str(path), "a CIFAR batch file (a pickled dict)")
     # Accept str keys too, for files re-pickled by Python 3 tools.
