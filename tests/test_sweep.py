@@ -7,6 +7,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 
 from r2sweep.sweep.spec import load_sweep_spec
 
@@ -97,3 +98,42 @@ def test_checkpoints_hold_the_pretraining_state_then_the_trial_artifacts(tiny_sw
             assert {"pretrained.pt", "weights.png", "trial_config.yaml"} <= names
         else:  # stopped after an epoch: the state a restart resumes from
             assert names == {"pretrain_state.pt"}
+
+
+def test_a_diverging_trial_is_failed_in_mlflow_pruned_in_optuna_and_never_best(local_ray, tmp_path: Path) -> None:
+    from r2sweep.sweep.callbacks import TAG_OUTCOME, TrackingCallback
+    from r2sweep.sweep.select import select_best
+    from r2sweep.sweep.tuner import experiment_path, run_sweep
+    from r2sweep.tracking import TAG_ROLE, Tracker
+
+    data = {**TINY, "name": "diverging", "search": {"train.lr": {"choice": [0.05, 1.0e6]}},
+            "sweep": {"num_samples": 4, "max_concurrent": 2, "seed": 1, "sampler": "random", "scheduler": "none"}}
+    spec = load_sweep_spec(data)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    storage = tmp_path / "results"
+    callback = TrackingCallback(tracker, spec, yaml.safe_dump(data), name=spec.name,
+                                experiment_path=experiment_path(storage, spec.name))
+    outcome = run_sweep(spec, storage=storage, callbacks=[callback])
+
+    results = list(outcome.results)
+    assert len(results) == 4 and all(r.error is None for r in results)  # the sweep went on
+    diverged = [r for r in results if r.metrics.get("diverged")]
+    assert {r.config["train.lr"] for r in diverged} == {1.0e6}
+    assert 0 < len(diverged) < 4
+    assert all(r.metrics["training_iteration"] == 1 for r in diverged)  # stopped in its first epoch
+
+    runs = tracker.client.search_runs([tracker.client.get_experiment_by_name("diverging").experiment_id],
+                                      filter_string=f"tags.`{TAG_ROLE}` = 'trial'")
+    by_outcome = {}
+    for run in runs:
+        by_outcome.setdefault(run.data.tags[TAG_OUTCOME], []).append(run.info.status)
+    assert by_outcome["diverged"] == ["FAILED"] * len(diverged)
+    assert by_outcome["finished"] == ["FINISHED"] * (4 - len(diverged))
+
+    states = sorted(t.state.name for t in _study(outcome.path).trials)
+    assert states.count("COMPLETE") == 4 - len(diverged)  # no score for a diverged trial
+    assert all(state in ("COMPLETE", "PRUNED", "FAIL") for state in states)
+
+    best = select_best(tracker, "diverging", out=tmp_path / "best.yaml", register=False)
+    assert float(best.params["train.lr"]) == 0.05
+    assert all(v == v and abs(v) != float("inf") for v in best.metrics.values())
