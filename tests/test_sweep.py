@@ -137,3 +137,56 @@ def test_a_diverging_trial_is_failed_in_mlflow_pruned_in_optuna_and_never_best(l
     best = select_best(tracker, "diverging", out=tmp_path / "best.yaml", register=False)
     assert float(best.params["train.lr"]) == 0.05
     assert all(v == v and abs(v) != float("inf") for v in best.metrics.values())
+
+
+def _kill_a_trial_worker_after(storage: Path, name: str, epochs_done: int, killed: list) -> None:
+    """SIGKILL the process of the first trial that reported ``epochs_done`` epochs (once)."""
+    import json
+    import signal
+    import time
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for results in (storage / name).glob("trainable_*/result.json"):
+            lines = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+            if len(lines) >= epochs_done and "pid" in lines[-1]:
+                os.kill(lines[-1]["pid"], signal.SIGKILL)
+                killed.append((results.parent.name, lines[-1]["epoch"]))
+                return
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("max_failures", [1, 0])
+def test_a_killed_worker_is_retried_from_its_checkpoint_or_marked_failed(local_ray, tmp_path: Path, max_failures: int) -> None:
+    import json
+    import threading
+
+    from r2sweep.sweep.tuner import run_sweep
+
+    data = {**TINY, "name": "worker-killed", "train": {"epochs": 10, "batch_size": 32},
+            "search": {"train.lr": {"loguniform": [0.01, 0.1]}},
+            "sweep": {"num_samples": 2, "max_concurrent": 2, "seed": 0, "scheduler": "none",
+                      "max_failures": max_failures}}
+    storage = tmp_path / "results"
+    killed: list = []
+    killer = threading.Thread(target=_kill_a_trial_worker_after, args=(storage, "worker-killed", 3, killed))
+    killer.start()
+    outcome = run_sweep(load_sweep_spec(data), storage=storage)
+    killer.join()
+    assert len(killed) == 1, "a worker was killed mid-trial"
+    victim, epoch_at_kill = killed[0]
+    results = {Path(r.path).name: r for r in outcome.results}
+    assert len(results) == 2
+    others = [r for name, r in results.items() if name != victim]
+    assert others[0].error is None and "ptq_rtn_w2a8/top1" in others[0].metrics  # the sweep went on
+
+    if max_failures:
+        assert results[victim].error is None and "ptq_rtn_w2a8/top1" in results[victim].metrics
+        epochs = [json.loads(line).get("epoch") for line in (storage / "worker-killed" / victim / "result.json").read_text().splitlines()]
+        epochs = [e for e in epochs if e is not None]
+        restart = epochs.index(epoch_at_kill) + 1
+        # The retry resumed after its last checkpoint instead of starting again at epoch 0.
+        assert 0 < epochs[restart] <= epoch_at_kill + 1
+        assert sorted(set(epochs)) == list(range(10))
+    else:
+        assert results[victim].error is not None  # failed, and reported as such
