@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,15 @@ def _load_spec(args: argparse.Namespace):
     return load_sweep_spec(raw, default_name=default_name), raw
 
 
+def _check_local_data_roots(spec) -> None:
+    from r2sweep.errors import ConfigError
+
+    for root in spec.data_roots():
+        if not Path(root).exists():
+            raise ConfigError("data.root", root, "an existing folder on this machine (r2sweep never downloads); "
+                              "on a cluster whose workers hold it, pass --address")
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     import yaml
 
@@ -103,6 +113,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     try:
         spec, raw = _load_spec(args)
+        if not (args.address or os.environ.get("RAY_ADDRESS")):
+            _check_local_data_roots(spec)  # on a cluster the workers are checked instead, once joined
     except ConfigError as error:
         return _error(f"{args.file}: {error}")
     name = args.name or spec.name

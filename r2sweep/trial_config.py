@@ -27,7 +27,7 @@ from r2sweep.errors import ConfigError
 from r2sweep.models import MODELS
 from r2sweep.models.registry import STEMS
 from r2sweep.quant.recipe import DownstreamConfig, load_downstream
-from r2sweep.validate import check, require_int
+from r2sweep.validate import check, reject_unknown, require_int
 
 __all__ = [
     "DataConfig",
@@ -53,10 +53,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check(self.name in DATASETS.names(), "data.name", self.name, f"one of {DATASETS.names()} (r2sweep list data)")
-        allowed = dataset_options(self.name)
-        for key, value in self.options.items():
-            if key not in allowed:
-                raise ConfigError(f"data.{key}", value, f"unknown field; dataset {self.name!r} takes {['name', 'root', 'val_fraction', *sorted(allowed)]}")
+        known = ["name", "root", "val_fraction", *sorted(dataset_options(self.name))]
+        reject_unknown(self.options, known, lambda key: f"data.{key}")  # known: what this dataset takes
         if self.val_fraction is not None:
             check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "a number strictly between 0 and 1, or null")
 
@@ -202,19 +200,25 @@ def apply_overrides(data: Any, overrides: list[tuple[str, Any]]) -> dict[str, An
     for path, value in overrides:
         node: Any = result
         parts = path.split(".")
-        for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
+        depth = 0
+        while depth < len(parts):
             where = ".".join(parts[: depth + 1])
             if isinstance(node, list):
+                part = parts[depth]
                 check(part.isdigit() and int(part) < len(node), where, part, f"an index below {len(node)} (the list has {len(node)} entries)")
                 key: Any = int(part)
+                step = 1
             elif isinstance(node, dict):
-                key = part
-                if not last and node.get(key) is None:
+                # Keys may hold dots themselves (search: {r2.strength: ...}): the
+                # longest existing key that starts the rest of the path wins.
+                step = next((n for n in range(len(parts) - depth, 1, -1) if ".".join(parts[depth : depth + n]) in node), 1)
+                key = ".".join(parts[depth : depth + step])
+                if depth + step < len(parts) and node.get(key) is None:
                     node[key] = {}
             else:
                 raise ConfigError(where, node, "a mapping or a list to set a field inside")
-            if last:
+            depth += step
+            if depth == len(parts):
                 node[key] = value
             else:
                 node = node[key]

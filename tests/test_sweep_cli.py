@@ -112,6 +112,10 @@ def test_resume_continues_the_same_sweep_without_duplicate_runs(finished_sweep) 
     assert not [r for r in runs if r.info.status == "RUNNING"]
     missing = _r2sweep("sweep", "tiny.yaml", "--resume", "--name", "never-ran", cwd=work)
     assert missing.returncode == 2 and "no sweep to resume" in missing.stderr
+    changed = _r2sweep("sweep", "tiny.yaml", "--resume", "--set", "train.epochs=7", cwd=work)
+    assert changed.returncode == 2, changed.stderr[-2000:]
+    (line,) = [l for l in changed.stderr.splitlines() if l.startswith("r2sweep: error:")]
+    assert "train.epochs=7" in line and "was started with" in line and "--name" in line
 
 
 def test_bad_spec_exits_2_and_creates_nothing(tmp_path: Path) -> None:

@@ -172,3 +172,12 @@ def test_relative_data_roots_become_absolute_where_the_sweep_starts(tmp_path, mo
     assert spec.params[0].values == (str(tmp_path / "a"), "/abs/b", os.path.expanduser("~/c"))
     assert spec.trial_config({"data.root": str(tmp_path / "a")}).data.root == str(tmp_path / "a")
     assert data["data"]["root"] == "datasets/cifar"  # the caller's mapping is left alone
+
+
+def test_overrides_reach_search_parameters_whose_names_hold_dots() -> None:
+    from r2sweep.trial_config import apply_overrides
+
+    data = apply_overrides(SPEC, [("search.r2.strength.loguniform", [0.01, 0.1]), ("search.train.lr.when", None)])
+    assert data["search"]["r2.strength"] == {"loguniform": [0.01, 0.1], "when": {"r2.kind": ["linf", "margin"]}}
+    assert "r2" not in data["search"]  # not a new nested mapping
+    assert load_sweep_spec(data).params[1].values == (0.01, 0.1)

@@ -117,6 +117,14 @@ class SweepSpec:
     def trial_config(self, sampled: Mapping[str, Any]) -> TrialConfig:
         return load_trial_config(self.trial_mapping(sampled))
 
+    def data_roots(self) -> list[str]:
+        """Every ``data.root`` a trial of this sweep may read (absolute paths)."""
+        roots = [self.trial.data.root] if self.trial.data.root else []
+        for param in self.params:
+            if param.path == "data.root":
+                roots.extend(str(v) for v in param.values if v)
+        return roots
+
 
 def _mapping(value: Any, field_name: str, example: str) -> Mapping[str, Any]:
     check(isinstance(value, Mapping), field_name, value, f"a mapping, e.g. {example}")
@@ -132,8 +140,7 @@ def _load_objectives(data: Any, trial: TrialConfig) -> tuple[Objective, ...]:
     for i, item in enumerate(items):
         where = "objective" if not isinstance(data, list) else f"objective[{i}]"
         item = _mapping(item, where, "{metric: ptq_adaround_w2a8/top1, mode: max}")
-        unknown = set(item) - {"metric", "mode"}
-        check(not unknown, f"{where}.{sorted(unknown)[0] if unknown else ''}", None, "unknown field; known fields are ['metric', 'mode']")
+        reject_unknown(item, ("metric", "mode"), lambda key: f"{where}.{key}")
         metric, mode = item.get("metric"), item.get("mode", "max")
         check(isinstance(metric, str) and metric in produced, f"{where}.metric", metric, f"a metric the trial produces: {produced}")
         check(mode in MODES, f"{where}.mode", mode, f"one of {list(MODES)}")

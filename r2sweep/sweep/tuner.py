@@ -18,6 +18,8 @@ them pruned, so the best config is always a finite one.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -34,7 +36,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from r2sweep.checkpoint import write_text_atomic
-from r2sweep.errors import TrialDiverged
+from r2sweep.errors import ConfigError, TrialDiverged
 from r2sweep.sweep.cluster import check_data_roots, check_resources, connect
 from r2sweep.sweep.space import make_sampler, make_space
 from r2sweep.sweep.spec import SweepSpec
@@ -164,26 +166,65 @@ def run_sweep(
         )
     if resume and not tune.Tuner.can_restore(experiment):
         raise FileNotFoundError(f"no sweep to resume at {experiment}")
+    if resume:
+        _check_same_space(experiment, spec)
     connect(address, num_cpus)
     resources = {k: float(v) for k, v in spec.settings.resources_per_trial.items() if float(v) > 0}
     check_resources(resources)
-    check_data_roots(_data_roots(spec))
+    check_data_roots(spec.data_roots())
     function = tune.with_resources(tune.with_parameters(trainable, spec=spec), resources)
     if resume:
         tuner = tune.Tuner.restore(experiment, trainable=function, resume_unfinished=True, resume_errored=True)
     else:
+        _save_space(experiment, spec)
         tuner = tune.Tuner(function, tune_config=_tune_config(spec), run_config=_run_config(spec, name, storage_path, callbacks))
     results = tuner.fit()
     return SweepOutcome(name=name, path=experiment, results=results, spec=spec)
 
 
-def _data_roots(spec: SweepSpec) -> list[str]:
-    """Every ``data.root`` a trial of this sweep may read."""
-    roots = [spec.trial.data.root] if spec.trial.data.root else []
-    for param in spec.params:
-        if param.path == "data.root":
-            roots.extend(str(v) for v in param.values if v)
-    return roots
+#: The space a sweep was started with, beside Tune's state: a resume must use the same one.
+SPACE_FILE = "r2sweep_space.json"
+
+
+def _space(spec: SweepSpec) -> dict[str, Any]:
+    """Everything that decides which trials a sweep runs and how they are judged."""
+    return json.loads(json.dumps({
+        "trial": spec.trial.to_mapping(),
+        "objective": [dataclasses.asdict(o) for o in spec.objectives],
+        "search": {p.path: dataclasses.asdict(p) for p in spec.params},
+        "sweep": dataclasses.asdict(spec.settings),
+    }, default=str))
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def _save_space(experiment: str, spec: SweepSpec) -> None:
+    if "://" not in experiment:  # a storage URI: Tune's own state is all there is
+        write_text_atomic(Path(experiment) / SPACE_FILE, json.dumps(_space(spec), indent=1, sort_keys=True))
+
+
+def _check_same_space(experiment: str, spec: SweepSpec) -> None:
+    """Refuse to resume with a search space other than the one the sweep started with.
+
+    Raises:
+        ConfigError: naming the first field that differs, both values, and the fix.
+    """
+    saved_file = Path(experiment) / SPACE_FILE
+    if "://" in experiment or not saved_file.exists():
+        return
+    saved, now = _flat(json.loads(saved_file.read_text())), _flat(_space(spec))
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key) != now.get(key):
+            raise ConfigError(
+                key.removeprefix("trial."),
+                now.get(key),
+                f"the sweep at {experiment} was started with {saved.get(key)!r}; resume it with the "
+                "same search-space file (and --set overrides), or start a new sweep with --name",
+            )
 
 
 def experiment_path(storage: str | Path, name: str) -> str:

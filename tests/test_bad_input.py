@@ -1,0 +1,172 @@
+"""Bad input: every malformed search-space file is refused in full before anything exists.
+
+Each case is a real file given to ``r2sweep sweep``: it must exit 2 with one line
+that names the field, the bad value and what is allowed (the exact line is
+pinned here), print no traceback, and leave nothing behind (no MLflow database,
+no results folder, no Ray session). ``--set`` overrides go through the same checks.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from r2sweep.cli import main
+
+BASE = {
+    "name": "bad",
+    "data": {"name": "digits"},
+    "model": {"name": "small_cnn"},
+    "train": {"epochs": 2, "lr": 0.05},
+    "r2": {"kind": "linf", "strength": 0.01},
+    "downstream": [{"method": "ptq", "algorithm": "rtn", "weight_bits": [4]}],
+    "objective": {"metric": "ptq_rtn_w4a8/top1", "mode": "max"},
+    "search": {
+        "r2.kind": {"choice": ["none", "linf"]},
+        "r2.strength": {"loguniform": [1.0e-3, 1.0], "when": {"r2.kind": ["linf"]}},
+    },
+    "sweep": {"num_samples": 4, "max_concurrent": 2},
+}
+DELETE = object()
+
+
+def with_(path: str, value) -> str:
+    """BASE as YAML with the value at ``a/b/0/c`` replaced."""
+    data = copy.deepcopy(BASE)
+    *parents, last = path.split("/")
+    node = data
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[last] = value
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+CASES = {
+    "yaml_syntax": "name: x\ntrain: {epochs: 2\n",
+    "top_level_list": "- a\n- b\n",
+    "empty": "",
+    "unknown_section": with_("sweeps", {}),
+    "unknown_data_key": with_("data/rooot", "/x"),
+    "unknown_model_key": with_("model/widht", 0.5),
+    "unknown_train_key": with_("train/epoch", 3),
+    "unknown_r2_key": with_("r2/strenght", 0.1),
+    "unknown_downstream_key": with_("downstream/0/weight_bit", [2]),
+    "unknown_objective_key": with_("objective/metirc", "x"),
+    "unknown_sweep_key": with_("sweep/num_sample", 4),
+    "unknown_distribution": with_("search/r2.strength", {"logunifrom": [0.001, 1.0]}),
+    "epochs_text": with_("train/epochs", "ten"),
+    "epochs_zero": with_("train/epochs", 0),
+    "batch_size_zero": with_("train/batch_size", 0),
+    "lr_negative": with_("train/lr", -0.1),
+    "bits_out_of_range": with_("downstream/0/weight_bits", [0]),
+    "bits_text": with_("downstream/0/weight_bits", "two"),
+    "strength_negative": with_("r2/strength", -1),
+    "concurrency_zero": with_("sweep/max_concurrent", 0),
+    "samples_zero": with_("sweep/num_samples", 0),
+    "cpu_negative": with_("sweep/resources_per_trial", {"cpu": -1}),
+    "gpu_fraction_above_one": with_("sweep/resources_per_trial", {"cpu": 1, "gpu": 1.5}),
+    "unknown_model": with_("model/name", "resnet19"),
+    "unknown_dataset": with_("data/name", "mnist"),
+    "unknown_loss_kind": with_("r2/kind", "l2"),
+    "unknown_method": with_("downstream/0/method", "pruning"),
+    "unknown_algorithm": with_("downstream/0/algorithm", "gptq"),
+    "unknown_sampler": with_("sweep/sampler", "bayes"),
+    "unknown_scheduler": with_("sweep/scheduler", "hyperband"),
+    "objective_not_produced": with_("objective/metric", "ptq_rtn_w2a8/top1"),
+    "bad_mode": with_("objective/mode", "maximize"),
+    "empty_choice": with_("search/r2.kind", {"choice": []}),
+    "inverted_range": with_("search/train.lr", {"uniform": [0.1, 0.01]}),
+    "non_positive_log_range": with_("search/r2.strength", {"loguniform": [0.0, 1.0]}),
+    "two_distributions": with_("search/train.lr", {"uniform": [0.01, 0.1], "loguniform": [0.01, 0.1]}),
+    "search_path_missing": with_("search/train.lrate", {"uniform": [0.01, 0.1]}),
+    "when_not_searched": with_("search/r2.strength", {"loguniform": [0.001, 1.0], "when": {"r2.margin_init": ["max"]}}),
+    "illegal_choice": with_("search/r2.kind", {"choice": ["linf", "l7"]}),
+    "missing_data_root": with_("data", {"name": "cifar10", "root": "/nonexistent/cifar"}),
+}
+
+EXPECTED = {
+    "yaml_syntax": "file='space.yaml' is not valid: valid YAML; expected ',' or '}', but got '<stream end>' at line 3, column 1",
+    "top_level_list": "config='list' is not valid: a mapping with the sections ['name', 'seed', 'data', 'model', 'train', 'r2', 'downstream', 'objective', 'search', 'sweep']",
+    "empty": "config='an empty file' is not valid: a mapping with the sections ['name', 'seed', 'data', 'model', 'train', 'r2', 'downstream', 'objective', 'search', 'sweep']",
+    "unknown_section": "sweeps={} is not valid: unknown section; did you mean 'sweep'? known sections are ['name', 'seed', 'data', 'model', 'train', 'r2', 'downstream', 'objective', 'search', 'sweep']",
+    "unknown_data_key": "data.rooot='/x' is not valid: unknown field; did you mean 'root'? known fields are ['name', 'root', 'val_fraction']",
+    "unknown_model_key": "model.widht=0.5 is not valid: unknown field; did you mean 'width'? known fields are ['name', 'width', 'stem']",
+    "unknown_train_key": "train.epoch=3 is not valid: unknown field; did you mean 'epochs'? known fields are ['epochs', 'batch_size', 'optimizer', 'lr', 'momentum', 'weight_decay', 'schedule', 'step_epochs', 'step_gamma', 'num_workers', 'device']",
+    "unknown_r2_key": "r2.strenght=0.1 is not valid: unknown field; did you mean 'strength'? known fields are ['kind', 'strength', 'reduction', 'granularity', 'skip_first_last', 'start_epoch', 'margin_init', 'alpha_init', 'eta']",
+    "unknown_downstream_key": "downstream[0].weight_bit=[2] is not valid: unknown field; did you mean 'weight_bits'? known fields are ['method', 'algorithm', 'weight_bits', 'act_bits', 'granularity', 'keep_first_last_bits', 'tag', 'symmetric', 'range', 'act_observer', 'calib_samples', 'bn_fold', 'bn_reestimate', 'bn_batches', 'adaround_iters', 'adaround_lambda', 'adaround_lr', 'epochs', 'lr', 'weight_decay', 'batch_size', 'quant_lr', 'delta', 'tau', 'dkm_iters', 'cluster_dim']",
+    "unknown_objective_key": "objective.metirc='x' is not valid: unknown field; did you mean 'metric'? known fields are ['metric', 'mode']",
+    "unknown_sweep_key": "sweep.num_sample=4 is not valid: unknown field; did you mean 'num_samples'? known fields are ['num_samples', 'max_concurrent', 'sampler', 'seed', 'scheduler', 'grace_period', 'reduction_factor', 'max_failures', 'resources_per_trial']",
+    "unknown_distribution": "search.r2.strength.logunifrom=[0.001, 1.0] is not valid: unknown key; a parameter takes one of ['choice', 'uniform', 'loguniform', 'int'] and optionally 'when'",
+    "epochs_text": "train.epochs='ten' is not valid: an integer",
+    "epochs_zero": 'train.epochs=0 is not valid: an integer >= 1',
+    "batch_size_zero": 'train.batch_size=0 is not valid: an integer >= 1',
+    "lr_negative": 'train.lr=-0.1 is not valid: a number > 0',
+    "bits_out_of_range": 'downstream[0].weight_bits=0 is not valid: an integer from 1 to 8',
+    "bits_text": "downstream[0].weight_bits='two' is not valid: an integer or a list",
+    "strength_negative": 'r2.strength=-1.0 is not valid: a number >= 0 (0 switches the loss off)',
+    "concurrency_zero": 'sweep.max_concurrent=0 is not valid: an integer >= 1',
+    "samples_zero": 'sweep.num_samples=0 is not valid: an integer >= 1',
+    "cpu_negative": 'sweep.resources_per_trial.cpu=-1 is not valid: a number >= 0',
+    "gpu_fraction_above_one": 'sweep.resources_per_trial.gpu=1.5 is not valid: a fraction of one GPU (0-1) or a whole number of GPUs',
+    "unknown_model": "model.name='resnet19' is not valid: one of ['mobilenet_v1', 'mobilenet_v2', 'resnet18', 'small_cnn'] (r2sweep list model)",
+    "unknown_dataset": "data.name='mnist' is not valid: one of ['cifar10', 'cifar100', 'digits', 'imagefolder', 'synthetic'] (r2sweep list data)",
+    "unknown_loss_kind": "r2.kind='l2' is not valid: choose one of ['linf', 'margin', 'none', 'softminmax']",
+    "unknown_method": "downstream[0].method='pruning' is not valid: one of ['ptq', 'qat', 'dkm']",
+    "unknown_algorithm": "downstream[0].algorithm='gptq' is not valid: for method ptq: one of ['rtn', 'adaround']",
+    "unknown_sampler": "sweep.sampler='bayes' is not valid: one of ['tpe', 'gp', 'cmaes', 'random', 'nsga2']",
+    "unknown_scheduler": "sweep.scheduler='hyperband' is not valid: one of ['asha', 'none']",
+    "objective_not_produced": "objective.metric='ptq_rtn_w2a8/top1' is not valid: a metric the trial produces: ['fp/top1', 'ptq_rtn_w4a8/top1']",
+    "bad_mode": "objective.mode='maximize' is not valid: one of ['max', 'min']",
+    "empty_choice": 'search.r2.kind.choice=[] is not valid: a non-empty list',
+    "inverted_range": 'search.train.lr.uniform=[0.1, 0.01] is not valid: [low, high] with low < high',
+    "non_positive_log_range": 'search.r2.strength.loguniform=[0.0, 1.0] is not valid: [low, high] with 0 < low < high (a log range)',
+    "two_distributions": "search.train.lr={'uniform': [0.01, 0.1], 'loguniform': [0.01, 0.1]} is not valid: exactly one distribution out of ['choice', 'uniform', 'loguniform', 'int']",
+    "search_path_missing": "search.train.lrate=0.01 is not valid: train.lrate: unknown field; known fields are ['epochs', 'batch_size', 'optimizer', 'lr', 'momentum', 'weight_decay', 'schedule', 'step_epochs', 'step_gamma', 'num_workers', 'device']",
+    "when_not_searched": "search.r2.strength.when.r2.margin_init=['max'] is not valid: a parameter searched above this one; searched so far: ['r2.kind']",
+    "illegal_choice": "search.r2.kind='l7' is not valid: r2.kind: choose one of ['linf', 'margin', 'none', 'softminmax']",
+    "missing_data_root": "data.root='/nonexistent/cifar' is not valid: an existing folder on this machine (r2sweep never downloads); on a cluster whose workers hold it, pass --address",
+}
+
+
+def _run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, text: str, *extra: str) -> str:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "space.yaml").write_text(text)
+    status = main(["sweep", "space.yaml", *extra])
+    out, err = capsys.readouterr()
+    assert status == 2
+    assert "Traceback" not in err and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("r2sweep: error: space.yaml: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"], "nothing may be created"
+    return lines[0].removeprefix("r2sweep: error: space.yaml: ")
+
+
+def test_every_case_has_an_expected_message() -> None:
+    assert set(CASES) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_malformed_file_is_refused_with_its_exact_message(case: str, tmp_path, monkeypatch, capsys) -> None:
+    assert _run(tmp_path, monkeypatch, capsys, CASES[case]) == EXPECTED[case]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--set", "train.epochs=ten"], "train.epochs='ten' is not valid: an integer"),
+        (["--set", "train.epoch=3"], "train.epoch=3 is not valid: unknown field; did you mean 'epochs'? known fields are "
+         "['epochs', 'batch_size', 'optimizer', 'lr', 'momentum', 'weight_decay', 'schedule', 'step_epochs', "
+         "'step_gamma', 'num_workers', 'device']"),
+        (["--set", "epochs"], "--set='epochs' is not valid: PATH=VALUE, e.g. train.lr=0.1 or downstream.0.weight_bits=[2,4]"),
+        (["--set", "search.r2.strength.loguniform=[1.0, 0.1]"],
+         "search.r2.strength.loguniform=[1.0, 0.1] is not valid: [low, high] with low < high"),
+        (["--num-samples", "0"], "sweep.num_samples=0 is not valid: an integer >= 1"),
+        (["--max-concurrent", "-2"], "sweep.max_concurrent=-2 is not valid: an integer >= 1"),
+    ],
+)
+def test_overrides_get_the_same_checks(override, message, tmp_path, monkeypatch, capsys) -> None:
+    assert _run(tmp_path, monkeypatch, capsys, yaml.safe_dump(BASE), *override) == message
