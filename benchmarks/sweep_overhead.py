@@ -19,20 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from ray import tune
 
 from r2sweep.sweep.callbacks import TrackingCallback
 from r2sweep.sweep.spec import load_sweep_spec
 from r2sweep.sweep.tuner import run_sweep
 from r2sweep.tracking import Tracker
-
-
-class _FirstStart(tune.Callback):
-    def __init__(self) -> None:
-        self.first: float | None = None
-
-    def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.first = self.first or time.perf_counter()
+from sweep_timing import FirstTrialStart
 
 
 def main() -> int:
@@ -57,7 +49,7 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory() as tmp:
         tracker = Tracker(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
-        first = _FirstStart()
+        first = FirstTrialStart()
         callbacks = [TrackingCallback(tracker, spec, "benchmark", name="overhead", experiment_path="benchmark"), first]
         started = time.perf_counter()
         outcome = run_sweep(spec, storage=Path(tmp) / "results", num_cpus=args.concurrency, callbacks=callbacks)
