@@ -18,12 +18,17 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["save_atomic", "write_text_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
+__all__ = ["save_atomic", "save_bytes_atomic", "write_text_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
 
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write ``state`` to ``path`` so that readers see the old file or the new one, never half."""
     return _write_atomic(path, lambda handle: torch.save(state, handle))
+
+
+def save_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically, like :func:`save_atomic`."""
+    return _write_atomic(path, lambda handle: handle.write(data))
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:

@@ -102,3 +102,22 @@ def test_driver_killed_three_times_then_resumed_loses_and_duplicates_nothing(tmp
     complete = [t for t in searcher._ot_study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == SAMPLES
     assert "best:" in output
+
+
+def test_files_a_kill_tore_are_repaired_before_tune_reads_them(tmp_path: Path) -> None:
+    import json
+    import pickle
+
+    from r2sweep.sweep.tuner import _repair_experiment
+
+    (tmp_path / "tuner.pkl").write_bytes(b"")  # truncated by an in-place rewrite
+    (tmp_path / "r2sweep_tuner.pkl").write_bytes(pickle.dumps({"state": 1}))
+    for stamp, text in (("2026-01-01_00-00-01", json.dumps({"ok": 1})), ("2026-01-01_00-00-02", '{"torn": ')):
+        (tmp_path / f"experiment_state-{stamp}.json").write_text(text)
+        (tmp_path / f"searcher-state-{stamp}.pkl").write_bytes(b"x")
+    _repair_experiment(str(tmp_path))
+    assert pickle.loads((tmp_path / "tuner.pkl").read_bytes()) == {"state": 1}
+    assert sorted(p.name for p in tmp_path.glob("*state-*")) == [
+        "experiment_state-2026-01-01_00-00-01.json", "searcher-state-2026-01-01_00-00-01.pkl"]
+    assert sorted(p.name for p in (tmp_path / "torn_snapshots").iterdir()) == [
+        "experiment_state-2026-01-01_00-00-02.json", "searcher-state-2026-01-01_00-00-02.pkl"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from r2sweep.checkpoint import write_text_atomic
+from r2sweep.checkpoint import save_bytes_atomic, write_text_atomic
 from r2sweep.errors import ConfigError, TrialDiverged
 from r2sweep.sweep.cluster import check_data_roots, check_resources, connect
 from r2sweep.sweep.space import make_sampler, make_space
@@ -151,9 +152,9 @@ def run_sweep(
     # Tune checks that every result carries the searcher's metric; ours carry it
     # only in the final report, on purpose (see the module docstring).
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    # Every epoch's checkpoint triggers an experiment snapshot (num_to_keep=1 keeps
-    # disk use flat); Tune then warns on every epoch of short trials. The snapshot
-    # cost is measured in benchmarks/RESULTS.md ("sweep overhead").
+    # Every epoch's checkpoint triggers an experiment snapshot (num_to_keep=2 keeps
+    # disk use flat: two per trial); Tune then warns on every epoch of short trials.
+    # The snapshot cost is measured in benchmarks/RESULTS.md ("sweep overhead").
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Tune's newer console output prints a configuration box and result paths even
     # at verbose=0; the classic reporter stays silent there. r2sweep prints its
@@ -174,10 +175,12 @@ def run_sweep(
     check_data_roots(spec.data_roots())
     function = tune.with_resources(tune.with_parameters(trainable, spec=spec), resources)
     if resume:
+        _repair_experiment(experiment)
         tuner = tune.Tuner.restore(experiment, trainable=function, resume_unfinished=True, resume_errored=True)
     else:
         _save_space(experiment, spec)
         tuner = tune.Tuner(function, tune_config=_tune_config(spec), run_config=_run_config(spec, name, storage_path, callbacks))
+        _backup_tuner_state(experiment)
     results = tuner.fit()
     return SweepOutcome(name=name, path=experiment, results=results, spec=spec)
 
@@ -200,6 +203,54 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, dict):
         return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): value}
+
+
+_TUNER_STATE = "tuner.pkl"
+_TUNER_BACKUP = "r2sweep_tuner.pkl"
+
+
+def _backup_tuner_state(experiment: str) -> None:
+    """Keep an atomically written copy of Tune's ``tuner.pkl``.
+
+    Tune rewrites the files of an experiment in place (when it syncs its driver
+    staging folder to the storage path, for one), so a driver killed at the
+    wrong moment can leave ``tuner.pkl`` empty, and the sweep could never be
+    resumed. Seen in tests/test_driver_kill.py.
+    """
+    state = Path(experiment) / _TUNER_STATE
+    if "://" not in experiment and state.is_file() and state.stat().st_size > 0:
+        save_bytes_atomic(Path(experiment) / _TUNER_BACKUP, state.read_bytes())
+
+
+def _repair_experiment(experiment: str) -> None:
+    """Undo what a kill mid-write can leave before Tune reads the experiment back.
+
+    * an empty or torn ``tuner.pkl``: put the backup back;
+    * a torn newest ``experiment_state-<time>.json``: move it and the searcher
+      files of the same snapshot aside, so Tune restores the snapshot before it.
+    """
+    if "://" in experiment:
+        return
+    folder = Path(experiment)
+    state, backup = folder / _TUNER_STATE, folder / _TUNER_BACKUP
+    if backup.is_file() and not _loads(state, pickle.loads):
+        save_bytes_atomic(state, backup.read_bytes())
+    snapshots = sorted(folder.glob("experiment_state-*.json"))
+    if len(snapshots) > 1 and not _loads(snapshots[-1], json.loads):
+        stamp = snapshots[-1].name.removeprefix("experiment_state-").removesuffix(".json")
+        aside = folder / "torn_snapshots"
+        aside.mkdir(exist_ok=True)
+        for torn in folder.glob(f"*-{stamp}.*"):
+            torn.replace(aside / torn.name)
+
+
+def _loads(path: Path, parse: Any) -> bool:
+    """Whether ``path`` exists and parses (a pickle Tune itself wrote, or JSON)."""
+    try:
+        parse(path.read_bytes())
+        return True
+    except Exception:  # noqa: BLE001 - empty, torn or missing: all mean "not usable"
+        return False
 
 
 def _save_space(experiment: str, spec: SweepSpec) -> None:
@@ -270,7 +321,11 @@ def _run_config(spec: SweepSpec, name: str, storage_path: str, callbacks: Sequen
         storage_path=storage_path,
         callbacks=list(callbacks),
         failure_config=tune.FailureConfig(max_failures=spec.settings.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        # Two, not one: Tune deletes the older checkpoint as it registers a new one,
+        # and its experiment snapshot can still name the older one when the driver
+        # is killed; with one kept, that trial could never be restored
+        # (tests/test_driver_kill.py saw it).
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         verbose=0,
     )
 
