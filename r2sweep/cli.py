@@ -166,13 +166,37 @@ def _print_top(outcome, spec, count: int = 5) -> None:
         print(f"{result.metrics.get('trial_id', ''):<10} {result.metrics[metric]:>24.2f} {result.metrics.get('fp/top1', float('nan')):>8.2f}  {params}")
 
 
+def _existing_store(uri: str | None):
+    """A Tracker for reading; a local SQLite store that does not exist is an error, not a new file."""
+    from r2sweep.errors import R2SweepError
+    from r2sweep.tracking import Tracker
+
+    tracker = Tracker(uri)
+    if tracker.tracking_uri.startswith("sqlite:///"):
+        path = Path(tracker.tracking_uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise R2SweepError(f"no MLflow store at {path} (run a sweep here first, or pass --tracking-uri)")
+    return tracker
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from r2sweep.errors import R2SweepError
+    from r2sweep.sweep.compare import compare_sweeps, render
+
+    try:
+        rows = compare_sweeps(_existing_store(args.tracking_uri), args.names, metrics=args.metric, by=args.by)
+    except R2SweepError as error:
+        return _error(str(error))
+    print(render(rows, args.format))
+    return 0
+
+
 def _cmd_best(args: argparse.Namespace) -> int:
     from r2sweep.errors import R2SweepError
     from r2sweep.sweep.select import select_best
-    from r2sweep.tracking import Tracker
 
     try:
-        best = select_best(Tracker(args.tracking_uri), args.name, out=args.out, register=not args.no_register)
+        best = select_best(_existing_store(args.tracking_uri), args.name, out=args.out, register=not args.no_register)
     except R2SweepError as error:
         return _error(str(error))
     print(f"best run {best.run_id} (trial {best.trial_id}): " + ", ".join(f"{k}={v:.2f}" for k, v in sorted(best.metrics.items()) if k.endswith("/top1")))
@@ -215,10 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     best.add_argument("--out", default="best.yaml", help="where to write the best trial's config (default best.yaml)")
     best.add_argument("--no-register", action="store_true", help="do not register the model as the champion")
     best.set_defaults(run=_cmd_best)
+    compare = commands.add_parser("compare", help="one row per sweep (or per sweep and R2 kind), read from MLflow")
+    compare.add_argument("names", nargs="+", metavar="NAME", help="sweep names")
+    compare.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db here)")
+    compare.add_argument("--metric", action="append", default=[], metavar="KEY",
+                         help="also show the best trial's value of KEY, e.g. ptq_rtn_w2a8/top1 (repeatable)")
+    compare.add_argument("--by", metavar="PARAM", help="one row per value of a parameter, e.g. r2.kind")
+    compare.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    compare.set_defaults(run=_cmd_compare)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # MLflow draws a progress bar for every artifact it downloads (the spec, a
+    # config): noise on a terminal, and it breaks "one line per error".
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):

@@ -121,3 +121,22 @@ def test_files_a_kill_tore_are_repaired_before_tune_reads_them(tmp_path: Path) -
         "experiment_state-2026-01-01_00-00-01.json", "searcher-state-2026-01-01_00-00-01.pkl"]
     assert sorted(p.name for p in (tmp_path / "torn_snapshots").iterdir()) == [
         "experiment_state-2026-01-01_00-00-02.json", "searcher-state-2026-01-01_00-00-02.pkl"]
+
+
+def test_a_snapshot_naming_deleted_checkpoints_gets_the_newest_one_under_those_names(tmp_path: Path) -> None:
+    import json
+    import pickle
+
+    from r2sweep.sweep.tuner import _repair_experiment
+
+    trial = tmp_path / "trainable_ab12cd34_3_lr=0.1"
+    for name, epoch in (("checkpoint_000004", 4), ("checkpoint_000005", 5)):
+        (trial / name).mkdir(parents=True)
+        (trial / name / "pretrain_state.pt").write_text(str(epoch))
+    blob = pickle.dumps({"latest": str(trial / "checkpoint_000001"), "older": "checkpoint_000000"}).hex()
+    snapshot = {"trial_data": [[json.dumps({"trial_id": "ab12cd34"}),
+                                json.dumps({"checkpoint_manager": {"_type": "CLOUDPICKLE_FALLBACK", "value": blob}})]]}
+    (tmp_path / "experiment_state-2026-01-01_00-00-01.json").write_text(json.dumps(snapshot))
+    _repair_experiment(str(tmp_path))
+    for name in ("checkpoint_000000", "checkpoint_000001"):
+        assert (trial / name / "pretrain_state.pt").read_text() == "5"  # the newest state, under the old name

@@ -24,10 +24,10 @@ import yaml
 
 from r2sweep.errors import R2SweepError
 from r2sweep.sweep.spec import SweepSpec, load_sweep_spec
-from r2sweep.tracking import TAG_TRIAL_ID, SPEC_ARTIFACT, Tracker
+from r2sweep.tracking import SPEC_ARTIFACT, TAG_TRIAL_ID, SweepRun, Tracker
 from r2sweep.trial import PRETRAINED, load_pretrained
 
-__all__ = ["BestTrial", "select_best", "pareto_front", "TAG_BEST_RUN", "TAG_BEST_TRIAL"]
+__all__ = ["BestTrial", "load_sweep", "select_best", "pareto_front", "TAG_BEST_RUN", "TAG_BEST_TRIAL"]
 
 TAG_BEST_RUN = "r2sweep.best_run_id"
 TAG_BEST_TRIAL = "r2sweep.best_trial_id"
@@ -61,6 +61,20 @@ def pareto_front(runs: list[Any], spec: SweepSpec) -> list[Any]:
     return [r for r in runs if not any(_dominates(o.data.metrics, r.data.metrics, spec) for o in runs if o is not r)]
 
 
+def load_sweep(tracker: Tracker, name: str) -> tuple[SweepRun, SweepSpec]:
+    """Sweep ``name``'s parent run and the spec it was started with (its artifact).
+
+    Raises:
+        R2SweepError: no sweep of that name in the tracking store.
+    """
+    sweep = tracker.find_sweep(name)
+    if sweep is None:
+        raise R2SweepError(f"no sweep named {name!r} in {tracker.display_uri}")
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_text = Path(tracker.client.download_artifacts(sweep.parent_run_id, SPEC_ARTIFACT, tmp)).read_text()
+    return sweep, load_sweep_spec(yaml.safe_load(spec_text), default_name=name)
+
+
 def select_best(
     tracker: Tracker,
     name: str,
@@ -73,13 +87,8 @@ def select_best(
     Raises:
         R2SweepError: no such sweep, or no finished trial yet.
     """
-    sweep = tracker.find_sweep(name)
-    if sweep is None:
-        raise R2SweepError(f"no sweep named {name!r} in {tracker.display_uri}")
+    sweep, spec = load_sweep(tracker, name)
     client = tracker.client
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_text = Path(client.download_artifacts(sweep.parent_run_id, SPEC_ARTIFACT, tmp)).read_text()
-    spec = load_sweep_spec(yaml.safe_load(spec_text), default_name=name)
     metrics = [o.metric for o in spec.objectives]
     finished = [r for r in sweep.trial_runs() if all(m in r.data.metrics for m in metrics)]
     if not finished:

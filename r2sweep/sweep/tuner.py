@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -227,7 +228,12 @@ def _repair_experiment(experiment: str) -> None:
 
     * an empty or torn ``tuner.pkl``: put the backup back;
     * a torn newest ``experiment_state-<time>.json``: move it and the searcher
-      files of the same snapshot aside, so Tune restores the snapshot before it.
+      files of the same snapshot aside, so Tune restores the snapshot before it;
+    * a trial whose snapshot names checkpoints Tune has since deleted (it keeps
+      ``num_to_keep`` and snapshots only after that many new ones, so a kill in
+      between leaves the snapshot pointing at deleted folders): the trial's
+      newest checkpoint is copied under the names the snapshot expects. The
+      trial then resumes from its newest epoch, which is the point.
     """
     if "://" in experiment:
         return
@@ -242,6 +248,28 @@ def _repair_experiment(experiment: str) -> None:
         aside.mkdir(exist_ok=True)
         for torn in folder.glob(f"*-{stamp}.*"):
             torn.replace(aside / torn.name)
+        snapshots = snapshots[:-1]
+    if snapshots:
+        _restore_named_checkpoints(folder, snapshots[-1])
+
+
+def _restore_named_checkpoints(folder: Path, snapshot: Path) -> None:
+    try:
+        trials = json.loads(snapshot.read_text())["trial_data"]
+    except (OSError, ValueError, KeyError):
+        return
+    for trial_json, runtime_json in trials:
+        trial_id = json.loads(trial_json).get("trial_id", "")
+        # The checkpoint manager is stored as a cloudpickle blob in hex; the folder
+        # names it refers to can be read off the bytes without unpickling anything.
+        blobs = [v["value"] for v in json.loads(runtime_json).values()
+                 if isinstance(v, dict) and v.get("_type") == "CLOUDPICKLE_FALLBACK"]
+        named = {m.decode() for blob in blobs for m in re.findall(rb"checkpoint_\d{6}", bytes.fromhex(blob))}
+        for trial_dir in folder.glob(f"*_{trial_id}_*"):
+            existing = sorted(trial_dir.glob("checkpoint_*"))
+            for name in sorted(named):
+                if existing and not (trial_dir / name).exists():
+                    shutil.copytree(existing[-1], trial_dir / name)
 
 
 def _loads(path: Path, parse: Any) -> bool:
@@ -322,9 +350,8 @@ def _run_config(spec: SweepSpec, name: str, storage_path: str, callbacks: Sequen
         callbacks=list(callbacks),
         failure_config=tune.FailureConfig(max_failures=spec.settings.max_failures),
         # Two, not one: Tune deletes the older checkpoint as it registers a new one,
-        # and its experiment snapshot can still name the older one when the driver
-        # is killed; with one kept, that trial could never be restored
-        # (tests/test_driver_kill.py saw it).
+        # and its experiment snapshot can still name it when the driver is killed.
+        # Two make that rarer; _repair_experiment handles what is left.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         verbose=0,
     )
