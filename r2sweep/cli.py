@@ -120,12 +120,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     name = args.name or spec.name
     import logging
 
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # schema-migration chatter on a new store
-
     from r2sweep.sweep.callbacks import ProgressCallback, TrackingCallback
     from r2sweep.sweep.select import select_best
     from r2sweep.sweep.tuner import DEFAULT_STORAGE, experiment_path, run_sweep
     from r2sweep.tracking import Tracker, TrackingError
+
+    # After importing MLflow, which sets its own loggers up on import: without this
+    # a new store prints its schema migration line by line.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
     tracker = Tracker(args.tracking_uri)
     storage = args.storage or DEFAULT_STORAGE

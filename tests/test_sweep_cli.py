@@ -112,6 +112,8 @@ def test_resume_continues_the_same_sweep_without_duplicate_runs(finished_sweep) 
     assert not [r for r in runs if r.info.status == "RUNNING"]
     missing = _r2sweep("sweep", "tiny.yaml", "--resume", "--name", "never-ran", cwd=work)
     assert missing.returncode == 2 and "no sweep to resume" in missing.stderr
+    unknown = _r2sweep("best", "never-ran", cwd=work)
+    assert unknown.returncode == 2 and "no sweep named 'never-ran'" in unknown.stderr
     changed = _r2sweep("sweep", "tiny.yaml", "--resume", "--set", "train.epochs=7", cwd=work)
     assert changed.returncode == 2, changed.stderr[-2000:]
     (line,) = [l for l in changed.stderr.splitlines() if l.startswith("r2sweep: error:")]
@@ -128,7 +130,8 @@ def test_bad_spec_exits_2_and_creates_nothing(tmp_path: Path) -> None:
     assert done.returncode == 2 and "sweep.num_samples" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
     done = _r2sweep("best", "nothing-here", cwd=tmp_path, timeout=120)
-    assert done.returncode == 2 and "no sweep named 'nothing-here'" in done.stderr
+    assert done.returncode == 2 and "no MLflow store at mlflow.db" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # reading never creates a store
 
 
 def test_the_same_sweep_against_a_real_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
