@@ -57,6 +57,7 @@ __all__ = [
     "TAG_ROLE",
     "TAG_SWEEP_NAME",
     "TAG_TRIAL_ID",
+    "TAG_OUTCOME",
     "TAG_VERSION",
     "TAG_GIT_COMMIT",
     "TAG_GIT_DIRTY",
@@ -79,6 +80,8 @@ CHAMPION_ALIAS = "champion"
 TAG_ROLE = "r2sweep.role"  # "sweep" on the parent, "trial" on each child
 TAG_SWEEP_NAME = "r2sweep.sweep_name"
 TAG_TRIAL_ID = "r2sweep.trial_id"
+#: How a trial ended: finished, stopped, diverged, failed, or lost (forgotten by Tune after a crash).
+TAG_OUTCOME = "r2sweep.outcome"
 TAG_VERSION = "r2sweep.version"
 # MLflow's own tag names, so that the UI shows the commit and nests the runs.
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
@@ -493,7 +496,7 @@ class SweepRun:
         with self._lock, self._failing(f"remove the run of lost trial {trial_id!r} from sweep {self.name!r}"):
             run = self._find_trial(trial_id)
             if run is not None:
-                self.client.set_tag(run.info.run_id, "r2sweep.outcome", "lost")
+                self.client.set_tag(run.info.run_id, TAG_OUTCOME, "lost")
                 if run.info.status == "RUNNING":
                     self.client.set_terminated(run.info.run_id, status="KILLED")
                 self.client.delete_run(run.info.run_id)

@@ -21,7 +21,7 @@ from ray import tune
 
 from r2sweep.sweep.journal import JournalFlusher, TrackingJournal
 from r2sweep.sweep.spec import SweepSpec
-from r2sweep.tracking import SweepRun, Tracker
+from r2sweep.tracking import TAG_OUTCOME, SweepRun, Tracker
 from r2sweep.trial import PRETRAINED
 
 __all__ = ["TrackingCallback", "ProgressCallback", "EPOCH_METRICS"]
@@ -29,7 +29,6 @@ __all__ = ["TrackingCallback", "ProgressCallback", "EPOCH_METRICS"]
 #: Per-epoch metrics logged with their step (the pre-training epoch).
 EPOCH_METRICS = ("train/loss", "train/r2", "val/top1", "proxy/top1", "lr", "weights/max_abs", "weights/range", "weights/kurtosis", "time/epoch_s")
 
-TAG_OUTCOME = "r2sweep.outcome"
 TAG_EXPERIMENT_PATH = "r2sweep.experiment_path"
 #: Where the trial ran (Ray node id and host): the last node, if it was restored elsewhere.
 TAG_NODE_ID = "r2sweep.node_id"

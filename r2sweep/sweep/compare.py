@@ -21,12 +21,11 @@ from typing import Any
 from r2sweep.errors import R2SweepError
 from r2sweep.sweep.select import load_sweep
 from r2sweep.sweep.spec import SweepSpec
-from r2sweep.tracking import Tracker
+from r2sweep.tracking import TAG_OUTCOME, Tracker
 
 __all__ = ["ComparisonRow", "compare_sweeps", "render", "FORMATS"]
 
 FORMATS = ("table", "csv", "json")
-_OUTCOME = "r2sweep.outcome"
 
 
 @dataclass
@@ -88,7 +87,7 @@ def compare_sweeps(
             done = [r for r in members if objective in r.data.metrics]
             best = max(done, key=lambda r: spec.ranking(r.data.metrics)) if done else None
             value = best.data.metrics[objective] if best else None
-            outcomes = [r.data.tags.get(_OUTCOME, "") for r in members]
+            outcomes = [r.data.tags.get(TAG_OUTCOME, "") for r in members]
             rows.append(ComparisonRow(
                 sweep=name,
                 group=group,
