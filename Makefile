@@ -26,9 +26,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # The quickstart: a real Ray Tune + Optuna sweep on digits, tracked in ./mlflow.db,
-# results under ./r2sweep_results (about ten minutes on 2 cores).
+# results under ./r2sweep_results, then its report in ./quickstart-report/index.html
+# (a few minutes on 2 cores).
 sweep: $(STAMP)
 	$(VENV)/bin/r2sweep sweep search_spaces/quickstart.yaml
+	$(VENV)/bin/r2sweep report quickstart --out quickstart-report
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

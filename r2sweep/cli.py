@@ -1,8 +1,10 @@
 """The ``r2sweep`` command line.
 
-Sub-commands: ``list`` (the registered names a YAML file may use) and
-``trial`` (one trial from a YAML file). ``sweep`` comes with the sweep issue
-(see the README's status table).
+Sub-commands: ``list`` (the registered names a YAML file may use), ``trial``
+(one trial from a YAML file), ``sweep`` (Ray Tune + Optuna over a search-space
+file, every trial in MLflow), and the readers of a sweep in MLflow: ``best``
+(pick and export the best trial), ``compare`` (one row per sweep or R2 kind)
+and ``report`` (an HTML page with the figures).
 
 Every error a user can cause by bad input ends the command with exit status 2
 and a one-line message naming the field, before anything is written.
@@ -152,6 +154,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(f"best: {spec.objective.metric} = {best.metrics[spec.objective.metric]:.2f} (trial {best.trial_id}, "
           f"fp/top1 {best.metrics.get('fp/top1', float('nan')):.2f}); champion model version {best.model_version}")
     print(f"best config: {best.config_path}   (re-run: r2sweep trial {best.config_path} --out runs/best)")
+    uri = "" if args.tracking_uri is None else f" --tracking-uri {tracker.display_uri}"
+    print(f"report: r2sweep report {name}{uri} --out {name}-report   (figures and an HTML page)")
     if tracker.tracking_uri.startswith(("http://", "https://")):
         print(f"browse: {tracker.display_uri}")
     else:
@@ -209,6 +213,25 @@ def _cmd_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from r2sweep.errors import R2SweepError
+    from r2sweep.sweep.report import build_report
+    from r2sweep.tracking import TrackingError
+
+    try:
+        report = build_report(_existing_store(args.tracking_uri), args.name, args.out, log_to_run=not args.no_log)
+    except TrackingError as error:
+        return _error(str(error), status=1)
+    except R2SweepError as error:
+        return _error(str(error))
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"report: {report.page} ({len(report.figures)} figures: {', '.join(p.name for p in report.figures)})")
+    if report.logged_to_run:
+        print(f"logged to the sweep's parent run {report.logged_to_run} under report/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r2sweep", description="Tune R2-Loss for 1-2-bit quantization.")
     parser.add_argument("--version", action="version", version=f"r2sweep {__version__}")
@@ -249,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--by", metavar="PARAM", help="one row per value of a parameter, e.g. r2.kind")
     compare.add_argument("--format", choices=("table", "csv", "json"), default="table")
     compare.set_defaults(run=_cmd_compare)
+    report = commands.add_parser("report", help="a sweep as an HTML page with figures, read from MLflow")
+    report.add_argument("name", help="sweep name")
+    report.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db here)")
+    report.add_argument("--out", required=True, help="folder for index.html and the PNG figures (created if missing)")
+    report.add_argument("--no-log", action="store_true", help="do not log the report to the sweep's parent run")
+    report.set_defaults(run=_cmd_report)
     return parser
 
 

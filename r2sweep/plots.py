@@ -30,7 +30,7 @@ from torch import nn
 from r2sweep.losses import regularized_layers
 from r2sweep.stats import excess_kurtosis
 
-__all__ = ["weight_histograms", "compare_weight_histograms", "outlier_layers"]
+__all__ = ["weight_histograms", "compare_weight_histograms", "outlier_layers", "new_figure", "save_png"]
 
 _DPI = 120
 _COLUMNS = 2
@@ -61,11 +61,17 @@ def _summary(w: np.ndarray) -> str:
     return f"max|w|={np.abs(w).max():.3g}, kurt={excess_kurtosis(torch.from_numpy(w)):.1f}"
 
 
+def new_figure(width: float, height: float) -> Figure:
+    """A figure on its own Agg canvas (inches), laid out so labels never overlap."""
+    figure = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
 def _grid(count: int, title: str) -> tuple[Figure, list]:
     columns = min(_COLUMNS, count)
     rows = math.ceil(count / columns)
-    figure = Figure(figsize=(5.6 * columns, 3.6 * rows + 0.5), dpi=_DPI, layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(5.6 * columns, 3.6 * rows + 0.5)
     axes = figure.subplots(rows, columns, squeeze=False).ravel().tolist()
     for unused in axes[count:]:
         unused.set_visible(False)
@@ -83,7 +89,8 @@ def _label_axes(ax, title: str) -> None:
     ax.grid(True, which="major", alpha=0.3)
 
 
-def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
+def save_png(figure: Figure, path: str | os.PathLike[str]) -> Path:
+    """Write ``figure`` as a PNG at ``path`` (parents created); return the path."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(target, format="png")
@@ -118,7 +125,7 @@ def weight_histograms(
         for edge in (mean - 3 * std, mean + 3 * std):
             ax.axvline(edge, color="0.35", linestyle=":", linewidth=1)
         _label_axes(ax, f"{name}  ({w.size} weights)\n{_summary(w)}")
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def compare_weight_histograms(
@@ -129,13 +136,15 @@ def compare_weight_histograms(
     bins: int = 100,
     reference: str | None = None,
     title: str | None = None,
+    colors: Mapping[str, str] | None = None,
 ) -> Path:
     """Overlay the weight histograms of several models (e.g. ``{"no R2": a, "R2": b}``) per layer.
 
     The layers are the worst outliers of ``reference`` (default: the first
     model), so the plot shows what happened to exactly those layers; each layer
     uses one set of bins for all models. A model lacking a layer is left out of
-    that subplot. Returns the path written.
+    that subplot. ``colors`` maps a label to a matplotlib colour (default: the
+    colour cycle). Returns the path written.
 
     Raises:
         ValueError: no models, an unknown ``reference``, or no Conv/Linear layer.
@@ -154,7 +163,7 @@ def compare_weight_histograms(
         len(names),
         title or f"{' vs '.join(labels)}: the {len(names)} layers with the largest max|w|/std in {reference!r}",
     )
-    colors = [f"C{i}" for i in range(len(labels))]
+    colors = [(colors or {}).get(label, f"C{i}") for i, label in enumerate(labels)]
     for ax, name in zip(axes, names):
         present = [(label, color, weights[label][name]) for label, color in zip(labels, colors) if name in weights[label]]
         low = min(float(w.min()) for _, _, w in present)
@@ -167,4 +176,4 @@ def compare_weight_histograms(
             lines.append(f"{label}: {_summary(w)}")
         _label_axes(ax, f"{name}\n" + "\n".join(lines))
         ax.legend(fontsize=8, loc="upper right")
-    return _save(figure, path)
+    return save_png(figure, path)

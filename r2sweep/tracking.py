@@ -226,6 +226,21 @@ def _user_tag() -> dict[str, str]:
         return {}
 
 
+def _absolute_sqlite(uri: str) -> str:
+    """``sqlite:///relative.db`` resolved against the working directory now.
+
+    MLflow caches one store per URI string for the life of the process, so a
+    relative SQLite URI keeps pointing into the directory of its first use even
+    after the process changes directory (a test, a notebook, a second CLI call
+    in one process). Other URIs pass through.
+    """
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and not uri.startswith(prefix + ":memory:"):
+        path, query = uri[len(prefix):].partition("?")[::2]
+        return prefix + str(Path(path).resolve()) + (f"?{query}" if query else "")
+    return uri
+
+
 class Tracker:
     """Connection to one MLflow tracking backend (a SQLite file or a server).
 
@@ -289,7 +304,8 @@ class Tracker:
         """The MLflow client bound to this tracker's URIs (never the global tracking URI)."""
         if self._client is None:
             with self._failing("connect"):
-                self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
+                self._client = MlflowClient(tracking_uri=_absolute_sqlite(self.tracking_uri),
+                                            registry_uri=_absolute_sqlite(self.registry_uri))
         return self._client
 
     @contextlib.contextmanager
@@ -367,6 +383,11 @@ class Tracker:
         if not runs:
             return None
         return SweepRun(self, name, experiment_id, runs[0].info.run_id)
+
+    def experiment_names(self) -> list[str]:
+        """The active experiments' names (every sweep has one), sorted; MLflow's "Default" left out."""
+        with self._failing("list the experiments"):
+            return sorted(e.name for e in self.client.search_experiments() if e.name != "Default")
 
     def _experiment_id(self, name: str, *, create: bool) -> str | None:
         with self._failing(f"look up experiment {name!r}"):

@@ -108,3 +108,30 @@ def serve_mlflow(
         yield url
     finally:
         stop()
+
+
+def run_tracked_sweeps(root: Path, *specs: dict) -> Path:
+    """Run each sweep spec (a dict) on a fresh local Ray, tracked in ``root/mlflow.db``; return ``root``.
+
+    The real path end to end: Ray Tune, Optuna, the tracking journal, MLflow.
+    """
+    import ray
+    import yaml
+
+    from r2sweep.sweep.callbacks import TrackingCallback
+    from r2sweep.sweep.spec import load_sweep_spec
+    from r2sweep.sweep.tuner import experiment_path, run_sweep
+    from r2sweep.tracking import Tracker
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        tracker = Tracker(f"sqlite:///{root / 'mlflow.db'}")
+        for data in specs:
+            spec = load_sweep_spec(data)
+            callback = TrackingCallback(tracker, spec, yaml.safe_dump(data), name=spec.name,
+                                        experiment_path=experiment_path(root / "results", spec.name))
+            run_sweep(spec, storage=root / "results", callbacks=[callback])
+    finally:
+        ray.shutdown()
+    return root

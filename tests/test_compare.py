@@ -5,18 +5,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 import pytest
-import yaml
+
+from conftest import run_tracked_sweeps
 
 from r2sweep.cli import main
 from r2sweep.sweep.compare import compare_sweeps
-from r2sweep.sweep.spec import load_sweep_spec
 from r2sweep.tracking import TAG_ROLE, Tracker
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 
 BASE = {
     "data": {"name": "synthetic", "num_samples": 128},
@@ -36,22 +35,7 @@ LINF_ONLY = {**BASE, "name": "linf-only", "r2": {"kind": "linf", "strength": 0.0
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from r2sweep.sweep.callbacks import TrackingCallback
-    from r2sweep.sweep.tuner import experiment_path, run_sweep
-
-    root = tmp_path_factory.mktemp("compare")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        tracker = Tracker(f"sqlite:///{root / 'mlflow.db'}")
-        for data in (WITH_AND_WITHOUT, LINF_ONLY):
-            spec = load_sweep_spec(data)
-            callback = TrackingCallback(tracker, spec, yaml.safe_dump(data), name=spec.name,
-                                        experiment_path=experiment_path(root / "results", spec.name))
-            run_sweep(spec, storage=root / "results", callbacks=[callback])
-    finally:
-        ray.shutdown()
-    return root
+    return run_tracked_sweeps(tmp_path_factory.mktemp("compare"), WITH_AND_WITHOUT, LINF_ONLY)
 
 
 def _trials(tracker: Tracker, name: str) -> list:

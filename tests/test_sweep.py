@@ -83,6 +83,37 @@ def test_asha_stops_some_trials_and_optuna_sees_only_final_objectives(tiny_sweep
     assert values == sorted(r.metrics["ptq_rtn_w2a8/top1"] for r in finished)
 
 
+def test_the_first_trial_is_the_no_r2_baseline_and_asha_lets_it_finish(tiny_sweep) -> None:
+    # Trial directories are trainable_<id>_<creation index>_...
+    first = min(tiny_sweep.results, key=lambda r: int(Path(r.path).name.split("_")[2]))
+    assert first.config["r2.kind"] == "none" and "r2.strength" not in first.config
+    assert first in tiny_sweep.finished()
+
+
+def test_the_baseline_trial_is_never_stopped_but_other_laggards_are() -> None:
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from r2sweep.sweep.tuner import _BaselineKeepingASHA
+
+    scheduler = _BaselineKeepingASHA(time_attr="t", metric="proxy", mode="max", max_t=10, grace_period=1,
+                                     reduction_factor=2, baseline={"r2.kind": "none"})
+    leader = SimpleNamespace(trial_id="a", config={"r2.kind": "linf"})
+    baseline = SimpleNamespace(trial_id="b", config={"r2.kind": "none"})
+    laggard = SimpleNamespace(trial_id="c", config={"r2.kind": "linf"})
+    other_none = SimpleNamespace(trial_id="d", config={"r2.kind": "none"})
+    for trial in (leader, baseline, laggard, other_none):
+        scheduler.on_trial_add(None, trial)
+    decisions = {}
+    for t in (1, 2, 4):
+        for trial, proxy in ((leader, 90.0), (baseline, 10.0), (laggard, 11.0), (other_none, 9.0)):
+            if decisions.get(trial.trial_id) != TrialScheduler.STOP:
+                decisions[trial.trial_id] = scheduler.on_trial_result(None, trial, {"t": t, "proxy": proxy})
+    assert decisions == {"a": TrialScheduler.CONTINUE, "b": TrialScheduler.CONTINUE,
+                         "c": TrialScheduler.STOP, "d": TrialScheduler.STOP}
+
+
 def test_best_is_the_highest_finished_objective(tiny_sweep) -> None:
     best = tiny_sweep.best()
     assert best.metrics["ptq_rtn_w2a8/top1"] == max(r.metrics["ptq_rtn_w2a8/top1"] for r in tiny_sweep.finished())

@@ -181,3 +181,17 @@ def test_overrides_reach_search_parameters_whose_names_hold_dots() -> None:
     assert data["search"]["r2.strength"] == {"loguniform": [0.01, 0.1], "when": {"r2.kind": ["linf", "margin"]}}
     assert "r2" not in data["search"]  # not a new nested mapping
     assert load_sweep_spec(data).params[1].values == (0.01, 0.1)
+
+
+def test_the_no_r2_baseline_applies_only_where_the_search_can_draw_no_r2() -> None:
+    assert load_sweep_spec(SPEC).baseline_point == {"r2.kind": "none"}
+    off = copy.deepcopy(SPEC)
+    off["sweep"]["baseline"] = False
+    assert load_sweep_spec(off).baseline_point is None
+    only_r2 = copy.deepcopy(SPEC)
+    only_r2["search"]["r2.kind"] = {"choice": ["linf", "margin"]}
+    assert load_sweep_spec(only_r2).baseline_point is None
+    unsearched = copy.deepcopy(SPEC)
+    unsearched["r2"] = {"kind": "linf", "strength": 0.1}
+    unsearched["search"] = {"train.lr": {"loguniform": [0.01, 0.2]}}
+    assert load_sweep_spec(unsearched).baseline_point is None

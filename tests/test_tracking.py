@@ -348,3 +348,16 @@ def test_transient_server_errors_are_retried_and_nothing_is_doubled(mlflow_serve
     assert len(_FlakyProxy.refused) == 2  # the server failed twice ...
     history = MlflowClient(mlflow_server).get_metric_history(run_id, "proxy/top1")
     assert [(m.step, m.value) for m in history] == [(0, 50.0), (1, 60.0)]  # ... and every value landed once
+
+
+def test_a_relative_sqlite_store_follows_the_working_directory(tmp_path, monkeypatch) -> None:
+    # MLflow caches one store per URI string: without resolving, the second
+    # directory's tracker would read the first directory's mlflow.db.
+    for name in ("first", "second"):
+        folder = tmp_path / name
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        tracker = Tracker("sqlite:///mlflow.db")
+        tracker.client.create_experiment(f"only-in-{name}")
+        assert tracker.experiment_names() == [f"only-in-{name}"]
+        assert (folder / "mlflow.db").is_file()

@@ -14,6 +14,7 @@ Diverged, failed and stopped trials never win: they have no objective value.
 
 from __future__ import annotations
 
+import difflib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,11 @@ def load_sweep(tracker: Tracker, name: str) -> tuple[SweepRun, SweepSpec]:
     """
     sweep = tracker.find_sweep(name)
     if sweep is None:
-        raise R2SweepError(f"no sweep named {name!r} in {tracker.display_uri}")
+        # Name the sweeps that do exist: a typo is the usual cause.
+        known = tracker.experiment_names()
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f" (experiments there: {', '.join(known[:8]) or 'none'})"
+        raise R2SweepError(f"no sweep named {name!r} in {tracker.display_uri}{hint}")
     with tempfile.TemporaryDirectory() as tmp:
         spec_text = Path(tracker.client.download_artifacts(sweep.parent_run_id, SPEC_ARTIFACT, tmp)).read_text()
     return sweep, load_sweep_spec(yaml.safe_load(spec_text), default_name=name)

@@ -81,6 +81,10 @@ class SweepSettings:
     reduction_factor: int = 2
     max_failures: int = 1
     resources_per_trial: Mapping[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    # When r2.kind is searched with "none" among its choices: the first trial runs
+    # without R2 and the scheduler never stops it early, so every sweep has a
+    # finished no-R2 trial to measure R2's gain against.
+    baseline: bool = True
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,15 @@ class SweepSpec:
     @property
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
+
+    @property
+    def baseline_point(self) -> dict[str, Any] | None:
+        """The partial config of the no-R2 baseline trial (``{"r2.kind": "none"}``), or None
+        when ``sweep.baseline`` is off or the search cannot draw a trial without R2."""
+        kind = next((p for p in self.params if p.path == "r2.kind"), None)
+        if not self.settings.baseline or kind is None or kind.kind != "choice" or "none" not in kind.values:
+            return None
+        return {"r2.kind": "none"}
 
     @property
     def objective(self) -> Objective:
@@ -239,6 +252,7 @@ def _load_settings(data: Any, params: Mapping[str, SearchParam], multi: bool) ->
     require_int("sweep.grace_period", settings.grace_period, 1)
     require_int("sweep.reduction_factor", settings.reduction_factor, 2)
     require_int("sweep.max_failures", settings.max_failures, 0)
+    check(isinstance(settings.baseline, bool), "sweep.baseline", settings.baseline, "true or false")
     check(settings.sampler in SAMPLERS, "sweep.sampler", settings.sampler, f"one of {list(SAMPLERS)}")
     check(settings.scheduler in SCHEDULERS, "sweep.scheduler", settings.scheduler, f"one of {list(SCHEDULERS)}")
     if multi:

@@ -34,7 +34,7 @@ import ray
 import torch
 import yaml
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from r2sweep.checkpoint import save_bytes_atomic, write_text_atomic
@@ -62,6 +62,29 @@ class _FinalOnlyOptunaSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         return
+
+
+class _BaselineKeepingASHA(ASHAScheduler):
+    """ASHA that never stops the first no-R2 trial to report.
+
+    A sweep is read as "what R2 buys over no R2"; ASHA would otherwise stop the
+    no-R2 trials first exactly when R2 matters (their low-bit proxy lags), and
+    leave nothing finished to compare against. The other no-R2 trials are
+    ranked like any trial.
+    """
+
+    def __init__(self, *args: Any, baseline: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._baseline = dict(baseline)
+        self._baseline_trial: str | None = None
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if self._baseline_trial is None and all(trial.config.get(k) == v for k, v in self._baseline.items()):
+            self._baseline_trial = trial.trial_id
+        if trial.trial_id == self._baseline_trial and decision == TrialScheduler.STOP:
+            return TrialScheduler.CONTINUE  # the trainable ends itself after its final report
+        return decision
 
 
 def _scheduler_metric(spec: SweepSpec) -> str:
@@ -316,15 +339,18 @@ def _tune_config(spec: SweepSpec) -> tune.TuneConfig:
     objectives = spec.objectives
     metric: str | list[str] = [o.metric for o in objectives] if spec.multi_objective else objectives[0].metric
     mode: str | list[str] = [o.mode for o in objectives] if spec.multi_objective else objectives[0].mode
+    baseline = spec.baseline_point
     searcher = _FinalOnlyOptunaSearch(
         space=make_space(spec.params),
         metric=metric,
         mode=mode,
         sampler=make_sampler(spec.settings, spec.multi_objective),
+        # Enqueued in Optuna: the first trial has no R2, its other parameters sampled.
+        points_to_evaluate=[baseline] if baseline else None,
     )
     settings = spec.settings
     if settings.scheduler == "asha":
-        scheduler: Any = ASHAScheduler(
+        asha = dict(
             time_attr="training_iteration",
             metric=_scheduler_metric(spec),
             mode="max",
@@ -332,6 +358,7 @@ def _tune_config(spec: SweepSpec) -> tune.TuneConfig:
             grace_period=settings.grace_period,
             reduction_factor=settings.reduction_factor,
         )
+        scheduler: Any = _BaselineKeepingASHA(**asha, baseline=baseline) if baseline else ASHAScheduler(**asha)
     else:
         scheduler = FIFOScheduler()
     return tune.TuneConfig(
