@@ -113,7 +113,7 @@ EXPECTED = {
     "cpu_negative": 'sweep.resources_per_trial.cpu=-1 is not valid: a number >= 0',
     "gpu_fraction_above_one": 'sweep.resources_per_trial.gpu=1.5 is not valid: a fraction of one GPU (0-1) or a whole number of GPUs',
     "unknown_model": "model.name='resnet19' is not valid: one of ['mobilenet_v1', 'mobilenet_v2', 'resnet18', 'small_cnn'] (r2sweep list model)",
-    "unknown_dataset": "data.name='mnist' is not valid: one of ['cifar10', 'cifar100', 'digits', 'imagefolder', 'synthetic'] (r2sweep list data)",
+    "unknown_dataset": "data.name='mnist' is not valid: one of ['cifar10', 'cifar100', 'digits', 'distorted_digits', 'imagefolder', 'synthetic'] (r2sweep list data)",
     "unknown_loss_kind": "r2.kind='l2' is not valid: choose one of ['linf', 'margin', 'none', 'softminmax']",
     "unknown_method": "downstream[0].method='pruning' is not valid: one of ['ptq', 'qat', 'dkm']",
     "unknown_algorithm": "downstream[0].algorithm='gptq' is not valid: for method ptq: one of ['rtn', 'adaround']",

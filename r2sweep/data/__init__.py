@@ -20,7 +20,7 @@ from r2sweep.data.registry import (
 )
 
 # Imported for their side effect: each module registers its datasets.
-from r2sweep.data import cifar, digits, imagefolder, synthetic  # noqa: E402,F401  isort: skip
+from r2sweep.data import cifar, digits, distorted_digits, imagefolder, synthetic  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "DATASETS",
