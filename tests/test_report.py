@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import run_tracked_sweeps
 
 from r2sweep.cli import main
-from r2sweep.sweep.figures import TrialPoint, optimization_history
+from r2sweep.sweep.figures import BitsSeries, TrialPoint, accuracy_vs_bits, optimization_history
 from r2sweep.sweep.report import PAGE, REPORT_ARTIFACT_DIR, build_report, importance_groups
 from r2sweep.sweep.select import load_sweep
 from r2sweep.tracking import TAG_ROLE, Tracker
@@ -135,6 +135,13 @@ def test_stopped_and_failed_trials_are_drawn(tmp_path: Path) -> None:
               TrialPoint(3, "margin", "diverged"),
               TrialPoint(4, "linf", "finished", objective=70.0)]
     path = optimization_history(points, "ptq_rtn_w2a8/top1", "max", tmp_path / "h.png")
+    _valid_png(path.read_bytes())
+
+
+def test_accuracy_against_bits_draws_seed_spread_as_error_bars(tmp_path: Path) -> None:
+    series = [BitsSeries("no R2, 3 seeds", "none", {1: 40.0, 2: 60.0}, 70.0, {1: 3.0, 2: 1.0}),
+              BitsSeries("R2 linf, 3 seeds", "linf", {1: 55.0, 2: 66.0}, 71.0, {1: 2.0, 2: 0.5})]
+    path = accuracy_vs_bits([("dkm_w*", series)], tmp_path / "bits.png")
     _valid_png(path.read_bytes())
 
 

@@ -59,6 +59,7 @@ class BitsSeries:
     kind: str
     accuracy: Mapping[int, float]  # weight bits -> top-1
     fp: float | None = None  # the same trial's full-precision top-1
+    spread: Mapping[int, float] | None = None  # weight bits -> standard deviation over seeds (error bars)
 
 
 def optimization_history(
@@ -146,8 +147,9 @@ def accuracy_vs_bits(
             color = kind_color(line.kind)
             style = "--" if line.kind == "none" else "-"
             marker = "os^Dv"[index % 5]
-            ax.plot(bits, [line.accuracy[b] for b in bits], style, marker=marker, color=color, linewidth=1.6,
-                    markersize=6, label=line.label)
+            errors = [line.spread.get(b, 0.0) for b in bits] if line.spread else None
+            ax.errorbar(bits, [line.accuracy[b] for b in bits], yerr=errors, fmt=style, marker=marker, color=color,
+                        linewidth=1.6, markersize=6, capsize=4 if errors else 0, label=line.label)
             if line.fp is not None:
                 ax.axhline(line.fp, color=color, linestyle=":", linewidth=1)
         ax.set_xticks(all_bits)

@@ -1,0 +1,381 @@
+"""The paper's three settings at embedded scale, each with and without R2, tuned by r2sweep itself.
+
+For every setting (model + downstream recipe, R2LOSS.md section 4):
+
+1. a **baseline sweep** without R2 that tunes its own learning rate and weight
+   decay (a gain over an untuned baseline is not a gain);
+2. one **sweep per R2 kind** (L-inf, Margin, Soft-Min-Max) over its strength
+   (and margin or hardness) and the learning rate;
+3. the best configuration of each sweep **re-run with fresh seeds** (the sweeps
+   used seed 0; re-running on other seeds removes the winner's curse of picking
+   the luckiest draw), and the table reports mean +- standard deviation, the
+   FP cost, and whether the gain is larger than its own uncertainty.
+
+Every sweep is a real r2sweep sweep (Ray Tune, Optuna TPE, MLflow), tracked in
+``<work>/mlflow.db``, so ``r2sweep report <setting>-<kind> --tracking-uri
+sqlite:///<work>/mlflow.db --out DIR`` shows any of them. Results go to a JSON
+file as each step finishes; running the command again skips what is done, so
+an interrupted run (or one spread over several sessions) resumes.
+
+Usage (the figures in benchmarks/RESULTS.md)::
+
+    .venv/bin/python benchmarks/paper_effect.py                       # every setting, distorted_digits
+    .venv/bin/python benchmarks/paper_effect.py --settings ptq-mbv2 --trials 12 --seeds 1 2 3
+    .venv/bin/python benchmarks/paper_effect.py --data cifar10 --root /data/cifar10 --device cuda
+    .venv/bin/python benchmarks/paper_effect.py --table                # print the table from the JSON
+
+The same script runs on CIFAR-10/100 or an ImageNet folder given ``--root``
+(the scale presets below pick widths, epochs and batch sizes), and on a GPU with
+``--device cuda`` (trials then ask Ray for a GPU each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+KINDS = ("linf", "margin", "softminmax")
+
+# The paper's settings. Each names the model, the downstream recipes (the
+# strongest this project has for that method: per-channel MSE grid, BN
+# re-estimated, AdaRound; EWGS and LSQ; DKM) and the objective the sweeps rank on.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "ptq-mbv2": {
+        "what": "MobileNet-V2, PTQ AdaRound W2A8 (and W4A8)",
+        "model": "mobilenet_v2",
+        "downstream": [{"method": "ptq", "algorithm": "adaround", "weight_bits": [2, 4], "act_bits": 8,
+                        "granularity": "channel", "range": "mse", "bn_reestimate": True}],
+        "objective": "ptq_adaround_w2a8/top1",
+    },
+    "qat-mbv1": {
+        "what": "MobileNet-V1, QAT EWGS and LSQ W2A2",
+        "model": "mobilenet_v1",
+        "downstream": [{"method": "qat", "algorithm": "ewgs", "weight_bits": [2], "act_bits": 2},
+                       {"method": "qat", "algorithm": "lsq", "weight_bits": [2], "act_bits": 2}],
+        "objective": "qat_ewgs_w2a2/top1",
+    },
+    "dkm-r18": {
+        "what": "ResNet-18, DKM 1-bit (and 2-bit)",
+        "model": "resnet18",
+        "downstream": [{"method": "dkm", "weight_bits": [1, 2]}],
+        "objective": "dkm_w1/top1",
+    },
+    "dkm-mbv2": {
+        "what": "MobileNet-V2, DKM 1-bit (and 2-bit)",
+        "model": "mobilenet_v2",
+        "downstream": [{"method": "dkm", "weight_bits": [1, 2]}],
+        "objective": "dkm_w1/top1",
+    },
+}
+
+# Per-dataset scale: what one trial costs is set here. Per model: width,
+# pre-training epochs, the learning-rate range the sweeps search, and data
+# options; "finetune" is the QAT/DKM epochs, "adaround" the iterations per layer.
+# On distorted_digits the MobileNets get severity 0.5 and 2 renders per source:
+# at severity 1 they reach only ~30% FP in a CPU budget (they train slowly on
+# small data), while ResNet-18 at width 0.125 reaches ~71% there in 12 epochs.
+SCALES: dict[str, dict[str, Any]] = {
+    "distorted_digits": {
+        "data": {"name": "distorted_digits"}, "batch_size": 64, "finetune": 2, "adaround": 500, "calib": 512,
+        "models": {
+            "resnet18": {"width": 0.125, "epochs": 12, "lr": [0.01, 0.2], "data": {"severity": 1.0}},
+            "mobilenet_v2": {"width": 0.5, "epochs": 30, "lr": [0.005, 0.08],
+                             "data": {"severity": 0.5, "train_variants": 2}},
+            "mobilenet_v1": {"width": 0.5, "epochs": 30, "lr": [0.005, 0.08],
+                             "data": {"severity": 0.5, "train_variants": 2}},
+        },
+    },
+    "cifar10": {
+        "data": {"name": "cifar10"}, "batch_size": 128, "finetune": 10, "adaround": 5000, "calib": 1024,
+        "models": {m: {"width": 1.0, "epochs": 100, "lr": [0.01, 0.2]} for m in ("resnet18", "mobilenet_v2", "mobilenet_v1")},
+    },
+    "cifar100": {
+        "data": {"name": "cifar100"}, "batch_size": 128, "finetune": 15, "adaround": 5000, "calib": 1024,
+        "models": {m: {"width": 1.0, "epochs": 150, "lr": [0.01, 0.2]} for m in ("resnet18", "mobilenet_v2", "mobilenet_v1")},
+    },
+    "imagefolder": {
+        "data": {"name": "imagefolder", "input_size": 224}, "batch_size": 256, "finetune": 30, "adaround": 20000,
+        "calib": 1024,
+        "models": {m: {"width": 1.0, "epochs": 90, "lr": [0.02, 0.2]} for m in ("resnet18", "mobilenet_v2", "mobilenet_v1")},
+    },
+}
+
+
+def trial_base(setting: str, scale: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The trial sections every sweep of ``setting`` shares."""
+    spec = SETTINGS[setting]
+    model = scale["models"][spec["model"]]
+    data = {**scale["data"], **model.get("data", {})}
+    if args.root:
+        data["root"] = args.root
+    for item in args.data_option:
+        key, _, value = item.partition("=")
+        data[key] = yaml.safe_load(value)
+    downstream = []
+    for entry in spec["downstream"]:
+        entry = copy.deepcopy(entry)
+        if entry["method"] in ("qat", "dkm"):
+            entry["epochs"] = args.finetune or scale["finetune"]
+        if entry.get("algorithm") == "adaround":
+            entry["adaround_iters"] = scale["adaround"]
+            entry["calib_samples"] = scale["calib"]
+        downstream.append(entry)
+    return {
+        "seed": 0,
+        "data": data,
+        "model": {"name": spec["model"], "width": model["width"]},
+        "train": {"epochs": args.epochs or model["epochs"], "batch_size": scale["batch_size"], "optimizer": "sgd",
+                  "lr": math.sqrt(model["lr"][0] * model["lr"][1]), "weight_decay": 5e-4, "device": args.device},
+        "r2": {"kind": "none"},
+        "downstream": downstream,
+    }
+
+
+def sweep_spec(setting: str, kind: str, base: dict[str, Any], scale: dict[str, Any], args: argparse.Namespace) -> dict:
+    """The search-space file of one sweep: the tuned baseline, or one R2 kind."""
+    lr = {"loguniform": list(scale["models"][SETTINGS[setting]["model"]]["lr"])}
+    if kind == "none":
+        search = {"train.lr": lr, "train.weight_decay": {"loguniform": [1e-5, 5e-3]}}
+    else:
+        search = {"r2.strength": {"loguniform": [1e-3, 1.0]}, "train.lr": lr}
+        if kind == "margin":
+            search["r2.margin_init"] = {"choice": ["max", "3std", "2std"]}
+        if kind == "softminmax":
+            search["r2.alpha_init"] = {"uniform": [2.0, 10.0]}
+    resources = {"cpu": 1, "gpu": 1 if args.device == "cuda" else 0}
+    return {
+        **copy.deepcopy(base),
+        "name": f"{setting}-{kind}",
+        "r2": {"kind": kind, **({"strength": 0.01} if kind != "none" else {})},
+        "objective": {"metric": SETTINGS[setting]["objective"], "mode": "max"},
+        "search": search,
+        "sweep": {"num_samples": args.trials, "max_concurrent": args.concurrency, "sampler": "tpe", "seed": 0,
+                  "scheduler": "none", "baseline": False, "resources_per_trial": resources},
+    }
+
+
+def run_one_sweep(data: dict, work: Path) -> dict[str, Any]:
+    """One real r2sweep sweep (Ray Tune + Optuna + MLflow); the best trial's config and value."""
+    from r2sweep.sweep.callbacks import ProgressCallback, TrackingCallback
+    from r2sweep.sweep.spec import load_sweep_spec
+    from r2sweep.sweep.tuner import experiment_path, run_sweep
+    from r2sweep.tracking import Tracker
+
+    spec = load_sweep_spec(data)
+    tracker = Tracker(f"sqlite:///{work / 'mlflow.db'}")
+    storage = work / "sweeps"
+    resume = (storage / spec.name).is_dir()
+    callback = TrackingCallback(tracker, spec, yaml.safe_dump(data), name=spec.name,
+                                experiment_path=experiment_path(storage, spec.name))
+    started = time.perf_counter()
+    outcome = run_sweep(spec, storage=storage, resume=resume, callbacks=[callback, ProgressCallback(spec)])
+    best = outcome.best()
+    if best is None:
+        raise RuntimeError(f"sweep {spec.name}: no trial finished")
+    finished = outcome.finished()
+    return {
+        "config": dict(best.config),
+        "value": best.metrics[spec.objective.metric],
+        "fp": best.metrics.get("fp/top1"),
+        "trials": len(list(outcome.results)),
+        "finished": len(finished),
+        "values": [r.metrics[spec.objective.metric] for r in finished],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _run_trial(job: tuple[dict, str | None]) -> dict[str, float]:
+    import torch
+
+    from r2sweep.trial import run_trial
+    from r2sweep.trial_config import load_trial_config
+
+    mapping, out = job
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    final = run_trial(load_trial_config(mapping), out=out)
+    return {**{k: float(v) for k, v in final.items()}, "seconds": time.perf_counter() - started}
+
+
+def rerun(data: dict, config: dict, seeds: list[int], work: Path, concurrency: int) -> list[dict[str, float]]:
+    """The sweep's best configuration trained again with each of ``seeds`` (pre-trained weights kept)."""
+    from r2sweep.sweep.spec import load_sweep_spec
+
+    spec = load_sweep_spec(data)
+    jobs = []
+    for seed in seeds:
+        out = work / "reruns" / f"{spec.name}-seed{seed}"
+        jobs.append(({**spec.trial_mapping(config), "seed": seed}, str(out)))
+    with ProcessPoolExecutor(concurrency) as pool:
+        return list(pool.map(_run_trial, jobs))
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table(results: dict[str, Any]) -> str:
+    """Markdown: per setting and kind, objective and FP mean +- sd over the re-run seeds, gain, FP cost."""
+    lines = ["| setting | R2 | objective (mean +- sd) | fp/top1 | gain vs tuned no-R2 | FP cost | other results | chosen config |",
+             "|---|---|---|---|---|---|---|---|"]
+    for setting, entry in results.get("settings", {}).items():
+        objective = SETTINGS[setting]["objective"]
+        runs = entry.get("reruns", {})
+        if "none" not in runs:
+            continue
+        base_obj = _mean_sd([r[objective] for r in runs["none"] if objective in r])
+        base_fp = _mean_sd([r["fp/top1"] for r in runs["none"]])
+        for kind in ("none", *KINDS):
+            if kind not in runs:
+                continue
+            values = [r.get(objective, float("nan")) for r in runs[kind]]
+            obj, fp = _mean_sd(values), _mean_sd([r["fp/top1"] for r in runs[kind]])
+            others = sorted({k for r in runs[kind] for k in r if k.endswith("/top1") and k not in (objective, "fp/top1", "proxy/top1")})
+            other = ", ".join(f"{k.removesuffix('/top1')} {_mean_sd([r[k] for r in runs[kind] if k in r])[0]:.1f}" for k in others)
+            if kind == "none":
+                gain = cost = "-"
+            else:
+                n = len(values)
+                spread = math.sqrt(obj[1] ** 2 / n + base_obj[1] ** 2 / n)
+                delta = obj[0] - base_obj[0]
+                gain = f"{delta:+.1f} +- {spread:.1f}" + (" **" if delta > 2 * spread else "")
+                cost = f"{base_fp[0] - fp[0]:+.1f}"
+            config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in entry["sweeps"][kind]["config"].items())
+            lines.append(f"| {setting} | {kind} | {obj[0]:.1f} +- {obj[1]:.1f} | {fp[0]:.1f} +- {fp[1]:.1f} | "
+                         f"{gain} | {cost} | {other} | {config} |")
+    return "\n".join(lines)
+
+
+def _accuracy_series(setting: str, runs: dict[str, list[dict]]) -> list[tuple[str, list]]:
+    """Per downstream method, mean +- sd over seeds at each bit width, for no R2 and each kind."""
+    from r2sweep.sweep.figures import BitsSeries
+
+    panels = []
+    for entry in SETTINGS[setting]["downstream"]:
+        method = entry["method"] if entry["method"] == "dkm" else f"{entry['method']}_{entry['algorithm']}"
+        act = "" if entry["method"] == "dkm" else f"a{entry['act_bits']}"
+        series = []
+        for kind, rows in runs.items():
+            accuracy, spread = {}, {}
+            for bits in entry["weight_bits"]:
+                key = f"{method}_w{bits}{act}/top1"
+                values = [r[key] for r in rows if key in r]
+                if values:
+                    accuracy[bits], spread[bits] = _mean_sd(values)
+            if accuracy:
+                label = "no R2 (tuned)" if kind == "none" else f"R2 {kind}"
+                series.append(BitsSeries(f"{label}, {len(rows)} seeds", kind, accuracy,
+                                         _mean_sd([r["fp/top1"] for r in rows])[0], spread))
+        panels.append((f"{method}_w*{act}", series))
+    return panels
+
+
+def figures(results: dict[str, Any], work: Path, out_dir: Path, data: str) -> list[Path]:
+    """Accuracy against bit width (mean +- sd over seeds) and the weight histograms of the first
+    re-run seed, tuned no-R2 model against the best R2 kind's, per setting."""
+    from r2sweep.plots import compare_weight_histograms
+    from r2sweep.sweep.figures import accuracy_vs_bits, kind_color
+    from r2sweep.trial import PRETRAINED, load_pretrained
+
+    written = []
+    for setting, entry in results.get("settings", {}).items():
+        runs = entry.get("reruns", {})
+        if "none" not in runs or len(runs) < 2:
+            continue
+        written.append(accuracy_vs_bits(_accuracy_series(setting, runs), out_dir / f"paper_effect_{data}_{setting}_bits.png"))
+        objective = SETTINGS[setting]["objective"]
+        best_kind = max((k for k in runs if k != "none"),
+                        key=lambda k: _mean_sd([r.get(objective, 0.0) for r in runs[k]])[0])
+        seed = entry.get("seeds", [1])[0]
+        paths = {kind: work / "reruns" / f"{setting}-{kind}-seed{seed}" / PRETRAINED for kind in ("none", best_kind)}
+        if all(p.is_file() for p in paths.values()):
+            models = {("no R2 (tuned)" if k == "none" else f"R2 {k}"): load_pretrained(p)[0] for k, p in paths.items()}
+            colors = {label: kind_color(k) for label, k in zip(models, paths)}
+            written.append(compare_weight_histograms(
+                models, out_dir / f"paper_effect_{data}_{setting}_weights.png", layers=2, colors=colors,
+                title=f"{SETTINGS[setting]['what']}: the 2 layers with the most outlying weights without R2 (seed {seed})"))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="distorted_digits", choices=sorted(SCALES))
+    parser.add_argument("--root", help="dataset folder (CIFAR, ImageNet)")
+    parser.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra data.* option, e.g. severity=1.0 (repeatable)")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    parser.add_argument("--trials", type=int, default=12, help="trials per sweep")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the re-runs")
+    parser.add_argument("--epochs", type=int, help="override the scale's pre-training epochs")
+    parser.add_argument("--finetune", type=int, help="override the scale's QAT/DKM epochs")
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--work", type=Path, help="sweeps, MLflow store, re-run outputs (default results/paper_effect_<data>)")
+    parser.add_argument("--out", type=Path, help="JSON results (default benchmarks/results/paper_effect_<data>.json)")
+    parser.add_argument("--table", action="store_true", help="only print the table and draw the figures from --out")
+    args = parser.parse_args(argv)
+    out = args.out or RESULTS / f"paper_effect_{args.data}.json"
+    work = (args.work or ROOT / "results" / f"paper_effect_{args.data}").resolve()
+    results = json.loads(out.read_text()) if out.exists() else {"settings": {}}
+    if args.table:
+        print(table(results))
+        for path in figures(results, work, out.parent, args.data):
+            print(f"figure: {path}")
+        return 0
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    work.mkdir(parents=True, exist_ok=True)
+    scale = SCALES[args.data]
+    results.setdefault("args", {})[time.strftime("%Y-%m-%d %H:%M")] = " ".join(sys.argv[1:])
+
+    def save() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, out)
+
+    import ray
+
+    for setting in args.settings:
+        base = trial_base(setting, scale, args)
+        entry = results["settings"].setdefault(setting, {"what": SETTINGS[setting]["what"], "base": base,
+                                                         "sweeps": {}, "reruns": {}, "seeds": args.seeds})
+        for kind in ("none", *args.kinds):
+            data = sweep_spec(setting, kind, base, scale, args)
+            if kind not in entry["sweeps"]:
+                print(f"[{time.strftime('%H:%M')}] {setting}: sweep {kind} ({args.trials} trials)", flush=True)
+                ray.init(num_cpus=args.concurrency, include_dashboard=False, log_to_driver=False,
+                         ignore_reinit_error=True)
+                try:
+                    entry["sweeps"][kind] = run_one_sweep(data, work)
+                finally:
+                    ray.shutdown()
+                save()
+                print(f"  best {entry['sweeps'][kind]['value']:.2f} with {entry['sweeps'][kind]['config']}", flush=True)
+            if kind not in entry["reruns"]:
+                print(f"[{time.strftime('%H:%M')}] {setting}: re-run {kind} with seeds {args.seeds}", flush=True)
+                entry["reruns"][kind] = rerun(data, entry["sweeps"][kind]["config"], args.seeds, work, args.concurrency)
+                save()
+    print(table(results))
+    for path in figures(results, work, out.parent, args.data):
+        print(f"figure: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
