@@ -45,14 +45,18 @@ def _trial_index(result) -> int:
     return int(Path(result.path).name.split("_")[2])
 
 
-def run_search(sampler: str, seed: int, trials: int, concurrency: int) -> list[dict]:
-    """One sweep of the quickstart space; the trials in creation order."""
-    data = yaml.safe_load(QUICKSTART.read_text())
+def run_search(sampler: str, seed: int, trials: int, concurrency: int, space: Path = QUICKSTART,
+               baseline: bool = False) -> list[dict]:
+    """One sweep of ``space`` (default the quickstart's) with ASHA off; the trials in creation order.
+
+    ``baseline`` off by default: the curve measures the sampler alone (an enqueued
+    no-R2 first trial would be the same for every search). The recorded quickstart
+    runs predate the baseline setting.
+    """
+    data = yaml.safe_load(space.read_text())
     data["name"] = f"efficiency-{sampler}-{seed}"
-    # baseline off: the curve measures the sampler alone (an enqueued no-R2 first
-    # trial would be the same for every search). The recorded runs predate it.
     data["sweep"].update(sampler=sampler, seed=seed, num_samples=trials, max_concurrent=concurrency,
-                         scheduler="none", baseline=False)
+                         scheduler="none", baseline=baseline)
     spec = load_sweep_spec(data)
     metric = spec.objectives[0].metric
     with tempfile.TemporaryDirectory() as tmp:

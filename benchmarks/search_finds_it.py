@@ -1,0 +1,181 @@
+"""Does the sweep find R2's gain without a human? TPE and random search against a dense grid.
+
+The space is quickstart-like (R2 kind, strength, margin, learning rate) on the
+harder embedded benchmark (``search_spaces/distorted_r18_w1.yaml`` by default),
+where the model without R2 has headroom. Three things are measured on the same
+objective (every trial at seed 0, so all three optimise the same function):
+
+1. a **dense grid** over the space (every choice; ``--grid-points`` log- or
+   linearly spaced values per range; conditions respected), run trial by trial:
+   its best no-R2 value, its best R2 value, and so the best R2 gain;
+2. **TPE sweeps** (the product: ``run_sweep`` with r2sweep's TPE sampler and its
+   default no-R2 baseline first trial, ASHA off) of ``--trials`` trials for
+   several sweep seeds;
+3. **random-search sweeps** of the same length and seeds.
+
+The target is the grid's best no-R2 value plus 90% of the grid's best R2 gain;
+the result is how many trials each sweep needed to reach it (the trials-to-target
+curve, one line per sweep seed, in ``benchmarks/results/search_finds_it.png``).
+Everything is saved to JSON as it finishes; re-running resumes.
+
+    .venv/bin/python benchmarks/search_finds_it.py --seeds 0 1 2 --trials 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sample_efficiency import _run_one, best_so_far, run_search, trials_to_reach  # noqa: E402
+
+from r2sweep.sweep.spec import SearchParam, SweepSpec, load_sweep_spec  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SPACE = ROOT / "search_spaces" / "distorted_r18_w1.yaml"
+RESULTS = Path(__file__).resolve().parent / "results"
+SHARE = 0.9  # of the grid's best R2 gain
+
+
+def _values(param: SearchParam, points: int) -> list[Any]:
+    if param.kind == "choice":
+        return list(param.values)
+    low, high = param.values
+    if param.kind == "int":
+        return sorted({round(low + (high - low) * i / (points - 1)) for i in range(points)})
+    if param.kind == "loguniform":
+        return [float(low * (high / low) ** (i / (points - 1))) for i in range(points)]
+    return [float(low + (high - low) * i / (points - 1)) for i in range(points)]
+
+
+def grid(spec: SweepSpec, points: int) -> list[dict[str, Any]]:
+    """Every point of the dense grid, conditions respected (a parameter whose
+    condition fails is simply absent, as in a define-by-run sweep)."""
+    configs: list[dict[str, Any]] = [{}]
+    for param in spec.params:
+        grown = []
+        for config in configs:
+            if param.applies(config):
+                grown += [{**config, param.path: value} for value in _values(param, points)]
+            else:
+                grown.append(config)
+        configs = grown
+    return configs
+
+
+def run_grid(spec: SweepSpec, configs: list[dict], concurrency: int) -> list[dict]:
+    mappings = [spec.trial_mapping(config) for config in configs]
+    with ProcessPoolExecutor(concurrency) as pool:
+        finals = list(pool.map(_run_one, mappings))
+    metric = spec.objectives[0].metric
+    return [{"config": c, "value": f.get(metric), "fp": f.get("fp/top1")} for c, f in zip(configs, finals)]
+
+
+def target(store: dict) -> tuple[float, float, float]:
+    """(best no-R2 on the grid, best R2 on the grid, the target value)."""
+    rows = [r for r in store["grid"] if r["value"] is not None]
+    base = max(r["value"] for r in rows if r["config"].get("r2.kind", "none") == "none")
+    best = max(r["value"] for r in rows if r["config"].get("r2.kind", "none") != "none")
+    return base, best, base + SHARE * (best - base)
+
+
+def summarize(store: dict) -> str:
+    base, best, goal = target(store)
+    lines = [f"grid: {len(store['grid'])} points; best no-R2 {base:.2f}, best R2 {best:.2f}, gain {best - base:+.2f}; "
+             f"target (no-R2 + {SHARE:.0%} of the gain) {goal:.2f}"]
+    for sampler in ("tpe", "random"):
+        needed = []
+        for seed, trials in sorted(store.get(sampler, {}).items(), key=lambda kv: int(kv[0])):
+            values = [t["value"] for t in trials]
+            n = trials_to_reach(values, goal)
+            needed.append(n)
+            curve = best_so_far(values)
+            lines.append(f"{sampler} seed {seed}: {'reached after ' + str(n) if n else 'not reached in ' + str(len(values))}"
+                         f" trials; best {max(v for v in curve if v is not None):.2f}")
+        if needed:
+            reached = [n for n in needed if n]
+            median = statistics.median([n if n else math.inf for n in needed])
+            lines.append(f"{sampler}: {len(reached)}/{len(needed)} seeds reached the target, median trials "
+                         f"{median if median != math.inf else '> ' + str(len(store[sampler]['0']) if '0' in store[sampler] else '?')}")
+    return "\n".join(lines)
+
+
+def plot(store: dict, path: Path) -> None:
+    from r2sweep.plots import new_figure, save_png
+
+    base, best, goal = target(store)
+    figure = new_figure(7.5, 4.4)
+    ax = figure.subplots()
+    styles = {"tpe": ("tab:blue", "-"), "random": ("0.5", "--")}
+    length = 1
+    for sampler, (color, style) in styles.items():
+        for i, (seed, trials) in enumerate(sorted(store.get(sampler, {}).items(), key=lambda kv: int(kv[0]))):
+            curve = best_so_far([t["value"] for t in trials])
+            xs = [n for n, v in enumerate(curve, start=1) if v is not None]
+            length = max(length, len(curve))
+            ax.step(xs, [curve[n - 1] for n in xs], where="post", color=color, linestyle=style, alpha=0.85,
+                    label=f"{'TPE' if sampler == 'tpe' else 'random'} sweeps (seeds)" if i == 0 else None)
+    ax.axhline(goal, color="tab:green", linewidth=1.2, label=f"target: no-R2 + {SHARE:.0%} of the grid's R2 gain")
+    ax.axhline(best, color="tab:green", linestyle=":", linewidth=1, label=f"grid best with R2 ({best:.1f})")
+    ax.axhline(base, color="black", linestyle=":", linewidth=1, label=f"grid best without R2 ({base:.1f})")
+    ax.set_xlim(1, length)
+    ax.set_xlabel("trials")
+    ax.set_ylabel("best objective so far (%)")
+    ax.set_title(f"Does the sweep find R2's gain? ({len(store['grid'])}-point grid as reference)", fontsize=11)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    save_png(figure, path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--space", type=Path, default=SPACE)
+    parser.add_argument("--grid-points", type=int, default=4, help="values per numeric range in the grid")
+    parser.add_argument("--trials", type=int, default=32)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--samplers", nargs="+", default=["tpe", "random"], choices=["tpe", "random"])
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS / "search_finds_it.json")
+    parser.add_argument("--summary-only", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    spec = load_sweep_spec(yaml.safe_load(args.space.read_text()))
+    store = json.loads(args.out.read_text()) if args.out.exists() else {"space": str(args.space.name)}
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(store, indent=1))
+        tmp.replace(args.out)
+
+    if not args.summary_only:
+        if "grid" not in store:
+            configs = grid(spec, args.grid_points)
+            print(f"grid: {len(configs)} points", file=sys.stderr, flush=True)
+            store["grid"] = run_grid(spec, configs, args.concurrency)
+            save()
+        for seed, sampler in itertools.product(args.seeds, args.samplers):
+            if str(seed) in store.get(sampler, {}):
+                continue
+            print(f"{sampler} seed {seed}: {args.trials} trials", file=sys.stderr, flush=True)
+            trials = run_search(sampler, seed, args.trials, args.concurrency, space=args.space, baseline=True)
+            store.setdefault(sampler, {})[str(seed)] = trials
+            save()
+    print(summarize(store))
+    plot(store, args.out.with_suffix(".png"))
+    print(f"figure: {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
