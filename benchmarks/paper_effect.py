@@ -229,20 +229,27 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 def table(results: dict[str, Any]) -> str:
     """Markdown: per setting and kind, objective and FP mean +- sd over the re-run seeds, gain, FP cost."""
-    lines = ["| setting | R2 | objective (mean +- sd) | fp/top1 | gain vs tuned no-R2 | FP cost | other results | chosen config |",
+    lines = ["| setting | R2 | objective (mean +- sd) | fp/top1 | gain vs tuned no-R2 | FP vs no-R2 | other results | chosen config |",
              "|---|---|---|---|---|---|---|---|"]
     for setting, entry in results.get("settings", {}).items():
         objective = SETTINGS[setting]["objective"]
         runs = entry.get("reruns", {})
         if "none" not in runs:
             continue
-        base_obj = _mean_sd([r[objective] for r in runs["none"] if objective in r])
+        base_values = [r[objective] for r in runs["none"] if objective in r]
+        if not base_values:
+            continue
+        base_obj = _mean_sd(base_values)
         base_fp = _mean_sd([r["fp/top1"] for r in runs["none"]])
         for kind in ("none", *KINDS):
             if kind not in runs:
                 continue
-            values = [r.get(objective, float("nan")) for r in runs[kind]]
+            values = [r[objective] for r in runs[kind] if objective in r]  # a diverged recipe has none
+            if not values:
+                lines.append(f"| {setting} | {kind} | diverged ({len(runs[kind])} of {len(runs[kind])}) | | | | | |")
+                continue
             obj, fp = _mean_sd(values), _mean_sd([r["fp/top1"] for r in runs[kind]])
+            diverged = len(runs[kind]) - len(values)
             others = sorted({k for r in runs[kind] for k in r if k.endswith("/top1") and k not in (objective, "fp/top1", "proxy/top1")})
             other = ", ".join(f"{k.removesuffix('/top1')} {_mean_sd([r[k] for r in runs[kind] if k in r])[0]:.1f}" for k in others)
             if kind == "none":
@@ -252,10 +259,11 @@ def table(results: dict[str, Any]) -> str:
                 spread = math.sqrt(obj[1] ** 2 / n + base_obj[1] ** 2 / n)
                 delta = obj[0] - base_obj[0]
                 gain = f"{delta:+.1f} +- {spread:.1f}" + (" **" if delta > 2 * spread else "")
-                cost = f"{base_fp[0] - fp[0]:+.1f}"
+                cost = f"{fp[0] - base_fp[0]:+.1f}"
             config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in entry["sweeps"][kind]["config"].items())
-            lines.append(f"| {setting} | {kind} | {obj[0]:.1f} +- {obj[1]:.1f} | {fp[0]:.1f} +- {fp[1]:.1f} | "
+            note = f" ({diverged} of {len(runs[kind])} diverged)" if diverged else ""
+            lines.append(f"| {setting} | {kind} | {obj[0]:.1f} +- {obj[1]:.1f}{note} | {fp[0]:.1f} +- {fp[1]:.1f} | "
                          f"{gain} | {cost} | {other} | {config} |")
     return "\n".join(lines)
 
