@@ -206,7 +206,7 @@ def _run_trial(job: tuple[dict, str | None]) -> dict[str, float]:
     mapping, out = job
     torch.set_num_threads(1)
     started = time.perf_counter()
-    final = run_trial(load_trial_config(mapping), out=out)
+    final = run_trial(load_trial_config(mapping), out_dir=out)
     return {**{k: float(v) for k, v in final.items()}, "seconds": time.perf_counter() - started}
 
 
