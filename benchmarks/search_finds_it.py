@@ -73,12 +73,16 @@ def grid(spec: SweepSpec, points: int) -> list[dict[str, Any]]:
     return configs
 
 
-def run_grid(spec: SweepSpec, configs: list[dict], concurrency: int) -> list[dict]:
-    mappings = [spec.trial_mapping(config) for config in configs]
-    with ProcessPoolExecutor(concurrency) as pool:
-        finals = list(pool.map(_run_one, mappings))
+def run_grid(spec: SweepSpec, configs: list[dict], done: list[dict], concurrency: int, save) -> list[dict]:
+    """Every grid point not in ``done``, saved as each finishes (an interrupted grid resumes)."""
     metric = spec.objectives[0].metric
-    return [{"config": c, "value": f.get(metric), "fp": f.get("fp/top1")} for c, f in zip(configs, finals)]
+    todo = [c for c in configs if c not in [d["config"] for d in done]]
+    with ProcessPoolExecutor(concurrency) as pool:
+        for config, final in zip(todo, pool.map(_run_one, [spec.trial_mapping(c) for c in todo])):
+            done.append({"config": config, "value": final.get(metric), "fp": final.get("fp/top1")})
+            save()
+            print(f"grid {len(done)}/{len(configs)}: {config} -> {final.get(metric)}", file=sys.stderr, flush=True)
+    return done
 
 
 def target(store: dict) -> tuple[float, float, float]:
@@ -159,11 +163,10 @@ def main() -> int:
         tmp.replace(args.out)
 
     if not args.summary_only:
-        if "grid" not in store:
-            configs = grid(spec, args.grid_points)
+        configs = grid(spec, args.grid_points)
+        if len(store.get("grid", [])) < len(configs):
             print(f"grid: {len(configs)} points", file=sys.stderr, flush=True)
-            store["grid"] = run_grid(spec, configs, args.concurrency)
-            save()
+            store["grid"] = run_grid(spec, configs, store.setdefault("grid", []), args.concurrency, save)
         for seed, sampler in itertools.product(args.seeds, args.samplers):
             if str(seed) in store.get(sampler, {}):
                 continue
