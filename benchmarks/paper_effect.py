@@ -45,6 +45,9 @@ from typing import Any
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sample_efficiency import save_json  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 KINDS = ("linf", "margin", "softminmax")
@@ -356,10 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     results.setdefault("args", {})[time.strftime("%Y-%m-%d %H:%M")] = " ".join(sys.argv[1:])
 
     def save() -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, out)
+        save_json(out, results)
 
     import ray
 

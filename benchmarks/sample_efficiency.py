@@ -39,6 +39,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 WITHIN = 0.5  # points below the random reference that count as "reached"
 
 
+def save_json(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` atomically: a run killed mid-write keeps the previous file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
 def _trial_index(result) -> int:
     """Tune's creation order: the counter after the trial id in the trial's folder
     name (``trainable_c83fd620_7_r2_kind=...``)."""
@@ -202,10 +210,7 @@ def main() -> int:
     store = json.loads(args.out.read_text()) if args.out.exists() else {"random": None, "tpe": {}}
 
     def save() -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(store, indent=1))
-        tmp.replace(args.out)
+        save_json(args.out, store)
 
     if not args.summary_only:
         if store["random"] is None:

@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sample_efficiency import _run_one, best_so_far, run_search, trials_to_reach  # noqa: E402
+from sample_efficiency import _run_one, best_so_far, run_search, save_json, trials_to_reach  # noqa: E402
 
 from r2sweep.sweep.spec import SearchParam, SweepSpec, load_sweep_spec  # noqa: E402
 
@@ -157,10 +157,7 @@ def main() -> int:
     store = json.loads(args.out.read_text()) if args.out.exists() else {"space": str(args.space.name)}
 
     def save() -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(store, indent=1))
-        tmp.replace(args.out)
+        save_json(args.out, store)
 
     if not args.summary_only:
         configs = grid(spec, args.grid_points)
