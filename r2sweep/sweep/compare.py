@@ -23,7 +23,7 @@ from r2sweep.sweep.select import load_sweep
 from r2sweep.sweep.spec import SweepSpec
 from r2sweep.tracking import TAG_OUTCOME, Tracker
 
-__all__ = ["ComparisonRow", "compare_sweeps", "render", "FORMATS"]
+__all__ = ["ComparisonRow", "compare_sweeps", "render", "r2_kind", "FORMATS"]
 
 FORMATS = ("table", "csv", "json")
 
@@ -45,7 +45,8 @@ class ComparisonRow:
     extra: dict[str, float | None] = field(default_factory=dict)
 
 
-def _kind(run: Any, spec: SweepSpec) -> str:
+def r2_kind(run: Any, spec: SweepSpec) -> str:
+    """The R2 kind a trial run trained with: its sampled param, else the sweep's fixed kind."""
     return run.data.params.get("r2.kind", spec.trial.r2.kind)
 
 
@@ -73,7 +74,7 @@ def compare_sweeps(
             seen_metrics.update(run.data.metrics)
         objective = spec.objective.metric
         finished = [r for r in runs if objective in r.data.metrics]
-        no_r2 = [r.data.metrics[objective] for r in finished if _kind(r, spec) == "none"]
+        no_r2 = [r.data.metrics[objective] for r in finished if r2_kind(r, spec) == "none"]
         best_no_r2 = max(no_r2, key=lambda v: _signed(v, spec)) if no_r2 else None
         parent = tracker.client.get_run(sweep.parent_run_id).info
         wall_s = ((parent.end_time or int(time.time() * 1000)) - parent.start_time) / 1000
@@ -81,7 +82,7 @@ def compare_sweeps(
         if by:
             groups = {}
             for run in runs:
-                key = run.data.params.get(by, _kind(run, spec) if by == "r2.kind" else "-")
+                key = run.data.params.get(by, r2_kind(run, spec) if by == "r2.kind" else "-")
                 groups.setdefault(key, []).append(run)
         for group, members in sorted(groups.items()):
             done = [r for r in members if objective in r.data.metrics]

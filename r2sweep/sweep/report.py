@@ -33,7 +33,7 @@ import optuna
 from r2sweep import __version__
 from r2sweep.errors import R2SweepError
 from r2sweep.plots import compare_weight_histograms, weight_histograms
-from r2sweep.sweep.compare import compare_sweeps
+from r2sweep.sweep.compare import compare_sweeps, r2_kind
 from r2sweep.sweep.figures import (
     BitsSeries,
     TrialPoint,
@@ -43,10 +43,10 @@ from r2sweep.sweep.figures import (
     parameter_importances,
     pareto_front_plot,
 )
-from r2sweep.sweep.report_html import ReportPage, render_page
+from r2sweep.sweep.report_html import ReportPage, render_page, trial_outcome
 from r2sweep.sweep.select import load_sweep, pareto_front
 from r2sweep.sweep.spec import SearchParam, SweepSpec
-from r2sweep.tracking import TAG_OUTCOME, TAG_TRIAL_ID, SweepRun, Tracker, sanitize_key
+from r2sweep.tracking import TAG_TRIAL_ID, SweepRun, Tracker, sanitize_key
 from r2sweep.trial import PRETRAINED, load_pretrained
 
 __all__ = ["Report", "build_report", "REPORT_ARTIFACT_DIR", "PAGE"]
@@ -70,16 +70,8 @@ class Report:
     logged_to_run: str | None = None  # the parent run id, when logged
 
 
-def _kind(run: Any, spec: SweepSpec) -> str:
-    return run.data.params.get(sanitize_key("r2.kind"), spec.trial.r2.kind)
-
-
-def _outcome(run: Any) -> str:
-    return run.data.tags.get(TAG_OUTCOME) or ("running" if run.info.status == "RUNNING" else run.info.status.lower())
-
-
 def _label(run: Any, spec: SweepSpec) -> str:
-    kind = _kind(run, spec)
+    kind = r2_kind(run, spec)
     return f"{'no R2' if kind == 'none' else 'R2 ' + kind} (trial {run.data.tags.get(TAG_TRIAL_ID, run.info.run_id[:8])})"
 
 
@@ -134,7 +126,7 @@ def importance_groups(finished: Sequence[Any], spec: SweepSpec) -> tuple[list[tu
     candidates = [(f"all {len(finished)} finished trials", list(finished))]
     conditional = [p.path for p in spec.params if any(name == "r2.kind" for name, _ in p.when)]
     if conditional:
-        with_r2 = [r for r in finished if _kind(r, spec) != "none"]
+        with_r2 = [r for r in finished if r2_kind(r, spec) != "none"]
         candidates.append((f"the {len(with_r2)} finished trials with R2 on", with_r2))
     for title, runs in candidates:
         if len(runs) < _MIN_TRIALS_FOR_IMPORTANCE:
@@ -170,7 +162,7 @@ def importance_groups(finished: Sequence[Any], spec: SweepSpec) -> tuple[list[tu
 
 def _history_points(runs: Sequence[Any], spec: SweepSpec) -> list[TrialPoint]:
     metric = spec.objective.metric
-    return [TrialPoint(number=i, kind=_kind(r, spec), outcome=_outcome(r), objective=r.data.metrics.get(metric),
+    return [TrialPoint(number=i, kind=r2_kind(r, spec), outcome=trial_outcome(r), objective=r.data.metrics.get(metric),
                        proxy=r.data.metrics.get("proxy/top1")) for i, r in enumerate(runs, start=1)]
 
 
@@ -204,11 +196,11 @@ def _weight_figure(sweep: SweepRun, best_no_r2: Any, best_r2: Any, spec: SweepSp
         return None, notes
     if len(models) == 1:
         (label, model), = models.items()
-        missing = "no R2" if best_no_r2 is None else "R2"
-        notes.append(f"Weight histograms show one model only: no finished trial {'without' if missing == 'no R2' else 'with'} R2 to compare against.")
+        which = "without" if best_no_r2 is None else "with"
+        notes.append(f"Weight histograms show one model only: no finished trial {which} R2 to compare against.")
         return weight_histograms(model, path, title=f"{label}: the 4 layers with the largest max|w|/std"), notes
     reference = next(iter(models))  # the no-R2 model: its worst layers are what R2 should fix
-    colors = {_label(run, spec): kind_color(_kind(run, spec)) for run in chosen}
+    colors = {_label(run, spec): kind_color(r2_kind(run, spec)) for run in chosen}
     title = "Best trial without R2 vs best trial with R2: the 4 layers with the most outlying weights without R2"
     return compare_weight_histograms(models, path, reference=reference, layers=4, title=title, colors=colors), notes
 
@@ -218,7 +210,7 @@ def _pareto_figure(finished: Sequence[Any], spec: SweepSpec, path: Path) -> Path
     front = pareto_front(list(finished), spec)
     chosen = _best(front, spec)
     return pareto_front_plot(
-        [(r.data.metrics[x_metric], r.data.metrics[y_metric], _kind(r, spec)) for r in finished],
+        [(r.data.metrics[x_metric], r.data.metrics[y_metric], r2_kind(r, spec)) for r in finished],
         [(r.data.metrics[x_metric], r.data.metrics[y_metric]) for r in front],
         x_metric, y_metric, path,
         chosen=(chosen.data.metrics[x_metric], chosen.data.metrics[y_metric]),
@@ -256,8 +248,8 @@ def build_report(tracker: Tracker, name: str, out: str | os.PathLike[str], *, lo
     _prepare_out(out)
 
     best_by_kind: dict[str, Any] = {}
-    for kind in sorted({_kind(r, spec) for r in finished}, key=lambda k: (k != "none", k)):
-        best_by_kind[kind] = _best([r for r in finished if _kind(r, spec) == kind], spec)
+    for kind in sorted({r2_kind(r, spec) for r in finished}, key=lambda k: (k != "none", k)):
+        best_by_kind[kind] = _best([r for r in finished if r2_kind(r, spec) == kind], spec)
     best_no_r2 = best_by_kind.get("none")
     best_r2 = _best([r for k, r in best_by_kind.items() if k != "none"], spec)
 

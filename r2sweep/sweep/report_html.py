@@ -19,7 +19,7 @@ from r2sweep.sweep.compare import ComparisonRow
 from r2sweep.sweep.spec import SweepSpec
 from r2sweep.tracking import TAG_OUTCOME, TAG_TRIAL_ID, sanitize_key
 
-__all__ = ["ReportPage", "render_page"]
+__all__ = ["ReportPage", "render_page", "trial_outcome"]
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif; margin: 0 auto;
@@ -76,6 +76,11 @@ class ReportPage:
     best_no_r2: Any | None
     figures: dict[str, str]  # figure key -> PNG file name
     notes: Sequence[str]
+
+
+def trial_outcome(run: Any) -> str:
+    """finished, stopped, diverged, failed (r2sweep's tag), or running / the run's status before it is tagged."""
+    return run.data.tags.get(TAG_OUTCOME) or ("running" if run.info.status == "RUNNING" else run.info.status.lower())
 
 
 def _num(value: float | None, signed: bool = False) -> str:
@@ -153,7 +158,7 @@ def _trials_table(page: ReportPage) -> str:
     ranked += [item for item in numbered if item not in done]
     body = []
     for number, run in ranked:
-        outcome = run.data.tags.get(TAG_OUTCOME) or ("running" if run.info.status == "RUNNING" else run.info.status.lower())
+        outcome = trial_outcome(run)
         css = ' class="best"' if run.info.run_id == page.best.info.run_id else ""
         cells = [str(number), escape(run.data.tags.get(TAG_TRIAL_ID, "")), escape(outcome)]
         cells += [escape(_value(run.data.params.get(key, "-"))) for key in searched]
