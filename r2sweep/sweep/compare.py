@@ -21,9 +21,9 @@ from typing import Any
 from r2sweep.errors import R2SweepError
 from r2sweep.sweep.select import load_sweep
 from r2sweep.sweep.spec import SweepSpec
-from r2sweep.tracking import TAG_OUTCOME, Tracker
+from r2sweep.tracking import TAG_OUTCOME, SweepRun, Tracker
 
-__all__ = ["ComparisonRow", "compare_sweeps", "render", "r2_kind", "FORMATS"]
+__all__ = ["ComparisonRow", "compare_sweeps", "summarize_runs", "render", "r2_kind", "FORMATS"]
 
 FORMATS = ("table", "csv", "json")
 
@@ -68,45 +68,55 @@ def compare_sweeps(
     for name in names:
         sweep, spec = load_sweep(tracker, name)
         runs = sweep.trial_runs()
-        if not runs:
-            raise R2SweepError(f"sweep {name!r} has no trials yet")
         for run in runs:
             seen_metrics.update(run.data.metrics)
-        objective = spec.objective.metric
-        finished = [r for r in runs if objective in r.data.metrics]
-        no_r2 = [r.data.metrics[objective] for r in finished if r2_kind(r, spec) == "none"]
-        best_no_r2 = max(no_r2, key=lambda v: _signed(v, spec)) if no_r2 else None
-        parent = tracker.client.get_run(sweep.parent_run_id).info
-        wall_s = ((parent.end_time or int(time.time() * 1000)) - parent.start_time) / 1000
-        groups: dict[str, list[Any]] = {"all": runs}
-        if by:
-            groups = {}
-            for run in runs:
-                key = run.data.params.get(by, r2_kind(run, spec) if by == "r2.kind" else "-")
-                groups.setdefault(key, []).append(run)
-        for group, members in sorted(groups.items()):
-            done = [r for r in members if objective in r.data.metrics]
-            best = max(done, key=lambda r: spec.ranking(r.data.metrics)) if done else None
-            value = best.data.metrics[objective] if best else None
-            outcomes = [r.data.tags.get(TAG_OUTCOME, "") for r in members]
-            rows.append(ComparisonRow(
-                sweep=name,
-                group=group,
-                finished=len(done),
-                stopped=outcomes.count("stopped"),
-                failed=sum(o in ("failed", "diverged") for o in outcomes),
-                objective=objective,
-                best=value,
-                best_trial=best.data.tags.get("r2sweep.trial_id", "") if best else "",
-                best_params=dict(best.data.params) if best else {},
-                fp_top1=best.data.metrics.get("fp/top1") if best else None,
-                gain_over_no_r2=(value - best_no_r2) if value is not None and best_no_r2 is not None else None,
-                wall_s=wall_s,
-                extra={m: best.data.metrics.get(m) if best else None for m in metrics},
-            ))
+        rows += summarize_runs(sweep, spec, runs, metrics=metrics, by=by)
     missing = [m for m in metrics if m not in seen_metrics]
     if missing:
         raise R2SweepError(f"--metric {missing[0]!r}: no trial of {list(names)} has it")
+    return rows
+
+
+def summarize_runs(
+    sweep: SweepRun, spec: SweepSpec, runs: Sequence[Any], *, metrics: Sequence[str] = (), by: str | None = None
+) -> list[ComparisonRow]:
+    """The rows of one sweep whose trial runs the caller has already read (the report
+    reads them once for its figures and its tables)."""
+    if not runs:
+        raise R2SweepError(f"sweep {sweep.name!r} has no trials yet")
+    objective = spec.objective.metric
+    finished = [r for r in runs if objective in r.data.metrics]
+    no_r2 = [r.data.metrics[objective] for r in finished if r2_kind(r, spec) == "none"]
+    best_no_r2 = max(no_r2, key=lambda v: _signed(v, spec)) if no_r2 else None
+    parent = sweep.tracker.client.get_run(sweep.parent_run_id).info
+    wall_s = ((parent.end_time or int(time.time() * 1000)) - parent.start_time) / 1000
+    groups: dict[str, list[Any]] = {"all": list(runs)}
+    if by:
+        groups = {}
+        for run in runs:
+            key = run.data.params.get(by, r2_kind(run, spec) if by == "r2.kind" else "-")
+            groups.setdefault(key, []).append(run)
+    rows = []
+    for group, members in sorted(groups.items()):
+        done = [r for r in members if objective in r.data.metrics]
+        best = max(done, key=lambda r: spec.ranking(r.data.metrics)) if done else None
+        value = best.data.metrics[objective] if best else None
+        outcomes = [r.data.tags.get(TAG_OUTCOME, "") for r in members]
+        rows.append(ComparisonRow(
+            sweep=sweep.name,
+            group=group,
+            finished=len(done),
+            stopped=outcomes.count("stopped"),
+            failed=sum(o in ("failed", "diverged") for o in outcomes),
+            objective=objective,
+            best=value,
+            best_trial=best.data.tags.get("r2sweep.trial_id", "") if best else "",
+            best_params=dict(best.data.params) if best else {},
+            fp_top1=best.data.metrics.get("fp/top1") if best else None,
+            gain_over_no_r2=(value - best_no_r2) if value is not None and best_no_r2 is not None else None,
+            wall_s=wall_s,
+            extra={m: best.data.metrics.get(m) if best else None for m in metrics},
+        ))
     return rows
 
 

@@ -33,7 +33,7 @@ import optuna
 from r2sweep import __version__
 from r2sweep.errors import R2SweepError
 from r2sweep.plots import compare_weight_histograms, weight_histograms
-from r2sweep.sweep.compare import compare_sweeps, r2_kind
+from r2sweep.sweep.compare import r2_kind, summarize_runs
 from r2sweep.sweep.figures import (
     BitsSeries,
     TrialPoint,
@@ -282,7 +282,7 @@ def build_report(tracker: Tracker, name: str, out: str | os.PathLike[str], *, lo
             sweep_status=parent.status,
             spec=spec,
             runs=runs,
-            summary=compare_sweeps(tracker, [name], by="r2.kind") + compare_sweeps(tracker, [name]),
+            summary=summarize_runs(sweep, spec, runs, by="r2.kind") + summarize_runs(sweep, spec, runs),
             best=_best(pareto_front(finished, spec) if spec.multi_objective else finished, spec),
             best_no_r2=best_no_r2,
             figures={key: path.name for key, path in figures.items()},
