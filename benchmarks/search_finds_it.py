@@ -97,6 +97,14 @@ def summarize(store: dict) -> str:
     base, best, goal = target(store)
     lines = [f"grid: {len(store['grid'])} points; best no-R2 {base:.2f}, best R2 {best:.2f}, gain {best - base:+.2f}; "
              f"target (no-R2 + {SHARE:.0%} of the gain) {goal:.2f}"]
+    rows = [r for r in store["grid"] if r["value"] is not None]
+    per_kind = {}
+    for r in rows:
+        kind = r["config"].get("r2.kind", "none")
+        per_kind[kind] = max(per_kind.get(kind, -math.inf), r["value"])
+    above = sum(1 for r in rows if r["value"] >= goal)
+    lines.append("grid best per kind: " + ", ".join(f"{k} {v:.2f}" for k, v in per_kind.items())
+                 + f"; {above} of {len(rows)} grid points reach the target")
     for sampler in ("tpe", "random"):
         needed = []
         for seed, trials in sorted(store.get(sampler, {}).items(), key=lambda kv: int(kv[0])):
@@ -114,30 +122,49 @@ def summarize(store: dict) -> str:
     return "\n".join(lines)
 
 
+def reached_fraction(runs: dict[str, list[dict]], goal: float, length: int) -> list[float]:
+    """The trials-to-target curve: after n trials, the share of sweeps whose best has reached ``goal``."""
+    needed = [trials_to_reach([t["value"] for t in trials], goal) for trials in runs.values()]
+    return [sum(1 for k in needed if k is not None and k <= n) / len(needed) for n in range(1, length + 1)]
+
+
 def plot(store: dict, path: Path) -> None:
+    """Left: best objective so far per sweep seed against the grid's lines. Right: the
+    trials-to-target curve, the share of sweep seeds that reached the target by trial n."""
     from r2sweep.plots import new_figure, save_png
 
     base, best, goal = target(store)
-    figure = new_figure(7.5, 4.4)
-    ax = figure.subplots()
-    styles = {"tpe": ("tab:blue", "-"), "random": ("0.5", "--")}
-    length = 1
-    for sampler, (color, style) in styles.items():
-        for i, (seed, trials) in enumerate(sorted(store.get(sampler, {}).items(), key=lambda kv: int(kv[0]))):
+    figure = new_figure(12.5, 4.6)
+    ax, reach = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1.5, 1]})
+    styles = {"tpe": ("tab:blue", "-", "TPE"), "random": ("0.45", "--", "random")}
+    length = max([len(t) for s in styles for t in store.get(s, {}).values()] or [1])
+    for sampler, (color, style, name) in styles.items():
+        runs = store.get(sampler, {})
+        for i, (seed, trials) in enumerate(sorted(runs.items(), key=lambda kv: int(kv[0]))):
             curve = best_so_far([t["value"] for t in trials])
             xs = [n for n, v in enumerate(curve, start=1) if v is not None]
-            length = max(length, len(curve))
-            ax.step(xs, [curve[n - 1] for n in xs], where="post", color=color, linestyle=style, alpha=0.85,
-                    label=f"{'TPE' if sampler == 'tpe' else 'random'} sweeps (seeds)" if i == 0 else None)
-    ax.axhline(goal, color="tab:green", linewidth=1.2, label=f"target: no-R2 + {SHARE:.0%} of the grid's R2 gain")
+            ax.step(xs, [curve[n - 1] for n in xs], where="post", color=color, linestyle=style, alpha=0.8,
+                    label=f"{name} sweeps ({len(runs)} seeds)" if i == 0 else None)
+        if runs:
+            share = reached_fraction(runs, goal, length)
+            reach.step(range(1, length + 1), [100 * f for f in share], where="post", color=color, linestyle=style,
+                       linewidth=2, label=f"{name} ({len(runs)} sweep seeds)")
+    ax.axhline(goal, color="tab:green", linewidth=1.2, label=f"target: no-R2 + {SHARE:.0%} of the grid's R2 gain ({goal:.1f})")
     ax.axhline(best, color="tab:green", linestyle=":", linewidth=1, label=f"grid best with R2 ({best:.1f})")
     ax.axhline(base, color="black", linestyle=":", linewidth=1, label=f"grid best without R2 ({base:.1f})")
     ax.set_xlim(1, length)
     ax.set_xlabel("trials")
     ax.set_ylabel("best objective so far (%)")
-    ax.set_title(f"Does the sweep find R2's gain? ({len(store['grid'])}-point grid as reference)", fontsize=11)
+    ax.set_title(f"Best so far per sweep against the {len(store['grid'])}-point grid", fontsize=11)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
+    reach.set_xlim(1, length)
+    reach.set_ylim(-3, 103)
+    reach.set_xlabel("trials")
+    reach.set_ylabel("sweeps that reached the target (%)")
+    reach.set_title("Trials to target", fontsize=11)
+    reach.grid(True, alpha=0.3)
+    reach.legend(fontsize=8, loc="upper left")
     save_png(figure, path)
 
 
