@@ -45,3 +45,36 @@ def test_the_dense_grid_covers_every_choice_and_respects_conditions() -> None:
     assert all(("r2.margin_init" in p) == (p["r2.kind"] == "margin") for p in points)
     assert sorted({p["train.lr"] for p in points}) == pytest.approx([0.01, (0.01 * 0.2) ** 0.5, 0.2])  # log-spaced
     assert len({tuple(sorted(p.items())) for p in points}) == len(points)
+
+
+def _trial(kind: str, value: float | None, lr: float = 0.1) -> dict:
+    config = {"r2.kind": kind, "train.lr": lr, **({"r2.strength": 0.1} if kind != "none" else {})}
+    return {"config": config, "value": value}
+
+
+def test_search_finds_it_scores_sweeps_against_the_grid_target(tmp_path: Path) -> None:
+    grid = [_trial("none", 40.0), _trial("none", 30.0, lr=0.01), _trial("linf", 60.0), _trial("margin", None)]
+    store = {
+        "grid": grid,
+        # Target: 40 + 0.9 * (60 - 40) = 58. Seed 0 reaches it on its third trial; seed 1 never does.
+        "tpe": {"0": [_trial("none", 41.0), _trial("linf", 50.0), _trial("linf", 58.5)],
+                "1": [_trial("none", 35.0), _trial("linf", None), _trial("linf", 57.9)]},
+        "random": {"0": [_trial("none", 41.0), _trial("linf", 59.0), _trial("linf", 20.0)]},
+    }
+    base, best, goal = search_finds_it.target(store)
+    assert (base, best) == (40.0, 60.0) and goal == pytest.approx(58.0)
+    assert search_finds_it.reached_fraction(store["tpe"], goal, 3) == [0.0, 0.0, 0.5]
+    assert search_finds_it.reached_fraction(store["random"], goal, 3) == [0.0, 1.0, 1.0]
+    picks = search_finds_it.reseed_targets(store)
+    assert picks["grid best R2"] == grid[2]["config"] and picks["grid best no-R2"] == grid[0]["config"]
+    assert picks["tpe seed 1's pick"]["r2.kind"] == "linf" and picks["sweeps' best no-R2"]["r2.kind"] == "none"
+    store["reseeded"] = {"grid best R2": {"config": {}, "seeds": [1, 2], "values": [56.0, 54.0]},
+                         "grid best no-R2": {"config": {}, "seeds": [1, 2], "values": [45.0, 45.0]},
+                         "tpe seed 0's pick": {"config": {}, "seeds": [1, 2], "values": [55.0, 54.0]}}
+    summary = search_finds_it.summarize(store)
+    assert "tpe seed 0: reached after 3 trials" in summary and "tpe seed 1: not reached in 3 trials" in summary
+    assert "tpe: 1/2 seeds reached the target" in summary
+    # Fresh seeds: 45 + 0.9 * (55 - 45) = 54; the pick's mean 54.5 reaches it.
+    assert "the same target on fresh seeds: 54.00" in summary and "[reaches the fresh-seed target]" in summary
+    search_finds_it.plot(store, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
