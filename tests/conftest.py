@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 import torch
@@ -135,3 +137,30 @@ def run_tracked_sweeps(root: Path, *specs: dict) -> Path:
     finally:
         ray.shutdown()
     return root
+
+
+def write_cifar(root: Path, name: str, n_train: int = 20, n_test: int = 10) -> None:
+    """A tiny CIFAR-10 or CIFAR-100 folder in the python-pickle layout torchvision downloads."""
+    rng = np.random.default_rng(0)
+    if name == "cifar10":
+        folder, key, classes = root / "cifar-10-batches-py", b"labels", 10
+        train_files = [f"data_batch_{i}" for i in range(1, 6)]
+        test_files = ["test_batch"]
+    else:
+        folder, key, classes = root / "cifar-100-python", b"fine_labels", 100
+        train_files, test_files = ["train"], ["test"]
+    folder.mkdir(parents=True)
+
+    def dump(path: Path, n: int, offset: int) -> None:
+        labels = [(offset + i) % classes for i in range(n)]
+        entry = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: labels}
+        if name == "cifar100":
+            entry[b"coarse_labels"] = [lab // 5 for lab in labels]
+        with open(path, "wb") as f:
+            pickle.dump(entry, f)
+
+    per_file = n_train // len(train_files)
+    for i, f in enumerate(train_files):
+        dump(folder / f, per_file, i * per_file)
+    for f in test_files:
+        dump(folder / f, n_test, 0)

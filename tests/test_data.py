@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import write_cifar
+
 from r2sweep.data import DataSplits, create_data, dataset_options, list_datasets, make_loader
 from r2sweep.errors import ConfigError, DataNotFoundError
 
@@ -145,35 +147,9 @@ def test_loader_rejects_bad_batch_size(digits: DataSplits) -> None:
 # --------------------------------------------------------------------------- CIFAR
 
 
-def _write_cifar(root: Path, name: str, n_train: int = 20, n_test: int = 10) -> None:
-    rng = np.random.default_rng(0)
-    if name == "cifar10":
-        folder, key, classes = root / "cifar-10-batches-py", b"labels", 10
-        train_files = [f"data_batch_{i}" for i in range(1, 6)]
-        test_files = ["test_batch"]
-    else:
-        folder, key, classes = root / "cifar-100-python", b"fine_labels", 100
-        train_files, test_files = ["train"], ["test"]
-    folder.mkdir(parents=True)
-
-    def dump(path: Path, n: int, offset: int) -> None:
-        labels = [(offset + i) % classes for i in range(n)]
-        entry = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: labels}
-        if name == "cifar100":
-            entry[b"coarse_labels"] = [lab // 5 for lab in labels]
-        with open(path, "wb") as f:
-            pickle.dump(entry, f)
-
-    per_file = n_train // len(train_files)
-    for i, f in enumerate(train_files):
-        dump(folder / f, per_file, i * per_file)
-    for f in test_files:
-        dump(folder / f, n_test, 0)
-
-
 @pytest.mark.parametrize(("name", "classes"), [("cifar10", 10), ("cifar100", 100)])
 def test_cifar_reads_pickled_batches(tmp_path: Path, name: str, classes: int) -> None:
-    _write_cifar(tmp_path, name)
+    write_cifar(tmp_path, name)
     data = create_data(name, root=str(tmp_path))
     assert (len(data.train), len(data.val)) == (20, 10)
     assert (data.num_classes, data.in_channels, data.input_size) == (classes, 3, 32)
@@ -186,7 +162,7 @@ def test_cifar_reads_pickled_batches(tmp_path: Path, name: str, classes: int) ->
 
 
 def test_cifar_val_values_are_normalized_pixels(tmp_path: Path) -> None:
-    _write_cifar(tmp_path, "cifar10")
+    write_cifar(tmp_path, "cifar10")
     data = create_data("cifar10", root=tmp_path)
     with open(tmp_path / "cifar-10-batches-py" / "test_batch", "rb") as f:
         raw = pickle.load(f, encoding="bytes")[b"data"][0].reshape(3, 32, 32) / 255.0
@@ -196,7 +172,7 @@ def test_cifar_val_values_are_normalized_pixels(tmp_path: Path) -> None:
 
 
 def test_cifar_augmentation_is_reproducible_per_epoch(tmp_path: Path) -> None:
-    _write_cifar(tmp_path, "cifar10")
+    write_cifar(tmp_path, "cifar10")
     data = create_data("cifar10", root=tmp_path)
     first = _batches(make_loader(data.train, 8, shuffle=True, seed=3), 1)
     torch.manual_seed(99)  # the caller's RNG must not matter
@@ -209,7 +185,7 @@ def test_cifar_augmentation_is_reproducible_per_epoch(tmp_path: Path) -> None:
 
 
 def test_cifar_loader_with_workers_is_reproducible(tmp_path: Path) -> None:
-    _write_cifar(tmp_path, "cifar10")
+    write_cifar(tmp_path, "cifar10")
     data = create_data("cifar10", root=tmp_path)
     loader = make_loader(data.train, 5, shuffle=True, seed=1, num_workers=2)
     assert _same(_batches(loader, 1), _batches(loader, 1))
@@ -219,7 +195,7 @@ def test_cifar_loader_with_workers_is_reproducible(tmp_path: Path) -> None:
 
 
 def test_cifar_val_fraction_splits_train(tmp_path: Path) -> None:
-    _write_cifar(tmp_path, "cifar10")
+    write_cifar(tmp_path, "cifar10")
     data = create_data("cifar10", root=tmp_path, val_fraction=0.5, seed=2)
     assert (len(data.train), len(data.val)) == (10, 10)
     assert sorted(data.val[i][1] for i in range(10)) == list(range(10))  # stratified: one per class
@@ -335,7 +311,7 @@ def test_synthetic_small_cnn_learns_it_in_two_epochs() -> None:
 
 
 def test_a_cifar_file_that_would_run_code_is_refused(tmp_path: Path) -> None:
-    _write_cifar(tmp_path, "cifar10")
+    write_cifar(tmp_path, "cifar10")
 
     class Payload:
         def __reduce__(self):

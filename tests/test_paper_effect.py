@@ -1,0 +1,60 @@
+"""benchmarks/paper_effect.py runs unchanged on CIFAR given a root: one command, real sweeps, resumable.
+
+The run is the script itself in a subprocess (as a user runs it), on a CIFAR-10
+folder the test writes, at the cifar10 scale preset with its epochs cut to one
+(full-width ResNet-18 on 20 images): a tuned-baseline sweep, one R2 sweep, the
+re-runs, the table and the figures, every sweep in a real MLflow SQLite store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import write_cifar
+
+from r2sweep.tracking import Tracker
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "paper_effect.py"
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_paper_effect_runs_on_a_cifar_root_and_resumes(tmp_path: Path) -> None:
+    write_cifar(tmp_path / "cifar", "cifar10", n_train=20, n_test=10)
+    work, out = tmp_path / "work", tmp_path / "results" / "effect.json"
+    args = ["--data", "cifar10", "--root", str(tmp_path / "cifar"), "--settings", "dkm-r18", "--kinds", "linf",
+            "--trials", "1", "--seeds", "1", "--epochs", "1", "--finetune", "1", "--concurrency", "1",
+            "--device", "cpu", "--work", str(work), "--out", str(out)]
+    first = _run(args)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    results = json.loads(out.read_text())
+    entry = results["settings"]["dkm-r18"]
+    assert entry["base"]["data"] == {"name": "cifar10", "root": str(tmp_path / "cifar")}
+    assert entry["base"]["model"] == {"name": "resnet18", "width": 1.0} and entry["base"]["train"]["epochs"] == 1
+    assert set(entry["sweeps"]) == {"none", "linf"} and all(s["trials"] == 1 for s in entry["sweeps"].values())
+    assert "r2.strength" in entry["sweeps"]["linf"]["config"] and "r2.strength" not in entry["sweeps"]["none"]["config"]
+    for kind in ("none", "linf"):
+        (rerun,) = entry["reruns"][kind]
+        assert 0.0 <= rerun["dkm_w1/top1"] <= 100.0 and 0.0 <= rerun["fp/top1"] <= 100.0
+        assert (work / "reruns" / f"dkm-r18-{kind}-seed1" / "pretrained.pt").is_file()
+    # Every sweep is a real r2sweep sweep in the work folder's MLflow store.
+    names = Tracker(f"sqlite:///{work / 'mlflow.db'}").experiment_names()
+    assert {"dkm-r18-none", "dkm-r18-linf"} <= set(names)
+    assert "| dkm-r18 | linf |" in first.stdout
+    for figure in ("bits", "weights"):
+        assert (out.parent / f"paper_effect_cifar10_dkm-r18_{figure}.png").read_bytes()[:4] == b"\x89PNG"
+
+    # The same command again resumes: nothing is re-run, the results stay as they were.
+    again = _run(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.startswith("| setting |"), again.stdout[:500]  # no "sweep ..." or "re-run ..." line first
+    assert json.loads(out.read_text())["settings"] == results["settings"]
