@@ -226,6 +226,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         return _error(str(error))
     for note in report.notes:
         print(f"note: {note}")
+    for advice in report.advice:
+        print(f"worth checking: {advice}")
     print(f"report: {report.page} ({len(report.figures)} figures: {', '.join(p.name for p in report.figures)})")
     if report.logged_to_run:
         print(f"logged to the sweep's parent run {report.logged_to_run} under report/")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import html as html_escaping
 import io
 import re
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,9 @@ from conftest import run_tracked_sweeps
 
 from r2sweep.cli import main
 from r2sweep.sweep.figures import BitsSeries, TrialPoint, accuracy_vs_bits, optimization_history
-from r2sweep.sweep.report import PAGE, REPORT_ARTIFACT_DIR, build_report, importance_groups
+from r2sweep.sweep.report import PAGE, REPORT_ARTIFACT_DIR, build_report, importance_groups, range_edge_advice
 from r2sweep.sweep.select import load_sweep
+from r2sweep.sweep.spec import load_sweep_spec
 from r2sweep.tracking import TAG_ROLE, Tracker
 
 pytest.importorskip("ray")
@@ -91,6 +94,9 @@ def test_report_writes_a_self_contained_page_with_valid_figures_and_logs_them(st
     logged = {Path(a.path).name: a.file_size for a in tracker.client.list_artifacts(sweep.parent_run_id, REPORT_ARTIFACT_DIR)}
     assert logged == {p.name: p.stat().st_size for p in [*report.figures, report.page]}
     assert not [p for p in report.page.parent.iterdir() if p.name.startswith(".")]  # no scratch left
+    # Range-edge advice, when there is any, is on the page under its own heading.
+    assert ("Worth checking" in html) == bool(report.advice)
+    assert all(html_escaping.escape(line) in html for line in report.advice)
 
 
 def test_importances_are_fanova_over_the_parameters_the_trials_have(store: Path) -> None:
@@ -181,3 +187,24 @@ def test_no_store_is_an_error_and_is_not_created(tmp_path: Path, monkeypatch, ca
     assert main(["report", "anything", "--out", "r"]) == 2
     assert "no MLflow store at mlflow.db" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def _run_with(**params: str) -> SimpleNamespace:
+    return SimpleNamespace(data=SimpleNamespace(params=params))
+
+
+def test_a_best_trial_on_the_edge_of_a_range_is_flagged() -> None:
+    spec = load_sweep_spec(KINDS)  # train.lr in [0.01, 0.1] (log), r2.strength in [1e-3, 1e-1] (log)
+    at_top = _run_with(**{"r2.kind": "linf", "r2.strength": "0.01", "train.lr": "0.099"})
+    (line,) = range_edge_advice([("the best trial", at_top)], spec)
+    assert line.startswith("train.lr = 0.099 in the best trial sits at the upper edge of its range [0.01, 0.1]")
+    assert "widen the range" in line
+    at_bottom = _run_with(**{"r2.kind": "none", "train.lr": "0.0101"})  # no strength: nothing to say about it
+    (line,) = range_edge_advice([("the best trial without R2", at_bottom)], spec)
+    assert "lower edge" in line and "beyond 0.01" in line
+    inside = _run_with(**{"r2.kind": "linf", "r2.strength": "0.0012", "train.lr": "0.03"})
+    assert range_edge_advice([("the best trial", inside)], spec) == ["r2.strength = 0.0012 in the best trial sits at "
+                                                                     "the lower edge of its range [0.001, 0.1]: the optimum "
+                                                                     "may lie beyond 0.001; widen the range and sweep again."]
+    assert range_edge_advice([("the best trial", _run_with(**{"r2.kind": "linf", "r2.strength": "0.01",
+                                                              "train.lr": "0.03"}))], spec) == []

@@ -19,6 +19,7 @@ into ``--out`` together, the page last.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import shutil
 import tempfile
@@ -67,6 +68,7 @@ class Report:
     page: Path
     figures: list[Path]
     notes: list[str] = field(default_factory=list)  # what the page could not show, and why
+    advice: list[str] = field(default_factory=list)  # what the results suggest changing in the search space
     logged_to_run: str | None = None  # the parent run id, when logged
 
 
@@ -77,6 +79,46 @@ def _label(run: Any, spec: SweepSpec) -> str:
 
 def _best(runs: Sequence[Any], spec: SweepSpec) -> Any | None:
     return max(runs, key=lambda r: spec.ranking(r.data.metrics)) if runs else None
+
+
+# -- advice ------------------------------------------------------------------------
+
+EDGE = 0.05  # share of a range (log-scaled for loguniform) that counts as its edge
+
+
+def _position(param: SearchParam, value: float) -> float:
+    """Where ``value`` lies in ``param``'s range: 0 at the low end, 1 at the high end."""
+    low, high = (float(v) for v in param.values)
+    if param.kind == "loguniform":
+        return math.log(value / low) / math.log(high / low)
+    return (value - low) / (high - low)
+
+
+def range_edge_advice(best_runs: Sequence[tuple[str, Any]], spec: SweepSpec) -> list[str]:
+    """One line per numeric parameter whose value in a best trial sits at the edge of its range.
+
+    A best trial on the edge says the optimum may lie outside the searched range
+    (measured: on the science benchmark the best trials with and without R2 both
+    sat at the top of the learning-rate range). ``best_runs`` pairs a label with
+    a run (the best trial, the best without R2).
+    """
+    advice: list[str] = []
+    for param in spec.params:
+        if param.kind == "choice":
+            continue
+        low, high = param.values
+        for label, run in best_runs:
+            text = run.data.params.get(sanitize_key(param.path))
+            value = _parse(param, text) if text is not None else None
+            if value is None or high == low:
+                continue
+            position = _position(param, float(value))
+            if EDGE < position < 1 - EDGE:
+                continue
+            side, bound = ("upper", high) if position >= 1 - EDGE else ("lower", low)
+            advice.append(f"{param.path} = {value:.4g} in {label} sits at the {side} edge of its range "
+                          f"[{low:g}, {high:g}]: the optimum may lie beyond {bound:g}; widen the range and sweep again.")
+    return advice
 
 
 # -- parameter importances ---------------------------------------------------------
@@ -254,6 +296,10 @@ def build_report(tracker: Tracker, name: str, out: str | os.PathLike[str], *, lo
     best_r2 = _best([r for k, r in best_by_kind.items() if k != "none"], spec)
 
     notes: list[str] = []
+    best = _best(pareto_front(finished, spec) if spec.multi_objective else finished, spec)
+    advice = range_edge_advice(
+        [("the best trial", best)] + ([("the best trial without R2", best_no_r2)]
+                                      if best_no_r2 is not None and best_no_r2 is not best else []), spec)
     scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
     try:
         figures: dict[str, Path] = {}
@@ -283,10 +329,11 @@ def build_report(tracker: Tracker, name: str, out: str | os.PathLike[str], *, lo
             spec=spec,
             runs=runs,
             summary=summarize_runs(sweep, spec, runs, by="r2.kind") + summarize_runs(sweep, spec, runs),
-            best=_best(pareto_front(finished, spec) if spec.multi_objective else finished, spec),
+            best=best,
             best_no_r2=best_no_r2,
             figures={key: path.name for key, path in figures.items()},
             notes=notes,
+            advice=advice,
         )
         render_page(page, scratch, scratch / PAGE)
         written = [out / path.name for path in figures.values()]
@@ -296,7 +343,7 @@ def build_report(tracker: Tracker, name: str, out: str | os.PathLike[str], *, lo
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    report = Report(page=out / PAGE, figures=written, notes=notes)
+    report = Report(page=out / PAGE, figures=written, notes=notes, advice=advice)
     if log_to_run:
         for path in [*written, report.page]:
             sweep.log_artifact(sweep.parent_run_id, path, REPORT_ARTIFACT_DIR)

@@ -76,6 +76,7 @@ class ReportPage:
     best_no_r2: Any | None
     figures: dict[str, str]  # figure key -> PNG file name
     notes: Sequence[str]
+    advice: Sequence[str] = ()
 
 
 def trial_outcome(run: Any) -> str:
@@ -193,6 +194,7 @@ def render_page(page: ReportPage, figure_folder: Path, path: Path) -> Path:
     order = ["history", "importances", "bits", "weights", "pareto"]
     figures = "".join(_figure(key, page.figures[key], figure_folder) for key in order if key in page.figures)
     notes = "".join(f"<li>{escape(n)}</li>" for n in page.notes)
+    advice = "".join(f"<li>{escape(a)}</li>" for a in page.advice)
     finished = sum(page.spec.objective.metric in r.data.metrics for r in page.runs)
     html = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
@@ -201,6 +203,7 @@ def render_page(page: ReportPage, figure_folder: Path, path: Path) -> Path:
 <p class="meta">{len(page.runs)} trials ({finished} finished), sweep {escape(page.sweep_status.lower())};
 read from {escape(page.source)} on {escape(page.generated)} by r2sweep {escape(page.version)}.</p>
 {_cards(page)}
+{f'<h2 id="advice">Worth checking</h2><ul class="notes">{advice}</ul>' if advice else ''}
 <h2 id="kinds">Per R2 kind</h2>
 {_summary_table(page.summary)}
 {figures}
