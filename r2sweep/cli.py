@@ -4,7 +4,8 @@ Sub-commands: ``list`` (the registered names a YAML file may use), ``trial``
 (one trial from a YAML file), ``sweep`` (Ray Tune + Optuna over a search-space
 file, every trial in MLflow), and the readers of a sweep in MLflow: ``best``
 (pick and export the best trial), ``compare`` (one row per sweep or R2 kind)
-and ``report`` (an HTML page with the figures).
+and ``report`` (an HTML page with the figures); ``confirm`` re-runs a sweep's
+top trials on fresh seeds.
 
 Every error a user can cause by bad input ends the command with exit status 2
 and a one-line message naming the field, before anything is written.
@@ -156,6 +157,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(f"best config: {best.config_path}   (re-run: r2sweep trial {best.config_path} --out runs/best)")
     uri = "" if args.tracking_uri is None else f" --tracking-uri {tracker.display_uri}"
     print(f"report: r2sweep report {name}{uri} --out {name}-report   (figures and an HTML page)")
+    print(f"confirm: r2sweep confirm {name}{uri} --top 3 --seeds 1 2 3   (re-run the best trials on fresh seeds)")
     if tracker.tracking_uri.startswith(("http://", "https://")):
         print(f"browse: {tracker.display_uri}")
     else:
@@ -234,6 +236,33 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_confirm(args: argparse.Namespace) -> int:
+    from r2sweep.errors import R2SweepError
+    from r2sweep.sweep.confirm import confirm_top, render
+    from r2sweep.tracking import TrackingError
+
+    out = args.out or Path(f"{args.name}-confirmed.yaml")
+    try:
+        tracker = _existing_store(args.tracking_uri)
+        confirmations = confirm_top(tracker, args.name, top=args.top, seeds=args.seeds, out=out, address=args.address,
+                                    progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except TrackingError as error:
+        return _error(str(error), status=1)
+    except R2SweepError as error:
+        return _error(str(error))
+    from r2sweep.sweep.select import load_sweep
+
+    _, spec = load_sweep(tracker, args.name)
+    print(render(confirmations, spec.objective.metric))
+    winner = confirmations[0]
+    if winner.mean is None:
+        print("every re-run diverged or failed: nothing confirmed")
+        return 1
+    print(f"confirmed best: trial {winner.trial_id}, {spec.objective.metric} {winner.mean:.2f} +- {winner.sd:.2f} "
+          f"over seeds {sorted(winner.values)} (the sweep saw {winner.sweep_value:.2f}); config: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r2sweep", description="Tune R2-Loss for 1-2-bit quantization.")
     parser.add_argument("--version", action="version", version=f"r2sweep {__version__}")
@@ -274,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--by", metavar="PARAM", help="one row per value of a parameter, e.g. r2.kind")
     compare.add_argument("--format", choices=("table", "csv", "json"), default="table")
     compare.set_defaults(run=_cmd_compare)
+    confirm = commands.add_parser("confirm", help="re-run a sweep's top trials on fresh seeds; rank them on the mean")
+    confirm.add_argument("name", help="the sweep (MLflow experiment) name")
+    confirm.add_argument("--top", type=int, default=3, help="how many of the best trials to re-run (default 3)")
+    confirm.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the re-runs (default 1 2 3)")
+    confirm.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
+    confirm.add_argument("--out", type=Path, help="the winner's trial config (default NAME-confirmed.yaml)")
+    confirm.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    confirm.set_defaults(run=_cmd_confirm)
     report = commands.add_parser("report", help="a sweep as an HTML page with figures, read from MLflow")
     report.add_argument("name", help="sweep name")
     report.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db here)")

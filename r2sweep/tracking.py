@@ -77,7 +77,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SPEC_ARTIFACT = "sweep.yaml"
 CHAMPION_ALIAS = "champion"
 
-TAG_ROLE = "r2sweep.role"  # "sweep" on the parent, "trial" on each child
+TAG_ROLE = "r2sweep.role"  # "sweep" on the parent, "trial" on each child, "confirm" on a re-run
 TAG_SWEEP_NAME = "r2sweep.sweep_name"
 TAG_TRIAL_ID = "r2sweep.trial_id"
 #: How a trial ended: finished, stopped, diverged, failed, or lost (forgotten by Tune after a crash).
@@ -91,6 +91,9 @@ _TAG_USER = "mlflow.user"
 
 _ROLE_SWEEP = "sweep"
 _ROLE_TRIAL = "trial"
+# A sweep trial's configuration re-run on another seed (``r2sweep confirm``): a child
+# of the sweep too, but never one of its trials (compare, report and best ignore it).
+_ROLE_CONFIRM = "confirm"
 _END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 # MLflow's limits (mlflow/utils/validation.py); exceeding them rejects the whole batch.
@@ -452,21 +455,23 @@ class SweepRun:
 
     # -- trials ---------------------------------------------------------------
 
-    def trial_run(self, trial_id: str, params: Mapping[str, Any]) -> str:
+    def trial_run(self, trial_id: str, params: Mapping[str, Any], *, confirm: bool = False) -> str:
         """The run id of trial ``trial_id``: found by its tag, or created; set RUNNING.
 
         Calling it again for the same trial (after a restore) returns the same run.
         Params are logged under their (dotted) names when missing from the run; a
         param the run already holds keeps its first value, since MLflow refuses to
         change one (a differing new value is reported in the log, not raised).
+        ``confirm``: the run of a re-run on another seed, not a sweep trial.
         """
         action = f"open the run of trial {trial_id!r} in sweep {self.name!r}"
+        role = _ROLE_CONFIRM if confirm else _ROLE_TRIAL
         with self._lock, self._failing(action):
-            run = self._find_trial(trial_id)
+            run = self._find_trial(trial_id, role)
             if run is None:
                 tags = {
                     **_user_tag(),
-                    TAG_ROLE: _ROLE_TRIAL,
+                    TAG_ROLE: role,
                     TAG_TRIAL_ID: trial_id,
                     TAG_SWEEP_NAME: self.name,
                     TAG_PARENT_RUN: self.parent_run_id,
@@ -480,9 +485,9 @@ class SweepRun:
             self._log_new_params(run.info.run_id, trial_id, params, existing)
             return run.info.run_id
 
-    def _find_trial(self, trial_id: str) -> Run | None:
+    def _find_trial(self, trial_id: str, role: str = _ROLE_TRIAL) -> Run | None:
         literal = _filter_literal(trial_id)
-        filter_string = f"tags.`{TAG_PARENT_RUN}` = '{self.parent_run_id}' AND tags.`{TAG_ROLE}` = '{_ROLE_TRIAL}'"
+        filter_string = f"tags.`{TAG_PARENT_RUN}` = '{self.parent_run_id}' AND tags.`{TAG_ROLE}` = '{role}'"
         if literal is not None:
             filter_string += f" AND tags.`{TAG_TRIAL_ID}` = {literal}"
         # Oldest first: if two runs ever exist for one trial, always the same one wins.
@@ -527,6 +532,13 @@ class SweepRun:
         with self._failing(f"list the trial runs of sweep {self.name!r}"):
             return self._search(
                 f"tags.`{TAG_PARENT_RUN}` = '{self.parent_run_id}' AND tags.`{TAG_ROLE}` = '{_ROLE_TRIAL}'", "ASC"
+            )
+
+    def confirm_runs(self) -> list[Run]:
+        """Every re-run of this sweep's trials on other seeds (``r2sweep confirm``), oldest first."""
+        with self._failing(f"list the re-runs of sweep {self.name!r}"):
+            return self._search(
+                f"tags.`{TAG_PARENT_RUN}` = '{self.parent_run_id}' AND tags.`{TAG_ROLE}` = '{_ROLE_CONFIRM}'", "ASC"
             )
 
     def _search(self, filter_string: str, order: str) -> list[Run]:

@@ -1,0 +1,109 @@
+"""``r2sweep confirm``: a real tiny sweep's top trials re-run on fresh seeds as Ray tasks, logged to MLflow."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_tracked_sweeps
+
+from r2sweep.cli import main
+from r2sweep.sweep.compare import compare_sweeps
+from r2sweep.sweep.confirm import TAG_CONFIRM_OF, TAG_CONFIRMED_BEST, confirm_top
+from r2sweep.sweep.select import load_sweep
+from r2sweep.tracking import TAG_TRIAL_ID, Tracker
+
+ray = pytest.importorskip("ray")
+
+OBJECTIVE = "ptq_rtn_w4a8/top1"
+SWEEP = {
+    "name": "confirm-me",
+    "seed": 0,
+    "data": {"name": "synthetic", "num_samples": 128},
+    "model": {"name": "small_cnn", "width": 0.25},
+    "train": {"epochs": 2, "batch_size": 32},
+    "r2": {"kind": "none"},
+    "downstream": [{"method": "ptq", "algorithm": "rtn", "weight_bits": [4]}],
+    "objective": {"metric": OBJECTIVE, "mode": "max"},
+    "search": {"r2.kind": {"choice": ["none", "linf"]},
+               "r2.strength": {"loguniform": [1e-3, 1e-1], "when": {"r2.kind": ["linf"]}},
+               "train.lr": {"loguniform": [0.01, 0.1]}},
+    "sweep": {"num_samples": 4, "max_concurrent": 2, "seed": 0, "sampler": "random", "scheduler": "none"},
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return run_tracked_sweeps(tmp_path_factory.mktemp("confirm"), SWEEP)
+
+
+@pytest.fixture
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_confirm_reruns_the_top_trials_logs_them_and_resumes(store: Path, tmp_path: Path, local_ray) -> None:
+    tracker = Tracker(f"sqlite:///{store / 'mlflow.db'}")
+    sweep, _ = load_sweep(tracker, "confirm-me")
+    trials = sweep.trial_runs()
+    ranked = sorted(trials, key=lambda r: (r.data.metrics[OBJECTIVE], r.data.metrics["fp/top1"]), reverse=True)
+    before = compare_sweeps(tracker, ["confirm-me"])
+
+    lines: list[str] = []
+    out = tmp_path / "confirmed.yaml"
+    confirmations = confirm_top(tracker, "confirm-me", top=2, seeds=[0, 1], out=out, progress=lines.append)
+
+    # The two best trials, each re-run on both seeds: seed 0 is the sweep's own seed,
+    # so its re-run reproduces the trial exactly (CPU, one thread).
+    assert {c.trial_id for c in confirmations} == {r.data.tags[TAG_TRIAL_ID] for r in ranked[:2]}
+    for c in confirmations:
+        trial = next(r for r in trials if r.data.tags[TAG_TRIAL_ID] == c.trial_id)
+        assert set(c.values) == {0, 1}
+        assert c.values[0] == pytest.approx(trial.data.metrics[OBJECTIVE]) == pytest.approx(c.sweep_value)
+        assert c.fp[0] == pytest.approx(trial.data.metrics["fp/top1"])
+        assert c.mean == pytest.approx(statistics.fmean(c.values.values()))
+    assert confirmations[0].mean >= confirmations[1].mean  # best mean first
+    assert len(lines) == 1 + 4 and lines[0].startswith("confirm confirm-me: 4 re-runs")
+
+    # In MLflow: four finished re-runs under the sweep, tagged with the trial they re-run,
+    # never counted as trials (compare's numbers are unchanged).
+    reruns = sweep.confirm_runs()
+    assert len(reruns) == 4 and all(r.info.status == "FINISHED" for r in reruns)
+    for r in reruns:
+        c = next(c for c in confirmations if c.trial_id == r.data.tags[TAG_CONFIRM_OF])
+        seed = int(r.data.params["seed"])
+        assert r.data.metrics[OBJECTIVE] == pytest.approx(c.values[seed])
+    assert len(sweep.trial_runs()) == len(trials)
+    assert compare_sweeps(tracker, ["confirm-me"])[0].finished == before[0].finished
+    parent = tracker.client.get_run(sweep.parent_run_id)
+    assert parent.data.tags[TAG_CONFIRMED_BEST] == confirmations[0].trial_id
+    written = yaml.safe_load(out.read_text())
+    winner = next(r for r in trials if r.data.tags[TAG_TRIAL_ID] == confirmations[0].trial_id)
+    assert written["train"]["lr"] == pytest.approx(float(winner.data.params["train.lr"]))
+
+    # Again, with one more seed: only the new seed runs; the rest comes from MLflow.
+    lines.clear()
+    again = confirm_top(tracker, "confirm-me", top=2, seeds=[0, 1, 2], progress=lines.append)
+    assert lines[0].startswith("confirm confirm-me: 2 re-runs") and len(sweep.confirm_runs()) == 6
+    assert {c.trial_id: (c.values[0], c.values[1]) for c in again} == {c.trial_id: (c.values[0], c.values[1])
+                                                                       for c in confirmations}
+
+
+def test_cli_prints_the_table_and_bad_input_is_one_line(store: Path, monkeypatch, capsys, local_ray) -> None:
+    monkeypatch.chdir(store)
+    # Everything already in MLflow from the test above (or run now, if it ran alone).
+    assert main(["confirm", "confirm-me", "--top", "1", "--seeds", "0"]) == 0
+    output = capsys.readouterr().out
+    assert "confirmed best: trial" in output and "(the sweep saw" in output
+    assert (store / "confirm-me-confirmed.yaml").is_file()
+    for argv, message in [(["confirm", "confirm-me", "--top", "0"], "--top 0: must be at least 1"),
+                          (["confirm", "confirm-me", "--seeds", "1", "1"], "give one or more distinct seeds"),
+                          (["confirm", "confirm-mee"], "did you mean 'confirm-me'")]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
