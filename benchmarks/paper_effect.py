@@ -189,6 +189,13 @@ def run_one_sweep(data: dict, work: Path) -> dict[str, Any]:
                                 experiment_path=experiment_path(storage, spec.name))
     started = time.perf_counter()
     outcome = run_sweep(spec, storage=storage, resume=resume, callbacks=[callback, ProgressCallback(spec)])
+    # Interrupted (Ctrl-C, a killed session): Tune returns what it had. Recording that
+    # as the sweep would freeze a partial search into the results; stop instead, and
+    # the same command resumes the sweep from its Tune experiment.
+    ended = [r for r in outcome.results if r.error is not None or (r.metrics or {}).get("final")]
+    if len(ended) < spec.settings.num_samples:
+        raise SystemExit(f"sweep {spec.name} interrupted after {len(ended)} of {spec.settings.num_samples} trials; "
+                         "run the same command again to resume it")
     best = outcome.best()
     if best is None:
         raise RuntimeError(f"sweep {spec.name}: no trial finished")
