@@ -60,7 +60,12 @@ def _cmd_trial(args: argparse.Namespace) -> int:
         return _error(f"--out {out}: exists and is not a directory")
 
     from r2sweep.checkpoint import write_text_atomic
-    from r2sweep.trial import run_trial, summarize
+    from r2sweep.trial import check_out_dir, run_trial, summarize
+
+    try:
+        check_out_dir(config, out)  # before config.yaml is overwritten
+    except ConfigError as error:
+        return _error(str(error))
 
     started = time.perf_counter()
 

@@ -16,6 +16,8 @@ its own copy of them, so results never contaminate each other.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import time
 from collections.abc import Callable
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 
 from r2sweep.checkpoint import load_checkpoint, save_atomic
 from r2sweep.data import DataSplits, create_data, make_loader
-from r2sweep.errors import TrialDiverged
+from r2sweep.errors import ConfigError, TrialDiverged
 from r2sweep.models import create_model
 from r2sweep.plots import weight_histograms
 from r2sweep.quant.finetune import dkm_compress, quantization_aware_train
@@ -39,7 +41,7 @@ from r2sweep.stats import weight_stats
 from r2sweep.train import evaluate, pretrain, resolve_device
 from r2sweep.trial_config import TrialConfig
 
-__all__ = ["run_trial", "load_pretrained", "Reporter", "Progress", "PRETRAIN_CHECKPOINT", "PRETRAINED", "HISTOGRAMS"]
+__all__ = ["run_trial", "check_out_dir", "config_fingerprint", "load_pretrained", "Reporter", "Progress", "PRETRAIN_CHECKPOINT", "PRETRAINED", "HISTOGRAMS"]
 
 #: Receives a flat ``{metric: number}`` dict; see the module docstring.
 Reporter = Callable[[dict[str, float]], None]
@@ -92,6 +94,25 @@ def _run_downstream(
     if entry.method == "qat":
         return quantization_aware_train(model, entry, bits, loader, calibration, device, on_epoch=on_epoch)
     return dkm_compress(model, entry, bits, loader, device, on_epoch=on_epoch)
+
+
+def config_fingerprint(config: TrialConfig) -> str:
+    """A digest of the whole trial config: what a pre-training checkpoint belongs to."""
+    return hashlib.sha256(json.dumps(config.to_mapping(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_out_dir(config: TrialConfig, out_dir: str | Path) -> None:
+    """Fail before anything is written if ``out_dir`` holds another config's pre-training state.
+
+    Raises:
+        ConfigError: the checkpoint there was written by a different trial config.
+    """
+    checkpoint = Path(out_dir) / PRETRAIN_CHECKPOINT
+    if checkpoint.is_file():
+        owner = load_checkpoint(checkpoint).get("owner")
+        if owner is not None and owner != config_fingerprint(config):
+            raise ConfigError("out_dir", str(out_dir), f"its {PRETRAIN_CHECKPOINT} holds the pre-training state of a "
+                              "different trial config; use another output folder (--out) or delete it to start over")
 
 
 def run_trial(
@@ -161,7 +182,10 @@ def run_trial(
 
     progress(f"pre-training {config.model.name} on {config.data.name} with R2 {config.r2.kind} for {config.train.epochs} epochs")
     checkpoint = out / PRETRAIN_CHECKPOINT if out is not None else None
-    pretrain(model, r2, train_loader, val_loader, config.train, on_epoch=on_epoch, checkpoint_path=checkpoint, device=device)
+    # The checkpoint carries the config's fingerprint: a folder reused for another
+    # config is refused instead of silently resumed (the sweep gives each trial its own).
+    pretrain(model, r2, train_loader, val_loader, config.train, on_epoch=on_epoch, checkpoint_path=checkpoint,
+             checkpoint_owner=config_fingerprint(config), device=device)
     final: dict[str, float] = {"time/pretrain_s": time.perf_counter() - started}
     model.eval()
     final["fp/top1"] = evaluate(model, val_loader, device)

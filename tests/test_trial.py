@@ -233,3 +233,27 @@ def test_cli_bad_file_exits_2_with_one_line_and_writes_nothing(tmp_path: Path) -
     done = _cli("trial", "bad.yaml", "--out", "out", cwd=tmp_path)
     assert done.returncode == 2 and "downstream[0].tua" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_resumes_its_own_config_and_refuses_another(tmp_path: Path) -> None:
+    mapping = {"data": {"name": "synthetic", "num_samples": 128}, "model": {"width": 0.25},
+               "train": {"epochs": 2, "batch_size": 32}, "downstream": [{"method": "ptq", "algorithm": "rtn", "weight_bits": 4}]}
+    config = load_trial_config(mapping)
+    cpu = torch.device("cpu")
+    first = run_trial(config, out_dir=tmp_path, device=cpu)
+    # The same config again: pre-training resumes after the last saved epoch (no epoch re-run).
+    epochs: list[dict] = []
+    again = run_trial(config, epochs.append, out_dir=tmp_path, device=cpu)
+    assert [r for r in epochs if "epoch" in r and "final" not in r] == []
+    assert again["ptq_rtn_w4a8/top1"] == first["ptq_rtn_w4a8/top1"]
+    # Another config into the same folder: refused with a message that names the fix.
+    other = load_trial_config({**mapping, "train": {**mapping["train"], "lr": 0.2}})
+    with pytest.raises(ConfigError, match="different trial config.*--out"):
+        run_trial(other, out_dir=tmp_path, device=cpu)
+    # The CLI says so in one line, exit 2.
+    (tmp_path / "trial.yaml").write_text(yaml.safe_dump(mapping))
+    assert _cli("trial", "trial.yaml", "--out", "run", cwd=tmp_path).returncode == 0
+    kept = (tmp_path / "run" / "config.yaml").read_text()
+    done = _cli("trial", "trial.yaml", "--out", "run", "--set", "train.lr=0.2", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "different trial config" in done.stderr
+    assert (tmp_path / "run" / "config.yaml").read_text() == kept  # refused before anything was written
