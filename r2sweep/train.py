@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from r2sweep.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
 from r2sweep.config import TrainConfig
-from r2sweep.errors import ConfigError, TrialDiverged
+from r2sweep.errors import TrialDiverged
 from r2sweep.losses import R2Loss
 from r2sweep.stats import weight_stats
 
@@ -128,7 +128,8 @@ def pretrain(
         checkpoint_path: where the full state is written after every epoch; if a
             checkpoint is already there, training resumes after its epoch.
         checkpoint_owner: a fingerprint of the run that owns the checkpoint (the
-            trial config's); a checkpoint with another owner is refused, not resumed.
+            trial config's), stored with it; the caller checks it before resuming
+            (:func:`r2sweep.trial.check_out_dir`).
         device: defaults to ``cfg.device`` resolved (a GPU when present).
 
     Returns:
@@ -136,7 +137,6 @@ def pretrain(
 
     Raises:
         TrialDiverged: the loss became NaN or infinite.
-        ConfigError: the checkpoint already there belongs to another run.
     """
     device = device or resolve_device(cfg.device)
     model.to(device)
@@ -147,12 +147,6 @@ def pretrain(
     metrics: dict[str, float] = {}
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         state = load_checkpoint(checkpoint_path, map_location=device)
-        owner = state.get("owner")
-        if checkpoint_owner is not None and owner is not None and owner != checkpoint_owner:
-            # Resuming another config's weights would silently mix two runs.
-            raise ConfigError("out_dir", str(Path(checkpoint_path).parent),
-                              f"its {Path(checkpoint_path).name} holds the pre-training state of a different trial "
-                              "config; use another output folder (--out) or delete it to start over")
         model.load_state_dict(state["model"])
         r2.load_state_dict(state["r2"])
         optimizer.load_state_dict(state["optimizer"])

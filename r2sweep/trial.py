@@ -184,6 +184,8 @@ def run_trial(
     checkpoint = out / PRETRAIN_CHECKPOINT if out is not None else None
     # The checkpoint carries the config's fingerprint: a folder reused for another
     # config is refused instead of silently resumed (the sweep gives each trial its own).
+    if out is not None:
+        check_out_dir(config, out)
     pretrain(model, r2, train_loader, val_loader, config.train, on_epoch=on_epoch, checkpoint_path=checkpoint,
              checkpoint_owner=config_fingerprint(config), device=device)
     final: dict[str, float] = {"time/pretrain_s": time.perf_counter() - started}
