@@ -102,6 +102,12 @@ def test_driver_killed_three_times_then_resumed_loses_and_duplicates_nothing(tmp
     complete = [t for t in searcher._ot_study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == SAMPLES
     assert "best:" in output
+    # The progress line counts the trials earlier drivers finished too (Tune
+    # hands a resumed sweep its callbacks as pickled at the start).
+    last = [line for line in output.splitlines() if "; trials: " in line][-1]
+    best = max(r.data.metrics["ptq_rtn_w4a8/top1"] for r in trials)
+    assert f"trials: {SAMPLES} finished, 0 stopped, 0 failed, 0 running of {SAMPLES}" in last, last
+    assert last.endswith(f"= {best:.2f}"), last
 
 
 def test_files_a_kill_tore_are_repaired_before_tune_reads_them(tmp_path: Path) -> None:

@@ -221,3 +221,39 @@ def test_a_killed_worker_is_retried_from_its_checkpoint_or_marked_failed(local_r
         assert sorted(set(epochs)) == list(range(10))
     else:
         assert results[victim].error is not None  # failed, and reported as such
+
+
+def test_progress_line_counts_trials_an_earlier_driver_finished() -> None:
+    """The line is computed from Tune's trial list, so a resumed sweep (whose
+    callback Tune unpickles from the sweep's start) still counts every trial."""
+    import pickle
+    from types import SimpleNamespace
+
+    from r2sweep.sweep.callbacks import ProgressCallback
+
+    lines: list[str] = []
+    fresh = ProgressCallback(load_sweep_spec(TINY), write=lines.append)
+    restored = pickle.loads(pickle.dumps(fresh))  # what Tune hands a resumed sweep
+    restored.write = lines.append
+    restored.setup()
+
+    def trial(trial_id: str, status: str, **result: float) -> SimpleNamespace:
+        return SimpleNamespace(trial_id=trial_id, status=status, last_result=result)
+
+    trials = [
+        trial("a", "TERMINATED", **{"ptq_rtn_w2a8/top1": 61.5}),  # finished by the killed driver
+        trial("b", "TERMINATED", **{"val/top1": 30.0}),  # stopped early by ASHA
+        trial("c", "ERROR"),
+        trial("d", "RUNNING", **{"ptq_rtn_w2a8/top1": 40.25}),  # completing now (Tune: still RUNNING)
+        trial("e", "RUNNING"),
+        trial("f", "PENDING"),
+    ]
+    restored.on_trial_complete(0, trials, trials[3])
+    assert lines[-1].endswith(
+        "trial d: ptq_rtn_w2a8/top1 = 40.25; trials: 2 finished, 1 stopped, 1 failed, 1 running of 6; "
+        "best ptq_rtn_w2a8/top1 = 61.50"
+    ), lines[-1]
+    trials[3].status = "TERMINATED"
+    trials[4] = trial("e", "ERROR")
+    restored.on_trial_error(0, trials, trials[4])
+    assert "trial e: failed; trials: 2 finished, 1 stopped, 2 failed, 0 running of 6" in lines[-1]

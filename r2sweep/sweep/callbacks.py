@@ -224,39 +224,61 @@ class TrackingCallback(tune.Callback):
 
 
 class ProgressCallback(tune.Callback):
-    """One line per finished trial: counts and the best objective so far."""
+    """One line per finished trial: counts and the best objective so far.
+
+    Counts and best come from Tune's trial list, not from the events this
+    process saw: a resumed sweep gets back its callbacks as they were pickled
+    when it started (Tune ignores the ones passed on resume), so anything kept
+    here would restart from that first snapshot and miss the trials an earlier
+    driver finished. The clock restarts in ``setup``, which each driver calls.
+    """
 
     def __init__(self, spec: SweepSpec, write: Callable[[str], None] | None = None) -> None:
         self.spec = spec
         self.write = write or (lambda line: print(line, file=sys.stderr, flush=True))
         self.started = time.perf_counter()
-        self.best: float | None = None
-        self.counts = {"finished": 0, "stopped": 0, "failed": 0}
 
-    def _line(self, trials: list, event: str) -> None:
-        running = sum(1 for t in trials if t.status == "RUNNING")
-        best = "-" if self.best is None else f"{self.best:.2f}"
-        c = self.counts
+    def setup(self, **info: Any) -> None:
+        self.started = time.perf_counter()
+
+    def _outcome(self, trial: Any) -> str:
+        """``finished`` (the objective is in its last result), ``failed`` or ``stopped``."""
+        result = trial.last_result or {}
+        value = result.get(self.spec.objective.metric)
+        if trial.status == "ERROR" or result.get("diverged"):
+            return "failed"
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return "finished"
+        return "stopped"
+
+    def _line(self, trials: list, event: str, ended: Any) -> None:
+        # Tune calls on_trial_complete while the trial is still RUNNING.
+        done = [t for t in trials if t.status in ("TERMINATED", "ERROR") or t is ended]
+        counts = {"finished": 0, "stopped": 0, "failed": 0}
+        best: float | None = None
+        objective = self.spec.objective
+        for trial in done:
+            outcome = self._outcome(trial)
+            counts[outcome] += 1
+            if outcome == "finished":
+                value = trial.last_result[objective.metric]
+                if best is None or (value > best if objective.mode == "max" else value < best):
+                    best = value
+        running = sum(1 for t in trials if t.status == "RUNNING" and t is not ended)
+        shown = "-" if best is None else f"{best:.2f}"
         self.write(
-            f"[{time.perf_counter() - self.started:7.1f}s] {event}; trials: {c['finished']} finished, "
-            f"{c['stopped']} stopped, {c['failed']} failed, {running} running of {self.spec.settings.num_samples}; "
-            f"best {self.spec.objective.metric} = {best}"
+            f"[{time.perf_counter() - self.started:7.1f}s] {event}; trials: {counts['finished']} finished, "
+            f"{counts['stopped']} stopped, {counts['failed']} failed, {running} running of "
+            f"{self.spec.settings.num_samples}; best {objective.metric} = {shown}"
         )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        result = trial.last_result or {}
-        objective = self.spec.objective
-        value = result.get(objective.metric)
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            self.counts["finished"] += 1
-            better = self.best is None or (value > self.best if objective.mode == "max" else value < self.best)
-            self.best = value if better else self.best
-            event = f"trial {trial.trial_id}: {objective.metric} = {value:.2f}"
+        outcome = self._outcome(trial)
+        if outcome == "finished":
+            event = f"trial {trial.trial_id}: {self.spec.objective.metric} = {trial.last_result[self.spec.objective.metric]:.2f}"
         else:
-            self.counts["stopped" if not result.get("diverged") else "failed"] += 1
-            event = f"trial {trial.trial_id}: {'diverged' if result.get('diverged') else 'stopped early'}"
-        self._line(trials, event)
+            event = f"trial {trial.trial_id}: {'diverged' if outcome == 'failed' else 'stopped early'}"
+        self._line(trials, event, trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.counts["failed"] += 1
-        self._line(trials, f"trial {trial.trial_id}: failed")
+        self._line(trials, f"trial {trial.trial_id}: failed", trial)
