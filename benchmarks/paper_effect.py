@@ -224,17 +224,34 @@ def _run_trial(job: tuple[dict, str | None]) -> dict[str, float]:
     return {**{k: float(v) for k, v in final.items()}, "seconds": time.perf_counter() - started}
 
 
-def rerun(data: dict, config: dict, seeds: list[int], work: Path, concurrency: int) -> list[dict[str, float]]:
-    """The sweep's best configuration trained again with each of ``seeds`` (pre-trained weights kept)."""
+def rerun(data: dict, config: dict, seeds: list[int], work: Path, concurrency: int,
+          r2_off: bool = False) -> list[dict[str, float]]:
+    """The sweep's best configuration trained again with each of ``seeds`` (pre-trained weights kept).
+
+    ``r2_off``: the same configuration with R2 switched off (the training knobs the
+    R2 sweep chose, no R2 term): what R2 itself adds, apart from its sweep's lr and wd.
+    """
     from r2sweep.sweep.spec import load_sweep_spec
 
     spec = load_sweep_spec(data)
     jobs = []
     for seed in seeds:
-        out = work / "reruns" / f"{spec.name}-seed{seed}"
-        jobs.append(({**spec.trial_mapping(config), "seed": seed}, str(out)))
+        mapping = {**spec.trial_mapping(config), "seed": seed}
+        if r2_off:
+            mapping["r2"] = {"kind": "none"}
+        out = work / "reruns" / f"{spec.name}{'-r2off' if r2_off else ''}-seed{seed}"
+        jobs.append((mapping, str(out)))
     with ProcessPoolExecutor(concurrency) as pool:
         return list(pool.map(_run_trial, jobs))
+
+
+def best_kind(entry: dict[str, Any], setting: str) -> str | None:
+    """The R2 kind whose re-runs have the highest mean objective (None before any)."""
+    objective = SETTINGS[setting]["objective"]
+    kinds = [k for k in entry.get("reruns", {}) if k != "none"]
+    if not kinds:
+        return None
+    return max(kinds, key=lambda k: _mean_sd([r.get(objective, 0.0) for r in entry["reruns"][k]])[0])
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -279,11 +296,30 @@ def table(results: dict[str, Any]) -> str:
             note = f" ({diverged} of {len(runs[kind])} diverged)" if diverged else ""
             lines.append(f"| {setting} | {kind} | {obj[0]:.1f} +- {obj[1]:.1f}{note} | {fp[0]:.1f} +- {fp[1]:.1f} | "
                          f"{gain} | {cost} | {other} | {config} |")
+        if "r2_off" in entry:
+            lines.append(_r2_off_row(setting, entry, objective, base_obj, base_fp))
     return "\n".join(lines)
 
 
-def _accuracy_series(setting: str, runs: dict[str, list[dict]]) -> list[tuple[str, list]]:
-    """Per downstream method, mean +- sd over seeds at each bit width, for no R2 and each kind."""
+def _r2_off_row(setting: str, entry: dict[str, Any], objective: str,
+                base_obj: tuple[float, float], base_fp: tuple[float, float]) -> str:
+    """The best kind's configuration with R2 off: its gain is what the training knobs alone buy."""
+    ablation = entry["r2_off"]
+    runs = ablation["runs"]
+    values = [r[objective] for r in runs if objective in r]
+    obj, fp = _mean_sd(values), _mean_sd([r["fp/top1"] for r in runs])
+    spread = math.sqrt(obj[1] ** 2 / len(values) + base_obj[1] ** 2 / len(values))
+    delta = obj[0] - base_obj[0]
+    gain = f"{delta:+.1f} +- {spread:.1f}" + (" **" if delta > 2 * spread else "")
+    config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in ablation["config"].items() if k.startswith("train."))
+    return (f"| {setting} | none, {ablation['kind']}'s lr/wd (R2 off) | {obj[0]:.1f} +- {obj[1]:.1f} | "
+            f"{fp[0]:.1f} +- {fp[1]:.1f} | {gain} | {fp[0] - base_fp[0]:+.1f} | | {config} |")
+
+
+def _accuracy_series(setting: str, runs: dict[str, list[dict]], labels: dict[str, str] | None = None) -> list[tuple[str, list]]:
+    """Per downstream method, mean +- sd over seeds at each bit width, for no R2 and each kind
+    (``labels``: names for extra series, such as the R2-off control)."""
     from r2sweep.sweep.figures import BitsSeries
 
     panels = []
@@ -299,7 +335,7 @@ def _accuracy_series(setting: str, runs: dict[str, list[dict]]) -> list[tuple[st
                 if values:
                     accuracy[bits], spread[bits] = _mean_sd(values)
             if accuracy:
-                label = "no R2 (tuned)" if kind == "none" else f"R2 {kind}"
+                label = (labels or {}).get(kind) or ("no R2 (tuned)" if kind == "none" else f"R2 {kind}")
                 series.append(BitsSeries(f"{label}, {len(rows)} seeds", kind, accuracy,
                                          _mean_sd([r["fp/top1"] for r in rows])[0], spread))
         panels.append((f"{method}_w*{act}", series))
@@ -318,12 +354,15 @@ def figures(results: dict[str, Any], work: Path, out_dir: Path, data: str) -> li
         runs = entry.get("reruns", {})
         if "none" not in runs or len(runs) < 2:
             continue
-        written.append(accuracy_vs_bits(_accuracy_series(setting, runs), out_dir / f"paper_effect_{data}_{setting}_bits.png"))
-        objective = SETTINGS[setting]["objective"]
-        best_kind = max((k for k in runs if k != "none"),
-                        key=lambda k: _mean_sd([r.get(objective, 0.0) for r in runs[k]])[0])
+        series, labels = dict(runs), {}
+        if "r2_off" in entry:
+            series["r2_off"] = entry["r2_off"]["runs"]
+            labels["r2_off"] = f"no R2 at {entry['r2_off']['kind']}'s lr/wd"
+        written.append(accuracy_vs_bits(_accuracy_series(setting, series, labels),
+                                        out_dir / f"paper_effect_{data}_{setting}_bits.png"))
+        chosen = best_kind(entry, setting)
         seed = entry.get("seeds", [1])[0]
-        paths = {kind: work / "reruns" / f"{setting}-{kind}-seed{seed}" / PRETRAINED for kind in ("none", best_kind)}
+        paths = {kind: work / "reruns" / f"{setting}-{kind}-seed{seed}" / PRETRAINED for kind in ("none", chosen)}
         if all(p.is_file() for p in paths.values()):
             models = {("no R2 (tuned)" if k == "none" else f"R2 {k}"): load_pretrained(p)[0] for k, p in paths.items()}
             colors = {label: kind_color(k) for label, k in zip(models, paths)}
@@ -390,6 +429,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{time.strftime('%H:%M')}] {setting}: re-run {kind} with seeds {args.seeds}", flush=True)
                 entry["reruns"][kind] = rerun(data, entry["sweeps"][kind]["config"], args.seeds, work, args.concurrency)
                 save()
+        # The control: is the gain R2's, or the training knobs its sweep found?
+        chosen = best_kind(entry, setting)
+        if all(k in entry["reruns"] for k in args.kinds) and chosen and entry.get("r2_off", {}).get("kind") != chosen:
+            print(f"[{time.strftime('%H:%M')}] {setting}: re-run {chosen}'s configuration with R2 off", flush=True)
+            config = entry["sweeps"][chosen]["config"]
+            runs = rerun(sweep_spec(setting, chosen, base, scale, args), config, args.seeds, work, args.concurrency,
+                         r2_off=True)
+            entry["r2_off"] = {"kind": chosen, "config": config, "runs": runs}
+            save()
     print(table(results))
     for path in figures(results, work, out.parent, args.data):
         print(f"figure: {path}")

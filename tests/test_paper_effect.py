@@ -3,11 +3,12 @@
 The run is the script itself in a subprocess (as a user runs it), on a CIFAR-10
 folder the test writes, at the cifar10 scale preset with its epochs cut to one
 (full-width ResNet-18 on 20 images): a tuned-baseline sweep, one R2 sweep, the
-re-runs, the table and the figures, every sweep in a real MLflow SQLite store.
+re-runs, the R2-off control, the table and the figures, every sweep in a real MLflow SQLite store.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -16,10 +17,16 @@ from pathlib import Path
 
 from conftest import write_cifar
 
+from r2sweep.checkpoint import load_checkpoint
+from r2sweep.sweep.spec import load_sweep_spec
 from r2sweep.tracking import Tracker
+from r2sweep.trial import config_fingerprint
+from r2sweep.trial_config import load_trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "paper_effect.py"
+sys.path.insert(0, str(SCRIPT.parent))
+import paper_effect  # noqa: E402
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
@@ -50,6 +57,18 @@ def test_paper_effect_runs_on_a_cifar_root_and_resumes(tmp_path: Path) -> None:
     names = Tracker(f"sqlite:///{work / 'mlflow.db'}").experiment_names()
     assert {"dkm-r18-none", "dkm-r18-linf"} <= set(names)
     assert "| dkm-r18 | linf |" in first.stdout
+    # The control: the best kind's configuration re-run with R2 switched off.
+    control = entry["r2_off"]
+    assert control["kind"] == "linf" and control["config"] == entry["sweeps"]["linf"]["config"]
+    assert 0.0 <= control["runs"][0]["dkm_w1/top1"] <= 100.0
+    assert "| dkm-r18 | none, linf's lr/wd (R2 off) |" in first.stdout
+    owner = load_checkpoint(work / "reruns" / "dkm-r18-linf-r2off-seed1" / "pretrain_state.pt")["owner"]
+    spec = load_sweep_spec(paper_effect.sweep_spec("dkm-r18", "linf", entry["base"], paper_effect.SCALES["cifar10"],
+                                                   argparse.Namespace(trials=1, concurrency=1, device="cpu")))
+    mapping = {**spec.trial_mapping(control["config"]), "seed": 1}
+    assert owner == config_fingerprint(load_trial_config({**mapping, "r2": {"kind": "none"}}))
+    assert owner != config_fingerprint(load_trial_config(mapping))  # the same knobs, without the R2 term
+
     for figure in ("bits", "weights"):
         assert (out.parent / f"paper_effect_cifar10_dkm-r18_{figure}.png").read_bytes()[:4] == b"\x89PNG"
 
