@@ -317,6 +317,47 @@ def _r2_off_row(setting: str, entry: dict[str, Any], objective: str,
             f"{fp[0]:.1f} +- {fp[1]:.1f} | {gain} | {fp[0] - base_fp[0]:+.1f} | | {config} |")
 
 
+def weights_table(results: dict[str, Any], work: Path) -> str:
+    """Markdown: where the outliers live, per setting and model (first re-run seed's
+    pre-trained weights): excess kurtosis and max|w| / std, layer means, for the
+    depthwise convolutions and for the other layers, and the worst layer."""
+    from torch import nn
+
+    from r2sweep.stats import layer_weight_stats
+    from r2sweep.trial import PRETRAINED, load_pretrained
+
+    lines = ["| setting | model | depthwise: kurtosis / max\\|w\\|/std | other layers: kurtosis / max\\|w\\|/std | "
+             "worst layer (kurtosis, max\\|w\\|/std) |", "|---|---|---|---|---|"]
+    for setting, entry in results.get("settings", {}).items():
+        seed = entry.get("seeds", [1])[0]
+        folders = {kind: f"{setting}-{kind}-seed{seed}" for kind in ("none", *KINDS) if kind in entry.get("reruns", {})}
+        if "r2_off" in entry:
+            folders[f"none, {entry['r2_off']['kind']}'s lr/wd"] = f"{setting}-{entry['r2_off']['kind']}-r2off-seed{seed}"
+        for label, folder in folders.items():
+            path = work / "reruns" / folder / PRETRAINED
+            if not path.is_file():
+                continue
+            model, _ = load_pretrained(path)
+            groups: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+            worst = ("", -math.inf, 0.0)
+            for name, stats in layer_weight_stats(model).items():
+                module = model.get_submodule(name)
+                depthwise = isinstance(module, nn.Conv2d) and module.groups > 1
+                ratio = stats["max_abs"] / stats["std"] if stats["std"] > 0 else 0.0
+                groups[depthwise].append((stats["kurtosis"], ratio))
+                if stats["kurtosis"] > worst[1]:
+                    worst = (name, stats["kurtosis"], ratio)
+
+            def cell(rows: list[tuple[float, float]]) -> str:
+                if not rows:
+                    return "(none)"
+                return f"{statistics.fmean(r[0] for r in rows):.1f} / {statistics.fmean(r[1] for r in rows):.1f}"
+
+            lines.append(f"| {setting} | {label} | {cell(groups[True])} | {cell(groups[False])} | "
+                         f"{worst[0]} ({worst[1]:.1f}, {worst[2]:.1f}) |")
+    return "\n".join(lines)
+
+
 def _accuracy_series(setting: str, runs: dict[str, list[dict]], labels: dict[str, str] | None = None) -> list[tuple[str, list]]:
     """Per downstream method, mean +- sd over seeds at each bit width, for no R2 and each kind
     (``labels``: names for extra series, such as the R2-off control)."""
@@ -395,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(out.read_text()) if out.exists() else {"settings": {}}
     if args.table:
         print(table(results))
+        print()
+        print(weights_table(results, work))
         for path in figures(results, work, out.parent, args.data):
             print(f"figure: {path}")
         return 0
@@ -439,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
             entry["r2_off"] = {"kind": chosen, "config": config, "runs": runs}
             save()
     print(table(results))
+    print()
+    print(weights_table(results, work))
     for path in figures(results, work, out.parent, args.data):
         print(f"figure: {path}")
     return 0

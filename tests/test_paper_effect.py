@@ -68,6 +68,9 @@ def test_paper_effect_runs_on_a_cifar_root_and_resumes(tmp_path: Path) -> None:
     mapping = {**spec.trial_mapping(control["config"]), "seed": 1}
     assert owner == config_fingerprint(load_trial_config({**mapping, "r2": {"kind": "none"}}))
     assert owner != config_fingerprint(load_trial_config(mapping))  # the same knobs, without the R2 term
+    # Where the outliers live, per model: one row each, the control's included.
+    weights = [line for line in first.stdout.splitlines() if line.startswith("| dkm-r18 |") and "/" in line.split("|")[4]]
+    assert [line.split("|")[2].strip() for line in weights] == ["none", "linf", "none, linf's lr/wd"], weights
 
     for figure in ("bits", "weights"):
         assert (out.parent / f"paper_effect_cifar10_dkm-r18_{figure}.png").read_bytes()[:4] == b"\x89PNG"
