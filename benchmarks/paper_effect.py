@@ -286,13 +286,9 @@ def table(results: dict[str, Any]) -> str:
             if kind == "none":
                 gain = cost = "-"
             else:
-                n = len(values)
-                spread = math.sqrt(obj[1] ** 2 / n + base_obj[1] ** 2 / n)
-                delta = obj[0] - base_obj[0]
-                gain = f"{delta:+.1f} +- {spread:.1f}" + (" **" if delta > 2 * spread else "")
+                gain = _gain_text(obj, base_obj, len(values))
                 cost = f"{fp[0] - base_fp[0]:+.1f}"
-            config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in entry["sweeps"][kind]["config"].items())
+            config = _config_text(entry["sweeps"][kind]["config"])
             note = f" ({diverged} of {len(runs[kind])} diverged)" if diverged else ""
             lines.append(f"| {setting} | {kind} | {obj[0]:.1f} +- {obj[1]:.1f}{note} | {fp[0]:.1f} +- {fp[1]:.1f} | "
                          f"{gain} | {cost} | {other} | {config} |")
@@ -308,13 +304,22 @@ def _r2_off_row(setting: str, entry: dict[str, Any], objective: str,
     runs = ablation["runs"]
     values = [r[objective] for r in runs if objective in r]
     obj, fp = _mean_sd(values), _mean_sd([r["fp/top1"] for r in runs])
-    spread = math.sqrt(obj[1] ** 2 / len(values) + base_obj[1] ** 2 / len(values))
-    delta = obj[0] - base_obj[0]
-    gain = f"{delta:+.1f} +- {spread:.1f}" + (" **" if delta > 2 * spread else "")
-    config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in ablation["config"].items() if k.startswith("train."))
+    training = {k: v for k, v in ablation["config"].items() if k.startswith("train.")}
     return (f"| {setting} | none, {ablation['kind']}'s lr/wd (R2 off) | {obj[0]:.1f} +- {obj[1]:.1f} | "
-            f"{fp[0]:.1f} +- {fp[1]:.1f} | {gain} | {fp[0] - base_fp[0]:+.1f} | | {config} |")
+            f"{fp[0]:.1f} +- {fp[1]:.1f} | {_gain_text(obj, base_obj, len(values))} | {fp[0] - base_fp[0]:+.1f} | | "
+            f"{_config_text(training)} |")
+
+
+def _gain_text(obj: tuple[float, float], base_obj: tuple[float, float], n: int) -> str:
+    """Mean difference to the tuned baseline +- its standard error over ``n`` seeds each;
+    ``**`` where the difference exceeds twice that."""
+    spread = math.sqrt(obj[1] ** 2 / n + base_obj[1] ** 2 / n)
+    delta = obj[0] - base_obj[0]
+    return f"{delta:+.1f} +- {spread:.1f}" + (" **" if delta > 2 * spread else "")
+
+
+def _config_text(config: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
 
 
 def weights_table(results: dict[str, Any], work: Path) -> str:
@@ -347,15 +352,16 @@ def weights_table(results: dict[str, Any], work: Path) -> str:
                 groups[depthwise].append((stats["kurtosis"], ratio))
                 if stats["kurtosis"] > worst[1]:
                     worst = (name, stats["kurtosis"], ratio)
-
-            def cell(rows: list[tuple[float, float]]) -> str:
-                if not rows:
-                    return "(none)"
-                return f"{statistics.fmean(r[0] for r in rows):.1f} / {statistics.fmean(r[1] for r in rows):.1f}"
-
-            lines.append(f"| {setting} | {label} | {cell(groups[True])} | {cell(groups[False])} | "
+            lines.append(f"| {setting} | {label} | {_layer_means(groups[True])} | {_layer_means(groups[False])} | "
                          f"{worst[0]} ({worst[1]:.1f}, {worst[2]:.1f}) |")
     return "\n".join(lines)
+
+
+def _layer_means(rows: list[tuple[float, float]]) -> str:
+    """``kurtosis / max|w|/std``, each the mean over the layers in ``rows``."""
+    if not rows:
+        return "(none)"
+    return f"{statistics.fmean(r[0] for r in rows):.1f} / {statistics.fmean(r[1] for r in rows):.1f}"
 
 
 def _accuracy_series(setting: str, runs: dict[str, list[dict]], labels: dict[str, str] | None = None) -> list[tuple[str, list]]:
