@@ -299,23 +299,30 @@ def table(results: dict[str, Any]) -> str:
 
 def _r2_off_row(setting: str, entry: dict[str, Any], objective: str,
                 base_obj: tuple[float, float], base_fp: tuple[float, float]) -> str:
-    """The best kind's configuration with R2 off: its gain is what the training knobs alone buy."""
+    """The best kind's configuration with R2 off: its gain is what the training knobs alone buy.
+
+    The "other results" cell says what R2 itself buys: the kind's objective over this row's,
+    same seeds and training knobs, only the R2 term differing.
+    """
     ablation = entry["r2_off"]
+    kind = ablation["kind"]
     runs = ablation["runs"]
     values = [r[objective] for r in runs if objective in r]
     obj, fp = _mean_sd(values), _mean_sd([r["fp/top1"] for r in runs])
+    with_r2 = [r[objective] for r in entry["reruns"].get(kind, []) if objective in r]
+    own_gain = f"{kind} over this: {_gain_text(_mean_sd(with_r2), obj, len(values))}" if with_r2 and values else ""
     training = {k: v for k, v in ablation["config"].items() if k.startswith("train.")}
-    return (f"| {setting} | none, {ablation['kind']}'s lr/wd (R2 off) | {obj[0]:.1f} +- {obj[1]:.1f} | "
-            f"{fp[0]:.1f} +- {fp[1]:.1f} | {_gain_text(obj, base_obj, len(values))} | {fp[0] - base_fp[0]:+.1f} | | "
-            f"{_config_text(training)} |")
+    return (f"| {setting} | none, {kind}'s lr/wd (R2 off) | {obj[0]:.1f} +- {obj[1]:.1f} | "
+            f"{fp[0]:.1f} +- {fp[1]:.1f} | {_gain_text(obj, base_obj, len(values))} | {fp[0] - base_fp[0]:+.1f} | "
+            f"{own_gain} | {_config_text(training)} |")
 
 
 def _gain_text(obj: tuple[float, float], base_obj: tuple[float, float], n: int) -> str:
     """Mean difference to the tuned baseline +- its standard error over ``n`` seeds each;
-    ``**`` where the difference exceeds twice that."""
+    ``**`` where the difference exceeds twice that (never from one seed: it has no spread)."""
     spread = math.sqrt(obj[1] ** 2 / n + base_obj[1] ** 2 / n)
     delta = obj[0] - base_obj[0]
-    return f"{delta:+.1f} +- {spread:.1f}" + (" **" if delta > 2 * spread else "")
+    return f"{delta:+.1f} +- {spread:.1f}" + (" **" if n > 1 and delta > 2 * spread else "")
 
 
 def _config_text(config: dict[str, Any]) -> str:

@@ -61,7 +61,8 @@ def test_paper_effect_runs_on_a_cifar_root_and_resumes(tmp_path: Path) -> None:
     control = entry["r2_off"]
     assert control["kind"] == "linf" and control["config"] == entry["sweeps"]["linf"]["config"]
     assert 0.0 <= control["runs"][0]["dkm_w1/top1"] <= 100.0
-    assert "| dkm-r18 | none, linf's lr/wd (R2 off) |" in first.stdout
+    (control_row,) = [line for line in first.stdout.splitlines() if "| dkm-r18 | none, linf's lr/wd (R2 off) |" in line]
+    assert "linf over this: " in control_row  # what R2 itself buys: same seeds and knobs, R2 term only
     owner = load_checkpoint(work / "reruns" / "dkm-r18-linf-r2off-seed1" / "pretrain_state.pt")["owner"]
     spec = load_sweep_spec(paper_effect.sweep_spec("dkm-r18", "linf", entry["base"], paper_effect.SCALES["cifar10"],
                                                    argparse.Namespace(trials=1, concurrency=1, device="cpu")))
