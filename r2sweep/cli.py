@@ -146,6 +146,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
           f"objective {spec.objective.metric} ({spec.objective.mode}); tracking {tracker.display_uri}", file=sys.stderr)
     try:
         tracker.check_access()  # a refused password fails here, before Ray starts or anything is logged
+        if args.resume:
+            tracking.check_resume()
         outcome = run_sweep(spec, storage=storage, name=name, resume=args.resume, address=args.address, callbacks=callbacks)
         # Next to the sweep's results when they are local, else in the working directory.
         best_path = Path(outcome.path) / "best.yaml" if "://" not in outcome.path else Path(f"{name}-best.yaml")

@@ -282,6 +282,22 @@ class Tracker:
         """The tracking URI with any password in it replaced by ``***`` (safe to print or log)."""
         return redact_uri(self.tracking_uri)
 
+    @property
+    def location(self) -> str:
+        """Which store this is, independent of the working directory: the display URI,
+        a relative SQLite path made absolute. Two trackers with one location log to one store."""
+        return redact_uri(_absolute_sqlite(self.tracking_uri))
+
+    def pinned(self) -> Tracker:
+        """This tracker with relative SQLite paths resolved now.
+
+        For a tracker that is pickled and used later from another directory: Tune
+        restores a sweep's callbacks as they were pickled, in the resuming driver's
+        working directory, where ``sqlite:///mlflow.db`` would name another file.
+        """
+        return Tracker(_absolute_sqlite(self.tracking_uri), registry_uri=_absolute_sqlite(self.registry_uri),
+                       artifact_location=self.artifact_location)
+
     def check_access(self) -> None:
         """Fail now, before a sweep starts, if the store is unreachable or refuses us.
 

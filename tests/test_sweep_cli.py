@@ -118,6 +118,12 @@ def test_resume_continues_the_same_sweep_without_duplicate_runs(finished_sweep) 
     assert changed.returncode == 2, changed.stderr[-2000:]
     (line,) = [l for l in changed.stderr.splitlines() if l.startswith("r2sweep: error:")]
     assert "train.epochs=7" in line and "was started with" in line and "--name" in line
+    # Tune resumes with the tracker the sweep started with: another store is refused, not half-used.
+    elsewhere = _r2sweep("sweep", "tiny.yaml", "--resume", "--tracking-uri", "sqlite:///other.db", cwd=work)
+    assert elsewhere.returncode == 2, elsewhere.stderr[-2000:]
+    (line,) = [l for l in elsewhere.stderr.splitlines() if l.startswith("r2sweep: error:")]
+    assert "--tracking-uri" in line and f"resume it with --tracking-uri sqlite:///{work.resolve() / 'mlflow.db'}" in line
+    assert not (work / "other.db").exists()
 
 
 def test_bad_spec_exits_2_and_creates_nothing(tmp_path: Path) -> None:

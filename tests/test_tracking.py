@@ -287,10 +287,23 @@ def test_passwords_in_uris_are_masked_wherever_a_tracker_shows_its_uri(monkeypat
     assert redact_uri("http://mlflow:5000/a@b") == "http://mlflow:5000/a@b"  # no credentials: unchanged
     tracker = Tracker("http://alice:hunter2@127.0.0.1:1")
     assert "hunter2" not in repr(tracker) and "hunter2" not in tracker.display_uri
+    assert "hunter2" not in tracker.location and "hunter2" in tracker.pinned().tracking_uri  # a copy that still logs in
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     assert Tracker().tracking_uri == "http://127.0.0.1:9"  # MLflow's own variable, before the SQLite default
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert Tracker().tracking_uri == "sqlite:///mlflow.db"
+
+
+def test_a_pinned_tracker_names_the_same_store_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tune unpickles a sweep's callbacks in the resuming driver's directory.
+    monkeypatch.chdir(tmp_path)
+    relative = Tracker("sqlite:///mlflow.db")
+    pinned = pickle.loads(pickle.dumps(relative.pinned()))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert pinned.location == pinned.tracking_uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert relative.location == f"sqlite:///{tmp_path.resolve() / 'elsewhere' / 'mlflow.db'}"
+    assert Tracker("http://127.0.0.1:5000").pinned().location == "http://127.0.0.1:5000"
 
 
 def test_an_unreachable_server_fails_the_access_check_without_showing_the_password(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ from the driver on a cluster too.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -19,6 +20,8 @@ from typing import Any
 
 from ray import tune
 
+from r2sweep.checkpoint import write_text_atomic
+from r2sweep.errors import ConfigError
 from r2sweep.sweep.journal import JournalFlusher, TrackingJournal
 from r2sweep.sweep.spec import SweepSpec
 from r2sweep.tracking import TAG_OUTCOME, SweepRun, Tracker
@@ -30,6 +33,8 @@ __all__ = ["TrackingCallback", "ProgressCallback", "EPOCH_METRICS"]
 EPOCH_METRICS = ("train/loss", "train/r2", "val/top1", "proxy/top1", "lr", "weights/max_abs", "weights/range", "weights/kurtosis", "time/epoch_s")
 
 TAG_EXPERIMENT_PATH = "r2sweep.experiment_path"
+#: In the journal folder: the store a sweep started logging to (its location, no password).
+STORE_FILE = "store.json"
 #: Where the trial ran (Ray node id and host): the last node, if it was restored elsewhere.
 TAG_NODE_ID = "r2sweep.node_id"
 TAG_NODE_HOST = "r2sweep.node_host"
@@ -78,7 +83,7 @@ class TrackingCallback(tune.Callback):
         journal_dir: str | None = None,
         flush_timeout_s: float = 900.0,
     ) -> None:
-        self.tracker = tracker
+        self.tracker = tracker.pinned()  # Tune may unpickle this in another working directory
         self.spec = spec
         self.spec_text = spec_text
         self.name = name
@@ -94,6 +99,27 @@ class TrackingCallback(tune.Callback):
         self._journal: TrackingJournal | None = None
         self._flusher: JournalFlusher | None = None
         self._reconciled = False
+
+    def check_resume(self) -> None:
+        """Refuse to resume this sweep with another MLflow store than it started with.
+
+        Tune resumes a sweep with the callbacks pickled when it started and ignores
+        the ones passed now, so the trials would keep logging to the first store
+        while the best configuration was read from this one.
+
+        Raises:
+            ConfigError: naming ``--tracking-uri``, both stores, and the fix.
+        """
+        store_file = Path(self.journal_dir) / STORE_FILE
+        if not store_file.exists():
+            return  # a sweep from before the record was kept, or not started yet
+        started = json.loads(store_file.read_text())["tracking"]
+        if started != self.tracker.location:
+            raise ConfigError(
+                "--tracking-uri", self.tracker.location,
+                f"sweep {self.name!r} logs to {started} (a resumed sweep keeps the store it started with); "
+                f"resume it with --tracking-uri {started}",
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment; the journal and its
@@ -112,6 +138,9 @@ class TrackingCallback(tune.Callback):
             self.sweep = self.tracker.start_sweep(
                 self.name, self.spec_text, tags={TAG_EXPERIMENT_PATH: self.experiment_path}, resume=resume
             )
+        store_file = Path(self.journal_dir) / STORE_FILE
+        if not store_file.exists():
+            write_text_atomic(store_file, json.dumps({"tracking": self.tracker.location}))
         if self._flusher is None:
             # Operations a killed driver left unapplied go first.
             self._journal = TrackingJournal(self.journal_dir)
