@@ -28,7 +28,7 @@ import yaml
 
 from r2sweep.errors import R2SweepError
 from r2sweep.sweep.cluster import connect
-from r2sweep.sweep.select import TRIAL_CONFIG_ARTIFACT, load_sweep
+from r2sweep.sweep.select import TRIAL_CONFIG_ARTIFACT, load_sweep, pareto_front
 from r2sweep.sweep.spec import SweepSpec
 from r2sweep.tracking import TAG_TRIAL_ID, SweepRun, Tracker
 
@@ -86,7 +86,11 @@ def _top_trials(sweep: SweepRun, spec: SweepSpec, top: int) -> list[Any]:
     finished = [r for r in sweep.trial_runs() if all(o.metric in r.data.metrics for o in spec.objectives)]
     if not finished:
         raise R2SweepError(f"sweep {sweep.name!r} has no finished trial with {spec.objective.metric} yet")
-    return sorted(finished, key=lambda r: spec.ranking(r.data.metrics), reverse=True)[:top]
+    # As for `best`: in a multi-objective sweep only the Pareto front are candidates
+    # (a trial another one beats on every objective is not worth re-running), ranked
+    # by the objectives in order; the winner is then the best mean of the first.
+    candidates = pareto_front(finished, spec) if spec.multi_objective else finished
+    return sorted(candidates, key=lambda r: spec.ranking(r.data.metrics), reverse=True)[:top]
 
 
 def confirm_top(
