@@ -308,6 +308,19 @@ def test_zero_tensor_is_finite(kind: str) -> None:
     assert all(torch.isfinite(p.grad).all() for p in q.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("kind", list(MAKERS))
+def test_a_step_driven_far_below_zero_stays_finite(kind: str) -> None:
+    # An optimizer can overshoot a step (or width) to large negative values; the
+    # forward uses the smallest step instead and must not divide by an exact zero.
+    x = torch.randn(4, 9, requires_grad=True)
+    q = _set(MAKERS[kind](2, True), **({"step": -3.3654} if kind == "lsq" else {"lower": 0.5, "upper": -2.9}))
+    out = q(x)
+    floor = 0.0 if kind == "lsq" else 0.5  # every value on the one level left: 0, or EWGS's lower end
+    assert torch.isfinite(out).all() and (out - floor).abs().max() < 1e-6
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in q.parameters() if p.grad is not None)
+
+
 def test_channel_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError, match="3 channels"):
         LsqQuantizer(4, True, num_channels=3)(torch.randn(4, 2))

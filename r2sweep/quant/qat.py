@@ -74,9 +74,12 @@ def _floor_ste(v: Tensor, minimum: float) -> Tensor:
     """``max(v, minimum)`` forward, identity gradient backward.
 
     A plain clamp would zero the gradient below ``minimum``, so a step or width
-    pushed there could never recover.
+    pushed there could never recover. The value is the clamp exactly: the textbook
+    ``v + (clamp(v) - v).detach()`` cancels to 0 in float32 once ``v`` is far below
+    ``minimum`` (-3.4 + (1e-8 + 3.4) == 0), and a zero step divides to NaN. Seen
+    when LSQ's 2-bit activation steps overshoot below zero on MobileNet-V1.
     """
-    return v + (v.clamp(min=minimum) - v).detach()
+    return _ste(v.clamp(min=minimum), v)
 
 
 def _compute_dtype(x: Tensor, p: Tensor) -> torch.dtype:
