@@ -78,3 +78,25 @@ def test_search_finds_it_scores_sweeps_against_the_grid_target(tmp_path: Path) -
     assert "the same target on fresh seeds: 54.00" in summary and "[reaches the fresh-seed target]" in summary
     search_finds_it.plot(store, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_qat_recipe_measures_init_and_fine_tuning_and_reports_divergence() -> None:
+    import torch
+
+    from r2sweep.data import create_data
+    from r2sweep.models import create_model
+
+    qat_recipe = pytest.importorskip("qat_recipe")
+    data = create_data("synthetic", num_samples=128, input_size=8)
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=data.num_classes, in_channels=data.in_channels,
+                         input_size=data.input_size, width=0.25).eval()
+    row = qat_recipe.one_recipe(model, "ewgs", 2, 2, data, argparse.Namespace(epochs=1, finetune_lr=0.01))
+    assert (row["algorithm"], row["weight_bits"], row["act_bits"]) == ("ewgs", 2, 2)
+    assert 0.0 <= row["initialized"] <= 100.0 and 0.0 <= row["fine_tuned"] <= 100.0 and "diverged" not in row
+    assert not [name for name, _ in model.named_parameters() if "_quantizer." in name]  # the model is left as it was
+    diverged = {**row, "diverged": "non-finite loss in qat fine-tuning, epoch 0: lower downstream.lr"}
+    del diverged["fine_tuned"]
+    lines = qat_recipe.table([row, diverged], epochs=1).splitlines()
+    assert lines[0].endswith("| top-1 after 1 epochs |") and len(lines) == 4
+    assert lines[2].startswith("| ewgs | W2A2 |") and lines[3].endswith("| diverged (non-finite loss in qat fine-tuning, epoch 0) |")

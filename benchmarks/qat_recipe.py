@@ -1,0 +1,119 @@
+"""Does the QAT recipe itself train at 2 bits, before R2 enters? (issue 8, qat-mbv1)
+
+The qat-mbv1 setting of ``paper_effect.py`` compares R2 against no R2 under EWGS and
+LSQ at W2A2 on MobileNet-V1. Its first sweep showed LSQ diverging in every trial,
+with and without anything R2 could change, so this script isolates the recipe: one
+pre-trained no-R2 model (the qat-mbv1 setting's model, data and scale; or
+``--checkpoint``), then for each algorithm and bit pair, the accuracy right after
+the quantizers are initialized and after ``--epochs`` of fine-tuning, or the epoch
+it diverged in. Weights and activations are varied apart, to say which one breaks.
+
+    .venv/bin/python benchmarks/qat_recipe.py                       # ~10 min on 2 cores
+    .venv/bin/python benchmarks/qat_recipe.py --checkpoint run/pretrained.pt --r2-note "L-inf 0.7"
+
+Writes ``results/qat_recipe.json`` (``--out``) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paper_effect import SCALES, trial_base  # noqa: E402
+
+from r2sweep.data import create_data, make_loader  # noqa: E402
+from r2sweep.errors import TrialDiverged  # noqa: E402
+from r2sweep.quant.finetune import quantization_aware_train  # noqa: E402
+from r2sweep.quant.recipe import DownstreamConfig  # noqa: E402
+from r2sweep.train import evaluate  # noqa: E402
+from r2sweep.trial import load_pretrained, run_trial  # noqa: E402
+from r2sweep.trial_config import load_trial_config  # noqa: E402
+
+BIT_PAIRS = ((8, 8), (2, 8), (8, 2), (2, 2))
+
+
+def pretrained_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """``--checkpoint``, else the qat-mbv1 base model trained once without R2 (seed 0)."""
+    base = trial_base("qat-mbv1", SCALES["distorted_digits"],
+                      argparse.Namespace(root=None, data_option=[], finetune=None, epochs=None, device="cpu"))
+    if args.checkpoint is None:
+        out = args.work / "pretrained-none"
+        if not (out / "pretrained.pt").is_file():
+            config = {**base, "downstream": [], "train": {**base["train"], "lr": args.lr, "weight_decay": args.weight_decay}}
+            print(f"pre-training {config['model']} without R2 (lr {args.lr}, wd {args.weight_decay}) ...", flush=True)
+            run_trial(load_trial_config(config), out_dir=out)
+        args.checkpoint = out / "pretrained.pt"
+    model, _ = load_pretrained(args.checkpoint)
+    return model, base
+
+
+def one_recipe(model: torch.nn.Module, algorithm: str, weight_bits: int, act_bits: int, data, args) -> dict[str, Any]:
+    """Accuracy after initialization and after fine-tuning (or where it diverged)."""
+    cfg = DownstreamConfig(method="qat", algorithm=algorithm, weight_bits=[weight_bits], act_bits=act_bits,
+                           epochs=args.epochs, lr=args.finetune_lr)
+    loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=1)
+    val = make_loader(data.val, 256, shuffle=False, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    calibration = torch.stack([data.train[int(i)][0] for i in torch.randperm(len(data.train), generator=generator)[:512]])
+    started = time.perf_counter()
+    initial = quantization_aware_train(model, dataclasses.replace(cfg, epochs=0), weight_bits, loader, calibration, torch.device("cpu"))
+    row: dict[str, Any] = {"algorithm": algorithm, "weight_bits": weight_bits, "act_bits": act_bits,
+                           "initialized": evaluate(initial, val, torch.device("cpu"))}
+    try:
+        tuned = quantization_aware_train(model, cfg, weight_bits, loader, calibration, torch.device("cpu"))
+        row["fine_tuned"] = evaluate(tuned, val, torch.device("cpu"))
+    except TrialDiverged as error:
+        row["diverged"] = str(error)
+    row["seconds"] = time.perf_counter() - started
+    return row
+
+
+def table(rows: list[dict[str, Any]], epochs: int) -> str:
+    lines = [f"| algorithm | W/A bits | top-1 after init | top-1 after {epochs} epochs |", "|---|---|---|---|"]
+    for r in rows:
+        after = f"{r['fine_tuned']:.1f}" if "fine_tuned" in r else "diverged (" + r["diverged"].split(":")[0] + ")"
+        lines.append(f"| {r['algorithm']} | W{r['weight_bits']}A{r['act_bits']} | {r['initialized']:.1f} | {after} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, help="a trial's pretrained.pt (default: train the qat-mbv1 model once)")
+    parser.add_argument("--lr", type=float, default=0.0229, help="pre-training lr when no checkpoint (the no-R2 sweep's first trial)")
+    parser.add_argument("--weight-decay", type=float, default=9e-4)
+    parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs (the qat-mbv1 setting's)")
+    parser.add_argument("--finetune-lr", type=float, default=DownstreamConfig.lr, help="fine-tuning lr (the recipe's default)")
+    parser.add_argument("--algorithms", nargs="+", default=["lsq", "ewgs"], choices=["lsq", "ewgs"])
+    parser.add_argument("--bits", nargs="+", type=lambda text: tuple(int(b) for b in text.split("/")), default=list(BIT_PAIRS),
+                        metavar="W/A", help="weight/activation bit pairs (default 8/8 2/8 8/2 2/2)")
+    parser.add_argument("--work", type=Path, default=Path("results/qat_recipe"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "qat_recipe.json")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    model, base = pretrained_model(args)
+    data = create_data(base["data"]["name"], seed=0, **{k: v for k, v in base["data"].items() if k != "name"})
+    fp = evaluate(model, make_loader(data.val, 256, shuffle=False, seed=0), torch.device("cpu"))
+    print(f"FP top-1 {fp:.1f} ({args.checkpoint})", flush=True)
+    rows = []
+    for algorithm in args.algorithms:
+        for weight_bits, act_bits in args.bits:
+            rows.append(one_recipe(model, algorithm, weight_bits, act_bits, data, args))
+            print(f"  {table(rows[-1:], args.epochs).splitlines()[-1]}  ({rows[-1]['seconds']:.0f} s)", flush=True)
+    print(table(rows, args.epochs))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "fp": fp, "epochs": args.epochs, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
