@@ -279,6 +279,47 @@ def test_ewgs_init() -> None:
     assert torch.equal(q.upper.detach(), before)
 
 
+def test_ewgs_cover_mse_range_widens_where_3_std_clips() -> None:
+    from r2sweep.quant.fake import QuantSpec, weight_qparams
+
+    torch.manual_seed(0)
+    relu_like = torch.relu(torch.randn(20000)) ** 2  # a long right tail, like activations after ReLU
+    upper_3std = torch.minimum(relu_like.max(), relu_like.mean() + 3 * relu_like.std(correction=0))
+    for bits in (2, 8):
+        plain = EwgsQuantizer(bits, False)
+        plain(relu_like)
+        torch.testing.assert_close(plain.upper.detach(), upper_3std)
+        covered = EwgsQuantizer(bits, False, cover_mse_range=True)
+        covered(relu_like)
+        scale, _ = weight_qparams(relu_like[None], QuantSpec(bits, symmetric=False, granularity="channel", range="mse"))
+        torch.testing.assert_close(covered.upper.detach(), torch.maximum(upper_3std, scale.reshape(()) * (2**bits - 1)))
+        assert covered.lower.item() == 0.0
+    # At 8 bits the MSE grid reaches far past 3 std; the interval then is that grid, levels and all.
+    assert covered.upper.item() > 2 * upper_3std.item()
+    # Signed data widens on both sides; a large input is subsampled, the same way every time.
+    signed = torch.randn(3, 100000) * torch.tensor([[1.0], [2.0], [0.5]]) ** 3
+    first, again = (EwgsQuantizer(8, True, num_channels=3, cover_mse_range=True) for _ in range(2))
+    first(signed), again(signed)
+    assert torch.equal(first.upper, again.upper) and torch.equal(first.lower, again.lower)
+    mean, std = signed.mean(dim=1), signed.std(dim=1, correction=0)
+    sample = signed[:, torch.randperm(signed.shape[1], generator=torch.Generator().manual_seed(0))[:65536]]
+    scale, _ = weight_qparams(sample, QuantSpec(8, symmetric=True, granularity="channel", range="mse"))
+    scale = scale.reshape(-1)
+    torch.testing.assert_close(first.lower.detach(), torch.minimum(torch.maximum(signed.amin(dim=1), mean - 3 * std), -128 * scale))
+    torch.testing.assert_close(first.upper.detach(), torch.maximum(torch.minimum(signed.amax(dim=1), mean + 3 * std), 127 * scale))
+
+
+def test_qat_covers_the_mse_range_for_ewgs_activations_only() -> None:
+    from r2sweep.quant.finetune import quantization_aware_train
+    from r2sweep.quant.recipe import DownstreamConfig
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    cfg = DownstreamConfig(method="qat", algorithm="ewgs", weight_bits=[2], act_bits=2, epochs=0)
+    quantized = quantization_aware_train(model, cfg, 2, [], torch.randn(16, 1, 8, 8), torch.device("cpu"))
+    quantizers = {name: m for name, m in quantized.named_modules() if isinstance(m, EwgsQuantizer)}
+    assert quantizers and all(m.cover_mse_range == name.endswith("input_quantizer") for name, m in quantizers.items())
+
+
 # --- both ---------------------------------------------------------------------------
 
 MAKERS = {

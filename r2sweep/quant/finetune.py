@@ -51,7 +51,7 @@ def _qat_factories(cfg: DownstreamConfig, weight_bits: int, nonnegative: dict[st
         signed = not nonnegative[info.name]
         if cfg.algorithm == "lsq":
             return LsqQuantizer(bits, signed, per_sample=True, field="downstream.act_bits")
-        return EwgsQuantizer(bits, signed, cfg.delta, field="downstream.act_bits")
+        return EwgsQuantizer(bits, signed, cfg.delta, field="downstream.act_bits", cover_mse_range=True)
 
     return weight, activation
 
