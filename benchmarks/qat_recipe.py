@@ -34,7 +34,7 @@ from r2sweep.errors import TrialDiverged  # noqa: E402
 from r2sweep.quant.finetune import quantization_aware_train  # noqa: E402
 from r2sweep.quant.recipe import DownstreamConfig  # noqa: E402
 from r2sweep.train import evaluate  # noqa: E402
-from r2sweep.trial import load_pretrained, run_trial  # noqa: E402
+from r2sweep.trial import _calibration_images, load_pretrained, run_trial  # noqa: E402
 from r2sweep.trial_config import load_trial_config  # noqa: E402
 
 BIT_PAIRS = ((8, 8), (2, 8), (8, 2), (2, 2))
@@ -61,8 +61,7 @@ def one_recipe(model: torch.nn.Module, algorithm: str, weight_bits: int, act_bit
                            epochs=args.epochs, lr=args.finetune_lr)
     loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=1)
     val = make_loader(data.val, 256, shuffle=False, seed=0)
-    generator = torch.Generator().manual_seed(0)
-    calibration = torch.stack([data.train[int(i)][0] for i in torch.randperm(len(data.train), generator=generator)[:512]])
+    calibration = _calibration_images(data, 512, seed=0)  # the images a trial at seed 0 calibrates on
     started = time.perf_counter()
     initial = quantization_aware_train(model, dataclasses.replace(cfg, epochs=0), weight_bits, loader, calibration, torch.device("cpu"))
     row: dict[str, Any] = {"algorithm": algorithm, "weight_bits": weight_bits, "act_bits": act_bits,

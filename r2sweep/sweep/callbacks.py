@@ -100,6 +100,10 @@ class TrackingCallback(tune.Callback):
         self._flusher: JournalFlusher | None = None
         self._reconciled = False
 
+    @property
+    def _store_file(self) -> Path:
+        return Path(self.journal_dir) / STORE_FILE
+
     def check_resume(self) -> None:
         """Refuse to resume this sweep with another MLflow store than it started with.
 
@@ -110,10 +114,9 @@ class TrackingCallback(tune.Callback):
         Raises:
             ConfigError: naming ``--tracking-uri``, both stores, and the fix.
         """
-        store_file = Path(self.journal_dir) / STORE_FILE
-        if not store_file.exists():
+        if not self._store_file.exists():
             return  # a sweep from before the record was kept, or not started yet
-        started = json.loads(store_file.read_text())["tracking"]
+        started = json.loads(self._store_file.read_text())["tracking"]
         if started != self.tracker.location:
             raise ConfigError(
                 "--tracking-uri", self.tracker.location,
@@ -138,9 +141,8 @@ class TrackingCallback(tune.Callback):
             self.sweep = self.tracker.start_sweep(
                 self.name, self.spec_text, tags={TAG_EXPERIMENT_PATH: self.experiment_path}, resume=resume
             )
-        store_file = Path(self.journal_dir) / STORE_FILE
-        if not store_file.exists():
-            write_text_atomic(store_file, json.dumps({"tracking": self.tracker.location}))
+        if not self._store_file.exists():
+            write_text_atomic(self._store_file, json.dumps({"tracking": self.tracker.location}))
         if self._flusher is None:
             # Operations a killed driver left unapplied go first.
             self._journal = TrackingJournal(self.journal_dir)
