@@ -1,15 +1,16 @@
 """Does the QAT recipe itself train at 2 bits, before R2 enters? (issue 8, qat-mbv1)
 
 The qat-mbv1 setting of ``paper_effect.py`` compares R2 against no R2 under EWGS and
-LSQ at W2A2 on MobileNet-V1. Its first sweep showed LSQ diverging in every trial,
-with and without anything R2 could change, so this script isolates the recipe: one
-pre-trained no-R2 model (the qat-mbv1 setting's model, data and scale; or
-``--checkpoint``), then for each algorithm and bit pair, the accuracy right after
-the quantizers are initialized and after ``--epochs`` of fine-tuning, or the epoch
-it diverged in. Weights and activations are varied apart, to say which one breaks.
+LSQ at W2A2 on MobileNet-V1. Its first (no-R2) sweep recorded LSQ as diverged in every
+trial, so this script isolates the recipe: one pre-trained no-R2 model (the qat-mbv1
+setting's model, data and scale; or ``--checkpoint``), then for each algorithm and bit
+pair, the accuracy right after the quantizers are initialized and after ``--epochs``
+of fine-tuning, or the epoch it diverged in. Weights and activations are varied
+apart, to say which one breaks.
 
-    .venv/bin/python benchmarks/qat_recipe.py                       # ~10 min on 2 cores
-    .venv/bin/python benchmarks/qat_recipe.py --checkpoint run/pretrained.pt --r2-note "L-inf 0.7"
+    .venv/bin/python benchmarks/qat_recipe.py                              # ~8 min on 2 cores
+    .venv/bin/python benchmarks/qat_recipe.py --finetune-lr 0.001 --out qat_lr.json
+    .venv/bin/python benchmarks/qat_recipe.py --checkpoint run/pretrained.pt --bits 2/2   # any trial's model
 
 Writes ``results/qat_recipe.json`` (``--out``) and prints a markdown table.
 """
