@@ -15,7 +15,9 @@ Every sweep is a real r2sweep sweep (Ray Tune, Optuna TPE, MLflow), tracked in
 ``<work>/mlflow.db``, so ``r2sweep report <setting>-<kind> --tracking-uri
 sqlite:///<work>/mlflow.db --out DIR`` shows any of them. Results go to a JSON
 file as each step finishes; running the command again skips what is done, so
-an interrupted run (or one spread over several sessions) resumes.
+an interrupted run (or one spread over several sessions) resumes; a sweep cut off
+halfway resumes from its Tune experiment under ``<work>``, and the weight statistics
+of the re-runs are kept in the JSON, so ``<work>`` is scratch once a step is done.
 
 Usage (the figures in benchmarks/RESULTS.md)::
 
@@ -329,25 +331,26 @@ def _config_text(config: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
 
 
-def weights_table(results: dict[str, Any], work: Path) -> str:
-    """Markdown: where the outliers live, per setting and model (first re-run seed's
-    pre-trained weights): excess kurtosis and max|w| / std, layer means, for the
-    depthwise convolutions and for the other layers, and the worst layer."""
+def record_weight_stats(results: dict[str, Any], work: Path) -> bool:
+    """Summarise where the outliers live in each setting's first re-run seed's pre-trained
+    weights and keep the summary in ``results`` (``entry["weights"]``): the re-run
+    folders under ``work`` are scratch that a later session may not have, the JSON is
+    what is kept. Returns whether anything new was recorded."""
     from torch import nn
 
     from r2sweep.stats import layer_weight_stats
     from r2sweep.trial import PRETRAINED, load_pretrained
 
-    lines = ["| setting | model | depthwise: kurtosis / max\\|w\\|/std | other layers: kurtosis / max\\|w\\|/std | "
-             "worst layer (kurtosis, max\\|w\\|/std) |", "|---|---|---|---|---|"]
+    changed = False
     for setting, entry in results.get("settings", {}).items():
         seed = entry.get("seeds", [1])[0]
         folders = {kind: f"{setting}-{kind}-seed{seed}" for kind in ("none", *KINDS) if kind in entry.get("reruns", {})}
         if "r2_off" in entry:
             folders[f"none, {entry['r2_off']['kind']}'s lr/wd"] = f"{setting}-{entry['r2_off']['kind']}-r2off-seed{seed}"
+        recorded = entry.setdefault("weights", {})
         for label, folder in folders.items():
             path = work / "reruns" / folder / PRETRAINED
-            if not path.is_file():
+            if label in recorded or not path.is_file():
                 continue
             model, _ = load_pretrained(path)
             groups: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
@@ -359,8 +362,24 @@ def weights_table(results: dict[str, Any], work: Path) -> str:
                 groups[depthwise].append((stats["kurtosis"], ratio))
                 if stats["kurtosis"] > worst[1]:
                     worst = (name, stats["kurtosis"], ratio)
-            lines.append(f"| {setting} | {label} | {_layer_means(groups[True])} | {_layer_means(groups[False])} | "
-                         f"{worst[0]} ({worst[1]:.1f}, {worst[2]:.1f}) |")
+            recorded[label] = {"seed": seed, "depthwise": groups[True], "other": groups[False],
+                               "worst": {"layer": worst[0], "kurtosis": worst[1], "max_over_std": worst[2]}}
+            changed = True
+    return changed
+
+
+def weights_table(results: dict[str, Any]) -> str:
+    """Markdown: where the outliers live, per setting and model (first re-run seed's
+    pre-trained weights, as ``record_weight_stats`` kept them): excess kurtosis and
+    max|w| / std, layer means, for the depthwise convolutions and for the other layers,
+    and the worst layer."""
+    lines = ["| setting | model | depthwise: kurtosis / max\\|w\\|/std | other layers: kurtosis / max\\|w\\|/std | "
+             "worst layer (kurtosis, max\\|w\\|/std) |", "|---|---|---|---|---|"]
+    for setting, entry in results.get("settings", {}).items():
+        for label, row in entry.get("weights", {}).items():
+            worst = row["worst"]
+            lines.append(f"| {setting} | {label} | {_layer_means(row['depthwise'])} | {_layer_means(row['other'])} | "
+                         f"{worst['layer']} ({worst['kurtosis']:.1f}, {worst['max_over_std']:.1f}) |")
     return "\n".join(lines)
 
 
@@ -448,9 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     work = (args.work or ROOT / "results" / f"paper_effect_{args.data}").resolve()
     results = json.loads(out.read_text()) if out.exists() else {"settings": {}}
     if args.table:
+        if record_weight_stats(results, work):
+            save_json(out, results)
         print(table(results))
         print()
-        print(weights_table(results, work))
+        print(weights_table(results))
         for path in figures(results, work, out.parent, args.data):
             print(f"figure: {path}")
         return 0
@@ -484,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
             if kind not in entry["reruns"]:
                 print(f"[{time.strftime('%H:%M')}] {setting}: re-run {kind} with seeds {args.seeds}", flush=True)
                 entry["reruns"][kind] = rerun(data, entry["sweeps"][kind]["config"], args.seeds, work, args.concurrency)
+                record_weight_stats(results, work)
                 save()
         # The control: is the gain R2's, or the training knobs its sweep found?
         chosen = best_kind(entry, setting)
@@ -493,10 +515,11 @@ def main(argv: list[str] | None = None) -> int:
             runs = rerun(sweep_spec(setting, chosen, base, scale, args), config, args.seeds, work, args.concurrency,
                          r2_off=True)
             entry["r2_off"] = {"kind": chosen, "config": config, "runs": runs}
+            record_weight_stats(results, work)
             save()
     print(table(results))
     print()
-    print(weights_table(results, work))
+    print(weights_table(results))
     for path in figures(results, work, out.parent, args.data):
         print(f"figure: {path}")
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,9 @@ def test_paper_effect_runs_on_a_cifar_root_and_resumes(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.startswith("| setting |"), again.stdout[:500]  # no "sweep ..." or "re-run ..." line first
     assert json.loads(out.read_text())["settings"] == results["settings"]
+
+    # The work folder is scratch: with it gone the table still shows where the outliers lived.
+    shutil.rmtree(work)
+    table = _run(["--data", "cifar10", "--settings", "dkm-r18", "--out", str(out), "--work", str(work), "--table"])
+    assert table.returncode == 0, table.stderr[-3000:]
+    assert [line for line in table.stdout.splitlines() if line in weights] == weights
