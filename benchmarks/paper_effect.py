@@ -56,7 +56,8 @@ KINDS = ("linf", "margin", "softminmax")
 
 # The paper's settings. Each names the model, the downstream recipes (the
 # strongest this project has for that method: per-channel MSE grid, BN
-# re-estimated, AdaRound; EWGS and LSQ; DKM) and the objective the sweeps rank on.
+# re-estimated, AdaRound; EWGS and LSQ; DKM), the objective the sweeps rank on,
+# and any knob of the recipe that every sweep of the setting also searches.
 SETTINGS: dict[str, dict[str, Any]] = {
     "ptq-mbv2": {
         "what": "MobileNet-V2, PTQ AdaRound W2A8 (and W4A8)",
@@ -71,6 +72,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "downstream": [{"method": "qat", "algorithm": "ewgs", "weight_bits": [2], "act_bits": 2},
                        {"method": "qat", "algorithm": "lsq", "weight_bits": [2], "act_bits": 2}],
         "objective": "qat_ewgs_w2a2/top1",
+        # EWGS's fine-tuning lr is searched on both sides: R2 leaves the weights (and
+        # the weight quantizers' steps) several times smaller, and a step size that
+        # suits a no-R2 model wrecks a range-restricted one (RESULTS.md, qat-mbv1).
+        "search": {"downstream.0.lr": {"loguniform": [1e-4, 3e-2]}},
     },
     "dkm-r18": {
         "what": "ResNet-18, DKM 1-bit (and 2-bit)",
@@ -156,6 +161,7 @@ def sweep_spec(setting: str, kind: str, base: dict[str, Any], scale: dict[str, A
     # better-regularised baseline (RESULTS.md), not R2 against no R2.
     training = {"train.lr": {"loguniform": list(scale["models"][SETTINGS[setting]["model"]]["lr"])},
                 "train.weight_decay": {"loguniform": [1e-5, 5e-3]}}
+    training.update(SETTINGS[setting].get("search", {}))
     if kind == "none":
         search = dict(training)
     else:
