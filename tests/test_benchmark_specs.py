@@ -36,6 +36,22 @@ def test_every_paper_effect_sweep_is_a_valid_spec(setting: str, data: str) -> No
         assert spec.trial.r2.kind == kind and spec.baseline_point is None
 
 
+def test_qat_mbv1_sweeps_start_from_their_fixed_lr_winners_at_the_recipe_lr() -> None:
+    import json
+
+    results = json.loads((paper_effect.RESULTS / "paper_effect_distorted_digits.json").read_text())
+    scale = paper_effect.SCALES["distorted_digits"]
+    base = paper_effect.trial_base("qat-mbv1", scale, _args())
+    earlier = results["superseded"][paper_effect.SETTINGS["qat-mbv1"]["start_from"]["run"]]["sweeps"]
+    for kind in ("none", *paper_effect.KINDS):
+        start = paper_effect.start_points(results, "qat-mbv1", kind)
+        assert start == [{**earlier[kind]["config"], "downstream.0.lr": 0.01}]
+        # Inside the searched ranges, or the sweep would refuse to start hours into a run.
+        spec = load_sweep_spec(paper_effect.sweep_spec("qat-mbv1", kind, base, scale, _args(), start))
+        assert spec.settings.start_points == tuple(start)
+    assert paper_effect.start_points(results, "dkm-r18", "linf") == []
+
+
 def test_the_dense_grid_covers_every_choice_and_respects_conditions() -> None:
     spec = load_sweep_spec(yaml.safe_load(search_finds_it.SPACE.read_text()))
     points = search_finds_it.grid(spec, 3)

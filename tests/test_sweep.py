@@ -26,7 +26,8 @@ TINY = {
         "r2.strength": {"loguniform": [1e-3, 1e-1], "when": {"r2.kind": "linf"}},
         "train.lr": {"loguniform": [0.01, 0.2]},
     },
-    "sweep": {"num_samples": 6, "max_concurrent": 2, "seed": 0, "scheduler": "asha"},
+    "sweep": {"num_samples": 6, "max_concurrent": 2, "seed": 0, "scheduler": "asha",
+              "start_points": [{"r2.kind": "linf", "r2.strength": 0.05}]},
 }
 
 
@@ -83,11 +84,23 @@ def test_asha_stops_some_trials_and_optuna_sees_only_final_objectives(tiny_sweep
     assert values == sorted(r.metrics["ptq_rtn_w2a8/top1"] for r in finished)
 
 
-def test_the_first_trial_is_the_no_r2_baseline_and_asha_lets_it_finish(tiny_sweep) -> None:
+def _in_creation_order(sweep) -> list:
     # Trial directories are trainable_<id>_<creation index>_...
-    first = min(tiny_sweep.results, key=lambda r: int(Path(r.path).name.split("_")[2]))
+    return sorted(sweep.results, key=lambda r: int(Path(r.path).name.split("_")[2]))
+
+
+def test_the_first_trial_is_the_no_r2_baseline_and_asha_lets_it_finish(tiny_sweep) -> None:
+    first = _in_creation_order(tiny_sweep)[0]
     assert first.config["r2.kind"] == "none" and "r2.strength" not in first.config
     assert first in tiny_sweep.finished()
+
+
+def test_the_start_point_runs_next_with_its_unnamed_parameters_sampled(tiny_sweep) -> None:
+    second = _in_creation_order(tiny_sweep)[1]
+    assert second.config["r2.kind"] == "linf" and second.config["r2.strength"] == 0.05
+    assert 0.01 <= second.config["train.lr"] <= 0.2
+    sampled = [r.config.get("r2.strength") for r in _in_creation_order(tiny_sweep)[2:]]
+    assert 0.05 not in sampled  # the sampler drew the rest
 
 
 def test_the_baseline_trial_is_never_stopped_but_other_laggards_are() -> None:

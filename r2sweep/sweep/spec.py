@@ -85,6 +85,10 @@ class SweepSettings:
     # without R2 and the scheduler never stops it early, so every sweep has a
     # finished no-R2 trial to measure R2's gain against.
     baseline: bool = True
+    # Configurations to try first, before the sampler draws: a known-good point (an
+    # earlier sweep's winner, a paper's setting) is then measured rather than hoped
+    # for. Each maps searched parameters to values; the others are sampled.
+    start_points: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -245,6 +249,7 @@ def _load_settings(data: Any, params: Mapping[str, SearchParam], multi: bool) ->
     data = _mapping(data if data is not None else {}, "sweep", "{num_samples: 16, max_concurrent: 2}")
     reject_unknown(data, list(SweepSettings.__dataclass_fields__), lambda key: f"sweep.{key}")
     s = dict(data)
+    s["start_points"] = _load_start_points(s.get("start_points", []), params)
     settings = SweepSettings(**s)
     require_int("sweep.num_samples", settings.num_samples, 1)
     require_int("sweep.max_concurrent", settings.max_concurrent, 1)
@@ -269,6 +274,33 @@ def _load_settings(data: Any, params: Mapping[str, SearchParam], multi: bool) ->
     gpu = resources.get("gpu", 0)
     check(gpu <= 1 or float(gpu).is_integer(), "sweep.resources_per_trial.gpu", gpu, "a fraction of one GPU (0-1) or a whole number of GPUs")
     return settings
+
+
+def _load_start_points(data: Any, params: Mapping[str, SearchParam]) -> tuple[dict[str, Any], ...]:
+    check(isinstance(data, list), "sweep.start_points", data,
+          "a list of {parameter: value} mappings, e.g. [{train.lr: 0.05, r2.strength: 0.02}]")
+    points = []
+    for i, point in enumerate(data):
+        where = f"sweep.start_points[{i}]"
+        point = _mapping(point, where, "{train.lr: 0.05, r2.strength: 0.02}")
+        check(len(point) > 0, where, dict(point), "at least one searched parameter")
+        for path, value in point.items():
+            check(path in params, f"{where}.{path}", value, f"a searched parameter: {list(params)}")
+            _check_in_space(params[path], value, f"{where}.{path}")
+        points.append(dict(point))
+    return tuple(points)
+
+
+def _check_in_space(param: SearchParam, value: Any, where: str) -> None:
+    """``value`` is one the parameter's distribution can produce (a start point the
+    sampler could not have drawn would make Optuna reject the trial)."""
+    if param.kind == "choice":
+        check(value in param.values, where, value, f"one of search.{param.path}'s choices {list(param.values)}")
+        return
+    low, high = param.values
+    if param.kind == "int":
+        check(isinstance(value, int) and not isinstance(value, bool), where, value, "an integer")
+    check(is_number(value) and low <= value <= high, where, value, f"a number in search.{param.path}'s range [{low}, {high}]")
 
 
 def _absolute_root(value: Any) -> Any:

@@ -340,13 +340,15 @@ def _tune_config(spec: SweepSpec) -> tune.TuneConfig:
     metric: str | list[str] = [o.metric for o in objectives] if spec.multi_objective else objectives[0].metric
     mode: str | list[str] = [o.mode for o in objectives] if spec.multi_objective else objectives[0].mode
     baseline = spec.baseline_point
+    # Enqueued in Optuna in this order, before any sampled trial: the no-R2 baseline
+    # (its other parameters sampled), then the user's start points.
+    first = ([baseline] if baseline else []) + [dict(p) for p in spec.settings.start_points]
     searcher = _FinalOnlyOptunaSearch(
         space=make_space(spec.params),
         metric=metric,
         mode=mode,
         sampler=make_sampler(spec.settings, spec.multi_objective),
-        # Enqueued in Optuna: the first trial has no R2, its other parameters sampled.
-        points_to_evaluate=[baseline] if baseline else None,
+        points_to_evaluate=first or None,
     )
     settings = spec.settings
     if settings.scheduler == "asha":
