@@ -255,11 +255,12 @@ def _run_trial(job: tuple[dict, str | None]) -> dict[str, float]:
 
 
 def rerun(data: dict, config: dict, seeds: list[int], work: Path, concurrency: int,
-          r2_off: bool = False) -> list[dict[str, float]]:
+          r2_off: bool = False, tag: str = "") -> list[dict[str, float]]:
     """The sweep's best configuration trained again with each of ``seeds`` (pre-trained weights kept).
 
     ``r2_off``: the same configuration with R2 switched off (the training knobs the
     R2 sweep chose, no R2 term): what R2 itself adds, apart from its sweep's lr and wd.
+    ``tag`` tells the output folders of a re-run of some other configuration apart.
     """
     from r2sweep.sweep.spec import load_sweep_spec
 
@@ -269,10 +270,17 @@ def rerun(data: dict, config: dict, seeds: list[int], work: Path, concurrency: i
         mapping = {**spec.trial_mapping(config), "seed": seed}
         if r2_off:
             mapping["r2"] = {"kind": "none"}
-        out = work / "reruns" / f"{spec.name}{'-r2off' if r2_off else ''}-seed{seed}"
+        out = work / "reruns" / f"{spec.name}{'-r2off' if r2_off else ''}{tag}-seed{seed}"
         jobs.append((mapping, str(out)))
     with ProcessPoolExecutor(concurrency) as pool:
         return list(pool.map(_run_trial, jobs))
+
+
+def r2_on_base_config(entry: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The tuned baseline's configuration with ``kind``'s sweep's R2 settings (strength,
+    margin, hardness) added: every other knob is the baseline's."""
+    r2 = {k: v for k, v in entry["sweeps"][kind]["config"].items() if k.startswith("r2.")}
+    return {**entry["sweeps"]["none"]["config"], **r2}
 
 
 def best_kind(entry: dict[str, Any], setting: str) -> str | None:
@@ -324,7 +332,24 @@ def table(results: dict[str, Any]) -> str:
                          f"{gain} | {cost} | {other} | {config} |")
         if "r2_off" in entry:
             lines.append(_r2_off_row(setting, entry, objective, base_obj, base_fp))
+        if "r2_on_base" in entry:
+            lines.append(_r2_on_base_row(setting, entry, objective, base_obj, base_fp))
     return "\n".join(lines)
+
+
+def _r2_on_base_row(setting: str, entry: dict[str, Any], objective: str,
+                    base_obj: tuple[float, float], base_fp: tuple[float, float]) -> str:
+    """The tuned baseline's knobs with the best kind's R2 added: its gain is what R2 adds
+    to the best recipe found without it (same seeds, only the R2 term differing)."""
+    probe = entry["r2_on_base"]
+    values = [r[objective] for r in probe["runs"] if objective in r]
+    fp = _mean_sd([r["fp/top1"] for r in probe["runs"]])
+    label = f"{probe['kind']} on the baseline's knobs"
+    if not values:
+        return f"| {setting} | {label} | diverged ({len(probe['runs'])} of {len(probe['runs'])}) | | | | | |"
+    obj = _mean_sd(values)
+    return (f"| {setting} | {label} | {obj[0]:.1f} +- {obj[1]:.1f} | {fp[0]:.1f} +- {fp[1]:.1f} | "
+            f"{_gain_text(obj, base_obj, len(values))} | {fp[0] - base_fp[0]:+.1f} | | {_config_text(probe['config'])} |")
 
 
 def _r2_off_row(setting: str, entry: dict[str, Any], objective: str,
@@ -543,6 +568,16 @@ def main(argv: list[str] | None = None) -> int:
                          r2_off=True)
             entry["r2_off"] = {"kind": chosen, "config": config, "runs": runs}
             record_weight_stats(results, work)
+            save()
+        # The other half of the control: the best kind's R2 added to the tuned
+        # baseline's own training knobs, i.e. "does R2 help my best recipe?".
+        if chosen and "r2_off" in entry and entry.get("r2_on_base", {}).get("kind") != chosen:
+            print(f"[{time.strftime('%H:%M')}] {setting}: re-run the baseline's configuration with {chosen}'s R2",
+                  flush=True)
+            config = r2_on_base_config(entry, chosen)
+            runs = rerun(sweep_spec(setting, chosen, base, scale, args), config, args.seeds, work, args.concurrency,
+                         tag="-on-base")
+            entry["r2_on_base"] = {"kind": chosen, "config": config, "runs": runs}
             save()
     print(table(results))
     print()

@@ -3,7 +3,8 @@
 The run is the script itself in a subprocess (as a user runs it), on a CIFAR-10
 folder the test writes, at the cifar10 scale preset with its epochs cut to one
 (full-width ResNet-18 on 20 images): a tuned-baseline sweep, one R2 sweep, the
-re-runs, the R2-off control, the table and the figures, every sweep in a real MLflow SQLite store.
+re-runs, the R2-off control, the best R2 on the baseline's knobs, the table and the
+figures, every sweep in a real MLflow SQLite store.
 """
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ def test_paper_effect_runs_on_a_cifar_root_and_resumes(tmp_path: Path) -> None:
     mapping = {**spec.trial_mapping(control["config"]), "seed": 1}
     assert owner == config_fingerprint(load_trial_config({**mapping, "r2": {"kind": "none"}}))
     assert owner != config_fingerprint(load_trial_config(mapping))  # the same knobs, without the R2 term
+    # Its other half: the tuned baseline's knobs with the best kind's R2 added.
+    probe = entry["r2_on_base"]
+    r2 = {"r2.strength": entry["sweeps"]["linf"]["config"]["r2.strength"]}
+    assert probe["kind"] == "linf" and probe["config"] == {**entry["sweeps"]["none"]["config"], **r2}
+    assert 0.0 <= probe["runs"][0]["dkm_w1/top1"] <= 100.0
+    assert any(line.startswith("| dkm-r18 | linf on the baseline's knobs |") for line in first.stdout.splitlines())
+    owner = load_checkpoint(work / "reruns" / "dkm-r18-linf-on-base-seed1" / "pretrain_state.pt")["owner"]
+    assert owner == config_fingerprint(load_trial_config({**spec.trial_mapping(probe["config"]), "seed": 1}))
     # Where the outliers live, per model: one row each, the control's included.
     weights = [line for line in first.stdout.splitlines() if line.startswith("| dkm-r18 |") and "/" in line.split("|")[4]]
     assert [line.split("|")[2].strip() for line in weights] == ["none", "linf", "none, linf's lr/wd"], weights
