@@ -483,6 +483,9 @@ def figures(results: dict[str, Any], work: Path, out_dir: Path, data: str) -> li
         if "r2_off" in entry:
             series["r2_off"] = entry["r2_off"]["runs"]
             labels["r2_off"] = f"no R2 at {entry['r2_off']['kind']}'s lr/wd"
+        if "r2_on_base" in entry:
+            series["r2_on_base"] = entry["r2_on_base"]["runs"]
+            labels["r2_on_base"] = f"R2 {entry['r2_on_base']['kind']} at the baseline's knobs"
         written.append(accuracy_vs_bits(_accuracy_series(setting, series, labels),
                                         out_dir / f"paper_effect_{data}_{setting}_bits.png"))
         chosen = best_kind(entry, setting)
