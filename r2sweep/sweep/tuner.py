@@ -98,6 +98,12 @@ def trainable(config: dict[str, Any], spec: SweepSpec) -> None:
     trial_config = spec.trial_config(config)
     work = Path(tune.get_context().get_trial_dir()) / "work"
     work.mkdir(parents=True, exist_ok=True)
+    # Resume from what Tune's driver saw, never from the trial's own scratch state:
+    # the trial writes that state before its report reaches the driver, so after a
+    # driver kill it can be epochs ahead, and resuming from it would skip epochs the
+    # tracking never logged (seen once in tests/test_driver_kill.py: val/top1 had no
+    # step 4). Without a checkpoint the trial starts over; the journal drops repeats.
+    (work / PRETRAIN_CHECKPOINT).unlink(missing_ok=True)
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
