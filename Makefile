@@ -9,7 +9,7 @@ STAMP := $(VENV)/.r2sweep-installed
 # pick another build while resolving the rest). Elsewhere: make test TORCH_PACKAGES="torch torchvision"
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test sweep install clean
+.PHONY: test test-fast sweep install clean
 
 install: $(STAMP)
 
@@ -24,6 +24,12 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	@.ci/system-deps
 	$(PY) -m pytest -q
+
+# The developers' loop (under 3 minutes on 2 cores): everything but the tests marked
+# slow (long training), ray (a real Ray starts) or server (a real MLflow server or
+# PostgreSQL starts). `make test` still runs them all.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not ray and not server"
 
 # The quickstart: a real Ray Tune + Optuna sweep on digits, tracked in ./mlflow.db,
 # results under ./r2sweep_results, then its report in ./quickstart-report/index.html

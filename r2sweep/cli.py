@@ -8,7 +8,9 @@ and ``report`` (an HTML page with the figures); ``confirm`` re-runs a sweep's
 top trials on fresh seeds.
 
 Every error a user can cause by bad input ends the command with exit status 2
-and a one-line message naming the field, before anything is written.
+and a one-line message naming the field, before anything is written; the
+options are checked first (:mod:`r2sweep.cli_options`). An unreachable
+tracking server or Ray cluster ends it with 1, in seconds.
 """
 
 from __future__ import annotations
@@ -46,18 +48,21 @@ def _error(message: str, status: int = 2) -> int:
 def _cmd_trial(args: argparse.Namespace) -> int:
     import yaml
 
+    from r2sweep import cli_options as check
     from r2sweep.errors import ConfigError, DataNotFoundError, TrialDiverged
-    from r2sweep.trial_config import apply_overrides, load_trial_config, parse_override, read_yaml
+    from r2sweep.trial_config import apply_overrides, load_trial_config, parse_override, read_yaml, refuse_unused_overrides
 
+    try:
+        out = check.output_folder(args.out, what="the trial's metrics.json, config.yaml and checkpoints")
+    except ConfigError as error:
+        return _error(str(error))
     try:
         raw = read_yaml(args.file)
         overrides = [parse_override(text) for text in args.set]
         config = load_trial_config(apply_overrides(raw, overrides) if overrides else raw)
+        refuse_unused_overrides(overrides, [config])
     except ConfigError as error:
         return _error(f"{args.file}: {error}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        return _error(f"--out {out}: exists and is not a directory")
 
     from r2sweep.checkpoint import write_text_atomic
     from r2sweep.trial import check_out_dir, run_trial, summarize
@@ -88,6 +93,7 @@ def _cmd_trial(args: argparse.Namespace) -> int:
 
 def _load_spec(args: argparse.Namespace):
     """(spec, the file as resolved with overrides); raises ConfigError before anything is created."""
+    from r2sweep.sweep.consistency import refuse_ineffective_overrides
     from r2sweep.sweep.spec import load_sweep_spec
     from r2sweep.trial_config import apply_overrides, parse_override, read_yaml
 
@@ -102,7 +108,9 @@ def _load_spec(args: argparse.Namespace):
             raw = {}  # load_sweep_spec names the real problem
         raw = apply_overrides(raw, overrides)
     default_name = Path(args.file).stem
-    return load_sweep_spec(raw, default_name=default_name), raw
+    spec = load_sweep_spec(raw, default_name=default_name)
+    refuse_ineffective_overrides([parse_override(text) for text in args.set], spec)
+    return spec, raw
 
 
 def _check_local_data_roots(spec) -> None:
@@ -117,12 +125,24 @@ def _check_local_data_roots(spec) -> None:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     import yaml
 
+    from r2sweep import cli_options as check
     from r2sweep.errors import ConfigError
+    from r2sweep.sweep.ray_address import ClusterUnreachable, reach_ray
 
+    uri_storage = "://" in (args.storage or "")
+    try:
+        check.storage(args.storage)
+        check.tracking_uri(args.tracking_uri)
+        check.ray_address(args.address)
+        check.sweep_name(args.name, uri_storage=uri_storage)
+    except ConfigError as error:
+        return _error(str(error))
     try:
         spec, raw = _load_spec(args)
         if not (args.address or os.environ.get("RAY_ADDRESS")):
             _check_local_data_roots(spec)  # on a cluster the workers are checked instead, once joined
+        if args.name is None:
+            check.sweep_name(spec.name, uri_storage=uri_storage, in_file=True)
     except ConfigError as error:
         return _error(f"{args.file}: {error}")
     name = args.name or spec.name
@@ -142,19 +162,26 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     spec_text = yaml.safe_dump(raw, sort_keys=False)
     tracking = TrackingCallback(tracker, spec, spec_text, name=name, experiment_path=experiment_path(storage, name))
     callbacks = [tracking, ProgressCallback(spec)]
-    print(f"sweep {name}: {spec.settings.num_samples} trials, {spec.settings.max_concurrent} at a time, "
-          f"objective {spec.objective.metric} ({spec.objective.mode}); tracking {tracker.display_uri}", file=sys.stderr)
     try:
         tracker.check_access()  # a refused password fails here, before Ray starts or anything is logged
         if args.resume:
             tracking.check_resume()
+        else:
+            tracking.check_new()  # a name MLflow holds without its Tune state would merge two sweeps
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if address:  # an unreachable cluster: its one line, in seconds (connect probes it again to join)
+            reach_ray(address)
+        # Announced once the store and the cluster answered (run_sweep's own checks can still refuse after it).
+        print(f"sweep {name}: {spec.settings.num_samples} trials, {spec.settings.max_concurrent} at a time, "
+              f"objective {spec.objective.metric} ({spec.objective.mode}); tracking {tracker.display_uri}",
+              file=sys.stderr)
         outcome = run_sweep(spec, storage=storage, name=name, resume=args.resume, address=args.address, callbacks=callbacks)
         # Next to the sweep's results when they are local, else in the working directory.
         best_path = Path(outcome.path) / "best.yaml" if "://" not in outcome.path else Path(f"{name}-best.yaml")
         best = select_best(tracker, name, out=best_path)
     except (FileNotFoundError, FileExistsError, ConfigError) as error:
         return _error(str(error))
-    except TrackingError as error:
+    except (TrackingError, ClusterUnreachable) as error:
         return _error(str(error), status=1)
     except Exception as error:  # Ray and friends: one clear line, not a traceback
         return _error(f"sweep {name} failed: {type(error).__name__}: {error}", status=1)
@@ -182,7 +209,11 @@ def _print_top(outcome, spec, count: int = 5) -> None:
 
 
 def _existing_store(uri: str | None):
-    """A Tracker for reading; a local SQLite store that does not exist is an error, not a new file."""
+    """A Tracker for reading; a local SQLite store that does not exist is an error, not a new file.
+
+    A tracking server is asked first whether it is there at all (one quick try):
+    a wrong address fails in seconds instead of after MLflow's minutes of retries.
+    """
     from r2sweep.errors import R2SweepError
     from r2sweep.tracking import Tracker
 
@@ -191,15 +222,26 @@ def _existing_store(uri: str | None):
         path = Path(tracker.tracking_uri.removeprefix("sqlite:///"))
         if not path.is_file():
             raise R2SweepError(f"no MLflow store at {path} (run a sweep here first, or pass --tracking-uri)")
+    tracker.check_access()  # TrackingError; nothing to check for a local store
     return tracker
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from r2sweep import cli_options as check
     from r2sweep.errors import R2SweepError
     from r2sweep.sweep.compare import compare_sweeps, render
+    from r2sweep.tracking import TrackingError
 
     try:
+        for name in args.names:
+            check.sweep_to_read(name)
+        check.key(args.by, "--by", example="r2.kind")
+        for metric in args.metric:
+            check.key(metric, "--metric", example="ptq_rtn_w2a8/top1")
+        check.tracking_uri(args.tracking_uri)
         rows = compare_sweeps(_existing_store(args.tracking_uri), args.names, metrics=args.metric, by=args.by)
+    except TrackingError as error:
+        return _error(str(error), status=1)
     except R2SweepError as error:
         return _error(str(error))
     print(render(rows, args.format))
@@ -207,11 +249,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_best(args: argparse.Namespace) -> int:
+    from r2sweep import cli_options as check
     from r2sweep.errors import R2SweepError
     from r2sweep.sweep.select import select_best
+    from r2sweep.tracking import TrackingError
 
     try:
+        check.sweep_to_read(args.name, register=not args.no_register)
+        check.output_file(args.out)
+        check.tracking_uri(args.tracking_uri)
         best = select_best(_existing_store(args.tracking_uri), args.name, out=args.out, register=not args.no_register)
+    except TrackingError as error:
+        return _error(str(error), status=1)
     except R2SweepError as error:
         return _error(str(error))
     print(f"best run {best.run_id} (trial {best.trial_id}): " + ", ".join(f"{k}={v:.2f}" for k, v in sorted(best.metrics.items()) if k.endswith("/top1")))
@@ -223,11 +272,15 @@ def _cmd_best(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from r2sweep import cli_options as check
     from r2sweep.errors import R2SweepError
     from r2sweep.sweep.report import build_report
     from r2sweep.tracking import TrackingError
 
     try:
+        check.sweep_to_read(args.name)
+        check.output_folder(args.out, what="the report's index.html and figures")
+        check.tracking_uri(args.tracking_uri)
         report = build_report(_existing_store(args.tracking_uri), args.name, args.out, log_to_run=not args.no_log)
     except TrackingError as error:
         return _error(str(error), status=1)
@@ -244,16 +297,23 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_confirm(args: argparse.Namespace) -> int:
+    from r2sweep import cli_options as check
     from r2sweep.errors import R2SweepError
     from r2sweep.sweep.confirm import confirm_top, render
     from r2sweep.tracking import TrackingError
 
-    out = args.out or Path(f"{args.name}-confirmed.yaml")
     try:
+        check.sweep_to_read(args.name)
+        check.count(args.top, "--top", what="how many of the best trials to re-run")
+        check.seeds(args.seeds)
+        out = check.output_file(f"{args.name}-confirmed.yaml" if args.out is None else args.out,
+                                example=f"{args.name}-confirmed.yaml")
+        check.tracking_uri(args.tracking_uri)
+        check.ray_address(args.address)
         tracker = _existing_store(args.tracking_uri)
         confirmations = confirm_top(tracker, args.name, top=args.top, seeds=args.seeds, out=out, address=args.address,
                                     progress=lambda line: print(line, file=sys.stderr, flush=True))
-    except TrackingError as error:
+    except (TrackingError, check.ClusterUnreachable) as error:
         return _error(str(error), status=1)
     except R2SweepError as error:
         return _error(str(error))
@@ -315,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     confirm.add_argument("--top", type=int, default=3, help="how many of the best trials to re-run (default 3)")
     confirm.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the re-runs (default 1 2 3)")
     confirm.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
-    confirm.add_argument("--out", type=Path, help="the winner's trial config (default NAME-confirmed.yaml)")
+    confirm.add_argument("--out", help="the winner's trial config (default NAME-confirmed.yaml)")
     confirm.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     confirm.set_defaults(run=_cmd_confirm)
     report = commands.add_parser("report", help="a sweep as an HTML page with figures, read from MLflow")

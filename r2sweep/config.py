@@ -127,6 +127,14 @@ class TrainConfig:
             "'auto' (a GPU when one is present), 'cpu', 'cuda' or 'cuda:N'",
         )
 
+    def unused_fields(self) -> dict[str, str]:
+        """Fields the chosen optimizer and schedule never read (``train.step_gamma`` under cosine),
+        each with the setting that makes it unused."""
+        unused = {} if self.schedule == "step" else dict.fromkeys(("step_epochs", "step_gamma"), f"train.schedule={self.schedule}")
+        if self.optimizer == "adam":
+            unused["momentum"] = "train.optimizer=adam"
+        return {f"{self.section}.{name}": why for name, why in unused.items()}
+
 
 @dataclass
 class R2Config:
@@ -148,6 +156,12 @@ class R2Config:
         # Building the loss on a one-layer model runs every check the loss itself
         # makes, so the config and the library can never disagree on what is valid.
         self.build(nn.Linear(1, 1))
+
+    def unused_fields(self) -> dict[str, str]:
+        """Fields this kind never reads (``r2.margin_init`` under L-inf; all but the kind without R2),
+        each with the setting that makes it unused."""
+        used = {"kind"} if self.kind == "none" else {"kind", "strength", *self.options()}
+        return {f"{self.section}.{f.name}": f"r2.kind={self.kind}" for f in fields(self) if f.name not in used}
 
     def options(self) -> dict[str, Any]:
         """The keyword options ``make_r2_loss`` takes for this kind."""

@@ -11,10 +11,11 @@ run ids, never through ``mlflow.set_tracking_uri`` or the fluent "active run":
 the sweep driver handles several trials at once from one callback, and a global
 active run would attribute one trial's metrics to another.
 
-This is the only r2sweep module that imports MLflow; nothing in the core
-imports it, so a trial runs without MLflow installed. Every failure of the
-tracking backend surfaces as a :class:`TrackingError` that names the tracking
-URI, what was being done, and a hint (server unreachable, credentials refused).
+This is the only r2sweep module that imports MLflow, with its helper
+:mod:`r2sweep.tracking_errors` (which failures are worth retrying); nothing in
+the core imports either, so a trial runs without MLflow installed. Every failure
+of the tracking backend surfaces as a :class:`TrackingError` that names the
+tracking URI, what was being done, and a hint (server unreachable, credentials refused).
 
 The local default is a SQLite store: MLflow 3's plain-file store (``./mlruns``)
 refuses to start unless ``MLFLOW_ALLOW_FILE_STORE=true``.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import hashlib
 import logging
 import math
 import os
@@ -49,6 +51,7 @@ from torch import nn
 
 from r2sweep import __version__
 from r2sweep.errors import R2SweepError
+from r2sweep.outcome import TAG_OUTCOME as OUTCOME_TAG
 
 __all__ = [
     "redact_uri",
@@ -81,7 +84,7 @@ TAG_ROLE = "r2sweep.role"  # "sweep" on the parent, "trial" on each child, "conf
 TAG_SWEEP_NAME = "r2sweep.sweep_name"
 TAG_TRIAL_ID = "r2sweep.trial_id"
 #: How a trial ended: finished, stopped, diverged, failed, or lost (forgotten by Tune after a crash).
-TAG_OUTCOME = "r2sweep.outcome"
+TAG_OUTCOME = OUTCOME_TAG  # decided in r2sweep.outcome
 TAG_VERSION = "r2sweep.version"
 # MLflow's own tag names, so that the UI shows the commit and nests the runs.
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
@@ -103,6 +106,8 @@ _MAX_TAG_VALUE = 8000
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000
 _PAGE = 1000
+# The reachability probe's timeout (s): DNS, connect and a first answer, in one try.
+_PROBE_TIMEOUT_S = 10
 # What MLflow accepts in a metric/param/tag name on every server OS (the colon is
 # refused on Windows servers, so it is replaced too).
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_./ \-]")
@@ -255,8 +260,10 @@ class Tracker:
         registry_uri: where registered models live; None: the tracking URI.
         artifact_location: artifact location of the experiments this tracker
             creates, e.g. ``s3://bucket/r2sweep``; None: the backend's default (a
-            server's ``--artifacts-destination``; for a SQLite store, ``./mlruns``
-            in the working directory of the process that creates the experiment).
+            server's ``--artifacts-destination``); for a SQLite store, ``mlruns/``
+            beside the database file, one folder per experiment (MLflow's own default
+            is ``./mlruns`` in whatever directory the process runs in, which scatters
+            one store's artifacts over every directory a sweep was started from).
 
     A Tracker pickles to its URIs alone (the client is rebuilt on first use), so
     a Ray Tune callback holding one survives being saved in ``tuner.pkl``.
@@ -273,6 +280,16 @@ class Tracker:
         self.registry_uri = registry_uri or self.tracking_uri
         self.artifact_location = artifact_location
         self._client: MlflowClient | None = None
+
+    def _experiment_artifacts(self, name: str) -> str | None:
+        """Where a new experiment's artifacts go: the configured location, or beside a SQLite file."""
+        if self.artifact_location is not None:
+            return self.artifact_location
+        uri = _absolute_sqlite(self.tracking_uri)
+        if not uri.startswith("sqlite:////"):
+            return None  # a server (or an in-memory store) decides itself
+        folder = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:80] + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+        return str(Path(uri.removeprefix("sqlite:///").partition("?")[0]).parent / "mlruns" / folder)
 
     def __repr__(self) -> str:
         return f"Tracker({self.display_uri!r})"
@@ -305,15 +322,44 @@ class Tracker:
         are scheduled. MLflow's client retries transient server errors (408, 429,
         5xx, dropped connections) with exponential backoff on every request
         (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7, about four minutes), so
-        this and every later call ride out a server restart.
+        every later call rides out a server restart. A server that does not
+        answer at all is told first, by one request without retries: a wrong
+        address or a server that was never started fails in seconds, not minutes.
 
         Raises:
             TrackingError: naming the server (without credentials) and the fix.
         """
         if not self.tracking_uri.startswith(("http://", "https://")):
             return  # a local store has no credentials, and probing it would create its file
+        self._probe()
         with self._failing("reach the tracking store"):
             self.client.search_experiments(max_results=1)
+
+    def _probe(self) -> None:
+        """One request, no retries, a short timeout: any HTTP answer means the server is there.
+
+        Through MLflow's own request function, so that the environment's
+        credentials and TLS settings apply. MLflow's global retry settings are
+        left alone: later calls of a sweep still ride out an outage.
+        """
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request
+
+        try:
+            http_request(get_default_host_creds(self.tracking_uri), "/api/2.0/mlflow/experiments/search", "GET",
+                         max_retries=0, backoff_factor=0, timeout=_PROBE_TIMEOUT_S, params={"max_results": 1})
+        except (MlflowException, requests.RequestException, OSError) as exc:
+            text = str(exc)
+            if "Connection refused" in text:
+                reason = "connection refused"
+            elif re.search(r"NameResolution|Name or service not known|nodename nor servname|getaddrinfo failed", text):
+                reason = "unknown host"
+            elif re.search(r"timed out|[Tt]imeout", text):
+                reason = f"no answer within {_PROBE_TIMEOUT_S} s"
+            else:
+                reason = redact_uri(_short(exc, 300))
+            raise TrackingError(self.display_uri, "reach the tracking store", f"{reason} (one try, no retries); is the"
+                                " tracking server running, and are its host, port and http/https right?") from exc
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_client": None}
@@ -413,7 +459,7 @@ class Tracker:
             experiment = self.client.get_experiment_by_name(name)
             if experiment is None and create:
                 try:
-                    return self.client.create_experiment(name, artifact_location=self.artifact_location)
+                    return self.client.create_experiment(name, artifact_location=self._experiment_artifacts(name))
                 except MlflowException as exc:
                     # Another driver created it between the two calls: use theirs.
                     if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
@@ -693,6 +739,16 @@ class SweepRun:
                 raise
             self.client.finalize_logged_model(logged.model_id, "READY")
         return f"models:/{logged.model_id}"
+
+    def champion(self, model_name: str, alias: str = CHAMPION_ALIAS) -> ModelVersion | None:
+        """The version ``alias`` of registered model ``model_name`` points at; None when either is missing."""
+        with self._failing(f"look up {model_name!r}@{alias}"):
+            try:
+                return self.client.get_model_version_by_alias(model_name, alias)
+            except MlflowException as exc:
+                if exc.get_http_status_code() == 404:  # no such model, or no such alias on it
+                    return None
+                raise
 
     def register_champion(
         self,

@@ -165,18 +165,23 @@ def run_trial(
     train_loader = make_loader(data.train, config.train.batch_size, shuffle=True, seed=config.seed, num_workers=config.train.num_workers)
     val_loader = make_loader(data.val, _EVAL_BATCH, shuffle=False, seed=config.seed)
 
-    proxy_entry = config.downstream[0] if config.downstream else None
-    proxy_bits = min((b for entry in config.downstream for b in entry.weight_bits), default=None)
+    # One entry's grid at one bit width (TrialConfig.proxy_target), never a mix of
+    # two entries: a mixed proxy can sit at chance for every trial and blind ASHA.
+    proxy = config.proxy_target() if config.downstream else None
 
     last_proxy: dict[str, float] = {}
 
     def on_epoch(metrics: dict[str, float]) -> None:
-        if proxy_entry is not None and proxy_bits is not None:
-            metrics["proxy/top1"] = evaluate(round_to_nearest(model, proxy_entry, proxy_bits), val_loader, device)
+        if config.downstream:
+            if proxy is None:
+                metrics["proxy/top1"] = metrics["val/top1"]
+            else:
+                metrics["proxy/top1"] = evaluate(round_to_nearest(model, *proxy), val_loader, device)
             last_proxy["proxy/top1"] = metrics["proxy/top1"]
+        shown = "" if "proxy/top1" not in metrics or proxy is None else f", W{proxy[1]} RTN {metrics['proxy/top1']:.1f}%"
         progress(
             f"pre-train epoch {int(metrics['epoch']) + 1}/{config.train.epochs}: loss {metrics['train/loss']:.3f}, "
-            f"val {metrics['val/top1']:.1f}%" + (f", W{proxy_bits} RTN {metrics['proxy/top1']:.1f}%" if "proxy/top1" in metrics else "")
+            f"val {metrics['val/top1']:.1f}%" + shown
         )
         report(metrics)
 

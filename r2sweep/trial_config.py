@@ -14,13 +14,12 @@ checked, so an override is validated exactly like the file.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
-import yaml
-
+from r2sweep import strict_yaml
 from r2sweep.config import R2Config, TrainConfig, from_dict, to_dict
 from r2sweep.data import DATASETS, dataset_options
 from r2sweep.errors import ConfigError
@@ -32,6 +31,9 @@ from r2sweep.validate import check, reject_unknown, require_int
 __all__ = [
     "DataConfig",
     "ModelConfig",
+    "ProxyConfig",
+    "PROXY_FP",
+    "TRIAL_SECTIONS",
     "TrialConfig",
     "load_trial_config",
     "read_yaml",
@@ -92,6 +94,29 @@ class ModelConfig:
         check(self.stem in STEMS, "model.stem", self.stem, f"one of {list(STEMS)}")
 
 
+#: ``proxy.result`` meaning "the float model's validation accuracy" (no quantization).
+PROXY_FP = "fp"
+
+
+@dataclass
+class ProxyConfig:
+    """``proxy:``: the cheap per-epoch stand-in for a downstream result (``proxy/top1``).
+
+    After every pre-training epoch the trial reports the accuracy of the current
+    weights rounded to nearest on ONE downstream result's grid: that result's
+    entry (granularity, symmetric, range, BN folding, first/last-layer bits) at
+    that result's weight bit width, weights only. The sweep's scheduler (ASHA)
+    ranks trials on it. ``result`` names the result (``ptq_rtn_w4a8``,
+    ``dkm_w1``) or ``fp`` (the float ``val/top1``, for a recipe whose rounded
+    weights say nothing early). Default: in a sweep, the result of the first
+    objective; in a trial file, the first entry at its lowest bit width.
+    """
+
+    section: ClassVar[str] = "proxy"
+
+    result: Optional[str] = None
+
+
 @dataclass
 class TrialConfig:
     """Everything one trial needs; see the module docstring."""
@@ -102,9 +127,36 @@ class TrialConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     r2: R2Config = field(default_factory=R2Config)
     downstream: list[DownstreamConfig] = field(default_factory=list)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
 
     def __post_init__(self) -> None:
         require_int("seed", self.seed, 0)
+        # R2 switches on at the start of epoch start_epoch (0-based): at or past the
+        # last epoch it would never act, and the trial would measure no R2 at all.
+        if self.r2.kind != "none" and self.r2.start_epoch >= self.train.epochs:
+            raise ConfigError("r2.start_epoch", self.r2.start_epoch,
+                              f"below train.epochs ({self.train.epochs}): R2 switches on at that epoch, so it would "
+                              "never act; lower r2.start_epoch or raise train.epochs")
+        if self.proxy.result is not None:
+            check(self.proxy.result == PROXY_FP or self.proxy.result in self.result_names(), "proxy.result",
+                  self.proxy.result, f"a downstream result of this trial or {PROXY_FP!r}: {[*self.result_names(), PROXY_FP]}")
+
+    def unused_fields(self) -> dict[str, str]:
+        """Every field (dotted path) whose value this trial never reads, with the setting that makes it so."""
+        unused = {**self.train.unused_fields(), **self.r2.unused_fields()}
+        for i, entry in enumerate(self.downstream):
+            unused.update(entry.unused_fields(f"downstream.{i}"))
+        return unused
+
+    def proxy_target(self) -> tuple[DownstreamConfig, int] | None:
+        """The (entry, weight bits) whose round-to-nearest grid ``proxy/top1`` uses; None: the float model."""
+        if self.proxy.result == PROXY_FP or not self.downstream:
+            return None
+        for entry in self.downstream:
+            for bits in entry.weight_bits:
+                if self.proxy.result in (None, entry.result_name(bits)):
+                    return entry, (min(entry.weight_bits) if self.proxy.result is None else bits)
+        raise AssertionError("proxy.result was validated against the result names")
 
     def result_names(self) -> list[str]:
         """Every downstream result prefix, in run order (``ptq_adaround_w2a8``, ...)."""
@@ -123,10 +175,12 @@ class TrialConfig:
             "train": to_dict(self.train),
             "r2": to_dict(self.r2),
             "downstream": [entry.to_mapping() for entry in self.downstream],
+            "proxy": to_dict(self.proxy),
         }
 
 
-_SECTIONS = ("seed", "data", "model", "train", "r2", "downstream")
+#: The sections of a trial file (a search-space file adds name, objective, search, sweep).
+TRIAL_SECTIONS = ("seed", "data", "model", "train", "r2", "downstream", "proxy")
 
 
 def load_trial_config(data: Any) -> TrialConfig:
@@ -137,7 +191,7 @@ def load_trial_config(data: Any) -> TrialConfig:
     """
     if data is None:
         data = {}
-    check(isinstance(data, Mapping), "config", type(data).__name__, f"a mapping with the sections {list(_SECTIONS)}")
+    check(isinstance(data, Mapping), "config", type(data).__name__, f"a mapping with the sections {list(TRIAL_SECTIONS)}")
     from_dict(_Sections, dict(data))  # unknown top-level keys, with a did-you-mean
     seed = data.get("seed", 0)
     check(isinstance(seed, int) and not isinstance(seed, bool), "seed", seed, "an integer >= 0")
@@ -148,6 +202,7 @@ def load_trial_config(data: Any) -> TrialConfig:
         train=from_dict(TrainConfig, data.get("train")),
         r2=from_dict(R2Config, data.get("r2")),
         downstream=load_downstream(data.get("downstream")),
+        proxy=from_dict(ProxyConfig, data.get("proxy")),
     )
 
 
@@ -160,32 +215,27 @@ class _Sections:
     train: Any = None
     r2: Any = None
     downstream: Any = None
+    proxy: Any = None
 
 
 def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file with ``safe_load``; syntax errors become a ConfigError naming the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("file", str(path), "an existing YAML file")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError("file", str(path), f"valid YAML; {problem} at {where}") from None
+    """Parse a YAML file strictly (:mod:`r2sweep.strict_yaml`): every problem is a ConfigError naming the line."""
+    return strict_yaml.load_file(path)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"train.lr=0.1"`` -> ``("train.lr", 0.1)``; the value is read as YAML (``[2, 4]``, ``true``, ``null``)."""
+    """``"train.lr=0.1"`` -> ``("train.lr", 0.1)``; the value is read as strict YAML (``[2, 4]``, ``1e-3``, ``true``)."""
     path, sep, raw = text.partition("=")
     path = path.strip()
     if not sep or not path:
         raise ConfigError("--set", text, "PATH=VALUE, e.g. train.lr=0.1 or downstream.0.weight_bits=[2,4]")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {path}", raw, "a YAML value (a number, a string, [a, list], true/false)") from None
+        value = strict_yaml.loads(raw, source=raw, root=path) if raw.strip() else None
+    except ConfigError as error:  # the value is not in the file: name the --set, not the file
+        if error.field == "file":
+            raise ConfigError(f"--set {path}", raw, f"a YAML value (a number, a string, [a, list], true/false); "
+                              f"{error.allowed.removeprefix('valid YAML; ')}") from None
+        raise ConfigError(f"--set {error.field}", error.value, error.allowed) from None
     return path, value
 
 
@@ -224,3 +274,17 @@ def apply_overrides(data: Any, overrides: list[tuple[str, Any]]) -> dict[str, An
                 node = node[key]
     return result
 
+
+
+def refuse_unused_overrides(overrides: list[tuple[str, Any]], configs: Sequence[TrialConfig]) -> None:
+    """Refuse a ``--set`` that no trial would read: its field is unused in every one of ``configs``
+    (one trial's config, or a config per value a sweep's switches can take).
+
+    Raises:
+        ConfigError: naming the override, the setting that makes it unused, and the fix.
+    """
+    for path, value in overrides:
+        reasons = [config.unused_fields().get(path) for config in configs]
+        if reasons and all(reasons):
+            raise ConfigError(f"--set {path}", value, f"a field the trial reads: {reasons[0]} never reads it; "
+                              "drop the --set, or change that setting")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -17,6 +20,14 @@ import numpy as np
 import pytest
 import requests
 import torch
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses the real ``mlflow server`` fixture is a ``server`` test, wherever it is
+    (``make test-fast`` leaves those out), so no module has to remember to say so."""
+    for item in items:
+        if "mlflow_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -30,6 +41,40 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _short_temp_base() -> str:
+    """The system temp folder when a Ray session below it fits Ray's socket limit, else /tmp."""
+    from r2sweep.sweep.ray_temp import MAX_TEMP_DIR_LENGTH
+
+    base = tempfile.gettempdir()
+    return base if len(f"{base}/r2s-ray-xxxxxxxx/ray".encode()) <= MAX_TEMP_DIR_LENGTH else "/tmp"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ray_temp_dir() -> Iterator[Path]:
+    """Every Ray the suite starts (in this process and in the drivers it spawns) keeps
+    its session files in one fresh, short folder, removed at the end.
+
+    Short: Ray's Unix socket paths below it must fit 107 bytes, which a folder under
+    pytest's ``tmp_path`` does not once ``TMPDIR`` is a little long. Fresh: nothing
+    an earlier run left (a stale ``ray_current_cluster`` address file) can leak in.
+    The ``ray`` folder is made up front because ``ray.cluster_utils.Cluster`` writes
+    its address file there without creating it.
+    """
+    root = Path(tempfile.mkdtemp(prefix="r2s-ray-", dir=_short_temp_base()))
+    (root / "ray").mkdir()
+    previous = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = str(root)
+    # One auth mode for every Ray of the run: a Ray started in this process with token
+    # auth and a later one without make the later one's actors die before they start.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    yield root
+    if previous is None:
+        os.environ.pop("RAY_TMPDIR", None)
+    else:
+        os.environ["RAY_TMPDIR"] = previous
+    shutil.rmtree(root, ignore_errors=True)
 
 
 SERVER_START_TIMEOUT_S = 90.0
@@ -164,3 +209,45 @@ def write_cifar(root: Path, name: str, n_train: int = 20, n_test: int = 10) -> N
         dump(folder / f, per_file, i * per_file)
     for f in test_files:
         dump(folder / f, n_test, 0)
+
+
+class ForwardingHandler(http.server.BaseHTTPRequestHandler):
+    """An HTTP proxy in front of a real server (``upstream``): a test stops it, or subclasses
+    :meth:`intercept` to answer some requests itself, to play a flaky network."""
+
+    upstream = ""
+
+    def intercept(self, body: bytes) -> bool:
+        """Answer the request here instead of forwarding it; True when answered."""
+        return False
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.intercept(body):
+            return
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+        reply = requests.request(self.command, self.upstream + self.path, data=body, headers=headers, timeout=30)
+        self.send_response(reply.status_code)
+        self.send_header("Content-Type", reply.headers.get("Content-Type", "application/json"))
+        self.send_header("Content-Length", str(len(reply.content)))
+        self.end_headers()
+        self.wfile.write(reply.content)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def tiny_sweep(name: str) -> dict:
+    """The smallest real sweep: two one-epoch trials of a tiny CNN on synthetic data (seconds each)."""
+    return {
+        "name": name,
+        "data": {"name": "synthetic", "num_samples": 64},
+        "model": {"name": "small_cnn", "width": 0.25},
+        "train": {"epochs": 1, "batch_size": 32},
+        "downstream": [{"method": "ptq", "algorithm": "rtn", "weight_bits": [4]}],
+        "objective": {"metric": "ptq_rtn_w4a8/top1"},
+        "search": {"train.lr": {"loguniform": [0.01, 0.1]}},
+        "sweep": {"num_samples": 2, "max_concurrent": 2, "scheduler": "none"},
+    }

@@ -89,13 +89,19 @@ CASES = {
     "when_not_searched": with_("search/r2.strength", {"loguniform": [0.001, 1.0], "when": {"r2.margin_init": ["max"]}}),
     "illegal_choice": with_("search/r2.kind", {"choice": ["linf", "l7"]}),
     "missing_data_root": with_("data", {"name": "cifar10", "root": "/nonexistent/cifar"}),
+    # Constraints across fields (r2sweep/sweep/consistency.py): found before Ray starts.
+    "cross_grace_period_past_epochs": with_("sweep/grace_period", 3),
+    "cross_cuda_without_gpu": with_("train/device", "cuda"),
+    "cross_r2_never_switches_on": with_("r2/start_epoch", 2),
+    "cross_start_point_outside_its_condition": with_("sweep/start_points", [{"r2.kind": "none", "r2.strength": 0.1}]),
+    "cross_start_points_exceed_samples": with_("sweep", {"num_samples": 2, "start_points": [{"r2.kind": "linf"}, {"r2.strength": 0.1}]}),
 }
 
 EXPECTED = {
     "yaml_syntax": "file='space.yaml' is not valid: valid YAML; expected ',' or '}', but got '<stream end>' at line 3, column 1",
-    "top_level_list": "config='list' is not valid: a mapping with the sections ['name', 'seed', 'data', 'model', 'train', 'r2', 'downstream', 'objective', 'search', 'sweep']",
-    "empty": "config='an empty file' is not valid: a mapping with the sections ['name', 'seed', 'data', 'model', 'train', 'r2', 'downstream', 'objective', 'search', 'sweep']",
-    "unknown_section": "sweeps={} is not valid: unknown section; did you mean 'sweep'? known sections are ['name', 'seed', 'data', 'model', 'train', 'r2', 'downstream', 'objective', 'search', 'sweep']",
+    "top_level_list": "config='list' is not valid: a mapping with the sections ['name', 'seed', 'data', 'model', 'train', 'r2', 'downstream', 'proxy', 'objective', 'search', 'sweep']",
+    "empty": "config='an empty file' is not valid: a mapping with the sections ['name', 'seed', 'data', 'model', 'train', 'r2', 'downstream', 'proxy', 'objective', 'search', 'sweep']",
+    "unknown_section": "sweeps={} is not valid: unknown section; did you mean 'sweep'? known sections are ['name', 'seed', 'data', 'model', 'train', 'r2', 'downstream', 'proxy', 'objective', 'search', 'sweep']",
     "unknown_data_key": "data.rooot='/x' is not valid: unknown field; did you mean 'root'? known fields are ['name', 'root', 'val_fraction']",
     "unknown_model_key": "model.widht=0.5 is not valid: unknown field; did you mean 'width'? known fields are ['name', 'width', 'stem']",
     "unknown_train_key": "train.epoch=3 is not valid: unknown field; did you mean 'epochs'? known fields are ['epochs', 'batch_size', 'optimizer', 'lr', 'momentum', 'weight_decay', 'schedule', 'step_epochs', 'step_gamma', 'num_workers', 'device']",
@@ -136,6 +142,11 @@ EXPECTED = {
     "when_not_searched": "search.r2.strength.when.r2.margin_init=['max'] is not valid: a parameter searched above this one; searched so far: ['r2.kind']",
     "illegal_choice": "search.r2.kind='l7' is not valid: r2.kind: choose one of ['linf', 'margin', 'none', 'softminmax']",
     "missing_data_root": "data.root='/nonexistent/cifar' is not valid: an existing folder on this machine (r2sweep never downloads); on a cluster whose workers hold it, pass --address",
+    "cross_grace_period_past_epochs": "sweep.grace_period=3 is not valid: at most train.epochs (2) with sweep.scheduler: asha (ASHA's first rung must come before a trial's last epoch); lower sweep.grace_period, raise train.epochs, or set sweep.scheduler: none",
+    "cross_cuda_without_gpu": "train.device='cuda' is not valid: 'auto' or 'cpu' when sweep.resources_per_trial.gpu is 0 (Ray gives a trial no GPU unless it asks for one); set sweep.resources_per_trial.gpu (e.g. 1 or 0.5), or train.device: auto",
+    "cross_r2_never_switches_on": "r2.start_epoch=2 is not valid: below train.epochs (2): R2 switches on at that epoch, so it would never act; lower r2.start_epoch or raise train.epochs",
+    "cross_start_point_outside_its_condition": "sweep.start_points[0].r2.strength=0.1 is not valid: a parameter this point can use: search.r2.strength is sampled only when r2.kind is one of ['linf'], and the point sets r2.kind='none'; drop r2.strength from the point",
+    "cross_start_points_exceed_samples": "sweep.num_samples=2 is not valid: at least 3: the trials run first (the no-R2 baseline and 2 sweep.start_points) must fit; raise sweep.num_samples or drop start points",
 }
 
 
@@ -174,7 +185,87 @@ def test_a_malformed_file_is_refused_with_its_exact_message(case: str, tmp_path,
          "search.r2.strength.loguniform=[1.0, 0.1] is not valid: [low, high] with low < high"),
         (["--num-samples", "0"], "sweep.num_samples=0 is not valid: an integer >= 1"),
         (["--max-concurrent", "-2"], "sweep.max_concurrent=-2 is not valid: an integer >= 1"),
+        # The smoke run that used to die late in Ray ("grace_period must be <= max_t!").
+        (["--set", "train.epochs=1", "--set", "sweep.grace_period=2"],
+         "sweep.grace_period=2 is not valid: at most train.epochs (1) with sweep.scheduler: asha (ASHA's first "
+         "rung must come before a trial's last epoch); lower sweep.grace_period, raise train.epochs, or set "
+         "sweep.scheduler: none"),
     ],
 )
 def test_overrides_get_the_same_checks(override, message, tmp_path, monkeypatch, capsys) -> None:
     assert _run(tmp_path, monkeypatch, capsys, yaml.safe_dump(BASE), *override) == message
+
+
+# A --set that no trial would feel: the search samples the field, or no trial reads it.
+NO_EFFECT = {
+    "searched_always": (["--set", "r2.kind=none"],
+        "--set r2.kind='none' is not valid: a field the search leaves alone: search.r2.kind samples it in every "
+        "trial, so this value is never used; change the distribution instead (--set search.r2.kind.choice=...) or "
+        "take r2.kind out of search"),
+    "searched_where_read": (["--set", "r2.strength=0.5"],
+        "--set r2.strength=0.5 is not valid: a field some trial of the sweep reads; no trial it can draw uses this "
+        "value (r2.kind=none never reads it; search.r2.strength samples it): drop the --set, or change that setting"),
+    "kind_never_reads": (["--set", "r2.margin_init=3std"],
+        "--set r2.margin_init='3std' is not valid: a field some trial of the sweep reads; no trial it can draw uses "
+        "this value (r2.kind=linf never reads it; r2.kind=none never reads it): drop the --set, or change that setting"),
+    "schedule_never_reads": (["--set", "train.step_gamma=0.5"],
+        "--set train.step_gamma=0.5 is not valid: a field some trial of the sweep reads; no trial it can draw uses "
+        "this value (train.schedule=cosine never reads it): drop the --set, or change that setting"),
+    "algorithm_never_reads": (["--set", "downstream.0.adaround_iters=10"],
+        "--set downstream.0.adaround_iters=10 is not valid: a field some trial of the sweep reads; no trial it can "
+        "draw uses this value (downstream.0.algorithm=rtn never reads it): drop the --set, or change that setting"),
+    "optimizer_never_reads": (["--set", "train.optimizer=adam", "--set", "train.momentum=0.5"],
+        "--set train.momentum=0.5 is not valid: a field some trial of the sweep reads; no trial it can draw uses "
+        "this value (train.optimizer=adam never reads it): drop the --set, or change that setting"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NO_EFFECT))
+def test_an_override_without_effect_is_refused_with_the_fix(case, tmp_path, monkeypatch, capsys) -> None:
+    override, message = NO_EFFECT[case]
+    assert _run(tmp_path, monkeypatch, capsys, yaml.safe_dump(BASE), *override) == message
+
+
+@pytest.mark.parametrize(("override", "reason"), [
+    ("r2.margin_init=3std", "r2.kind=linf never reads it"),
+    ("downstream.0.bn_batches=4", "downstream.0.bn_reestimate=false never reads it"),
+])
+def test_a_trial_override_without_effect_is_refused(override, reason, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    trial = {k: v for k, v in BASE.items() if k in ("data", "model", "train", "r2", "downstream")}
+    (tmp_path / "trial.yaml").write_text(yaml.safe_dump(trial))
+    assert main(["trial", "trial.yaml", "--out", "out", "--set", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--set {override.split('=')[0]}=" in err[0] and reason in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trial.yaml"]
+
+
+def test_an_override_that_takes_effect_somewhere_passes() -> None:
+    """r2.strength is searched only where R2 is on; with kind none searched too, a fixed base
+    strength is still read nowhere, but a searched lr conditional on linf leaves 'none' trials
+    reading the base lr: that override counts."""
+    from r2sweep.sweep.consistency import refuse_ineffective_overrides
+    from r2sweep.sweep.spec import load_sweep_spec
+
+    data = copy.deepcopy(BASE)
+    data["search"]["train.lr"] = {"loguniform": [0.01, 0.1], "when": {"r2.kind": ["linf"]}}
+    refuse_ineffective_overrides([("train.lr", 0.2), ("train.epochs", 3)], load_sweep_spec(data))
+
+
+def test_the_quickstart_smoke_run_with_one_epoch_is_refused_before_anything_starts(tmp_path, monkeypatch, capsys) -> None:
+    """The README's quickstart shortened to one epoch: its ASHA grace period (5) cannot fit."""
+    quickstart = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
+    message = _run(tmp_path, monkeypatch, capsys, quickstart.read_text(), "--set", "train.epochs=1")
+    assert message.startswith("sweep.grace_period=5 is not valid: at most train.epochs (1) with sweep.scheduler: asha")
+
+
+def test_a_searched_epoch_count_gives_asha_room_up_to_its_largest_value() -> None:
+    from r2sweep.sweep.spec import load_sweep_spec
+
+    data = copy.deepcopy(BASE)
+    data["search"]["train.epochs"] = {"int": [1, 6]}
+    data["sweep"]["grace_period"] = 4
+    assert load_sweep_spec(data).max_epochs == 6
+    data["sweep"]["grace_period"] = 7
+    with pytest.raises(ValueError, match=r"sweep\.grace_period=7 .* at most train\.epochs \(6\)"):
+        load_sweep_spec(data)

@@ -7,13 +7,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from r2sweep.sweep.spec import load_sweep_spec
 
+# The scripts are imported as they are: one that no longer imports fails here, never skips.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-paper_effect = pytest.importorskip("paper_effect")
-search_finds_it = pytest.importorskip("search_finds_it")
+import paper_effect  # noqa: E402
+import qat_recipe  # noqa: E402
+import search_finds_it  # noqa: E402
 
 
 def _args(**overrides) -> argparse.Namespace:
@@ -96,23 +99,44 @@ def test_search_finds_it_scores_sweeps_against_the_grid_target(tmp_path: Path) -
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_qat_recipe_measures_init_and_fine_tuning_and_reports_divergence() -> None:
-    import torch
-
+def test_qat_recipe_measures_init_and_fine_tuning_as_a_trial_does_and_reports_divergence(tmp_path: Path) -> None:
     from r2sweep.data import create_data
-    from r2sweep.models import create_model
+    from r2sweep.trial import load_pretrained, run_trial
+    from r2sweep.trial_config import load_trial_config
 
-    qat_recipe = pytest.importorskip("qat_recipe")
-    data = create_data("synthetic", num_samples=128, input_size=8)
-    torch.manual_seed(0)
-    model = create_model("small_cnn", num_classes=data.num_classes, in_channels=data.in_channels,
-                         input_size=data.input_size, width=0.25).eval()
-    row = qat_recipe.one_recipe(model, "ewgs", 2, 2, data, argparse.Namespace(epochs=1, finetune_lr=0.01))
-    assert (row["algorithm"], row["weight_bits"], row["act_bits"]) == ("ewgs", 2, 2)
-    assert 0.0 <= row["initialized"] <= 100.0 and 0.0 <= row["fine_tuned"] <= 100.0 and "diverged" not in row
-    assert not [name for name, _ in model.named_parameters() if "_quantizer." in name]  # the model is left as it was
-    diverged = {**row, "diverged": "non-finite loss in qat fine-tuning, epoch 0: lower downstream.lr"}
-    del diverged["fine_tuned"]
+    data_options = {"num_samples": 128, "input_size": 8}
+
+    def trial(downstream: list[dict], out: Path | None = None) -> dict[str, float]:
+        return run_trial(load_trial_config({
+            "seed": 0, "data": {"name": "synthetic", **data_options}, "model": {"name": "small_cnn", "width": 0.25},
+            "train": {"epochs": 1, "batch_size": 32, "device": "cpu"}, "r2": {"kind": "none"}, "downstream": downstream,
+        }), out_dir=out)
+
+    # The same recipes as trials run them. lr 1e30: the first step overflows the quantizers'
+    # steps and the loss turns non-finite, which the trial reports as <result>/diverged.
+    qat = {"method": "qat", "weight_bits": [2], "act_bits": 2, "epochs": 1}
+    tuned = trial([{**qat, "algorithm": "ewgs", "lr": 0.1}, {**qat, "algorithm": "lsq", "lr": 1e30}], tmp_path / "trial")
+    assert tuned["qat_lsq_w2a2/diverged"] == 1 and "qat_lsq_w2a2/top1" not in tuned
+    # The same pre-training (seeded), then no fine-tuning: the accuracy right after initialization.
+    initialized = trial([{**qat, "algorithm": "ewgs", "epochs": 0}, {**qat, "algorithm": "lsq", "epochs": 0}])
+
+    model, _ = load_pretrained(tmp_path / "trial" / "pretrained.pt")
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    data = create_data("synthetic", seed=0, **data_options)
+    row = qat_recipe.one_recipe(model, "ewgs", 2, 2, data, argparse.Namespace(epochs=1, finetune_lr=0.1))
+    assert (row["algorithm"], row["weight_bits"], row["act_bits"]) == ("ewgs", 2, 2) and "diverged" not in row
+    # The script measures what a trial at seed 0 would: its two numbers are the trials' results.
+    assert row["initialized"] == initialized["qat_ewgs_w2a2/top1"]
+    assert row["fine_tuned"] == tuned["qat_ewgs_w2a2/top1"]
+    assert row["fine_tuned"] != row["initialized"]  # fine-tuning moved it: the two cannot be swapped unseen
+    diverged = qat_recipe.one_recipe(model, "lsq", 2, 2, data, argparse.Namespace(epochs=1, finetune_lr=1e30))
+    assert "fine_tuned" not in diverged and diverged["initialized"] == initialized["qat_lsq_w2a2/top1"]
+    assert diverged["diverged"] == "non-finite loss in qat fine-tuning, epoch 0: lower downstream.lr"
+    # The model is left as it was: no quantizer on it, every weight unchanged.
+    assert not [name for name, _ in model.named_parameters() if "_quantizer." in name]
+    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
+
     lines = qat_recipe.table([row, diverged], epochs=1).splitlines()
-    assert lines[0].endswith("| top-1 after 1 epochs |") and len(lines) == 4
-    assert lines[2].startswith("| ewgs | W2A2 |") and lines[3].endswith("| diverged (non-finite loss in qat fine-tuning, epoch 0) |")
+    assert lines[0] == "| algorithm | W/A bits | top-1 after init | top-1 after 1 epochs |" and len(lines) == 4
+    assert lines[2] == f"| ewgs | W2A2 | {row['initialized']:.1f} | {row['fine_tuned']:.1f} |"
+    assert lines[3] == f"| lsq | W2A2 | {diverged['initialized']:.1f} | diverged (non-finite loss in qat fine-tuning, epoch 0) |"

@@ -12,16 +12,16 @@ import os
 from pathlib import Path
 
 import pytest
+import ray
+from ray.cluster_utils import Cluster
 
+from r2sweep.sweep.callbacks import TAG_NODE_ID, TrackingCallback
+from r2sweep.sweep.cluster import ClusterError
 from r2sweep.sweep.spec import load_sweep_spec
+from r2sweep.sweep.tuner import experiment_path, run_sweep
+from r2sweep.tracking import TAG_ROLE, TAG_TRIAL_ID, Tracker
 
-ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
-
-from r2sweep.sweep.callbacks import TAG_NODE_ID, TrackingCallback  # noqa: E402
-from r2sweep.sweep.cluster import ClusterError  # noqa: E402
-from r2sweep.sweep.tuner import experiment_path, run_sweep  # noqa: E402
-from r2sweep.tracking import TAG_ROLE, TAG_TRIAL_ID, Tracker  # noqa: E402
+pytestmark = pytest.mark.ray
 
 SPEC = {
     "name": "on-cluster",
@@ -37,15 +37,13 @@ SPEC = {
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
+def cluster():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 0, "include_dashboard": False,
-                        "temp_dir": str(tmp_path_factory.mktemp("ray"))},
-    )
+    # Ray's session files go to the suite's short RAY_TMPDIR (conftest): a folder
+    # under tmp_path can be too long for Ray's socket paths.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     workers = [cluster.add_node(num_cpus=1, resources={"r2sweep_slot": 1}) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import ray  # noqa: F401 - a hard dependency: a broken install fails here, never skips
 
 from conftest import run_tracked_sweeps
 
@@ -15,7 +16,7 @@ from r2sweep.cli import main
 from r2sweep.sweep.compare import compare_sweeps
 from r2sweep.tracking import TAG_ROLE, Tracker
 
-pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
 
 BASE = {
     "data": {"name": "synthetic", "num_samples": 128},

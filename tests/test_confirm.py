@@ -6,6 +6,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
 
 from conftest import run_tracked_sweeps
@@ -16,7 +17,7 @@ from r2sweep.sweep.confirm import TAG_CONFIRM_OF, TAG_CONFIRMED_BEST, confirm_to
 from r2sweep.sweep.select import load_sweep
 from r2sweep.tracking import TAG_TRIAL_ID, Tracker
 
-ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
 
 OBJECTIVE = "ptq_rtn_w4a8/top1"
 SWEEP = {
@@ -102,7 +103,7 @@ def test_cli_prints_the_table_and_bad_input_is_one_line(store: Path, monkeypatch
     assert "confirmed best: trial" in output and "(the sweep saw" in output
     assert (store / "confirm-me-confirmed.yaml").is_file()
     for argv, message in [(["confirm", "confirm-me", "--top", "0"], "--top 0: must be at least 1"),
-                          (["confirm", "confirm-me", "--seeds", "1", "1"], "give one or more distinct seeds"),
+                          (["confirm", "confirm-me", "--seeds", "1", "1"], "seed 1 is given twice"),
                           (["confirm", "confirm-mee"], "did you mean 'confirm-me'")]:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()

@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 
 from r2sweep.tracking import TAG_ROLE, TAG_TRIAL_ID
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 EPOCHS = 8
 SAMPLES = 6
@@ -106,43 +106,5 @@ def test_driver_killed_three_times_then_resumed_loses_and_duplicates_nothing(tmp
     # hands a resumed sweep its callbacks as pickled at the start).
     last = [line for line in output.splitlines() if "; trials: " in line][-1]
     best = max(r.data.metrics["ptq_rtn_w4a8/top1"] for r in trials)
-    assert f"trials: {SAMPLES} finished, 0 stopped, 0 failed, 0 running of {SAMPLES}" in last, last
+    assert f"trials: {SAMPLES} finished, 0 stopped, 0 diverged, 0 failed, 0 running of {SAMPLES}" in last, last
     assert last.endswith(f"= {best:.2f}"), last
-
-
-def test_files_a_kill_tore_are_repaired_before_tune_reads_them(tmp_path: Path) -> None:
-    import json
-    import pickle
-
-    from r2sweep.sweep.tuner import _repair_experiment
-
-    (tmp_path / "tuner.pkl").write_bytes(b"")  # truncated by an in-place rewrite
-    (tmp_path / "r2sweep_tuner.pkl").write_bytes(pickle.dumps({"state": 1}))
-    for stamp, text in (("2026-01-01_00-00-01", json.dumps({"ok": 1})), ("2026-01-01_00-00-02", '{"torn": ')):
-        (tmp_path / f"experiment_state-{stamp}.json").write_text(text)
-        (tmp_path / f"searcher-state-{stamp}.pkl").write_bytes(b"x")
-    _repair_experiment(str(tmp_path))
-    assert pickle.loads((tmp_path / "tuner.pkl").read_bytes()) == {"state": 1}
-    assert sorted(p.name for p in tmp_path.glob("*state-*")) == [
-        "experiment_state-2026-01-01_00-00-01.json", "searcher-state-2026-01-01_00-00-01.pkl"]
-    assert sorted(p.name for p in (tmp_path / "torn_snapshots").iterdir()) == [
-        "experiment_state-2026-01-01_00-00-02.json", "searcher-state-2026-01-01_00-00-02.pkl"]
-
-
-def test_a_snapshot_naming_deleted_checkpoints_gets_the_newest_one_under_those_names(tmp_path: Path) -> None:
-    import json
-    import pickle
-
-    from r2sweep.sweep.tuner import _repair_experiment
-
-    trial = tmp_path / "trainable_ab12cd34_3_lr=0.1"
-    for name, epoch in (("checkpoint_000004", 4), ("checkpoint_000005", 5)):
-        (trial / name).mkdir(parents=True)
-        (trial / name / "pretrain_state.pt").write_text(str(epoch))
-    blob = pickle.dumps({"latest": str(trial / "checkpoint_000001"), "older": "checkpoint_000000"}).hex()
-    snapshot = {"trial_data": [[json.dumps({"trial_id": "ab12cd34"}),
-                                json.dumps({"checkpoint_manager": {"_type": "CLOUDPICKLE_FALLBACK", "value": blob}})]]}
-    (tmp_path / "experiment_state-2026-01-01_00-00-01.json").write_text(json.dumps(snapshot))
-    _repair_experiment(str(tmp_path))
-    for name in ("checkpoint_000000", "checkpoint_000001"):
-        assert (trial / name / "pretrain_state.pt").read_text() == "5"  # the newest state, under the old name

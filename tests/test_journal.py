@@ -63,3 +63,28 @@ def test_an_operation_marked_once_is_recorded_once_even_across_restarts(tmp_path
     assert not journal.append("metrics", once="t0:epoch:3", step=3, metrics={"val/top1": 51.0})
     assert not TrackingJournal(tmp_path).append("metrics", once="t0:epoch:3", step=3, metrics={})
     assert [op["metrics"] for _, op in TrackingJournal(tmp_path).pending()] == [{"val/top1": 50.0}]
+
+
+def test_an_operation_appended_after_a_torn_line_is_kept(tmp_path: Path) -> None:
+    journal = TrackingJournal(tmp_path)
+    journal.append("metrics", n=0)
+    with open(tmp_path / "journal.jsonl", "a") as handle:
+        handle.write('{"op": "metr')  # the driver crashed mid-write
+    resumed = TrackingJournal(tmp_path)  # the resumed driver records more
+    resumed.append("metrics", n=1)
+    resumed.append("metrics", n=2)
+    assert [(i, op["n"]) for i, op in TrackingJournal(tmp_path).pending()] == [(0, 0), (1, 1), (2, 2)]
+
+
+def test_a_refused_operation_is_recorded_once_with_its_files(tmp_path: Path) -> None:
+    artifact = tmp_path / "pretrained.pt"
+    artifact.write_bytes(b"weights")
+    journal = TrackingJournal(tmp_path / "j")
+    journal.append("artifacts", trial="t0", files=[artifact])
+    (_, op), = journal.pending()
+    journal.reject(0, op, "RESOURCE_DOES_NOT_EXIST: no run")
+    journal.reject(0, op, "RESOURCE_DOES_NOT_EXIST: no run")  # again, after a crash before mark_applied
+    journal.mark_applied(0, keep_files=True)
+    assert TrackingJournal(tmp_path / "j").rejected() == [{"index": 0, "op": op, "reason": "RESOURCE_DOES_NOT_EXIST: no run"}]
+    assert Path(op["files"][0]).read_bytes() == b"weights"  # what MLflow refused can still be repaired by hand
+    assert journal.pending() == []

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
+import ray  # noqa: F401 - a hard dependency: a broken install fails here, never skips
 import yaml
 from PIL import Image
 
@@ -22,7 +23,7 @@ from r2sweep.sweep.select import load_sweep
 from r2sweep.sweep.spec import load_sweep_spec
 from r2sweep.tracking import TAG_ROLE, Tracker
 
-pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
 
 BASE = {
     "data": {"name": "synthetic", "num_samples": 128},

@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 
-mlflow = pytest.importorskip("mlflow")
+pytestmark = pytest.mark.ray
 
 SPEC = {
     "name": "cli-tiny",
@@ -95,7 +96,9 @@ def test_best_config_reruns_to_the_same_accuracy_and_is_the_champion(finished_sw
     again = _r2sweep("best", "cli-tiny", "--out", "again.yaml", cwd=work)
     assert again.returncode == 0, again.stderr
     assert yaml.safe_load((work / "again.yaml").read_text()) == yaml.safe_load(best_path.read_text())
-    assert client.get_model_version_by_alias("r2sweep-cli-tiny", "champion").version != version.version
+    # The champion did not change: no second model version of the same run.
+    assert client.get_model_version_by_alias("r2sweep-cli-tiny", "champion").version == version.version
+    assert len(client.search_model_versions("name='r2sweep-cli-tiny'")) == 1
 
 
 def test_resume_continues_the_same_sweep_without_duplicate_runs(finished_sweep) -> None:

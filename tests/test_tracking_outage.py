@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 
 from r2sweep.tracking import TAG_ROLE
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.server]
 
 OUTAGE_S = 60
 EPOCHS = 12

@@ -28,7 +28,7 @@ from mlflow import MlflowClient
 
 from r2sweep.tracking import TAG_ROLE
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 SPEC = {
     "name": "team-sweep",

@@ -127,6 +127,21 @@ class DownstreamConfig:
         require_int(f"{s}.cluster_dim", self.cluster_dim, 1)
         self.adaround_settings()  # validates the AdaRound knobs
 
+    def unused_fields(self, prefix: str = "downstream") -> dict[str, str]:
+        """Fields of this method that its algorithm and switches never read (``adaround_iters``
+        under round-to-nearest, ``delta`` under LSQ, ``bn_batches`` without re-estimation),
+        each with the setting that makes it unused."""
+        unused: dict[str, str] = {}
+        algorithm = f"{prefix}.algorithm={self.algorithm}"
+        if self.method == "ptq":
+            if self.algorithm != "adaround":
+                unused.update(dict.fromkeys(("adaround_iters", "adaround_lambda", "adaround_lr"), algorithm))
+            if not self.bn_reestimate:
+                unused["bn_batches"] = f"{prefix}.bn_reestimate=false"
+        if self.method == "qat" and self.algorithm != "ewgs":
+            unused["delta"] = algorithm
+        return {f"{prefix}.{name}": why for name, why in unused.items()}
+
     def adaround_settings(self, seed: int = 0) -> AdaRoundSettings:
         return AdaRoundSettings(
             iterations=self.adaround_iters, lr=self.adaround_lr, lambda_r=self.adaround_lambda, seed=seed

@@ -24,7 +24,8 @@ from r2sweep.checkpoint import write_text_atomic
 from r2sweep.errors import ConfigError
 from r2sweep.sweep.journal import JournalFlusher, TrackingJournal
 from r2sweep.sweep.spec import SweepSpec
-from r2sweep.tracking import TAG_OUTCOME, SweepRun, Tracker
+from r2sweep.outcome import DIVERGED, FAILED, FINISHED, RUN_STATUS, STOPPED, TAG_OUTCOME, decide_outcome, diverged_result
+from r2sweep.tracking import SweepRun, Tracker
 from r2sweep.trial import PRETRAINED
 
 __all__ = ["TrackingCallback", "ProgressCallback", "EPOCH_METRICS"]
@@ -124,6 +125,36 @@ class TrackingCallback(tune.Callback):
                 f"resume it with --tracking-uri {started}",
             )
 
+    def check_new(self) -> None:
+        """Refuse to start a sweep whose name MLflow already holds, when there is no Tune state to resume.
+
+        The sweep's results folder was deleted (or is on another machine) but its
+        MLflow experiment is still there: the new trials would become children of
+        the old parent run, judged by the old spec, two sweeps in one. When the Tune
+        state is there, :func:`~r2sweep.sweep.tuner.run_sweep` asks for ``--resume``.
+
+        Raises:
+            ConfigError: naming ``--name``, the store, and the two ways out.
+        """
+        if tune.Tuner.can_restore(self.experiment_path):
+            return
+        location = self.tracker.location
+        if location.startswith("sqlite:///") and not Path(location.removeprefix("sqlite:///")).is_file():
+            return  # no store yet (and looking would create its file)
+        existing = self.tracker.find_sweep(self.name)
+        if existing is not None:
+            trials = len(existing.trial_runs())
+            raise ConfigError(
+                "--name", self.name,
+                f"a new sweep name: {self.tracker.display_uri} already holds sweep {self.name!r} ({trials} trials, "
+                f"parent run {existing.parent_run_id}) and its Tune state at {self.experiment_path} is gone, so it "
+                f"cannot be resumed; pass --name for a new sweep, or delete that MLflow experiment first",
+            )
+
+    def _recorded(self) -> dict[str, Any]:
+        """What the journal folder recorded when the sweep started (store, parent run), or {}."""
+        return json.loads(self._store_file.read_text()) if self._store_file.exists() else {}
+
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment; the journal and its
         # thread are rebuilt in setup(), from the files on disk.
@@ -131,18 +162,26 @@ class TrackingCallback(tune.Callback):
 
     def setup(self, **info: Any) -> None:
         # A restored Tune experiment brings back this callback as it was pickled
-        # before the first run, so it cannot be told "resume": it recognises its
-        # own parent run by the experiment path it tagged it with instead.
+        # before the first run, so it cannot be told "resume": it continues the
+        # parent run its journal folder recorded, which lives (and is deleted) with
+        # the sweep's Tune state. No record: a new parent run, never an old one
+        # that happens to share the name.
+        recorded = self._recorded()
         if self.sweep is None:
             existing = self.tracker.find_sweep(self.name)
-            resume = existing is not None and (
-                self.tracker.client.get_run(existing.parent_run_id).data.tags.get(TAG_EXPERIMENT_PATH) == self.experiment_path
-            )
+            if "parent_run_id" in recorded:
+                resume = existing is not None and existing.parent_run_id == recorded["parent_run_id"]
+            else:  # journal folders of sweeps started before the parent run was recorded
+                resume = "tracking" in recorded and existing is not None and (
+                    self.tracker.client.get_run(existing.parent_run_id).data.tags.get(TAG_EXPERIMENT_PATH)
+                    == self.experiment_path
+                )
             self.sweep = self.tracker.start_sweep(
                 self.name, self.spec_text, tags={TAG_EXPERIMENT_PATH: self.experiment_path}, resume=resume
             )
-        if not self._store_file.exists():
-            write_text_atomic(self._store_file, json.dumps({"tracking": self.tracker.location}))
+        if recorded.get("parent_run_id") != self.sweep.parent_run_id:
+            write_text_atomic(self._store_file, json.dumps(
+                {"tracking": self.tracker.location, "parent_run_id": self.sweep.parent_run_id}))
         if self._flusher is None:
             # Operations a killed driver left unapplied go first.
             self._journal = TrackingJournal(self.journal_dir)
@@ -190,15 +229,10 @@ class TrackingCallback(tune.Callback):
                      timestamp=int(time.time() * 1000), once=once)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        result = trial.last_result or {}
-        if result.get("diverged"):
-            outcome, status = "diverged", "FAILED"
-        elif self.spec.objective.metric in result:
-            outcome, status = "finished", "FINISHED"
-        else:
-            outcome, status = "stopped", "KILLED"
+        outcome = decide_outcome(trial.last_result, self.spec.objective_metrics)
+        status = RUN_STATUS[outcome]
         self._record("tags", trial=trial.trial_id, tags={TAG_OUTCOME: outcome})
-        if outcome != "stopped" and trial.checkpoint is not None:
+        if outcome != STOPPED and trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as directory:
                 files = [p for p in sorted(Path(directory).iterdir()) if p.suffix in (".yaml", ".png") or p.name == PRETRAINED]
                 if files:
@@ -206,8 +240,8 @@ class TrackingCallback(tune.Callback):
         self._record("end_trial", trial=trial.trial_id, status=status)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._record("tags", trial=trial.trial_id, tags={TAG_OUTCOME: "failed"})
-        self._record("end_trial", trial=trial.trial_id, status="FAILED")
+        self._record("tags", trial=trial.trial_id, tags={TAG_OUTCOME: FAILED})
+        self._record("end_trial", trial=trial.trial_id, status=RUN_STATUS[FAILED])
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         if self._flusher is None:
@@ -273,42 +307,40 @@ class ProgressCallback(tune.Callback):
         self.started = time.perf_counter()
 
     def _outcome(self, trial: Any) -> str:
-        """``finished`` (the objective is in its last result), ``failed`` or ``stopped``."""
-        result = trial.last_result or {}
-        value = result.get(self.spec.objective.metric)
-        if trial.status == "ERROR" or result.get("diverged"):
-            return "failed"
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            return "finished"
-        return "stopped"
+        return decide_outcome(trial.last_result, self.spec.objective_metrics, errored=trial.status == "ERROR")
 
     def _line(self, trials: list, event: str, ended: Any) -> None:
         # Tune calls on_trial_complete while the trial is still RUNNING.
         done = [t for t in trials if t.status in ("TERMINATED", "ERROR") or t is ended]
-        counts = {"finished": 0, "stopped": 0, "failed": 0}
+        counts = {FINISHED: 0, STOPPED: 0, DIVERGED: 0, FAILED: 0}
         best: float | None = None
         objective = self.spec.objective
         for trial in done:
             outcome = self._outcome(trial)
             counts[outcome] += 1
-            if outcome == "finished":
+            if outcome == FINISHED:
                 value = trial.last_result[objective.metric]
                 if best is None or (value > best if objective.mode == "max" else value < best):
                     best = value
         running = sum(1 for t in trials if t.status == "RUNNING" and t is not ended)
         shown = "-" if best is None else f"{best:.2f}"
         self.write(
-            f"[{time.perf_counter() - self.started:7.1f}s] {event}; trials: {counts['finished']} finished, "
-            f"{counts['stopped']} stopped, {counts['failed']} failed, {running} running of "
+            f"[{time.perf_counter() - self.started:7.1f}s] {event}; trials: {counts[FINISHED]} finished, "
+            f"{counts[STOPPED]} stopped, {counts[DIVERGED]} diverged, {counts[FAILED]} failed, {running} running of "
             f"{self.spec.settings.num_samples}; best {objective.metric} = {shown}"
         )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         outcome = self._outcome(trial)
-        if outcome == "finished":
-            event = f"trial {trial.trial_id}: {self.spec.objective.metric} = {trial.last_result[self.spec.objective.metric]:.2f}"
+        result = trial.last_result or {}
+        if outcome == FINISHED:
+            event = f"trial {trial.trial_id}: {self.spec.objective.metric} = {result[self.spec.objective.metric]:.2f}"
+        elif outcome == DIVERGED:
+            event = f"trial {trial.trial_id}: diverged ({diverged_result(result, self.spec.objective_metrics)})"
+        elif outcome == STOPPED:
+            event = f"trial {trial.trial_id}: stopped early"
         else:
-            event = f"trial {trial.trial_id}: {'diverged' if outcome == 'failed' else 'stopped early'}"
+            event = f"trial {trial.trial_id}: failed"
         self._line(trials, event, trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -15,6 +15,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from r2sweep.errors import ConfigError
+from r2sweep.sweep.ray_address import reach_ray
+from r2sweep.sweep.ray_temp import local_temp_dir
 
 __all__ = ["connect", "check_resources", "check_data_roots", "ClusterError", "SKIP_RESOURCE_CHECK"]
 
@@ -34,9 +36,15 @@ def connect(address: str | None, num_cpus: int | None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
+        # Ray retries an address nobody answers at for minutes; this fails in seconds
+        # (ClusterUnreachable, naming the address and the fix; a malformed one: OptionError).
+        reach_ray(address)
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # "local": a new Ray of our own, never a cluster some earlier `ray start`
+        # left in Ray's address file; its temp folder short enough for Ray's sockets.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, _temp_dir=local_temp_dir())
 
 
 def _alive_nodes() -> list[dict]:

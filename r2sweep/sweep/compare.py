@@ -21,7 +21,8 @@ from typing import Any
 from r2sweep.errors import R2SweepError
 from r2sweep.sweep.select import load_sweep
 from r2sweep.sweep.spec import SweepSpec
-from r2sweep.tracking import TAG_OUTCOME, SweepRun, Tracker
+from r2sweep.outcome import DIVERGED, FAILED, STOPPED, finished_runs, run_outcome
+from r2sweep.tracking import SweepRun, Tracker
 
 __all__ = ["ComparisonRow", "compare_sweeps", "summarize_runs", "render", "r2_kind", "FORMATS"]
 
@@ -85,7 +86,7 @@ def summarize_runs(
     if not runs:
         raise R2SweepError(f"sweep {sweep.name!r} has no trials yet")
     objective = spec.objective.metric
-    finished = [r for r in runs if objective in r.data.metrics]
+    finished = finished_runs(runs, spec.objective_metrics)
     no_r2 = [r.data.metrics[objective] for r in finished if r2_kind(r, spec) == "none"]
     best_no_r2 = max(no_r2, key=lambda v: _signed(v, spec)) if no_r2 else None
     parent = sweep.tracker.client.get_run(sweep.parent_run_id).info
@@ -98,16 +99,16 @@ def summarize_runs(
             groups.setdefault(key, []).append(run)
     rows = []
     for group, members in sorted(groups.items()):
-        done = [r for r in members if objective in r.data.metrics]
+        done = finished_runs(members, spec.objective_metrics)
         best = max(done, key=lambda r: spec.ranking(r.data.metrics)) if done else None
         value = best.data.metrics[objective] if best else None
-        outcomes = [r.data.tags.get(TAG_OUTCOME, "") for r in members]
+        outcomes = [run_outcome(r, spec.objective_metrics) for r in members]
         rows.append(ComparisonRow(
             sweep=sweep.name,
             group=group,
             finished=len(done),
-            stopped=outcomes.count("stopped"),
-            failed=sum(o in ("failed", "diverged") for o in outcomes),
+            stopped=outcomes.count(STOPPED),
+            failed=sum(o in (FAILED, DIVERGED) for o in outcomes),
             objective=objective,
             best=value,
             best_trial=best.data.tags.get("r2sweep.trial_id", "") if best else "",

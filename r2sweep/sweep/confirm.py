@@ -27,6 +27,7 @@ import ray
 import yaml
 
 from r2sweep.errors import R2SweepError
+from r2sweep.outcome import DIVERGED, FAILED, FINISHED, RUN_STATUS, TAG_OUTCOME, decide_outcome, finished_runs, run_outcome
 from r2sweep.sweep.cluster import connect
 from r2sweep.sweep.select import TRIAL_CONFIG_ARTIFACT, load_sweep, pareto_front
 from r2sweep.sweep.spec import SweepSpec
@@ -83,7 +84,7 @@ def _trial_config(sweep: SweepRun, run_id: str) -> dict[str, Any]:
 
 
 def _top_trials(sweep: SweepRun, spec: SweepSpec, top: int) -> list[Any]:
-    finished = [r for r in sweep.trial_runs() if all(o.metric in r.data.metrics for o in spec.objectives)]
+    finished = finished_runs(sweep.trial_runs(), spec.objective_metrics)
     if not finished:
         raise R2SweepError(f"sweep {sweep.name!r} has no finished trial with {spec.objective.metric} yet")
     # As for `best`: in a multi-objective sweep only the Pareto front are candidates
@@ -118,7 +119,10 @@ def confirm_top(
     sweep, spec = load_sweep(tracker, name)
     objective = spec.objective.metric
     trials = _top_trials(sweep, spec, top)
-    done = {r.data.tags.get(TAG_TRIAL_ID): r for r in sweep.confirm_runs() if r.info.status == "FINISHED"}
+    # A re-run that finished or diverged is not run again (training is deterministic
+    # per seed); one that failed or was interrupted is.
+    done = {r.data.tags.get(TAG_TRIAL_ID): r for r in sweep.confirm_runs()
+            if run_outcome(r, spec.objective_metrics) in (FINISHED, DIVERGED)}
 
     resources = spec.settings.resources_per_trial
     threads = int(max(1, resources.get("cpu", 1)))
@@ -152,11 +156,14 @@ def confirm_top(
         try:
             final = ray.get(finished[0])
         except Exception as error:  # a crashed worker: this re-run fails, the others go on
-            sweep.end_trial(run_id, "FAILED")
+            sweep.set_tags(run_id, {TAG_OUTCOME: FAILED})
+            sweep.end_trial(run_id, RUN_STATUS[FAILED])
             progress(f"[{total - len(pending)}/{total}] trial {trial_id} seed {seed}: failed ({type(error).__name__})")
             continue
         sweep.log_metrics(run_id, final)
-        sweep.end_trial(run_id, "FAILED" if "diverged" in final else "FINISHED")
+        outcome = decide_outcome(final, spec.objective_metrics)
+        sweep.set_tags(run_id, {TAG_OUTCOME: outcome})
+        sweep.end_trial(run_id, RUN_STATUS[outcome])
         results[trial_id][seed] = final
         value = final.get(objective)
         progress(f"[{total - len(pending)}/{total}] trial {trial_id} seed {seed}: "

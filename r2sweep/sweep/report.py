@@ -33,6 +33,7 @@ import optuna
 
 from r2sweep import __version__
 from r2sweep.errors import R2SweepError
+from r2sweep.outcome import finished_runs, run_outcome
 from r2sweep.plots import compare_weight_histograms, weight_histograms
 from r2sweep.sweep.compare import r2_kind, summarize_runs
 from r2sweep.sweep.figures import (
@@ -44,7 +45,7 @@ from r2sweep.sweep.figures import (
     parameter_importances,
     pareto_front_plot,
 )
-from r2sweep.sweep.report_html import ReportPage, render_page, trial_outcome
+from r2sweep.sweep.report_html import ReportPage, render_page
 from r2sweep.sweep.select import load_sweep, pareto_front
 from r2sweep.sweep.spec import SearchParam, SweepSpec
 from r2sweep.tracking import TAG_TRIAL_ID, SweepRun, Tracker, sanitize_key
@@ -204,7 +205,7 @@ def importance_groups(finished: Sequence[Any], spec: SweepSpec) -> tuple[list[tu
 
 def _history_points(runs: Sequence[Any], spec: SweepSpec) -> list[TrialPoint]:
     metric = spec.objective.metric
-    return [TrialPoint(number=i, kind=r2_kind(r, spec), outcome=trial_outcome(r), objective=r.data.metrics.get(metric),
+    return [TrialPoint(number=i, kind=r2_kind(r, spec), outcome=run_outcome(r, spec.objective_metrics), objective=r.data.metrics.get(metric),
                        proxy=r.data.metrics.get("proxy/top1")) for i, r in enumerate(runs, start=1)]
 
 
@@ -283,7 +284,7 @@ def build_report(tracker: Tracker, name: str, out: str | os.PathLike[str], *, lo
     if not runs:
         raise R2SweepError(f"sweep {name!r} has no trials yet")
     metrics = [o.metric for o in spec.objectives]
-    finished = [r for r in runs if all(m in r.data.metrics for m in metrics)]
+    finished = finished_runs(runs, spec.objective_metrics)
     if not finished:
         raise R2SweepError(f"sweep {name!r} has no finished trial with {metrics[0]} yet ({len(runs)} started)")
     out = Path(out)

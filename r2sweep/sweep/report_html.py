@@ -17,9 +17,10 @@ from typing import Any
 
 from r2sweep.sweep.compare import ComparisonRow
 from r2sweep.sweep.spec import SweepSpec
-from r2sweep.tracking import TAG_OUTCOME, TAG_TRIAL_ID, sanitize_key
+from r2sweep.outcome import finished_runs, run_outcome
+from r2sweep.tracking import TAG_TRIAL_ID, sanitize_key
 
-__all__ = ["ReportPage", "render_page", "trial_outcome"]
+__all__ = ["ReportPage", "render_page"]
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif; margin: 0 auto;
@@ -77,11 +78,6 @@ class ReportPage:
     figures: dict[str, str]  # figure key -> PNG file name
     notes: Sequence[str]
     advice: Sequence[str] = ()
-
-
-def trial_outcome(run: Any) -> str:
-    """finished, stopped, diverged, failed (r2sweep's tag), or running / the run's status before it is tagged."""
-    return run.data.tags.get(TAG_OUTCOME) or ("running" if run.info.status == "RUNNING" else run.info.status.lower())
 
 
 def _num(value: float | None, signed: bool = False) -> str:
@@ -154,12 +150,13 @@ def _trials_table(page: ReportPage) -> str:
     columns = _result_columns(page)
     head = "".join(f"<th>{escape(h)}</th>" for h in ("#", "trial", "outcome", *searched, *columns))
     numbered = list(enumerate(page.runs, start=1))
-    done = [item for item in numbered if all(o.metric in item[1].data.metrics for o in page.spec.objectives)]
+    finished = {run.info.run_id for run in finished_runs(page.runs, page.spec.objective_metrics)}
+    done = [item for item in numbered if item[1].info.run_id in finished]
     ranked = sorted(done, key=lambda item: page.spec.ranking(item[1].data.metrics), reverse=True)
     ranked += [item for item in numbered if item not in done]
     body = []
     for number, run in ranked:
-        outcome = trial_outcome(run)
+        outcome = run_outcome(run, page.spec.objective_metrics)
         css = ' class="best"' if run.info.run_id == page.best.info.run_id else ""
         cells = [str(number), escape(run.data.tags.get(TAG_TRIAL_ID, "")), escape(outcome)]
         cells += [escape(_value(run.data.params.get(key, "-"))) for key in searched]
@@ -195,7 +192,7 @@ def render_page(page: ReportPage, figure_folder: Path, path: Path) -> Path:
     figures = "".join(_figure(key, page.figures[key], figure_folder) for key in order if key in page.figures)
     notes = "".join(f"<li>{escape(n)}</li>" for n in page.notes)
     advice = "".join(f"<li>{escape(a)}</li>" for a in page.advice)
-    finished = sum(page.spec.objective.metric in r.data.metrics for r in page.runs)
+    finished = len(finished_runs(page.runs, page.spec.objective_metrics))
     html = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>r2sweep report: {escape(page.name)}</title><style>{_CSS}</style></head><body>

@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 from r2sweep.errors import R2SweepError
+from r2sweep.outcome import finished_runs
 from r2sweep.sweep.spec import SweepSpec, load_sweep_spec
 from r2sweep.tracking import SPEC_ARTIFACT, TAG_TRIAL_ID, SweepRun, Tracker
 from r2sweep.trial import PRETRAINED, load_pretrained
@@ -95,7 +96,7 @@ def select_best(
     sweep, spec = load_sweep(tracker, name)
     client = tracker.client
     metrics = [o.metric for o in spec.objectives]
-    finished = [r for r in sweep.trial_runs() if all(m in r.data.metrics for m in metrics)]
+    finished = finished_runs(sweep.trial_runs(), spec.objective_metrics)
     if not finished:
         raise R2SweepError(f"sweep {name!r} has no finished trial with {metrics[0]} yet")
     front = pareto_front(finished, spec) if spec.multi_objective else finished
@@ -112,11 +113,18 @@ def select_best(
     sweep.set_tags(sweep.parent_run_id, {TAG_BEST_RUN: run_id, TAG_BEST_TRIAL: best.data.tags.get(TAG_TRIAL_ID, "")})
     version = None
     if register:
-        with tempfile.TemporaryDirectory() as tmp:
-            model, args = load_pretrained(client.download_artifacts(run_id, PRETRAINED, tmp))
-        example = np.zeros((1, args["in_channels"], args["input_size"], args["input_size"]), dtype=np.float32)
-        uri = sweep.log_model(run_id, model, example)
-        version = str(sweep.register_champion(run_id, f"r2sweep-{name}", uri).version)
+        model_name = f"r2sweep-{name}"
+        champion = sweep.champion(model_name)
+        if champion is not None and champion.run_id == run_id:
+            # The champion did not change: registering it again would add a copy
+            # (a new model and a new version) of the same weights at every call.
+            version = str(champion.version)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                model, args = load_pretrained(client.download_artifacts(run_id, PRETRAINED, tmp))
+            example = np.zeros((1, args["in_channels"], args["input_size"], args["input_size"]), dtype=np.float32)
+            uri = sweep.log_model(run_id, model, example)
+            version = str(sweep.register_champion(run_id, model_name, uri).version)
     return BestTrial(
         run_id=run_id,
         trial_id=best.data.tags.get(TAG_TRIAL_ID, ""),

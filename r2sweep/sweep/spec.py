@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from r2sweep.errors import ConfigError
-from r2sweep.trial_config import TrialConfig, apply_overrides, load_trial_config
+from r2sweep.sweep.consistency import check_consistency, max_epochs, representative
+from r2sweep.trial_config import PROXY_FP, TRIAL_SECTIONS, TrialConfig, apply_overrides, load_trial_config
 from r2sweep.validate import check, is_number, reject_unknown, require_int
 
 __all__ = [
@@ -41,7 +42,7 @@ SCHEDULERS = ("asha", "none")
 MODES = ("max", "min")
 # Samplers that handle several objectives (Optuna's multi-objective support).
 MULTI_OBJECTIVE_SAMPLERS = ("tpe", "nsga2", "random")
-_TOP_LEVEL = ("name", "seed", "data", "model", "train", "r2", "downstream", "objective", "search", "sweep")
+_TOP_LEVEL = ("name", *TRIAL_SECTIONS, "objective", "search", "sweep")
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,16 @@ class SweepSpec:
         if not self.settings.baseline or kind is None or kind.kind != "choice" or "none" not in kind.values:
             return None
         return {"r2.kind": "none"}
+
+    @property
+    def max_epochs(self) -> int:
+        """The most pre-training epochs any trial of this sweep runs (``train.epochs`` may be searched)."""
+        return max_epochs(self.trial, self.params)
+
+    @property
+    def objective_metrics(self) -> tuple[str, ...]:
+        """Every objective's metric, in order: a trial is finished only with all of them."""
+        return tuple(o.metric for o in self.objectives)
 
     @property
     def objective(self) -> Objective:
@@ -218,29 +229,20 @@ def _load_param(path: Any, data: Any, earlier: Mapping[str, SearchParam]) -> Sea
     return SearchParam(path, kind, values, tuple(when))
 
 
-def _representative(param: SearchParam, params: Mapping[str, SearchParam]) -> dict[str, Any]:
-    """Values of the parameters ``param`` depends on that make it apply (first allowed of each)."""
-    values: dict[str, Any] = {}
-    for name, allowed in param.when:
-        values.update(_representative(params[name], params))
-        values[name] = allowed[0]
-    return values
-
-
 def _validate_values(base: Mapping[str, Any], params: Mapping[str, SearchParam]) -> None:
     # Each value a parameter can take is written into the base config together
     # with the values its conditions require, and the result loaded as a trial
     # config: a path that does not exist, or a value its field refuses, fails
     # here with the field's own message.
     for param in params.values():
-        context = _representative(param, params)
+        context = representative(param, params)
         for value in param.edge_values():
             if param.kind == "int":
                 value = int(value)
             try:
                 load_trial_config(apply_overrides(base, [*context.items(), (param.path, value)]))
             except ConfigError as error:
-                if error.field.split("[")[0].split(".")[0] in ("data", "model", "train", "r2", "seed", "downstream"):
+                if error.field.split("[")[0].split(".")[0] in TRIAL_SECTIONS:
                     raise ConfigError(f"search.{param.path}", value, f"{error.field}: {error.allowed}") from None
                 raise
 
@@ -303,6 +305,18 @@ def _check_in_space(param: SearchParam, value: Any, where: str) -> None:
     check(is_number(value) and low <= value <= high, where, value, f"a number in search.{param.path}'s range [{low}, {high}]")
 
 
+def _proxy_for_objective(base: dict[str, Any], trial: TrialConfig, objective: Objective) -> tuple[dict[str, Any], TrialConfig]:
+    """Unless the file names one, the per-epoch proxy is the first objective's own result
+    (its entry's grid at its bit width; ``fp`` for ``fp/top1``): what ASHA ranks on then
+    predicts what the sweep is judged on."""
+    if trial.proxy.result is not None or not trial.downstream:
+        return base, trial
+    result = objective.metric.rsplit("/", 1)[0]
+    chosen = result if result in trial.result_names() else PROXY_FP
+    base = {**base, "proxy": {**dict(base.get("proxy") or {}), "result": chosen}}
+    return base, load_trial_config(base)
+
+
 def _absolute_root(value: Any) -> Any:
     """A relative ``data.root`` made absolute against the directory the sweep starts in.
 
@@ -325,11 +339,12 @@ def load_sweep_spec(data: Any, *, default_name: str = "sweep") -> SweepSpec:
     reject_unknown(data, _TOP_LEVEL, str, what="section")
     name = data.get("name", default_name)
     check(isinstance(name, str) and name.strip() != "" and "/" not in name, "name", name, "a non-empty sweep name without '/'")
-    base = {k: v for k, v in data.items() if k in ("seed", "data", "model", "train", "r2", "downstream")}
+    base = {k: v for k, v in data.items() if k in TRIAL_SECTIONS}
     if isinstance(base.get("data"), Mapping) and "root" in base["data"]:
         base["data"] = {**base["data"], "root": _absolute_root(base["data"]["root"])}
     trial = load_trial_config(base)
     objectives = _load_objectives(data.get("objective"), trial)
+    base, trial = _proxy_for_objective(base, trial, objectives[0])
     search = _mapping(data.get("search") or {}, "search", "{r2.strength: {loguniform: [1.0e-4, 1.0]}}")
     root_param = search.get("data.root")
     if isinstance(root_param, Mapping) and isinstance(root_param.get("choice"), list):
@@ -339,4 +354,6 @@ def load_sweep_spec(data: Any, *, default_name: str = "sweep") -> SweepSpec:
         params[path] = _load_param(path, body, params)
     _validate_values(base, params)
     settings = _load_settings(data.get("sweep"), params, len(objectives) > 1)
-    return SweepSpec(name, base, objectives, tuple(params.values()), settings, trial)
+    spec = SweepSpec(name, base, objectives, tuple(params.values()), settings, trial)
+    check_consistency(spec.trial, spec.params, spec.settings, spec.baseline_point)
+    return spec

@@ -21,8 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
-import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -37,9 +35,11 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from r2sweep.checkpoint import save_bytes_atomic, write_text_atomic
+from r2sweep.checkpoint import write_text_atomic
 from r2sweep.errors import ConfigError, TrialDiverged
+from r2sweep.outcome import FINISHED, decide_outcome
 from r2sweep.sweep.cluster import check_data_roots, check_resources, connect
+from r2sweep.sweep.experiment_files import ExperimentFolder
 from r2sweep.sweep.space import make_sampler, make_space
 from r2sweep.sweep.spec import SweepSpec
 from r2sweep.trial import HISTOGRAMS, PRETRAIN_CHECKPOINT, PRETRAINED, run_trial
@@ -142,9 +142,9 @@ class SweepOutcome:
     spec: SweepSpec
 
     def finished(self) -> list[Any]:
-        """Results of trials that reported the objective(s)."""
-        metrics = [o.metric for o in self.spec.objectives]
-        return [r for r in self.results if r.metrics and all(m in r.metrics for m in metrics)]
+        """Results of trials whose outcome is ``finished`` (every objective reported)."""
+        return [r for r in self.results
+                if decide_outcome(r.metrics, self.spec.objective_metrics, errored=r.error is not None) == FINISHED]
 
     def best(self) -> Any | None:
         """The best finished result by :meth:`SweepSpec.ranking`."""
@@ -197,26 +197,23 @@ def run_sweep(
         )
     if resume and not tune.Tuner.can_restore(experiment):
         raise FileNotFoundError(f"no sweep to resume at {experiment}")
+    folder = ExperimentFolder(experiment)
     if resume:
-        _check_same_space(experiment, spec)
+        _check_same_space(folder, spec)
     connect(address, num_cpus)
     resources = {k: float(v) for k, v in spec.settings.resources_per_trial.items() if float(v) > 0}
     check_resources(resources)
     check_data_roots(spec.data_roots())
     function = tune.with_resources(tune.with_parameters(trainable, spec=spec), resources)
     if resume:
-        _repair_experiment(experiment)
+        folder.repair()
         tuner = tune.Tuner.restore(experiment, trainable=function, resume_unfinished=True, resume_errored=True)
     else:
-        _save_space(experiment, spec)
+        folder.save_space(_space(spec))
         tuner = tune.Tuner(function, tune_config=_tune_config(spec), run_config=_run_config(spec, name, storage_path, callbacks))
-        _backup_tuner_state(experiment)
+        folder.backup_tuner_state()
     results = tuner.fit()
     return SweepOutcome(name=name, path=experiment, results=results, spec=spec)
-
-
-#: The space a sweep was started with, beside Tune's state: a resume must use the same one.
-SPACE_FILE = "r2sweep_space.json"
 
 
 def _space(spec: SweepSpec) -> dict[str, Any]:
@@ -235,102 +232,22 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
-_TUNER_STATE = "tuner.pkl"
-_TUNER_BACKUP = "r2sweep_tuner.pkl"
-
-
-def _backup_tuner_state(experiment: str) -> None:
-    """Keep an atomically written copy of Tune's ``tuner.pkl``.
-
-    Tune rewrites the files of an experiment in place (when it syncs its driver
-    staging folder to the storage path, for one), so a driver killed at the
-    wrong moment can leave ``tuner.pkl`` empty, and the sweep could never be
-    resumed. Seen in tests/test_driver_kill.py.
-    """
-    state = Path(experiment) / _TUNER_STATE
-    if "://" not in experiment and state.is_file() and state.stat().st_size > 0:
-        save_bytes_atomic(Path(experiment) / _TUNER_BACKUP, state.read_bytes())
-
-
-def _repair_experiment(experiment: str) -> None:
-    """Undo what a kill mid-write can leave before Tune reads the experiment back.
-
-    * an empty or torn ``tuner.pkl``: put the backup back;
-    * a torn newest ``experiment_state-<time>.json``: move it and the searcher
-      files of the same snapshot aside, so Tune restores the snapshot before it;
-    * a trial whose snapshot names checkpoints Tune has since deleted (it keeps
-      ``num_to_keep`` and snapshots only after that many new ones, so a kill in
-      between leaves the snapshot pointing at deleted folders): the trial's
-      newest checkpoint is copied under the names the snapshot expects. The
-      trial then resumes from its newest epoch, which is the point.
-    """
-    if "://" in experiment:
-        return
-    folder = Path(experiment)
-    state, backup = folder / _TUNER_STATE, folder / _TUNER_BACKUP
-    if backup.is_file() and not _loads(state, pickle.loads):
-        save_bytes_atomic(state, backup.read_bytes())
-    snapshots = sorted(folder.glob("experiment_state-*.json"))
-    if len(snapshots) > 1 and not _loads(snapshots[-1], json.loads):
-        stamp = snapshots[-1].name.removeprefix("experiment_state-").removesuffix(".json")
-        aside = folder / "torn_snapshots"
-        aside.mkdir(exist_ok=True)
-        for torn in folder.glob(f"*-{stamp}.*"):
-            torn.replace(aside / torn.name)
-        snapshots = snapshots[:-1]
-    if snapshots:
-        _restore_named_checkpoints(folder, snapshots[-1])
-
-
-def _restore_named_checkpoints(folder: Path, snapshot: Path) -> None:
-    try:
-        trials = json.loads(snapshot.read_text())["trial_data"]
-    except (OSError, ValueError, KeyError):
-        return
-    for trial_json, runtime_json in trials:
-        trial_id = json.loads(trial_json).get("trial_id", "")
-        # The checkpoint manager is stored as a cloudpickle blob in hex; the folder
-        # names it refers to can be read off the bytes without unpickling anything.
-        blobs = [v["value"] for v in json.loads(runtime_json).values()
-                 if isinstance(v, dict) and v.get("_type") == "CLOUDPICKLE_FALLBACK"]
-        named = {m.decode() for blob in blobs for m in re.findall(rb"checkpoint_\d{6}", bytes.fromhex(blob))}
-        for trial_dir in folder.glob(f"*_{trial_id}_*"):
-            existing = sorted(trial_dir.glob("checkpoint_*"))
-            for name in sorted(named):
-                if existing and not (trial_dir / name).exists():
-                    shutil.copytree(existing[-1], trial_dir / name)
-
-
-def _loads(path: Path, parse: Any) -> bool:
-    """Whether ``path`` exists and parses (a pickle Tune itself wrote, or JSON)."""
-    try:
-        parse(path.read_bytes())
-        return True
-    except Exception:  # noqa: BLE001 - empty, torn or missing: all mean "not usable"
-        return False
-
-
-def _save_space(experiment: str, spec: SweepSpec) -> None:
-    if "://" not in experiment:  # a storage URI: Tune's own state is all there is
-        write_text_atomic(Path(experiment) / SPACE_FILE, json.dumps(_space(spec), indent=1, sort_keys=True))
-
-
-def _check_same_space(experiment: str, spec: SweepSpec) -> None:
+def _check_same_space(folder: ExperimentFolder, spec: SweepSpec) -> None:
     """Refuse to resume with a search space other than the one the sweep started with.
 
     Raises:
         ConfigError: naming the first field that differs, both values, and the fix.
     """
-    saved_file = Path(experiment) / SPACE_FILE
-    if "://" in experiment or not saved_file.exists():
-        return
-    saved, now = _flat(json.loads(saved_file.read_text())), _flat(_space(spec))
+    saved = folder.saved_space()
+    if saved is None:
+        return  # a sweep started before the space was recorded
+    saved, now = _flat(saved), _flat(_space(spec))
     for key in sorted(set(saved) | set(now)):
         if saved.get(key) != now.get(key):
             raise ConfigError(
                 key.removeprefix("trial."),
                 now.get(key),
-                f"the sweep at {experiment} was started with {saved.get(key)!r}; resume it with the "
+                f"the sweep at {folder.experiment} was started with {saved.get(key)!r}; resume it with the "
                 "same search-space file (and --set overrides), or start a new sweep with --name",
             )
 
@@ -362,7 +279,7 @@ def _tune_config(spec: SweepSpec) -> tune.TuneConfig:
             time_attr="training_iteration",
             metric=_scheduler_metric(spec),
             mode="max",
-            max_t=spec.trial.train.epochs + 1,  # + the final report
+            max_t=spec.max_epochs + 1,  # + the final report
             grace_period=settings.grace_period,
             reduction_factor=settings.reduction_factor,
         )
@@ -386,7 +303,7 @@ def _run_config(spec: SweepSpec, name: str, storage_path: str, callbacks: Sequen
         failure_config=tune.FailureConfig(max_failures=spec.settings.max_failures),
         # Two, not one: Tune deletes the older checkpoint as it registers a new one,
         # and its experiment snapshot can still name it when the driver is killed.
-        # Two make that rarer; _repair_experiment handles what is left.
+        # Two make that rarer; ExperimentFolder.repair handles what is left.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         verbose=0,
     )

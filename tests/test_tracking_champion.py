@@ -1,0 +1,71 @@
+"""``select_best`` registers the champion only when it changed: asking twice adds no model version.
+
+A real tracked sweep without Ray: the parent run and trial runs written through
+Tracker/SweepRun as the sweep's callback writes them, each trial with a real
+``pretrained.pt`` (from a one-epoch trial), in a SQLite store.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from r2sweep.sweep.select import select_best
+from r2sweep.tracking import TAG_OUTCOME, SweepRun, Tracker
+from r2sweep.trial import PRETRAINED, run_trial
+from r2sweep.trial_config import load_trial_config
+
+NAME = "champion-once"
+MODEL = f"r2sweep-{NAME}"
+OBJECTIVE = "ptq_rtn_w4a8/top1"
+TRIAL = {
+    "data": {"name": "synthetic", "num_samples": 64},
+    "model": {"name": "small_cnn", "width": 0.25},
+    "train": {"epochs": 1},
+    "downstream": [{"method": "ptq", "algorithm": "rtn", "weight_bits": [4]}],
+}
+SPEC = {
+    "name": NAME,
+    **TRIAL,
+    "objective": {"metric": OBJECTIVE, "mode": "max"},
+    "search": {"train.lr": {"loguniform": [0.01, 0.1]}},
+    "sweep": {"num_samples": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("trial")
+    run_trial(load_trial_config(TRIAL), out_dir=out)
+    return out / PRETRAINED
+
+
+def _finished_trial(sweep: SweepRun, trial_id: str, objective: float, pretrained: Path) -> str:
+    run_id = sweep.trial_run(trial_id, {"train.lr": 0.05})
+    sweep.log_metrics(run_id, {OBJECTIVE: objective, "fp/top1": 90.0})
+    sweep.log_artifact(run_id, pretrained)
+    sweep.set_tags(run_id, {TAG_OUTCOME: "finished"})
+    sweep.end_trial(run_id, "FINISHED")
+    return run_id
+
+
+def test_the_champion_is_registered_again_only_when_a_better_trial_appears(tmp_path: Path, pretrained: Path) -> None:
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_location=str(tmp_path / "artifacts"))
+    sweep = tracker.start_sweep(NAME, yaml.safe_dump(SPEC))
+    first = _finished_trial(sweep, "t0", 50.0, pretrained)
+    client = MlflowClient(tracker.tracking_uri)
+
+    assert select_best(tracker, NAME).model_version == "1"
+    again = select_best(tracker, NAME)  # `r2sweep best` run twice, nothing changed
+    assert again.model_version == "1" and again.run_id == first
+    assert [str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")] == ["1"]
+    assert len(client.search_logged_models([sweep.experiment_id])) == 1  # no second copy of the weights
+
+    better = _finished_trial(sweep, "t1", 70.0, pretrained)
+    assert select_best(tracker, NAME).model_version == "2"
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert str(champion.version) == "2" and champion.run_id == better
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")) == ["1", "2"]
