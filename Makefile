@@ -21,9 +21,14 @@ $(STAMP): pyproject.toml
 
 # .ci/system-deps installs PostgreSQL and Docker Compose's plugin when missing
 # (as root with apt-get; otherwise it says what to install).
+# Two workers, each taking whole files (module fixtures start Ray or a server once):
+# the suite waits on subprocesses, servers and Ray start-ups much of the time, so two
+# workers overlap well even on two cores. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	@.ci/system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # The developers' loop (under 3 minutes on 2 cores): everything but the tests marked
 # slow (long training), ray (a real Ray starts) or server (a real MLflow server or

@@ -4,8 +4,9 @@ The unit a sweep runs, and what ``r2sweep trial FILE`` runs alone. It knows
 nothing of Ray, Optuna or MLflow: it reports through a plain callback, called
 
 * after every pre-training epoch with that epoch's metrics plus ``proxy/top1``
-  (round-to-nearest accuracy at the lowest requested weight bit width, cheap
-  enough to rank trials early), and
+  (round-to-nearest accuracy on one downstream result's grid, that result's
+  entry at its weight bit width: ``TrialConfig.proxy_target``; cheap enough to
+  rank trials early), and
 * once at the end with every final metric (``fp/top1``, one ``<result>/top1``
   per downstream result, the pre-trained weight statistics, the seconds each
   phase took); that call has ``final = 1`` (not ``done``: Ray Tune reserves it).

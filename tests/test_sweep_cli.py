@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,27 @@ def test_resume_continues_the_same_sweep_without_duplicate_runs(finished_sweep) 
     (line,) = [l for l in elsewhere.stderr.splitlines() if l.startswith("r2sweep: error:")]
     assert "--tracking-uri" in line and f"resume it with --tracking-uri sqlite:///{work.resolve() / 'mlflow.db'}" in line
     assert not (work / "other.db").exists()
+
+
+def test_a_name_whose_tune_state_is_gone_is_refused_not_merged(finished_sweep, tmp_path: Path) -> None:
+    """The sweep's store without its results folder (deleted, or on another machine): running
+    the same name again used to log the new trials as children of the old parent run."""
+    work, _ = finished_sweep
+    shutil.copy2(work / "mlflow.db", tmp_path / "mlflow.db")
+    shutil.copy2(work / "tiny.yaml", tmp_path / "tiny.yaml")
+
+    def runs() -> list[str]:
+        client = _client(tmp_path)
+        return sorted(r.info.run_id for r in client.search_runs([client.get_experiment_by_name("cli-tiny").experiment_id]))
+
+    before = runs()
+    again = _r2sweep("sweep", "tiny.yaml", cwd=tmp_path, timeout=120)
+    assert again.returncode == 2, again.stderr[-2000:]
+    (line,) = again.stderr.strip().splitlines()
+    assert line.startswith("r2sweep: error: --name='cli-tiny' is not valid: a new sweep name: ")
+    assert f"already holds sweep 'cli-tiny' ({SPEC['sweep']['num_samples']} trials" in line and "pass --name" in line
+    assert not (tmp_path / "r2sweep_results").exists()
+    assert runs() == before
 
 
 def test_bad_spec_exits_2_and_creates_nothing(tmp_path: Path) -> None:

@@ -7,8 +7,9 @@ Who sees which metric, and why:
   reports it, so Optuna records it as PRUNED instead of scoring a partial
   pre-training as if it were complete;
 * the **scheduler** (ASHA) ranks trials per pre-training epoch on
-  ``proxy/top1``: round-to-nearest accuracy at the lowest requested bit width,
-  the cheap stand-in for the downstream result.
+  ``proxy/top1``: round-to-nearest accuracy on the grid of the result the
+  objective is read from (``TrialConfig.proxy_target``), the cheap stand-in
+  for the downstream result.
 
 Each epoch's pre-training state is reported as a Tune checkpoint, so a trial
 restarted after a worker or driver failure resumes from its last epoch. Trials
