@@ -29,7 +29,7 @@ def _shown(value: object) -> str:
         return " ".join(_shown(v) for v in value)
     text = str(value)
     if "@" in text and "://" in text:
-        from r2sweep.tracking import redact_uri  # imports MLflow: only for a URI with credentials
+        from r2sweep.tracking_names import redact_uri
 
         text = redact_uri(text)
     if len(text) > 80:
