@@ -28,12 +28,12 @@ from pathlib import Path
 
 import ray
 from ray.cluster_utils import Cluster
-
-from r2sweep.sweep.callbacks import TrackingCallback
-from r2sweep.sweep.spec import load_sweep_spec
-from r2sweep.sweep.tuner import experiment_path, run_sweep
-from r2sweep.tracking import Tracker
 from sweep_timing import FirstTrialStart
+
+from r2sweep.core.config.sweep import load_sweep_spec
+from r2sweep.tracking.store import Tracker
+from r2sweep.tune.callbacks import TrackingCallback
+from r2sweep.tune.tuner import experiment_path, run_sweep
 
 
 def run_on(nodes: int, trials: int, epochs: int, model: dict) -> dict:

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from r2sweep.trial import run_trial
-from r2sweep.trial_config import load_trial_config
+from r2sweep.core.config.trial import load_trial_config
+from r2sweep.core.trial import run_trial
 
 DIGITS_TRIAL = {
     "seed": 0,

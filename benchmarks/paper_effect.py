@@ -206,10 +206,10 @@ def sweep_spec(setting: str, kind: str, base: dict[str, Any], scale: dict[str, A
 
 def run_one_sweep(data: dict, work: Path) -> dict[str, Any]:
     """One real r2sweep sweep (Ray Tune + Optuna + MLflow); the best trial's config and value."""
-    from r2sweep.sweep.callbacks import ProgressCallback, TrackingCallback
-    from r2sweep.sweep.spec import load_sweep_spec
-    from r2sweep.sweep.tuner import experiment_path, run_sweep
-    from r2sweep.tracking import Tracker
+    from r2sweep.core.config.sweep import load_sweep_spec
+    from r2sweep.tracking.store import Tracker
+    from r2sweep.tune.callbacks import ProgressCallback, TrackingCallback
+    from r2sweep.tune.tuner import experiment_path, run_sweep
 
     spec = load_sweep_spec(data)
     tracker = Tracker(f"sqlite:///{work / 'mlflow.db'}")
@@ -244,8 +244,8 @@ def run_one_sweep(data: dict, work: Path) -> dict[str, Any]:
 def _run_trial(job: tuple[dict, str | None]) -> dict[str, float]:
     import torch
 
-    from r2sweep.trial import run_trial
-    from r2sweep.trial_config import load_trial_config
+    from r2sweep.core.config.trial import load_trial_config
+    from r2sweep.core.trial import run_trial
 
     mapping, out = job
     torch.set_num_threads(1)
@@ -262,7 +262,7 @@ def rerun(data: dict, config: dict, seeds: list[int], work: Path, concurrency: i
     R2 sweep chose, no R2 term): what R2 itself adds, apart from its sweep's lr and wd.
     ``tag`` tells the output folders of a re-run of some other configuration apart.
     """
-    from r2sweep.sweep.spec import load_sweep_spec
+    from r2sweep.core.config.sweep import load_sweep_spec
 
     spec = load_sweep_spec(data)
     jobs = []
@@ -391,8 +391,8 @@ def record_weight_stats(results: dict[str, Any], work: Path) -> bool:
     what is kept. Returns whether anything new was recorded."""
     from torch import nn
 
-    from r2sweep.stats import layer_weight_stats
-    from r2sweep.trial import PRETRAINED, load_pretrained
+    from r2sweep.core.stats import layer_weight_stats
+    from r2sweep.core.trial import PRETRAINED, load_pretrained
 
     changed = False
     for setting, entry in results.get("settings", {}).items():
@@ -445,7 +445,7 @@ def _layer_means(rows: list[tuple[float, float]]) -> str:
 def _accuracy_series(setting: str, runs: dict[str, list[dict]], labels: dict[str, str] | None = None) -> list[tuple[str, list]]:
     """Per downstream method, mean +- sd over seeds at each bit width, for no R2 and each kind
     (``labels``: names for extra series, such as the R2-off control)."""
-    from r2sweep.sweep.figures import BitsSeries
+    from r2sweep.analysis.figures import BitsSeries
 
     panels = []
     for entry in SETTINGS[setting]["downstream"]:
@@ -470,9 +470,9 @@ def _accuracy_series(setting: str, runs: dict[str, list[dict]], labels: dict[str
 def figures(results: dict[str, Any], work: Path, out_dir: Path, data: str) -> list[Path]:
     """Accuracy against bit width (mean +- sd over seeds) and the weight histograms of the first
     re-run seed, tuned no-R2 model against the best R2 kind's, per setting."""
-    from r2sweep.plots import compare_weight_histograms
-    from r2sweep.sweep.figures import accuracy_vs_bits, kind_color
-    from r2sweep.trial import PRETRAINED, load_pretrained
+    from r2sweep.analysis.figures import accuracy_vs_bits, kind_color
+    from r2sweep.core.plots import compare_weight_histograms
+    from r2sweep.core.trial import PRETRAINED, load_pretrained
 
     written = []
     for setting, entry in results.get("settings", {}).items():

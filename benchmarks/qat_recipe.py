@@ -30,13 +30,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paper_effect import SCALES, trial_base  # noqa: E402
 
-from r2sweep.data import create_data, make_loader  # noqa: E402
-from r2sweep.errors import TrialDiverged  # noqa: E402
-from r2sweep.quant.finetune import quantization_aware_train  # noqa: E402
-from r2sweep.quant.recipe import DownstreamConfig  # noqa: E402
-from r2sweep.train import evaluate  # noqa: E402
-from r2sweep.trial import _calibration_images, load_pretrained, run_trial  # noqa: E402
-from r2sweep.trial_config import load_trial_config  # noqa: E402
+from r2sweep.core.config.trial import load_trial_config  # noqa: E402
+from r2sweep.core.data import create_data, make_loader  # noqa: E402
+from r2sweep.core.errors import TrialDiverged  # noqa: E402
+from r2sweep.core.quant.finetune import quantization_aware_train  # noqa: E402
+from r2sweep.core.quant.recipe import DownstreamConfig  # noqa: E402
+from r2sweep.core.train import evaluate  # noqa: E402
+from r2sweep.core.trial import _calibration_images, load_pretrained, run_trial  # noqa: E402
 
 BIT_PAIRS = ((8, 8), (2, 8), (8, 2), (2, 2))
 

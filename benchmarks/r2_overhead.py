@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from r2sweep.losses import make_r2_loss, regularized_layers
-from r2sweep.models import create_model
+from r2sweep.core.losses import make_r2_loss, regularized_layers
+from r2sweep.core.models import create_model
 
 STRENGTH = {"linf": 0.1, "margin": 0.01, "softminmax": 0.01}
 TARGET = {"linf": 1.02, "margin": 1.02, "softminmax": 1.05}
@@ -96,7 +96,7 @@ def train_step(model, r2, optimizer, x, y) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x), y)
     if r2 is not None:
-        loss = loss + r2()  # after the forward, as r2sweep.train does
+        loss = loss + r2()  # after the forward, as r2sweep.core.train does
     loss.backward()
     optimizer.step()
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import yaml
 
-from r2sweep.sweep.spec import load_sweep_spec
-from r2sweep.sweep.tuner import run_sweep
+from r2sweep.core.config.sweep import load_sweep_spec
+from r2sweep.tune.tuner import run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
@@ -92,8 +92,8 @@ def reseeded(config: dict, seeds: list[int], concurrency: int) -> list[float]:
 def _run_one(mapping: dict) -> dict:
     import torch
 
-    from r2sweep.trial import run_trial
-    from r2sweep.trial_config import load_trial_config
+    from r2sweep.core.config.trial import load_trial_config
+    from r2sweep.core.trial import run_trial
 
     torch.set_num_threads(1)
     return run_trial(load_trial_config(mapping))

@@ -44,7 +44,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sample_efficiency import _run_one, best_so_far, run_search, save_json, trials_to_reach  # noqa: E402
 
-from r2sweep.sweep.spec import SearchParam, SweepSpec, load_sweep_spec  # noqa: E402
+from r2sweep.core.config.sweep import SearchParam, SweepSpec, load_sweep_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACE = ROOT / "search_spaces" / "distorted_r18_w1.yaml"
@@ -187,7 +187,7 @@ def reached_fraction(runs: dict[str, list[dict]], goal: float, length: int) -> l
 def plot(store: dict, path: Path) -> None:
     """Left: best objective so far per sweep seed against the grid's lines. Right: the
     trials-to-target curve, the share of sweep seeds that reached the target by trial n."""
-    from r2sweep.plots import new_figure, save_png
+    from r2sweep.core.plots import new_figure, save_png
 
     base, best, goal = target(store)
     figure = new_figure(12.5, 4.6)

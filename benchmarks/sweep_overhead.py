@@ -19,12 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-
-from r2sweep.sweep.callbacks import TrackingCallback
-from r2sweep.sweep.spec import load_sweep_spec
-from r2sweep.sweep.tuner import run_sweep
-from r2sweep.tracking import Tracker
 from sweep_timing import FirstTrialStart
+
+from r2sweep.core.config.sweep import load_sweep_spec
+from r2sweep.tracking.store import Tracker
+from r2sweep.tune.callbacks import TrackingCallback
+from r2sweep.tune.tuner import run_sweep
 
 
 def main() -> int:

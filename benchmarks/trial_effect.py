@@ -1,6 +1,6 @@
 """First measurement of the R2 effect: MobileNet-V2 on digits, with and without R2.
 
-Each (R2 setting, seed) is one real trial (``r2sweep.trial.run_trial``): one
+Each (R2 setting, seed) is one real trial (``r2sweep.core.trial.run_trial``): one
 pre-training, then every recipe at 4 and 2 bits on copies of the same weights.
 Recipes, from naive to strongest:
 
@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from r2sweep.trial import run_trial
-from r2sweep.trial_config import load_trial_config
+from r2sweep.core.config.trial import load_trial_config
+from r2sweep.core.trial import run_trial
 
 RECIPES = {
     "naive": {"method": "ptq", "algorithm": "rtn", "granularity": "tensor", "range": "minmax"},

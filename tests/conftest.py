@@ -45,7 +45,7 @@ def _one_thread():
 
 def _short_temp_base() -> str:
     """The system temp folder when a Ray session below it fits Ray's socket limit, else /tmp."""
-    from r2sweep.sweep.ray_temp import MAX_TEMP_DIR_LENGTH
+    from r2sweep.tune.ray_temp import MAX_TEMP_DIR_LENGTH
 
     base = tempfile.gettempdir()
     return base if len(f"{base}/r2s-ray-xxxxxxxx/ray".encode()) <= MAX_TEMP_DIR_LENGTH else "/tmp"
@@ -165,10 +165,10 @@ def run_tracked_sweeps(root: Path, *specs: dict) -> Path:
     import ray
     import yaml
 
-    from r2sweep.sweep.callbacks import TrackingCallback
-    from r2sweep.sweep.spec import load_sweep_spec
-    from r2sweep.sweep.tuner import experiment_path, run_sweep
-    from r2sweep.tracking import Tracker
+    from r2sweep.core.config.sweep import load_sweep_spec
+    from r2sweep.tracking.store import Tracker
+    from r2sweep.tune.callbacks import TrackingCallback
+    from r2sweep.tune.tuner import experiment_path, run_sweep
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from r2sweep.cli import main
+from r2sweep.cli.app import main
 
 BASE = {
     "name": "bad",
@@ -89,7 +89,7 @@ CASES = {
     "when_not_searched": with_("search/r2.strength", {"loguniform": [0.001, 1.0], "when": {"r2.margin_init": ["max"]}}),
     "illegal_choice": with_("search/r2.kind", {"choice": ["linf", "l7"]}),
     "missing_data_root": with_("data", {"name": "cifar10", "root": "/nonexistent/cifar"}),
-    # Constraints across fields (r2sweep/sweep/consistency.py): found before Ray starts.
+    # Constraints across fields (r2sweep/core/config/consistency.py): found before Ray starts.
     "cross_grace_period_past_epochs": with_("sweep/grace_period", 3),
     "cross_cuda_without_gpu": with_("train/device", "cuda"),
     "cross_r2_never_switches_on": with_("r2/start_epoch", 2),
@@ -244,8 +244,8 @@ def test_an_override_that_takes_effect_somewhere_passes() -> None:
     """r2.strength is searched only where R2 is on; with kind none searched too, a fixed base
     strength is still read nowhere, but a searched lr conditional on linf leaves 'none' trials
     reading the base lr: that override counts."""
-    from r2sweep.sweep.consistency import refuse_ineffective_overrides
-    from r2sweep.sweep.spec import load_sweep_spec
+    from r2sweep.core.config.consistency import refuse_ineffective_overrides
+    from r2sweep.core.config.sweep import load_sweep_spec
 
     data = copy.deepcopy(BASE)
     data["search"]["train.lr"] = {"loguniform": [0.01, 0.1], "when": {"r2.kind": ["linf"]}}
@@ -260,7 +260,7 @@ def test_the_quickstart_smoke_run_with_one_epoch_is_refused_before_anything_star
 
 
 def test_a_searched_epoch_count_gives_asha_room_up_to_its_largest_value() -> None:
-    from r2sweep.sweep.spec import load_sweep_spec
+    from r2sweep.core.config.sweep import load_sweep_spec
 
     data = copy.deepcopy(BASE)
     data["search"]["train.epochs"] = {"int": [1, 6]}

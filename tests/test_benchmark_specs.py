@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from r2sweep.sweep.spec import load_sweep_spec
+from r2sweep.core.config.sweep import load_sweep_spec
 
 # The scripts are imported as they are: one that no longer imports fails here, never skips.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -100,9 +100,9 @@ def test_search_finds_it_scores_sweeps_against_the_grid_target(tmp_path: Path) -
 
 
 def test_qat_recipe_measures_init_and_fine_tuning_as_a_trial_does_and_reports_divergence(tmp_path: Path) -> None:
-    from r2sweep.data import create_data
-    from r2sweep.trial import load_pretrained, run_trial
-    from r2sweep.trial_config import load_trial_config
+    from r2sweep.core.config.trial import load_trial_config
+    from r2sweep.core.data import create_data
+    from r2sweep.core.trial import load_pretrained, run_trial
 
     data_options = {"num_samples": 128, "input_size": 8}
 

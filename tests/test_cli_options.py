@@ -23,13 +23,14 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-
-from r2sweep import cli_options, option_errors
-from r2sweep.cli import main
-from r2sweep.option_errors import OptionError
-from r2sweep.sweep.ray_address import parse_ray_address
-from r2sweep.tracking_uri import tracking_uri
 from test_bad_input import BASE  # the same valid sweep file: a case changes one option, not the file
+
+from r2sweep.api import options as cli_options
+from r2sweep.cli.app import main
+from r2sweep.core import option_errors
+from r2sweep.core.option_errors import OptionError
+from r2sweep.tracking.uri import tracking_uri
+from r2sweep.tune.ray_address import parse_ray_address
 
 #: What every case finds in its working directory: the sweep file, a regular file, a folder.
 FIXTURES = ["adir", "afile", "space.yaml"]
@@ -262,10 +263,10 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def sweep_imports() -> None:
     """Import what `r2sweep sweep` imports, so that the timings below measure the refusal, not imports."""
-    import r2sweep.sweep.callbacks  # noqa: F401
-    import r2sweep.sweep.select  # noqa: F401
-    import r2sweep.sweep.tuner  # noqa: F401
-    import r2sweep.tracking  # noqa: F401
+    import r2sweep.analysis.select  # noqa: F401
+    import r2sweep.tracking.store  # noqa: F401
+    import r2sweep.tune.callbacks  # noqa: F401
+    import r2sweep.tune.tuner  # noqa: F401
 
 
 def _unreachable(work: Path, capsys, argv: list[str], address: str) -> str:
@@ -332,15 +333,15 @@ def test_auto_without_a_cluster_is_one_clear_line(work: Path, capsys, monkeypatc
 
 def test_confirm_maps_an_unreachable_cluster_to_status_1(work: Path, capsys, monkeypatch, sweep_imports) -> None:
     # confirm joins Ray only once it has read the sweep: its store is faked, the join is real.
-    import r2sweep.cli
-    import r2sweep.sweep.confirm
-    from r2sweep.sweep.cluster import connect
+    import r2sweep.analysis.confirm
+    import r2sweep.cli.app
+    from r2sweep.tune.cluster import connect
 
     def confirm_top(tracker, name, *, address=None, **_):
         connect(address, None)
         raise AssertionError("connect should have failed")
 
-    monkeypatch.setattr(r2sweep.cli, "_existing_store", lambda uri: object())
-    monkeypatch.setattr(r2sweep.sweep.confirm, "confirm_top", confirm_top)
+    monkeypatch.setattr(r2sweep.cli.app, "_existing_store", lambda uri: object())
+    monkeypatch.setattr(r2sweep.analysis.confirm, "confirm_top", confirm_top)
     address = f"127.0.0.1:{_free_port()}"
     _unreachable(work, capsys, ["confirm", "s", "--address", address], address)

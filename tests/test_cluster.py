@@ -15,11 +15,11 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from r2sweep.sweep.callbacks import TAG_NODE_ID, TrackingCallback
-from r2sweep.sweep.cluster import ClusterError
-from r2sweep.sweep.spec import load_sweep_spec
-from r2sweep.sweep.tuner import experiment_path, run_sweep
-from r2sweep.tracking import TAG_ROLE, TAG_TRIAL_ID, Tracker
+from r2sweep.core.config.sweep import load_sweep_spec
+from r2sweep.tracking.store import TAG_ROLE, TAG_TRIAL_ID, Tracker
+from r2sweep.tune.callbacks import TAG_NODE_ID, TrackingCallback
+from r2sweep.tune.cluster import ClusterError
+from r2sweep.tune.tuner import experiment_path, run_sweep
 
 pytestmark = pytest.mark.ray
 

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import ray  # noqa: F401 - a hard dependency: a broken install fails here, never skips
-
 from conftest import run_tracked_sweeps
 
-from r2sweep.cli import main
-from r2sweep.sweep.compare import compare_sweeps
-from r2sweep.tracking import TAG_ROLE, Tracker
+from r2sweep.analysis.compare import compare_sweeps
+from r2sweep.cli.app import main
+from r2sweep.tracking.store import TAG_ROLE, Tracker
 
 pytestmark = pytest.mark.ray
 

@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-
 from conftest import run_tracked_sweeps
 
-from r2sweep.cli import main
-from r2sweep.sweep.compare import compare_sweeps
-from r2sweep.sweep.confirm import TAG_CONFIRM_OF, TAG_CONFIRMED_BEST, confirm_top
-from r2sweep.sweep.select import load_sweep
-from r2sweep.tracking import TAG_TRIAL_ID, Tracker
+from r2sweep.analysis.compare import compare_sweeps
+from r2sweep.analysis.confirm import TAG_CONFIRM_OF, TAG_CONFIRMED_BEST, confirm_top
+from r2sweep.analysis.select import load_sweep
+from r2sweep.cli.app import main
+from r2sweep.tracking.store import TAG_TRIAL_ID, Tracker
 
 pytestmark = pytest.mark.ray
 

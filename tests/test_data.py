@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_cifar
 from PIL import Image
 
-from conftest import write_cifar
-
-from r2sweep.data import DataSplits, create_data, dataset_options, list_datasets, make_loader
-from r2sweep.errors import ConfigError, DataNotFoundError
+from r2sweep.core.data import DataSplits, create_data, dataset_options, list_datasets, make_loader
+from r2sweep.core.errors import ConfigError, DataNotFoundError
 
 
 def _batches(loader, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -288,7 +287,7 @@ def test_bad_val_fraction(fraction: object) -> None:
 
 
 def test_synthetic_small_cnn_learns_it_in_two_epochs() -> None:
-    from r2sweep.models import create_model
+    from r2sweep.core.models import create_model
 
     torch.manual_seed(0)
     data = create_data("synthetic", seed=0)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from r2sweep.data import create_data
-from r2sweep.data.distorted_digits import render_digits, source_split
-from r2sweep.errors import ConfigError
+from r2sweep.core.data import create_data
+from r2sweep.core.data.distorted_digits import render_digits, source_split
+from r2sweep.core.errors import ConfigError
 
 SMALL = {"train_variants": 1, "val_variants": 1}
 

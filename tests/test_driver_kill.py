@@ -21,7 +21,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from r2sweep.tracking import TAG_ROLE, TAG_TRIAL_ID
+from r2sweep.tracking.store import TAG_ROLE, TAG_TRIAL_ID
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 

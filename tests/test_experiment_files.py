@@ -17,10 +17,10 @@ import ray
 import yaml
 from conftest import tiny_sweep
 
-from r2sweep.errors import ConfigError
-from r2sweep.sweep.experiment_files import ExperimentFolder
-from r2sweep.sweep.spec import load_sweep_spec
-from r2sweep.sweep.tuner import run_sweep
+from r2sweep.core.config.sweep import load_sweep_spec
+from r2sweep.core.errors import ConfigError
+from r2sweep.tune.experiment_files import ExperimentFolder
+from r2sweep.tune.tuner import run_sweep
 
 
 @pytest.fixture(params=["path", "uri"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from r2sweep.sweep.journal import JournalFlusher, TrackingJournal
+from r2sweep.tracking.journal import JournalFlusher, TrackingJournal
 
 
 def test_operations_survive_a_restart_in_order_and_a_torn_line_is_ignored(tmp_path: Path) -> None:

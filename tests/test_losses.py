@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from r2sweep.errors import ConfigError
-from r2sweep.losses import R2_LOSSES, R2Loss, functional as F, list_r2_losses, make_r2_loss, register_r2_loss
+from r2sweep.core.errors import ConfigError
+from r2sweep.core.losses import R2_LOSSES, R2Loss, list_r2_losses, make_r2_loss, register_r2_loss
+from r2sweep.core.losses import functional as F
 
 # Every layer shape R2 meets: conv, first conv (3 input channels), depthwise,
 # pointwise, linear.

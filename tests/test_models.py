@@ -7,9 +7,9 @@ import torch
 import torchvision
 from torch import nn
 
-from r2sweep.errors import ConfigError
-from r2sweep.models import create_model, list_models, register_model, resolve_stem
-from r2sweep.models.registry import MODELS
+from r2sweep.core.errors import ConfigError
+from r2sweep.core.models import create_model, list_models, register_model, resolve_stem
+from r2sweep.core.models.registry import MODELS
 
 # (in_channels, input_size): 8x8 one-channel digits and 32x32 RGB CIFAR.
 INPUTS = [(1, 8), (3, 32)]

@@ -17,16 +17,25 @@ import pytest
 import ray
 import yaml
 
-from r2sweep.errors import R2SweepError
-from r2sweep.outcome import (
-    DIVERGED, FAILED, FINISHED, RUN_STATUS, RUNNING, STOPPED, TAG_OUTCOME, decide_outcome, finished_runs, run_outcome,
+from r2sweep.analysis.compare import compare_sweeps
+from r2sweep.analysis.select import select_best
+from r2sweep.core.config.sweep import load_sweep_spec
+from r2sweep.core.errors import R2SweepError
+from r2sweep.core.outcome import (
+    DIVERGED,
+    FAILED,
+    FINISHED,
+    RUN_STATUS,
+    RUNNING,
+    STOPPED,
+    TAG_OUTCOME,
+    decide_outcome,
+    finished_runs,
+    run_outcome,
 )
-from r2sweep.sweep.callbacks import ProgressCallback, TrackingCallback
-from r2sweep.sweep.compare import compare_sweeps
-from r2sweep.sweep.select import select_best
-from r2sweep.sweep.spec import load_sweep_spec
-from r2sweep.sweep.tuner import experiment_path, run_sweep
-from r2sweep.tracking import TAG_ROLE, Tracker
+from r2sweep.tracking.store import TAG_ROLE, Tracker
+from r2sweep.tune.callbacks import ProgressCallback, TrackingCallback
+from r2sweep.tune.tuner import experiment_path, run_sweep
 
 OBJECTIVE = ["qat_lsq_w4a8/top1"]
 

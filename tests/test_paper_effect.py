@@ -22,13 +22,13 @@ import pytest
 import torch
 from conftest import write_cifar
 
-from r2sweep.checkpoint import load_checkpoint
-from r2sweep.data import create_data, make_loader
-from r2sweep.sweep.spec import load_sweep_spec
-from r2sweep.tracking import Tracker
-from r2sweep.train import evaluate
-from r2sweep.trial import config_fingerprint, load_pretrained
-from r2sweep.trial_config import load_trial_config
+from r2sweep.core.checkpoint import load_checkpoint
+from r2sweep.core.config.sweep import load_sweep_spec
+from r2sweep.core.config.trial import load_trial_config
+from r2sweep.core.data import create_data, make_loader
+from r2sweep.core.train import evaluate
+from r2sweep.core.trial import config_fingerprint, load_pretrained
+from r2sweep.tracking.store import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "paper_effect.py"

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from r2sweep.data import create_data, make_loader
-from r2sweep.errors import ConfigError
-from r2sweep.quant.ptq import round_to_nearest
-from r2sweep.sweep.spec import load_sweep_spec
-from r2sweep.train import evaluate
-from r2sweep.trial import PRETRAINED, load_pretrained, run_trial
-from r2sweep.trial_config import load_trial_config
+from r2sweep.core.config.sweep import load_sweep_spec
+from r2sweep.core.config.trial import load_trial_config
+from r2sweep.core.data import create_data, make_loader
+from r2sweep.core.errors import ConfigError
+from r2sweep.core.quant.ptq import round_to_nearest
+from r2sweep.core.train import evaluate
+from r2sweep.core.trial import PRETRAINED, load_pretrained, run_trial
 
 MIXED = {
     "data": {"name": "synthetic", "num_samples": 160},

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from r2sweep.data import create_data, make_loader
-from r2sweep.errors import ConfigError
-from r2sweep.models import create_model
-from r2sweep.quant.dkm import DkmClusterer
+from r2sweep.core.data import create_data, make_loader
+from r2sweep.core.errors import ConfigError
+from r2sweep.core.models import create_model
+from r2sweep.core.quant.dkm import DkmClusterer
 
 # Fine-tuning recipe shared by our clusterer and coremltools' DKMPalettizer.
 FT_STEPS = 46  # two epochs of the digits train split at batch 64

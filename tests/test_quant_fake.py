@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from r2sweep.errors import ConfigError
-from r2sweep.models import create_model, list_models
-from r2sweep.quant import (
+from r2sweep.core.errors import ConfigError
+from r2sweep.core.models import create_model, list_models
+from r2sweep.core.quant import (
     ActivationQuantizer,
     QuantSpec,
     conv_bn_pairs,

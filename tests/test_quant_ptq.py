@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from r2sweep.data import create_data, make_loader
-from r2sweep.models import create_model
-from r2sweep.quant import ActivationQuantizer, QuantSpec, quantize_weight
-from r2sweep.quant.adaround import (
+from r2sweep.core.data import create_data, make_loader
+from r2sweep.core.models import create_model
+from r2sweep.core.quant import ActivationQuantizer, QuantSpec, quantize_weight
+from r2sweep.core.quant.adaround import (
     GAMMA,
     ZETA,
     AdaRoundSettings,
@@ -19,10 +19,10 @@ from r2sweep.quant.adaround import (
     rectified_sigmoid,
     weight_grid,
 )
-from r2sweep.quant.layers import QuantLayer, bake_weights, input_is_nonnegative, quant_layers, wrap_layers
-from r2sweep.quant.ptq import capture, post_training_quantize
-from r2sweep.quant.recipe import DownstreamConfig
-from r2sweep.train import evaluate
+from r2sweep.core.quant.layers import QuantLayer, bake_weights, input_is_nonnegative, quant_layers, wrap_layers
+from r2sweep.core.quant.ptq import capture, post_training_quantize
+from r2sweep.core.quant.recipe import DownstreamConfig
+from r2sweep.core.train import evaluate
 
 
 def _heavy_tailed(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -161,8 +161,8 @@ def test_capture_stops_after_the_layer() -> None:
 
 @pytest.fixture(scope="module")
 def digits_model():
-    from r2sweep.config import R2Config, TrainConfig
-    from r2sweep.train import pretrain
+    from r2sweep.core.config.sections import R2Config, TrainConfig
+    from r2sweep.core.train import pretrain
 
     torch.manual_seed(0)
     data = create_data("digits", seed=0)

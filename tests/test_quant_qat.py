@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from r2sweep.errors import ConfigError
-from r2sweep.quant.qat import DEFAULT_EWGS_DELTA, EwgsQuantizer, LsqQuantizer
+from r2sweep.core.errors import ConfigError
+from r2sweep.core.quant.qat import DEFAULT_EWGS_DELTA, EwgsQuantizer, LsqQuantizer
 
 BITS = range(1, 9)
 
@@ -280,7 +280,7 @@ def test_ewgs_init() -> None:
 
 
 def test_ewgs_cover_mse_range_widens_where_3_std_clips() -> None:
-    from r2sweep.quant.fake import QuantSpec, weight_qparams
+    from r2sweep.core.quant.fake import QuantSpec, weight_qparams
 
     torch.manual_seed(0)
     relu_like = torch.relu(torch.randn(20000)) ** 2  # a long right tail, like activations after ReLU
@@ -310,8 +310,8 @@ def test_ewgs_cover_mse_range_widens_where_3_std_clips() -> None:
 
 
 def test_qat_covers_the_mse_range_for_ewgs_activations_only() -> None:
-    from r2sweep.quant.finetune import quantization_aware_train
-    from r2sweep.quant.recipe import DownstreamConfig
+    from r2sweep.core.quant.finetune import quantization_aware_train
+    from r2sweep.core.quant.recipe import DownstreamConfig
 
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
     cfg = DownstreamConfig(method="qat", algorithm="ewgs", weight_bits=[2], act_bits=2, epochs=0)

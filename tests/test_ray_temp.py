@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from r2sweep.errors import ConfigError
-from r2sweep.sweep.cluster import connect
-from r2sweep.sweep.ray_temp import MAX_TEMP_DIR_LENGTH, SOCKET_PATH_LIMIT, local_temp_dir
+from r2sweep.core.errors import ConfigError
+from r2sweep.tune.cluster import connect
+from r2sweep.tune.ray_temp import MAX_TEMP_DIR_LENGTH, SOCKET_PATH_LIMIT, local_temp_dir
 
 
 def _long_folder(tmp_path: Path) -> Path:

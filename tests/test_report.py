@@ -6,22 +6,21 @@ import base64
 import html as html_escaping
 import io
 import re
-from types import SimpleNamespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import ray  # noqa: F401 - a hard dependency: a broken install fails here, never skips
 import yaml
+from conftest import run_tracked_sweeps
 from PIL import Image
 
-from conftest import run_tracked_sweeps
-
-from r2sweep.cli import main
-from r2sweep.sweep.figures import BitsSeries, TrialPoint, accuracy_vs_bits, optimization_history
-from r2sweep.sweep.report import PAGE, REPORT_ARTIFACT_DIR, build_report, importance_groups, range_edge_advice
-from r2sweep.sweep.select import load_sweep
-from r2sweep.sweep.spec import load_sweep_spec
-from r2sweep.tracking import TAG_ROLE, Tracker
+from r2sweep.analysis.figures import BitsSeries, TrialPoint, accuracy_vs_bits, optimization_history
+from r2sweep.analysis.report import PAGE, REPORT_ARTIFACT_DIR, build_report, importance_groups, range_edge_advice
+from r2sweep.analysis.select import load_sweep
+from r2sweep.cli.app import main
+from r2sweep.core.config.sweep import load_sweep_spec
+from r2sweep.tracking.store import TAG_ROLE, Tracker
 
 pytestmark = pytest.mark.ray
 
@@ -125,7 +124,7 @@ def test_multi_objective_report_has_the_pareto_front(store: Path) -> None:
 
 
 def test_confirm_candidates_of_a_multi_objective_sweep_are_its_pareto_front(store: Path) -> None:
-    from r2sweep.sweep.confirm import _top_trials
+    from r2sweep.analysis.confirm import _top_trials
 
     sweep, spec = load_sweep(_tracker(store), "report-pareto")
     finished = [r for r in sweep.trial_runs() if all(o.metric in r.data.metrics for o in spec.objectives)]

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from r2sweep.cli import main
-from r2sweep.errors import ConfigError
-from r2sweep.strict_yaml import MAX_BYTES, MAX_NODES
-from r2sweep.sweep.spec import load_sweep_spec
-from r2sweep.trial_config import load_trial_config, parse_override, read_yaml
+from r2sweep.cli.app import main
+from r2sweep.core.config.strict_yaml import MAX_BYTES, MAX_NODES
+from r2sweep.core.config.sweep import load_sweep_spec
+from r2sweep.core.config.trial import load_trial_config, parse_override, read_yaml
+from r2sweep.core.errors import ConfigError
 
 # A valid sweep file (tests/test_bad_input.py's BASE), written out so that line numbers are known.
 BASE = """\
@@ -124,7 +124,7 @@ def _refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     # Should a case get past the loader, it fails here instead of starting Ray or training a model.
-    for runner in ("r2sweep.sweep.tuner", "r2sweep.trial"):
+    for runner in ("r2sweep.tune.tuner", "r2sweep.core.trial"):
         monkeypatch.setitem(sys.modules, runner, None)
     path = tmp_path / "space.yaml"
     if content is DIRECTORY:

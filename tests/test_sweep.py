@@ -12,7 +12,7 @@ import pytest
 import ray
 import yaml
 
-from r2sweep.sweep.spec import load_sweep_spec
+from r2sweep.core.config.sweep import load_sweep_spec
 
 pytestmark = pytest.mark.ray
 
@@ -49,7 +49,7 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def tiny_sweep(local_ray, tmp_path_factory: pytest.TempPathFactory):
-    from r2sweep.sweep.tuner import run_sweep
+    from r2sweep.tune.tuner import run_sweep
 
     storage = tmp_path_factory.mktemp("sweeps")
     return run_sweep(load_sweep_spec(TINY), storage=storage)
@@ -132,7 +132,7 @@ def test_the_baseline_trial_is_never_stopped_but_other_laggards_are() -> None:
 
     from ray.tune.schedulers import TrialScheduler
 
-    from r2sweep.sweep.tuner import _BaselineKeepingASHA
+    from r2sweep.tune.tuner import _BaselineKeepingASHA
 
     scheduler = _BaselineKeepingASHA(time_attr="t", metric="proxy", mode="max", max_t=10, grace_period=1,
                                      reduction_factor=2, baseline={"r2.kind": "none"})
@@ -169,10 +169,10 @@ def test_checkpoints_hold_the_pretraining_state_then_the_trial_artifacts(tiny_sw
 
 
 def test_a_diverging_trial_is_failed_in_mlflow_pruned_in_optuna_and_never_best(local_ray, tmp_path: Path) -> None:
-    from r2sweep.sweep.callbacks import TAG_OUTCOME, TrackingCallback
-    from r2sweep.sweep.select import select_best
-    from r2sweep.sweep.tuner import experiment_path, run_sweep
-    from r2sweep.tracking import TAG_ROLE, Tracker
+    from r2sweep.analysis.select import select_best
+    from r2sweep.tracking.store import TAG_ROLE, Tracker
+    from r2sweep.tune.callbacks import TAG_OUTCOME, TrackingCallback
+    from r2sweep.tune.tuner import experiment_path, run_sweep
 
     data = {**TINY, "name": "diverging", "search": {"train.lr": {"choice": [0.05, 1.0e6]}},
             "sweep": {"num_samples": 4, "max_concurrent": 2, "seed": 1, "sampler": "random", "scheduler": "none"}}
@@ -229,7 +229,7 @@ def test_a_killed_worker_is_retried_from_its_checkpoint_or_marked_failed(local_r
     import json
     import threading
 
-    from r2sweep.sweep.tuner import run_sweep
+    from r2sweep.tune.tuner import run_sweep
 
     data = {**TINY, "name": "worker-killed", "train": {"epochs": 10, "batch_size": 32},
             "search": {"train.lr": {"loguniform": [0.01, 0.1]}},
@@ -266,7 +266,7 @@ def test_progress_line_counts_trials_an_earlier_driver_finished() -> None:
     import pickle
     from types import SimpleNamespace
 
-    from r2sweep.sweep.callbacks import ProgressCallback
+    from r2sweep.tune.callbacks import ProgressCallback
 
     lines: list[str] = []
     fresh = ProgressCallback(load_sweep_spec(TINY), write=lines.append)

@@ -27,13 +27,13 @@ import numpy as np
 import pytest
 import requests
 import torch
+from conftest import ForwardingHandler, _free_port
 from mlflow import MlflowClient
 from torch import nn
 
-from conftest import ForwardingHandler, _free_port
 from r2sweep import __version__
-from r2sweep.plots import compare_weight_histograms, outlier_layers, weight_histograms
-from r2sweep.tracking import (
+from r2sweep.core.plots import compare_weight_histograms, outlier_layers, weight_histograms
+from r2sweep.tracking.store import (
     SPEC_ARTIFACT,
     TAG_PARENT_RUN,
     TAG_ROLE,
@@ -283,7 +283,7 @@ def test_weight_histograms_png(tmp_path: Path) -> None:
 
 
 def test_passwords_in_uris_are_masked_wherever_a_tracker_shows_its_uri(monkeypatch: pytest.MonkeyPatch) -> None:
-    from r2sweep.tracking import redact_uri
+    from r2sweep.tracking.store import redact_uri
 
     assert redact_uri("http://alice:s3cr@t@mlflow:5000/x") == "http://alice:***@mlflow:5000/x"
     assert redact_uri("failed: postgresql://u:pw@db:5432/m") == "failed: postgresql://u:***@db:5432/m"

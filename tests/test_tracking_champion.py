@@ -13,10 +13,10 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from r2sweep.sweep.select import select_best
-from r2sweep.tracking import TAG_OUTCOME, SweepRun, Tracker
-from r2sweep.trial import PRETRAINED, run_trial
-from r2sweep.trial_config import load_trial_config
+from r2sweep.analysis.select import select_best
+from r2sweep.core.config.trial import load_trial_config
+from r2sweep.core.trial import PRETRAINED, run_trial
+from r2sweep.tracking.store import TAG_OUTCOME, SweepRun, Tracker
 
 NAME = "champion-once"
 MODEL = f"r2sweep-{NAME}"

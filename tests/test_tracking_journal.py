@@ -17,15 +17,14 @@ from typing import Any
 
 import pytest
 import requests
+from conftest import ForwardingHandler
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST, INVALID_PARAMETER_VALUE
 
-from conftest import ForwardingHandler
-
-from r2sweep.sweep.journal import JournalFlusher, TrackingJournal
-from r2sweep.tracking import SweepRun, Tracker, TrackingError
-from r2sweep.tracking_errors import is_permanent
+from r2sweep.tracking.errors import is_permanent
+from r2sweep.tracking.journal import JournalFlusher, TrackingJournal
+from r2sweep.tracking.store import SweepRun, Tracker, TrackingError
 
 
 @pytest.fixture(scope="module")

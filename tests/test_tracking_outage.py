@@ -20,7 +20,7 @@ import yaml
 from conftest import _free_port, serve_mlflow
 from mlflow import MlflowClient
 
-from r2sweep.tracking import TAG_ROLE
+from r2sweep.tracking.store import TAG_ROLE
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.server]
 

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import _free_port
+
+import r2sweep.analysis.confirm  # noqa: F401
+import r2sweep.analysis.report  # noqa: F401
 
 # What the commands import, imported now: the bound below is on the waiting, not on imports.
-import r2sweep.sweep.callbacks  # noqa: F401
-import r2sweep.sweep.confirm  # noqa: F401
-import r2sweep.sweep.report  # noqa: F401
-import r2sweep.sweep.tuner  # noqa: F401
-from conftest import _free_port
-from r2sweep.cli import main
+import r2sweep.tune.callbacks  # noqa: F401
+import r2sweep.tune.tuner  # noqa: F401
+from r2sweep.cli.app import main
 
 SPEC = {
     "name": "nowhere",

@@ -1,0 +1,137 @@
+"""Pick a sweep's best trial from MLflow, export its config and promote its model.
+
+MLflow is the source of truth, so selection works for a sweep run on a cluster
+and inspected elsewhere, and for a sweep still running. The rule:
+
+* single objective: the finished trial with the best objective; ties broken by
+  the higher ``fp/top1`` (the cheaper R2 setting in FP accuracy wins);
+* several objectives: the Pareto front of the finished trials, and from it the
+  trial best on the first objective (ties by the next objectives): the front is
+  reported, the first objective is what the user listed first.
+
+Diverged, failed and stopped trials never win: they have no objective value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from r2sweep.core.config.sweep import SweepSpec, load_sweep_spec
+from r2sweep.core.errors import R2SweepError
+from r2sweep.core.outcome import finished_runs
+from r2sweep.core.trial import PRETRAINED, load_pretrained
+from r2sweep.tracking.store import SPEC_ARTIFACT, TAG_TRIAL_ID, SweepRun, Tracker
+
+__all__ = ["BestTrial", "load_sweep", "select_best", "pareto_front", "TAG_BEST_RUN", "TAG_BEST_TRIAL"]
+
+TAG_BEST_RUN = "r2sweep.best_run_id"
+TAG_BEST_TRIAL = "r2sweep.best_trial_id"
+TRIAL_CONFIG_ARTIFACT = "trial_config.yaml"
+
+
+@dataclass
+class BestTrial:
+    run_id: str
+    trial_id: str
+    metrics: dict[str, float]
+    params: dict[str, str]
+    config_path: Path | None
+    model_version: str | None
+    front: list[str]  # run ids on the Pareto front (multi-objective), else [run_id]
+
+
+def _dominates(a: dict[str, float], b: dict[str, float], spec: SweepSpec) -> bool:
+    better_somewhere = False
+    for objective in spec.objectives:
+        sign = 1 if objective.mode == "max" else -1
+        x, y = sign * a[objective.metric], sign * b[objective.metric]
+        if x < y:
+            return False
+        better_somewhere |= x > y
+    return better_somewhere
+
+
+def pareto_front(runs: list[Any], spec: SweepSpec) -> list[Any]:
+    """The runs no other run dominates on every objective."""
+    return [r for r in runs if not any(_dominates(o.data.metrics, r.data.metrics, spec) for o in runs if o is not r)]
+
+
+def load_sweep(tracker: Tracker, name: str) -> tuple[SweepRun, SweepSpec]:
+    """Sweep ``name``'s parent run and the spec it was started with (its artifact).
+
+    Raises:
+        R2SweepError: no sweep of that name in the tracking store.
+    """
+    sweep = tracker.find_sweep(name)
+    if sweep is None:
+        # Name the sweeps that do exist: a typo is the usual cause.
+        known = tracker.experiment_names()
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f" (experiments there: {', '.join(known[:8]) or 'none'})"
+        raise R2SweepError(f"no sweep named {name!r} in {tracker.display_uri}{hint}")
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_text = Path(tracker.client.download_artifacts(sweep.parent_run_id, SPEC_ARTIFACT, tmp)).read_text()
+    return sweep, load_sweep_spec(yaml.safe_load(spec_text), default_name=name)
+
+
+def select_best(
+    tracker: Tracker,
+    name: str,
+    *,
+    out: str | Path | None = None,
+    register: bool = True,
+) -> BestTrial:
+    """Select the best trial of sweep ``name``, write its config to ``out``, tag it, register its model.
+
+    Raises:
+        R2SweepError: no such sweep, or no finished trial yet.
+    """
+    sweep, spec = load_sweep(tracker, name)
+    client = tracker.client
+    metrics = [o.metric for o in spec.objectives]
+    finished = finished_runs(sweep.trial_runs(), spec.objective_metrics)
+    if not finished:
+        raise R2SweepError(f"sweep {name!r} has no finished trial with {metrics[0]} yet")
+    front = pareto_front(finished, spec) if spec.multi_objective else finished
+
+    best = max(front, key=lambda run: spec.ranking(run.data.metrics))
+    run_id = best.info.run_id
+    config_path = None
+    if out is not None:
+        config_path = Path(out)
+        with tempfile.TemporaryDirectory() as tmp:
+            text = Path(client.download_artifacts(run_id, TRIAL_CONFIG_ARTIFACT, tmp)).read_text()
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(text)
+    sweep.set_tags(sweep.parent_run_id, {TAG_BEST_RUN: run_id, TAG_BEST_TRIAL: best.data.tags.get(TAG_TRIAL_ID, "")})
+    version = None
+    if register:
+        model_name = f"r2sweep-{name}"
+        champion = sweep.champion(model_name)
+        if champion is not None and champion.run_id == run_id:
+            # The champion did not change: registering it again would add a copy
+            # (a new model and a new version) of the same weights at every call.
+            version = str(champion.version)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                model, args = load_pretrained(client.download_artifacts(run_id, PRETRAINED, tmp))
+            example = np.zeros((1, args["in_channels"], args["input_size"], args["input_size"]), dtype=np.float32)
+            uri = sweep.log_model(run_id, model, example)
+            version = str(sweep.register_champion(run_id, model_name, uri).version)
+    return BestTrial(
+        run_id=run_id,
+        trial_id=best.data.tags.get(TAG_TRIAL_ID, ""),
+        metrics=dict(best.data.metrics),
+        params=dict(best.data.params),
+        config_path=config_path,
+        model_version=version,
+        front=[r.info.run_id for r in front] if spec.multi_objective else [run_id],
+    )
+

@@ -1,0 +1,290 @@
+"""The trial file: ``seed``, ``data``, ``model``, ``train``, ``r2`` and ``downstream``.
+
+One schema serves ``r2sweep trial FILE`` and every trial of a sweep (a sweep
+writes its sampled values into these same fields), so any trial can be re-run
+alone. Loading is strict and complete before anything runs: unknown keys,
+wrong types, out-of-range values and unknown registry names are all
+:class:`~r2sweep.core.errors.ConfigError` naming the dotted field.
+
+``--set PATH=VALUE`` overrides use the same dotted paths (``train.lr=0.1``,
+``downstream.0.weight_bits=[2,4]``), applied to the raw mapping before it is
+checked, so an override is validated exactly like the file.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+from r2sweep.core.config import strict_yaml
+from r2sweep.core.config.sections import R2Config, TrainConfig, from_dict, to_dict
+from r2sweep.core.data import DATASETS, dataset_options
+from r2sweep.core.errors import ConfigError
+from r2sweep.core.models import MODELS
+from r2sweep.core.models.registry import STEMS
+from r2sweep.core.quant.recipe import DownstreamConfig, load_downstream
+from r2sweep.core.validate import check, reject_unknown, require_int
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "ProxyConfig",
+    "PROXY_FP",
+    "TRIAL_SECTIONS",
+    "TrialConfig",
+    "load_trial_config",
+    "read_yaml",
+    "apply_overrides",
+    "parse_override",
+]
+
+
+@dataclass
+class DataConfig:
+    """``data:``: a registered dataset; keys other than these are the dataset's own options."""
+
+    section: ClassVar[str] = "data"
+
+    name: str = "digits"
+    root: Optional[str] = None
+    val_fraction: Optional[float] = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check(self.name in DATASETS.names(), "data.name", self.name, f"one of {DATASETS.names()} (r2sweep list data)")
+        known = ["name", "root", "val_fraction", *sorted(dataset_options(self.name))]
+        reject_unknown(self.options, known, lambda key: f"data.{key}")  # known: what this dataset takes
+        if self.val_fraction is not None:
+            check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "a number strictly between 0 and 1, or null")
+
+    @classmethod
+    def from_mapping(cls, data: Any) -> DataConfig:
+        if data is None:
+            data = {}
+        check(isinstance(data, Mapping), "data", data, "a mapping such as {name: digits}")
+        own = {k: v for k, v in data.items() if k in ("name", "root", "val_fraction")}
+        options = {k: v for k, v in data.items() if k not in own}
+        config = from_dict(cls, own, "data")
+        config.options = options
+        config.__post_init__()
+        return config
+
+    def to_mapping(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "root": self.root, "val_fraction": self.val_fraction}
+        out.update(self.options)
+        return out
+
+
+@dataclass
+class ModelConfig:
+    """``model:``: a registered architecture, its width multiplier and stem."""
+
+    section: ClassVar[str] = "model"
+
+    name: str = "small_cnn"
+    width: float = 1.0
+    stem: str = "auto"
+
+    def __post_init__(self) -> None:
+        check(self.name in MODELS.names(), "model.name", self.name, f"one of {MODELS.names()} (r2sweep list model)")
+        check(self.width > 0, "model.width", self.width, "a number > 0")
+        check(self.stem in STEMS, "model.stem", self.stem, f"one of {list(STEMS)}")
+
+
+#: ``proxy.result`` meaning "the float model's validation accuracy" (no quantization).
+PROXY_FP = "fp"
+
+
+@dataclass
+class ProxyConfig:
+    """``proxy:``: the cheap per-epoch stand-in for a downstream result (``proxy/top1``).
+
+    After every pre-training epoch the trial reports the accuracy of the current
+    weights rounded to nearest on ONE downstream result's grid: that result's
+    entry (granularity, symmetric, range, BN folding, first/last-layer bits) at
+    that result's weight bit width, weights only. The sweep's scheduler (ASHA)
+    ranks trials on it. ``result`` names the result (``ptq_rtn_w4a8``,
+    ``dkm_w1``) or ``fp`` (the float ``val/top1``, for a recipe whose rounded
+    weights say nothing early). Default: in a sweep, the result of the first
+    objective; in a trial file, the first entry at its lowest bit width.
+    """
+
+    section: ClassVar[str] = "proxy"
+
+    result: Optional[str] = None
+
+
+@dataclass
+class TrialConfig:
+    """Everything one trial needs; see the module docstring."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    r2: R2Config = field(default_factory=R2Config)
+    downstream: list[DownstreamConfig] = field(default_factory=list)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+
+    def __post_init__(self) -> None:
+        require_int("seed", self.seed, 0)
+        # R2 switches on at the start of epoch start_epoch (0-based): at or past the
+        # last epoch it would never act, and the trial would measure no R2 at all.
+        if self.r2.kind != "none" and self.r2.start_epoch >= self.train.epochs:
+            raise ConfigError("r2.start_epoch", self.r2.start_epoch,
+                              f"below train.epochs ({self.train.epochs}): R2 switches on at that epoch, so it would "
+                              "never act; lower r2.start_epoch or raise train.epochs")
+        if self.proxy.result is not None:
+            check(self.proxy.result == PROXY_FP or self.proxy.result in self.result_names(), "proxy.result",
+                  self.proxy.result, f"a downstream result of this trial or {PROXY_FP!r}: {[*self.result_names(), PROXY_FP]}")
+
+    def unused_fields(self) -> dict[str, str]:
+        """Every field (dotted path) whose value this trial never reads, with the setting that makes it so."""
+        unused = {**self.train.unused_fields(), **self.r2.unused_fields()}
+        for i, entry in enumerate(self.downstream):
+            unused.update(entry.unused_fields(f"downstream.{i}"))
+        return unused
+
+    def proxy_target(self) -> tuple[DownstreamConfig, int] | None:
+        """The (entry, weight bits) whose round-to-nearest grid ``proxy/top1`` uses; None: the float model."""
+        if self.proxy.result == PROXY_FP or not self.downstream:
+            return None
+        for entry in self.downstream:
+            for bits in entry.weight_bits:
+                if self.proxy.result in (None, entry.result_name(bits)):
+                    return entry, (min(entry.weight_bits) if self.proxy.result is None else bits)
+        raise AssertionError("proxy.result was validated against the result names")
+
+    def result_names(self) -> list[str]:
+        """Every downstream result prefix, in run order (``ptq_adaround_w2a8``, ...)."""
+        return [name for entry in self.downstream for name in entry.result_names()]
+
+    def metric_names(self) -> list[str]:
+        """The final ``/top1`` metrics this trial reports."""
+        return ["fp/top1"] + [f"{name}/top1" for name in self.result_names()]
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The plain form a YAML file holds (``load_trial_config`` reads it back)."""
+        return {
+            "seed": self.seed,
+            "data": self.data.to_mapping(),
+            "model": to_dict(self.model),
+            "train": to_dict(self.train),
+            "r2": to_dict(self.r2),
+            "downstream": [entry.to_mapping() for entry in self.downstream],
+            "proxy": to_dict(self.proxy),
+        }
+
+
+#: The sections of a trial file (a search-space file adds name, objective, search, sweep).
+TRIAL_SECTIONS = ("seed", "data", "model", "train", "r2", "downstream", "proxy")
+
+
+def load_trial_config(data: Any) -> TrialConfig:
+    """Build a :class:`TrialConfig` from a mapping (a parsed YAML file), strictly.
+
+    Raises:
+        ConfigError: naming the first bad field.
+    """
+    if data is None:
+        data = {}
+    check(isinstance(data, Mapping), "config", type(data).__name__, f"a mapping with the sections {list(TRIAL_SECTIONS)}")
+    from_dict(_Sections, dict(data))  # unknown top-level keys, with a did-you-mean
+    seed = data.get("seed", 0)
+    check(isinstance(seed, int) and not isinstance(seed, bool), "seed", seed, "an integer >= 0")
+    return TrialConfig(
+        seed=seed,
+        data=DataConfig.from_mapping(data.get("data")),
+        model=from_dict(ModelConfig, data.get("model")),
+        train=from_dict(TrainConfig, data.get("train")),
+        r2=from_dict(R2Config, data.get("r2")),
+        downstream=load_downstream(data.get("downstream")),
+        proxy=from_dict(ProxyConfig, data.get("proxy")),
+    )
+
+
+@dataclass
+class _Sections:
+    # Only its field names matter: from_dict's unknown-key check for the top level.
+    seed: Any = None
+    data: Any = None
+    model: Any = None
+    train: Any = None
+    r2: Any = None
+    downstream: Any = None
+    proxy: Any = None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file strictly (:mod:`r2sweep.core.config.strict_yaml`): every problem is a ConfigError naming the line."""
+    return strict_yaml.load_file(path)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=0.1"`` -> ``("train.lr", 0.1)``; the value is read as strict YAML (``[2, 4]``, ``1e-3``, ``true``)."""
+    path, sep, raw = text.partition("=")
+    path = path.strip()
+    if not sep or not path:
+        raise ConfigError("--set", text, "PATH=VALUE, e.g. train.lr=0.1 or downstream.0.weight_bits=[2,4]")
+    try:
+        value = strict_yaml.loads(raw, source=raw, root=path) if raw.strip() else None
+    except ConfigError as error:  # the value is not in the file: name the --set, not the file
+        if error.field == "file":
+            raise ConfigError(f"--set {path}", raw, f"a YAML value (a number, a string, [a, list], true/false); "
+                              f"{error.allowed.removeprefix('valid YAML; ')}") from None
+        raise ConfigError(f"--set {error.field}", error.value, error.allowed) from None
+    return path, value
+
+
+def apply_overrides(data: Any, overrides: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A copy of ``data`` with each ``(dotted path, value)`` written in.
+
+    Missing mappings along a path are created (``r2.kind=linf`` on a file
+    without ``r2:``); list entries are addressed by index and must exist.
+    The result is validated by :func:`load_trial_config` like any file.
+    """
+    result = copy.deepcopy(dict(data or {}))
+    for path, value in overrides:
+        node: Any = result
+        parts = path.split(".")
+        depth = 0
+        while depth < len(parts):
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                part = parts[depth]
+                check(part.isdigit() and int(part) < len(node), where, part, f"an index below {len(node)} (the list has {len(node)} entries)")
+                key: Any = int(part)
+                step = 1
+            elif isinstance(node, dict):
+                # Keys may hold dots themselves (search: {r2.strength: ...}): the
+                # longest existing key that starts the rest of the path wins.
+                step = next((n for n in range(len(parts) - depth, 1, -1) if ".".join(parts[depth : depth + n]) in node), 1)
+                key = ".".join(parts[depth : depth + step])
+                if depth + step < len(parts) and node.get(key) is None:
+                    node[key] = {}
+            else:
+                raise ConfigError(where, node, "a mapping or a list to set a field inside")
+            depth += step
+            if depth == len(parts):
+                node[key] = value
+            else:
+                node = node[key]
+    return result
+
+
+
+def refuse_unused_overrides(overrides: list[tuple[str, Any]], configs: Sequence[TrialConfig]) -> None:
+    """Refuse a ``--set`` that no trial would read: its field is unused in every one of ``configs``
+    (one trial's config, or a config per value a sweep's switches can take).
+
+    Raises:
+        ConfigError: naming the override, the setting that makes it unused, and the fix.
+    """
+    for path, value in overrides:
+        reasons = [config.unused_fields().get(path) for config in configs]
+        if reasons and all(reasons):
+            raise ConfigError(f"--set {path}", value, f"a field the trial reads: {reasons[0]} never reads it; "
+                              "drop the --set, or change that setting")

@@ -1,0 +1,205 @@
+"""The dataset registry, :class:`DataSplits` and :func:`create_data`.
+
+A dataset builder is a function with keyword-only parameters ``seed``,
+``root`` and ``val_fraction`` plus its own options; the option names are read
+off its signature, so ``data.<option>`` typos are caught here, once, for every
+dataset, instead of being silently ignored by ``**kwargs``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from numbers import Real
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from r2sweep.core.errors import ConfigError
+from r2sweep.core.registry import Registry
+from r2sweep.core.validate import require_int
+
+__all__ = [
+    "DataSplits",
+    "DATASETS",
+    "register_dataset",
+    "create_data",
+    "list_datasets",
+    "dataset_options",
+    "require_root",
+    "stratified_split",
+    "TransformSubset",
+]
+
+#: Parameters every builder receives; everything else in its signature is an option.
+_COMMON = ("seed", "root", "val_fraction")
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """A dataset's train and validation splits plus what a model needs to know about them.
+
+    Attributes:
+        train: yields ``(x, y)`` with ``x`` a float32 ``(C, H, W)`` tensor and ``y`` an int.
+        val: same, without random augmentation.
+        num_classes: number of labels (labels are ``0 .. num_classes - 1``).
+        in_channels: ``C``.
+        input_size: the square side ``H == W`` in pixels.
+    """
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    in_channels: int
+    input_size: int
+
+
+DataBuilder = Callable[..., DataSplits]
+
+DATASETS: Registry[DataBuilder] = Registry("data.name")
+
+
+def register_dataset(name: str) -> Callable[[DataBuilder], DataBuilder]:
+    """Decorator registering a dataset builder under ``name`` (the value of ``data.name``).
+
+    The builder must take keyword-only ``seed: int``, ``root: str | None`` and
+    ``val_fraction: float | None`` (``None``: the dataset's own default), and
+    may declare further keyword-only options with defaults; those are the only
+    ``data.*`` options :func:`create_data` lets through.
+    """
+    return DATASETS.register(name)
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by :func:`create_data`, sorted."""
+    return DATASETS.names()
+
+
+def dataset_options(name: str) -> dict[str, Any]:
+    """The options of dataset ``name`` with their defaults (``data.name`` must be registered)."""
+    builder = DATASETS.get(name)
+    return {
+        p.name: p.default
+        for p in inspect.signature(builder).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _COMMON
+    }
+
+
+def create_data(
+    name: str,
+    *,
+    seed: int = 0,
+    root: str | os.PathLike[str] | None = None,
+    val_fraction: float | None = None,
+    **options: Any,
+) -> DataSplits:
+    """Load dataset ``name`` and split it into train and validation sets.
+
+    Args:
+        name: a registered dataset, see :func:`list_datasets`.
+        seed: decides every random choice of the split (and synthetic data).
+        root: directory of on-disk datasets (``cifar10``, ``cifar100``,
+            ``imagefolder``); ignored by in-memory ones. r2sweep never downloads.
+        val_fraction: fraction in (0, 1) held out from the training files for
+            validation; ``None`` uses the dataset's default (its official
+            validation split where it has one).
+        **options: dataset-specific options, see :func:`dataset_options`.
+
+    Raises:
+        ConfigError: unknown dataset or option, or an invalid value (the message
+            names the ``data.*`` field).
+        DataNotFoundError: the dataset's files are not under ``root``.
+    """
+    builder = DATASETS.get(name)
+    allowed = dataset_options(name)
+    for option in options:
+        if option not in allowed:
+            raise ConfigError(
+                f"data.{option}", options[option],
+                f"dataset {name!r} has no option {option!r}; its options are {sorted(allowed)}",
+            )
+    seed = require_int("seed", seed, 0)
+    if val_fraction is not None and (
+        isinstance(val_fraction, bool)
+        or not isinstance(val_fraction, Real)
+        or not 0.0 < float(val_fraction) < 1.0
+    ):
+        raise ConfigError("data.val_fraction", val_fraction, "a number strictly between 0 and 1, or null")
+    return builder(
+        seed=seed,
+        root=None if root is None else os.fspath(root),
+        val_fraction=None if val_fraction is None else float(val_fraction),
+        **options,
+    )
+
+
+def require_root(root: str | None, dataset: str) -> Path:
+    """The expanded ``data.root`` of an on-disk dataset; ConfigError when it was not given."""
+    if root is None or str(root).strip() == "":
+        raise ConfigError(
+            "data.root", root,
+            f"dataset {dataset!r} reads files from disk: set data.root to the directory holding them",
+        )
+    return Path(root).expanduser()
+
+
+def stratified_split(
+    labels: Sequence[int] | np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, class-stratified ``(train_indices, val_indices)``, each sorted.
+
+    Raises:
+        ConfigError: (``data.val_fraction``) the split would leave a side with
+            fewer samples than classes, which stratification cannot do.
+    """
+    from sklearn.model_selection import train_test_split  # sklearn is slow to import; only pay when splitting
+
+    labels = np.asarray(labels)
+    indices = np.arange(len(labels))
+    try:
+        train_idx, val_idx = train_test_split(
+            indices, test_size=val_fraction, stratify=labels, random_state=seed
+        )
+    except ValueError as exc:
+        raise ConfigError(
+            "data.val_fraction", val_fraction,
+            f"a fraction that leaves every class on both sides of a stratified split of "
+            f"{len(labels)} samples ({exc})",
+        ) from None
+    # Sorted so the split is a set: its order carries no information the loader has to preserve.
+    return np.sort(train_idx), np.sort(val_idx)
+
+
+class TransformSubset(Dataset):
+    """``base[indices[i]]`` with ``transform`` applied to its image.
+
+    Lets a train and a validation split share one loaded dataset while using
+    different transforms (augmentation only on train).
+
+    Args:
+        base: yields ``(image, label)``.
+        indices: which items of ``base`` this split holds, in order.
+        transform: applied to the image; ``None`` leaves it as is.
+    """
+
+    def __init__(
+        self,
+        base: Dataset,
+        indices: Sequence[int] | np.ndarray,
+        transform: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.base = base
+        self.indices = [int(i) for i in indices]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, label = self.base[self.indices[index]]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(label)

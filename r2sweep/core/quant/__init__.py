@@ -1,0 +1,58 @@
+"""Low-bit downstream methods: fake quantization, PTQ (RTN, AdaRound), QAT (LSQ, EWGS), DKM.
+
+Building blocks live in their own modules (``fake``, ``fold``, ``adaround``,
+``qat``, ``dkm``, ``layers``); the whole-model pipelines a trial calls are
+:func:`post_training_quantize`, :func:`quantization_aware_train` and
+:func:`dkm_compress`, each configured by a :class:`DownstreamConfig`.
+"""
+
+from __future__ import annotations
+
+from r2sweep.core.quant.adaround import AdaRoundSettings, adaround_layer
+from r2sweep.core.quant.dkm import DkmClusterer
+from r2sweep.core.quant.fake import (
+    GRANULARITIES,
+    OBSERVERS,
+    RANGES,
+    ActivationQuantizer,
+    QuantSpec,
+    binarize,
+    fake_quantize,
+    qrange,
+    quantize_weight,
+    weight_qparams,
+)
+from r2sweep.core.quant.finetune import dkm_compress, quantization_aware_train
+from r2sweep.core.quant.fold import conv_bn_pairs, fold_batchnorm, reestimate_bn
+from r2sweep.core.quant.layers import QuantLayer, bake_weights, wrap_layers
+from r2sweep.core.quant.ptq import post_training_quantize
+from r2sweep.core.quant.qat import EwgsQuantizer, LsqQuantizer
+from r2sweep.core.quant.recipe import DownstreamConfig
+
+__all__ = [
+    "GRANULARITIES",
+    "OBSERVERS",
+    "RANGES",
+    "ActivationQuantizer",
+    "AdaRoundSettings",
+    "DkmClusterer",
+    "DownstreamConfig",
+    "EwgsQuantizer",
+    "LsqQuantizer",
+    "QuantLayer",
+    "QuantSpec",
+    "adaround_layer",
+    "bake_weights",
+    "binarize",
+    "conv_bn_pairs",
+    "dkm_compress",
+    "fake_quantize",
+    "fold_batchnorm",
+    "post_training_quantize",
+    "qrange",
+    "quantization_aware_train",
+    "quantize_weight",
+    "reestimate_bn",
+    "weight_qparams",
+    "wrap_layers",
+]

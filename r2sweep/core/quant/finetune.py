@@ -1,0 +1,175 @@
+"""The training-based downstream methods: QAT (LSQ, EWGS) and DKM weight clustering.
+
+Both start from a copy of the pre-trained float model, put quantizers on every
+Conv2d/Linear (see :mod:`r2sweep.core.quant.layers`) and fine-tune the whole network
+for ``epochs`` with the task loss only (no R2: the question a trial answers is
+how well an R2-pre-trained model survives a standard low-bit recipe).
+
+BatchNorm stays unfolded and keeps training: in a deployed network it becomes
+the per-channel requantization multiplier, which the weight quantizers here do
+not constrain. Evaluation runs the model in eval mode: LSQ/EWGS quantize with
+their learned steps and DKM snaps each weight to its nearest centroid.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from r2sweep.core.errors import TrialDiverged
+from r2sweep.core.quant.dkm import DkmClusterer
+from r2sweep.core.quant.layers import LayerInfo, input_is_nonnegative, layer_bits, wrap_layers
+from r2sweep.core.quant.qat import EwgsQuantizer, LsqQuantizer
+from r2sweep.core.quant.recipe import DownstreamConfig
+
+__all__ = ["quantization_aware_train", "dkm_compress", "fine_tune", "quantizer_parameters"]
+
+#: Called after each fine-tuning epoch with ``(epoch, mean task loss)``.
+EpochProgress = Callable[[int, float], None]
+
+
+def _weight_channels(cfg: DownstreamConfig, info: LayerInfo) -> int | None:
+    return info.out_channels if cfg.granularity == "channel" else None
+
+
+def _qat_factories(cfg: DownstreamConfig, weight_bits: int, nonnegative: dict[str, bool]):
+    def weight(info: LayerInfo) -> nn.Module:
+        bits = layer_bits(info.first_or_last, weight_bits, cfg.keep_first_last_bits)
+        channels = _weight_channels(cfg, info)
+        if cfg.algorithm == "lsq":
+            return LsqQuantizer(bits, True, channels)
+        return EwgsQuantizer(bits, True, cfg.delta, channels)
+
+    def activation(info: LayerInfo) -> nn.Module:
+        if cfg.float_activations:
+            return nn.Identity()
+        bits = layer_bits(info.first_or_last, cfg.act_bits, cfg.keep_first_last_bits)
+        signed = not nonnegative[info.name]
+        if cfg.algorithm == "lsq":
+            return LsqQuantizer(bits, signed, per_sample=True, field="downstream.act_bits")
+        return EwgsQuantizer(bits, signed, cfg.delta, field="downstream.act_bits", cover_mse_range=True)
+
+    return weight, activation
+
+
+def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The learnable parameters of the quantizers (steps, intervals), not the network's."""
+    return [p for name, p in model.named_parameters() if "_quantizer." in name and p.requires_grad]
+
+
+def fine_tune(
+    model: nn.Module,
+    train_loader: Iterable[tuple[Tensor, Tensor]],
+    cfg: DownstreamConfig,
+    device: torch.device,
+    *,
+    on_epoch: EpochProgress | None = None,
+) -> None:
+    """SGD (momentum 0.9, cosine schedule) on the task loss for ``cfg.epochs`` epochs.
+
+    Network weights use ``cfg.lr`` and ``cfg.weight_decay``; quantizer
+    parameters use ``cfg.quant_lr`` (default ``cfg.lr``) and no weight decay,
+    which would otherwise shrink every step size towards zero.
+
+    Raises:
+        TrialDiverged: the loss became NaN or infinite.
+    """
+    if cfg.epochs == 0:
+        return
+    quantizer_ids = {id(p) for p in quantizer_parameters(model)}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) not in quantizer_ids and p.requires_grad], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in model.parameters() if id(p) in quantizer_ids], "weight_decay": 0.0, "lr": cfg.quant_lr or cfg.lr},
+    ]
+    optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.lr, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    for epoch in range(cfg.epochs):
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        model.train()
+        total, batches = 0.0, 0
+        for x, y in train_loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss = F.cross_entropy(model(x), y)
+            if not torch.isfinite(loss):
+                raise TrialDiverged(f"non-finite loss in {cfg.method} fine-tuning, epoch {epoch}: lower downstream.lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            batches += 1
+        scheduler.step()
+        if on_epoch is not None:
+            on_epoch(epoch, total / max(batches, 1))
+    model.eval()
+
+
+@torch.no_grad()
+def _initialize_quantizers(model: nn.Module, calibration: Tensor) -> None:
+    # LSQ/EWGS initialize lazily from the first tensor they see: one eval pass
+    # over calibration images sets every step from real data, not a single batch
+    # in train mode.
+    was_training = model.training
+    model.eval()
+    model(calibration)
+    model.train(was_training)
+
+
+def quantization_aware_train(
+    model: nn.Module,
+    cfg: DownstreamConfig,
+    weight_bits: int,
+    train_loader: Iterable[tuple[Tensor, Tensor]],
+    calibration: Tensor,
+    device: torch.device,
+    *,
+    on_epoch: EpochProgress | None = None,
+) -> nn.Module:
+    """A QAT-fine-tuned, fake-quantized copy of ``model`` (``model`` is not changed), in eval mode.
+
+    Args:
+        cfg: a ``method: qat`` entry (``algorithm`` lsq or ewgs).
+        weight_bits: bits of every layer but the first and last (those get
+            ``cfg.keep_first_last_bits`` when set); activations at ``cfg.act_bits``.
+        calibration: a batch of training images that initializes the quantizers.
+    """
+    quantized = copy.deepcopy(model).to(device)
+    calibration = calibration.to(device)
+    nonnegative = input_is_nonnegative(quantized, [calibration], num_batches=1)
+    wrap_layers(quantized, *_qat_factories(cfg, weight_bits, nonnegative))
+    quantized.to(device)
+    _initialize_quantizers(quantized, calibration)
+    fine_tune(quantized, train_loader, cfg, device, on_epoch=on_epoch)
+    return quantized.eval()
+
+
+def dkm_compress(
+    model: nn.Module,
+    cfg: DownstreamConfig,
+    weight_bits: int,
+    train_loader: Iterable[tuple[Tensor, Tensor]],
+    device: torch.device,
+    *,
+    on_epoch: EpochProgress | None = None,
+) -> nn.Module:
+    """A DKM-clustered copy of ``model``, fine-tuned with soft clustering, in eval mode.
+
+    In eval mode every clustered layer uses hard assignment: at most
+    ``2^bits`` distinct weight values per layer (``cluster_dim = 1``).
+    :func:`~r2sweep.core.quant.layers.bake_weights` writes them into the weights for export.
+    """
+    quantized = copy.deepcopy(model).to(device)
+
+    def weight(info: LayerInfo) -> nn.Module:
+        bits = layer_bits(info.first_or_last, weight_bits, cfg.keep_first_last_bits)
+        return DkmClusterer(bits, cfg.tau, cfg.dkm_iters, cfg.cluster_dim)
+
+    wrap_layers(quantized, weight, lambda info: nn.Identity())
+    quantized.to(device)
+    fine_tune(quantized, train_loader, cfg, device, on_epoch=on_epoch)
+    return quantized.eval()
+

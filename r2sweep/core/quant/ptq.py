@@ -1,0 +1,156 @@
+"""Post-training quantization: round-to-nearest or AdaRound weights, calibrated activations.
+
+The order follows deployment: fold BatchNorm into the preceding convs (the
+integer kernel sees the folded weight), quantize the weights layer by layer,
+then calibrate one activation quantizer per layer input on a few batches.
+
+With ``bn_fold: false`` the BNs are *not* folded: weights are quantized as they
+are and BN stays a per-channel float affine (which a deployment folds into the
+per-channel requantization multiplier instead of the weights). This matters for
+R2, which restricts the range of the unfolded weight: folding multiplies each
+output channel by ``gamma / sqrt(var)``, which can re-create the outliers R2
+removed (MobileNet-V2's depthwise layers, see benchmarks/RESULTS.md).
+``bn_reestimate`` (which implies ``bn_fold: false``) then recomputes the BN
+running statistics on training batches after quantization, undoing the
+activation shift that low-bit weights cause.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from r2sweep.core.quant.adaround import adaround_layer
+from r2sweep.core.quant.fake import ActivationQuantizer, QuantSpec, quantize_weight
+from r2sweep.core.quant.fold import conv_bn_pairs, fold_batchnorm, reestimate_bn
+from r2sweep.core.quant.layers import LayerInfo, QuantLayer, input_is_nonnegative, layer_bits, quant_layers, wrap_layers
+from r2sweep.core.quant.recipe import DownstreamConfig
+
+__all__ = ["post_training_quantize", "round_to_nearest", "capture"]
+
+# Calibration inputs are pushed through the network in chunks of this many samples.
+_CHUNK = 128
+
+
+class _Captured(Exception):
+    """Raised by a capture hook: nothing after the captured layer needs computing."""
+
+
+@torch.no_grad()
+def capture(model: nn.Module, module: nn.Module, inputs: Tensor, *, output: bool) -> Tensor:
+    """``module``'s input (or output) when ``model`` runs on ``inputs``, stacked over all samples."""
+    pieces: list[Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple[Tensor, ...], result: Tensor | None = None) -> None:
+        pieces.append((result if output else args[0]).detach().clone())
+        raise _Captured
+
+    handle = module.register_forward_hook(hook) if output else module.register_forward_pre_hook(hook)
+    try:
+        for start in range(0, inputs.shape[0], _CHUNK):
+            try:
+                model(inputs[start : start + _CHUNK])
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(pieces)
+
+
+def _input_quantizer_factory(cfg: DownstreamConfig, nonnegative: dict[str, bool]):
+    def make(info: LayerInfo) -> nn.Module:
+        if cfg.float_activations:
+            return nn.Identity()
+        bits = layer_bits(info.first_or_last, cfg.act_bits, cfg.keep_first_last_bits)
+        return ActivationQuantizer(bits, signed=not nonnegative[info.name], observer=cfg.act_observer)
+
+    return make
+
+
+def _weight_spec(cfg: DownstreamConfig, wrapper: QuantLayer, weight_bits: int) -> QuantSpec:
+    bits = layer_bits(wrapper.first_or_last, weight_bits, cfg.keep_first_last_bits)
+    return QuantSpec(bits, cfg.symmetric, cfg.granularity, cfg.range)
+
+
+def post_training_quantize(
+    model: nn.Module,
+    cfg: DownstreamConfig,
+    weight_bits: int,
+    calibration: Tensor,
+    bn_batches: Iterable[object] | None = None,
+    *,
+    seed: int = 0,
+) -> nn.Module:
+    """A quantized copy of ``model`` (which is not changed), in eval mode.
+
+    Args:
+        cfg: a ``method: ptq`` entry (``algorithm`` rtn or adaround).
+        weight_bits: the bit width of every layer but the first and last
+            (those get ``cfg.keep_first_last_bits`` when it is set).
+        calibration: input images ``(N, C, H, W)`` for AdaRound and the
+            activation ranges (``cfg.calib_samples`` of the training set).
+        bn_batches: training batches for BN re-estimation (``cfg.bn_reestimate``).
+        seed: AdaRound's batch sampling.
+    """
+    if cfg.bn_reestimate and bn_batches is None:
+        raise ValueError("bn_reestimate needs bn_batches (training batches)")
+    quantized = fold_batchnorm(model) if cfg.bn_fold else copy.deepcopy(model).eval()
+    reference = copy.deepcopy(quantized)  # float, for AdaRound's targets
+    calibration = calibration.to(next(model.parameters()).device)
+    nonnegative = input_is_nonnegative(quantized, [calibration[:_CHUNK]], num_batches=1)
+    wrap_layers(quantized, lambda info: nn.Identity(), _input_quantizer_factory(cfg, nonnegative))
+
+    # Weights first, with float activations (the activation quantizers pass
+    # through until calibrated), so AdaRound sees each layer's true inputs.
+    reference_layers = dict(reference.named_modules())
+    # Unfolded, AdaRound reconstructs each conv's BatchNorm output, not the raw conv output.
+    following_bn = dict(conv_bn_pairs(reference)) if cfg.algorithm == "adaround" and not cfg.bn_fold else {}
+    for name, wrapper in quant_layers(quantized):
+        spec = _weight_spec(cfg, wrapper, weight_bits)
+        weight = wrapper.layer.weight
+        if cfg.algorithm == "adaround":
+            target_module = reference_layers[following_bn.get(name, name)]
+            after = target_module if name in following_bn else None
+            inputs = capture(quantized, wrapper, calibration, output=False)
+            targets = capture(reference, target_module, calibration, output=True)
+            new_weight = adaround_layer(wrapper.layer, inputs, targets, spec, cfg.adaround_settings(seed), after=after)
+        else:
+            new_weight = quantize_weight(weight.detach(), spec)
+        with torch.no_grad():
+            weight.copy_(new_weight)
+
+    if cfg.bn_reestimate:
+        reestimate_bn(quantized, bn_batches, cfg.bn_batches)
+    if not cfg.float_activations:
+        _calibrate_activations(quantized, calibration)
+    return quantized.eval()
+
+
+@torch.no_grad()
+def _calibrate_activations(model: nn.Module, calibration: Tensor) -> None:
+    quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
+    for q in quantizers:
+        q.reset()
+        q.calibrating = True
+    try:
+        model.eval()
+        for start in range(0, calibration.shape[0], _CHUNK):
+            model(calibration[start : start + _CHUNK])
+    finally:
+        for q in quantizers:
+            q.calibrating = False
+
+
+def round_to_nearest(model: nn.Module, cfg: DownstreamConfig, weight_bits: int) -> nn.Module:
+    """Weights-only round-to-nearest (BN folded as ``cfg`` says, no re-estimation): the cheap per-epoch proxy."""
+    folded = fold_batchnorm(model) if cfg.bn_fold else copy.deepcopy(model).eval()
+    layers = [(n, m) for n, m in folded.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        for index, (_, layer) in enumerate(layers):
+            first_or_last = index in (0, len(layers) - 1)
+            bits = layer_bits(first_or_last, weight_bits, cfg.keep_first_last_bits)
+            layer.weight.copy_(quantize_weight(layer.weight, QuantSpec(bits, cfg.symmetric, cfg.granularity, cfg.range)))
+    return folded

@@ -1,0 +1,185 @@
+"""Full-precision pre-training with R2-Loss: the loop every trial starts with.
+
+It reads top to bottom: build the optimizer and schedule, maybe resume from a
+checkpoint, then per epoch train, evaluate, report, checkpoint. The loop knows
+nothing of Ray, Optuna or MLflow; it reports through a plain callback.
+
+Reproducibility: the batch order depends only on ``(seed, epoch)`` (see
+:mod:`r2sweep.core.data.loader`) and the checkpoint holds every RNG state, so a run
+resumed from epoch ``k`` ends with the same weights as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from r2sweep.core.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
+from r2sweep.core.config.sections import TrainConfig
+from r2sweep.core.errors import TrialDiverged
+from r2sweep.core.losses import R2Loss
+from r2sweep.core.stats import weight_stats
+
+__all__ = ["pretrain", "evaluate", "resolve_device", "make_optimizer", "make_scheduler", "EpochCallback"]
+
+#: Called after every epoch with that epoch's metrics (``epoch`` included).
+EpochCallback = Callable[[dict[str, float]], None]
+
+CHECKPOINT_FORMAT = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> the GPU when one is present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_optimizer(model: nn.Module, r2: R2Loss, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """One group for the model, one without weight decay for R2's margins/temperatures."""
+    groups: list[dict[str, Any]] = [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
+    r2_params = list(r2.parameters())
+    if r2_params:
+        groups.append({"params": r2_params, "weight_decay": 0.0})
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.Adam(groups, lr=cfg.lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """A per-epoch schedule (stepped once after every epoch)."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_epochs, gamma=cfg.step_gamma)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: torch.device) -> float:
+    """Top-1 accuracy in percent."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        correct += int((model(x).argmax(1) == y).sum())
+        total += y.numel()
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1)
+
+
+def _train_one_epoch(
+    model: nn.Module,
+    r2: R2Loss,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> dict[str, float]:
+    model.train()
+    task_sum = r2_sum = 0.0
+    batches = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        task_loss = F.cross_entropy(model(x), y)
+        # R2 after the forward pass: its (sparse) gradients then reach autograd first
+        # and the dense task gradients are added into them in place.
+        r2_loss = r2()
+        loss = task_loss + r2_loss
+        if not torch.isfinite(loss):
+            raise TrialDiverged(
+                f"non-finite loss at batch {batches} (task {task_loss.item():.4g}, r2 {r2_loss.item():.4g}): "
+                "lower train.lr or r2.strength"
+            )
+        loss.backward()
+        optimizer.step()
+        task_sum += task_loss.item()
+        r2_sum += r2_loss.item()
+        batches += 1
+    return {"train/loss": task_sum / max(batches, 1), "train/r2": r2_sum / max(batches, 1)}
+
+
+def pretrain(
+    model: nn.Module,
+    r2: R2Loss,
+    train_loader: Any,
+    val_loader: Iterable[tuple[Tensor, Tensor]],
+    cfg: TrainConfig,
+    *,
+    on_epoch: EpochCallback | None = None,
+    checkpoint_path: str | Path | None = None,
+    checkpoint_owner: str | None = None,
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """Train ``model`` with task loss + ``r2`` for ``cfg.epochs`` epochs.
+
+    Args:
+        train_loader: an :class:`~r2sweep.core.data.EpochLoader` (anything with
+            ``set_epoch`` and iteration; ``set_epoch`` fixes the batch order).
+        on_epoch: called after each epoch with ``epoch``, ``train/loss``, ``train/r2``,
+            ``val/top1``, ``lr``, ``time/epoch_s`` and the ``weights/*`` statistics.
+        checkpoint_path: where the full state is written after every epoch; if a
+            checkpoint is already there, training resumes after its epoch.
+        checkpoint_owner: a fingerprint of the run that owns the checkpoint (the
+            trial config's), stored with it; the caller checks it before resuming
+            (:func:`r2sweep.core.trial.check_out_dir`).
+        device: defaults to ``cfg.device`` resolved (a GPU when present).
+
+    Returns:
+        The metrics of the last epoch.
+
+    Raises:
+        TrialDiverged: the loss became NaN or infinite.
+    """
+    device = device or resolve_device(cfg.device)
+    model.to(device)
+    r2.to(device)
+    optimizer = make_optimizer(model, r2, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    start_epoch = 0
+    metrics: dict[str, float] = {}
+    if checkpoint_path is not None and Path(checkpoint_path).exists():
+        state = load_checkpoint(checkpoint_path, map_location=device)
+        model.load_state_dict(state["model"])
+        r2.load_state_dict(state["r2"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng_state(state["rng"])
+        start_epoch = state["epoch"] + 1
+        metrics = dict(state["metrics"])
+
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.perf_counter()
+        r2.set_epoch(epoch)
+        train_loader.set_epoch(epoch)
+        metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        metrics.update(_train_one_epoch(model, r2, train_loader, optimizer, device))
+        scheduler.step()
+        metrics["val/top1"] = evaluate(model, val_loader, device)
+        metrics.update(weight_stats(model))
+        metrics["time/epoch_s"] = time.perf_counter() - started
+        if checkpoint_path is not None:
+            save_atomic(
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "owner": checkpoint_owner,
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "r2": r2.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": capture_rng_state(),
+                    "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+                },
+                checkpoint_path,
+            )
+        if on_epoch is not None:
+            on_epoch(dict(metrics))
+    return metrics

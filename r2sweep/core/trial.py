@@ -1,0 +1,250 @@
+"""One trial end to end: data -> model -> pre-train with R2 -> every downstream result.
+
+The unit a sweep runs, and what ``r2sweep trial FILE`` runs alone. It knows
+nothing of Ray, Optuna or MLflow: it reports through a plain callback, called
+
+* after every pre-training epoch with that epoch's metrics plus ``proxy/top1``
+  (round-to-nearest accuracy on one downstream result's grid, that result's
+  entry at its weight bit width: ``TrialConfig.proxy_target``; cheap enough to
+  rank trials early), and
+* once at the end with every final metric (``fp/top1``, one ``<result>/top1``
+  per downstream result, the pre-trained weight statistics, the seconds each
+  phase took); that call has ``final = 1`` (not ``done``: Ray Tune reserves it).
+
+The pre-trained weights are computed once; each downstream result starts from
+its own copy of them, so results never contaminate each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from r2sweep.core.checkpoint import load_checkpoint, save_atomic
+from r2sweep.core.config.trial import TrialConfig
+from r2sweep.core.data import DataSplits, create_data, make_loader
+from r2sweep.core.errors import ConfigError, TrialDiverged
+from r2sweep.core.models import create_model
+from r2sweep.core.plots import weight_histograms
+from r2sweep.core.quant.finetune import dkm_compress, quantization_aware_train
+from r2sweep.core.quant.layers import bake_weights
+from r2sweep.core.quant.ptq import post_training_quantize, round_to_nearest
+from r2sweep.core.quant.recipe import DownstreamConfig
+from r2sweep.core.stats import weight_stats
+from r2sweep.core.train import evaluate, pretrain, resolve_device
+
+__all__ = ["run_trial", "check_out_dir", "config_fingerprint", "load_pretrained", "Reporter", "Progress", "PRETRAIN_CHECKPOINT", "PRETRAINED", "HISTOGRAMS"]
+
+#: Receives a flat ``{metric: number}`` dict; see the module docstring.
+Reporter = Callable[[dict[str, float]], None]
+#: Receives one human-readable line per phase (the CLI prints them).
+Progress = Callable[[str], None]
+
+PRETRAIN_CHECKPOINT = "pretrain_state.pt"
+#: The pre-trained weights (and the model's constructor arguments).
+PRETRAINED = "pretrained.pt"
+#: Weight histograms of the pre-trained model's worst-outlier layers.
+HISTOGRAMS = "weights.png"
+# Evaluation batches are large: no gradients, and fewer Python round-trips.
+_EVAL_BATCH = 256
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so initialization is reproducible."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _calibration_images(data: DataSplits, count: int, seed: int) -> Tensor:
+    # A fixed, seeded subset of the training set (never the validation set).
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data.train), generator=generator)[: min(count, len(data.train))]
+    return torch.stack([data.train[int(i)][0] for i in order])
+
+
+def _run_downstream(
+    model: nn.Module,
+    entry: DownstreamConfig,
+    bits: int,
+    data: DataSplits,
+    config: TrialConfig,
+    device: torch.device,
+    progress: Progress,
+) -> nn.Module:
+    calibration = _calibration_images(data, entry.calib_samples, config.seed)
+    if entry.method == "ptq":
+        bn_batches = make_loader(data.train, config.train.batch_size, shuffle=True, seed=config.seed)
+        bn_batches = ((x.to(device), y) for x, y in bn_batches)
+        return post_training_quantize(model, entry, bits, calibration.to(device), bn_batches, seed=config.seed)
+    loader = make_loader(data.train, entry.batch_size, shuffle=True, seed=config.seed + 1, num_workers=config.train.num_workers)
+    name = entry.result_name(bits)
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        progress(f"  {name}: fine-tune epoch {epoch + 1}/{entry.epochs}, loss {loss:.3f}")
+
+    if entry.method == "qat":
+        return quantization_aware_train(model, entry, bits, loader, calibration, device, on_epoch=on_epoch)
+    return dkm_compress(model, entry, bits, loader, device, on_epoch=on_epoch)
+
+
+def config_fingerprint(config: TrialConfig) -> str:
+    """A digest of the whole trial config: what a pre-training checkpoint belongs to."""
+    return hashlib.sha256(json.dumps(config.to_mapping(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_out_dir(config: TrialConfig, out_dir: str | Path) -> None:
+    """Fail before anything is written if ``out_dir`` holds another config's pre-training state.
+
+    Raises:
+        ConfigError: the checkpoint there was written by a different trial config.
+    """
+    checkpoint = Path(out_dir) / PRETRAIN_CHECKPOINT
+    if checkpoint.is_file():
+        owner = load_checkpoint(checkpoint).get("owner")
+        if owner is not None and owner != config_fingerprint(config):
+            raise ConfigError("out_dir", str(out_dir), f"its {PRETRAIN_CHECKPOINT} holds the pre-training state of a "
+                              "different trial config; use another output folder (--out) or delete it to start over")
+
+
+def run_trial(
+    config: TrialConfig,
+    report: Reporter | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """Run one trial and return its final metrics (the dict of the last report).
+
+    Args:
+        config: a validated :class:`TrialConfig`.
+        report: see the module docstring.
+        out_dir: where checkpoints go: the pre-training state (a rerun resumes
+            from it), ``pretrained.pt`` and one ``<result>.pt`` per downstream
+            result (weights with the quantized values baked in). None: nothing
+            is written.
+        progress: receives one line per phase.
+        device: defaults to ``config.train.device`` (a GPU when present).
+
+    A downstream fine-tuning that diverges is reported as ``<result>/diverged = 1``
+    without a ``<result>/top1``; the other results still run.
+
+    Raises:
+        TrialDiverged: pre-training produced a non-finite loss.
+    """
+    report = report or (lambda metrics: None)
+    progress = progress or (lambda line: None)
+    device = device or resolve_device(config.train.device)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    seed_everything(config.seed)
+    data = create_data(
+        config.data.name, seed=config.seed, root=config.data.root, val_fraction=config.data.val_fraction, **config.data.options
+    )
+    model = create_model(
+        config.model.name,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        input_size=data.input_size,
+        width=config.model.width,
+        stem=config.model.stem,
+    )
+    r2 = config.r2.build(model)
+    train_loader = make_loader(data.train, config.train.batch_size, shuffle=True, seed=config.seed, num_workers=config.train.num_workers)
+    val_loader = make_loader(data.val, _EVAL_BATCH, shuffle=False, seed=config.seed)
+
+    # One entry's grid at one bit width (TrialConfig.proxy_target), never a mix of
+    # two entries: a mixed proxy can sit at chance for every trial and blind ASHA.
+    proxy = config.proxy_target() if config.downstream else None
+
+    last_proxy: dict[str, float] = {}
+
+    def on_epoch(metrics: dict[str, float]) -> None:
+        if config.downstream:
+            if proxy is None:
+                metrics["proxy/top1"] = metrics["val/top1"]
+            else:
+                metrics["proxy/top1"] = evaluate(round_to_nearest(model, *proxy), val_loader, device)
+            last_proxy["proxy/top1"] = metrics["proxy/top1"]
+        shown = "" if "proxy/top1" not in metrics or proxy is None else f", W{proxy[1]} RTN {metrics['proxy/top1']:.1f}%"
+        progress(
+            f"pre-train epoch {int(metrics['epoch']) + 1}/{config.train.epochs}: loss {metrics['train/loss']:.3f}, "
+            f"val {metrics['val/top1']:.1f}%" + shown
+        )
+        report(metrics)
+
+    progress(f"pre-training {config.model.name} on {config.data.name} with R2 {config.r2.kind} for {config.train.epochs} epochs")
+    checkpoint = out / PRETRAIN_CHECKPOINT if out is not None else None
+    # The checkpoint carries the config's fingerprint: a folder reused for another
+    # config is refused instead of silently resumed (the sweep gives each trial its own).
+    if out is not None:
+        check_out_dir(config, out)
+    pretrain(model, r2, train_loader, val_loader, config.train, on_epoch=on_epoch, checkpoint_path=checkpoint,
+             checkpoint_owner=config_fingerprint(config), device=device)
+    final: dict[str, float] = {"time/pretrain_s": time.perf_counter() - started}
+    model.eval()
+    final["fp/top1"] = evaluate(model, val_loader, device)
+    final.update(weight_stats(model))
+    # The scheduler compares trials on the proxy at every report, the final one included.
+    final.update(last_proxy)
+    if out is not None:
+        # The model's constructor arguments travel with its weights, so whoever
+        # loads it (the sweep driver logging the champion) needs no dataset.
+        model_args = {
+            "name": config.model.name, "num_classes": data.num_classes, "in_channels": data.in_channels,
+            "input_size": data.input_size, "width": config.model.width, "stem": config.model.stem,
+        }
+        save_atomic({"model": model.state_dict(), "model_args": model_args}, out / PRETRAINED)
+        weight_histograms(model.cpu(), out / HISTOGRAMS, title=f"pre-trained weights, R2 {config.r2.kind}")
+        model.to(device)
+
+    for entry in config.downstream:
+        for bits in entry.weight_bits:
+            name = entry.result_name(bits)
+            progress(f"{name}: {entry.method} {entry.algorithm} at {bits}-bit weights")
+            phase_start = time.perf_counter()
+            try:
+                quantized = _run_downstream(model, entry, bits, data, config, device, progress)
+            except TrialDiverged as error:
+                # One recipe failing must not discard the pre-training and the
+                # other results: this result is marked and left out.
+                final[f"{name}/diverged"] = 1
+                progress(f"{name}: diverged ({error})")
+                continue
+            final[f"{name}/top1"] = evaluate(quantized, val_loader, device)
+            final[f"time/{name}_s"] = time.perf_counter() - phase_start
+            progress(f"{name}: top-1 {final[f'{name}/top1']:.2f}% ({final[f'time/{name}_s']:.1f}s)")
+            if out is not None:
+                save_atomic({"model": bake_weights(quantized).state_dict()}, out / f"{name}.pt")
+
+    final["time/total_s"] = time.perf_counter() - started
+    final["final"] = 1
+    report(dict(final))
+    return final
+
+
+def load_pretrained(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The pre-trained model a trial saved as ``pretrained.pt`` (eval mode, CPU) and its constructor arguments."""
+    state = load_checkpoint(path)
+    args = dict(state["model_args"])
+    model = create_model(**{k: v for k, v in args.items() if k != "name"}, name=args["name"])
+    model.load_state_dict(state["model"])
+    return model.eval(), args
+
+
+def summarize(metrics: dict[str, Any], config: TrialConfig) -> list[str]:
+    """The ``/top1`` lines a person reads at the end of a trial, FP first."""
+    return [f"{key:<28} {metrics[key]:6.2f}" for key in config.metric_names() if key in metrics]
