@@ -30,14 +30,13 @@ import ray
 from ray.cluster_utils import Cluster
 from sweep_timing import FirstTrialStart
 
+import r2sweep
 from r2sweep.core.config.sweep import load_sweep_spec
-from r2sweep.tracking.store import Tracker
-from r2sweep.tune.callbacks import TrackingCallback
-from r2sweep.tune.tuner import experiment_path, run_sweep
+from r2sweep.tune.tuner import ExperimentOutcome
 
 
 def run_on(nodes: int, trials: int, epochs: int, model: dict) -> dict:
-    spec = load_sweep_spec({
+    data = {
         "name": f"scaling-{nodes}",
         "data": {"name": "digits"},
         "model": model,
@@ -47,7 +46,8 @@ def run_on(nodes: int, trials: int, epochs: int, model: dict) -> dict:
         "search": {"train.lr": {"loguniform": [0.01, 0.1]}},
         "sweep": {"num_samples": trials, "max_concurrent": nodes, "sampler": "random", "seed": 0,
                   "scheduler": "none", "resources_per_trial": {"cpu": 1}},
-    })
+    }
+    spec = load_sweep_spec(data)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
@@ -57,13 +57,11 @@ def run_on(nodes: int, trials: int, epochs: int, model: dict) -> dict:
         ray.init(address=cluster.address, log_to_driver=False)
         ready = time.perf_counter()
         try:
-            tracker = Tracker(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
-            storage = Path(tmp) / "results"
             first = FirstTrialStart()
-            tracking = TrackingCallback(tracker, spec, "benchmark", name=spec.name,
-                                        experiment_path=experiment_path(storage, spec.name))
-            outcome = run_sweep(spec, storage=storage, callbacks=[tracking, first])
+            result = r2sweep.run_sweep(data, tracking_uri=f"sqlite:///{Path(tmp) / 'mlflow.db'}",
+                                       storage=Path(tmp) / "results", callbacks=[first], progress=False, register=False)
             ended = time.perf_counter()
+            outcome = ExperimentOutcome(spec.name, result.path, result.tune_results, spec)
         finally:
             ray.shutdown()
             cluster.shutdown()

@@ -206,19 +206,17 @@ def sweep_spec(setting: str, kind: str, base: dict[str, Any], scale: dict[str, A
 
 def run_one_sweep(data: dict, work: Path) -> dict[str, Any]:
     """One real r2sweep sweep (Ray Tune + Optuna + MLflow); the best trial's config and value."""
+    import r2sweep
     from r2sweep.core.config.sweep import load_sweep_spec
-    from r2sweep.tracking.store import Tracker
-    from r2sweep.tune.callbacks import ProgressCallback, TrackingCallback
-    from r2sweep.tune.tuner import experiment_path, run_sweep
+    from r2sweep.tune.tuner import ExperimentOutcome
 
     spec = load_sweep_spec(data)
-    tracker = Tracker(f"sqlite:///{work / 'mlflow.db'}")
     storage = work / "sweeps"
     resume = (storage / spec.name).is_dir()
-    callback = TrackingCallback(tracker, spec, yaml.safe_dump(data), name=spec.name,
-                                experiment_path=experiment_path(storage, spec.name))
     started = time.perf_counter()
-    outcome = run_sweep(spec, storage=storage, resume=resume, callbacks=[callback, ProgressCallback(spec)])
+    result = r2sweep.run_sweep(data, tracking_uri=f"sqlite:///{work / 'mlflow.db'}", storage=storage, resume=resume,
+                               register=False)
+    outcome = ExperimentOutcome(spec.name, result.path, result.tune_results, spec)
     # Interrupted (Ctrl-C, a killed session): Tune returns what it had. Recording that
     # as the sweep would freeze a partial search into the results; stop instead, and
     # the same command resumes the sweep from its Tune experiment.

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import yaml
 
+import r2sweep
 from r2sweep.core.config.sweep import load_sweep_spec
-from r2sweep.tune.tuner import run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
@@ -68,9 +68,10 @@ def run_search(sampler: str, seed: int, trials: int, concurrency: int, space: Pa
     spec = load_sweep_spec(data)
     metric = spec.objectives[0].metric
     with tempfile.TemporaryDirectory() as tmp:
-        outcome = run_sweep(spec, storage=Path(tmp) / "results", num_cpus=concurrency)
+        swept = r2sweep.run_sweep(data, tracking_uri=f"sqlite:///{Path(tmp) / 'mlflow.db'}", storage=Path(tmp) / "results",
+                                  num_cpus=concurrency, progress=False, register=False)
     rows = []
-    for result in outcome.results:
+    for result in swept.tune_results:
         metrics = result.metrics or {}
         config = {k: v for k, v in (result.config or {}).items()}
         rows.append({"index": _trial_index(result), "value": metrics.get(metric), "config": config})

@@ -44,7 +44,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sample_efficiency import _run_one, best_so_far, run_search, save_json, trials_to_reach  # noqa: E402
 
-from r2sweep.core.config.sweep import SearchParam, SweepSpec, load_sweep_spec  # noqa: E402
+from r2sweep.core.config.search import SearchParam  # noqa: E402
+from r2sweep.core.config.sweep import SweepSpec, load_sweep_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACE = ROOT / "search_spaces" / "distorted_r18_w1.yaml"

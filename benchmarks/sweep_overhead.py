@@ -5,7 +5,7 @@
 store. The ideal wall time is the trials' own compute (``time/total_s`` that
 ``run_trial`` measures) divided by the concurrency; the ratio says what Ray,
 Optuna, MLflow and checkpointing add. Two ratios are reported: from the call to
-``run_sweep`` (Ray's start-up included) and from the first trial's start.
+``r2sweep.run_sweep`` (Ray's start-up and the selection of the best trial included) and from the first trial's start.
 
     .venv/bin/python benchmarks/sweep_overhead.py --trials 16 --epochs 40
 """
@@ -21,10 +21,7 @@ from pathlib import Path
 
 from sweep_timing import FirstTrialStart
 
-from r2sweep.core.config.sweep import load_sweep_spec
-from r2sweep.tracking.store import Tracker
-from r2sweep.tune.callbacks import TrackingCallback
-from r2sweep.tune.tuner import run_sweep
+import r2sweep
 
 
 def main() -> int:
@@ -34,7 +31,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=40, help="pre-training epochs per trial (sets its length)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    spec = load_sweep_spec(
+    spec = (
         {
             "name": "overhead",
             "data": {"name": "digits"},
@@ -48,13 +45,14 @@ def main() -> int:
         }
     )
     with tempfile.TemporaryDirectory() as tmp:
-        tracker = Tracker(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
         first = FirstTrialStart()
-        callbacks = [TrackingCallback(tracker, spec, "benchmark", name="overhead", experiment_path="benchmark"), first]
         started = time.perf_counter()
-        outcome = run_sweep(spec, storage=Path(tmp) / "results", num_cpus=args.concurrency, callbacks=callbacks)
+        # The product's own path (tracking, selection) with the champion's registration left out.
+        result = r2sweep.run_sweep(spec, tracking_uri=f"sqlite:///{Path(tmp) / 'mlflow.db'}",
+                                   storage=Path(tmp) / "results", num_cpus=args.concurrency, callbacks=[first],
+                                   progress=False, register=False)
         wall = time.perf_counter() - started
-    compute = [r.metrics["time/total_s"] for r in outcome.results if r.metrics and "time/total_s" in r.metrics]
+    compute = [r.metrics["time/total_s"] for r in result.tune_results if r.metrics and "time/total_s" in r.metrics]
     ideal = sum(compute) / args.concurrency
     from_first = wall - ((first.first or started) - started)
     print(f"trials finished: {len(compute)}/{args.trials}; trial compute: mean {sum(compute) / len(compute):.1f} s, "

@@ -158,27 +158,21 @@ def serve_mlflow(
 
 
 def run_tracked_sweeps(root: Path, *specs: dict) -> Path:
-    """Run each sweep spec (a dict) on a fresh local Ray, tracked in ``root/mlflow.db``; return ``root``.
+    """Run each sweep spec (a dict) through the public API on one fresh local Ray, tracked in
+    ``root/mlflow.db`` with results in ``root/results``; return ``root``.
 
     The real path end to end: Ray Tune, Optuna, the tracking journal, MLflow.
     """
     import ray
-    import yaml
 
-    from r2sweep.core.config.sweep import load_sweep_spec
-    from r2sweep.tracking.store import Tracker
-    from r2sweep.tune.callbacks import TrackingCallback
-    from r2sweep.tune.tuner import experiment_path, run_sweep
+    import r2sweep
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        tracker = Tracker(f"sqlite:///{root / 'mlflow.db'}")
         for data in specs:
-            spec = load_sweep_spec(data)
-            callback = TrackingCallback(tracker, spec, yaml.safe_dump(data), name=spec.name,
-                                        experiment_path=experiment_path(root / "results", spec.name))
-            run_sweep(spec, storage=root / "results", callbacks=[callback])
+            r2sweep.run_sweep(data, tracking_uri=f"sqlite:///{root / 'mlflow.db'}", storage=root / "results",
+                              progress=False, register=False)
     finally:
         ray.shutdown()
     return root

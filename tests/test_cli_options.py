@@ -334,14 +334,14 @@ def test_auto_without_a_cluster_is_one_clear_line(work: Path, capsys, monkeypatc
 def test_confirm_maps_an_unreachable_cluster_to_status_1(work: Path, capsys, monkeypatch, sweep_imports) -> None:
     # confirm joins Ray only once it has read the sweep: its store is faked, the join is real.
     import r2sweep.analysis.confirm
-    import r2sweep.cli.app
+    import r2sweep.api.readers
     from r2sweep.tune.cluster import connect
 
     def confirm_top(tracker, name, *, address=None, **_):
         connect(address, None)
         raise AssertionError("connect should have failed")
 
-    monkeypatch.setattr(r2sweep.cli.app, "_existing_store", lambda uri: object())
+    monkeypatch.setattr(r2sweep.api.readers, "open_store", lambda uri, option=None: object())
     monkeypatch.setattr(r2sweep.analysis.confirm, "confirm_top", confirm_top)
     address = f"127.0.0.1:{_free_port()}"
     _unreachable(work, capsys, ["confirm", "s", "--address", address], address)

@@ -15,11 +15,12 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+import r2sweep
 from r2sweep.core.config.sweep import load_sweep_spec
 from r2sweep.tracking.store import TAG_ROLE, TAG_TRIAL_ID, Tracker
-from r2sweep.tune.callbacks import TAG_NODE_ID, TrackingCallback
+from r2sweep.tune.callbacks import TAG_NODE_ID
 from r2sweep.tune.cluster import ClusterError
-from r2sweep.tune.tuner import experiment_path, run_sweep
+from r2sweep.tune.tuner import ExperimentOutcome, run_experiment
 
 pytestmark = pytest.mark.ray
 
@@ -56,12 +57,11 @@ def test_trials_run_on_both_workers_and_all_reach_mlflow(cluster, tmp_path: Path
     _, worker_ids, head_id = cluster
     spec = load_sweep_spec(SPEC)
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    storage = tmp_path / "results"
-    callback = TrackingCallback(tracker, spec, "spec", name=spec.name,
-                                experiment_path=experiment_path(storage, spec.name))
-    outcome = run_sweep(spec, storage=storage, callbacks=[callback])
+    result = r2sweep.run_sweep(SPEC, tracking_uri=tracker.tracking_uri, storage=tmp_path / "results",
+                               progress=False, register=False)
+    outcome = ExperimentOutcome(spec.name, result.path, result.tune_results, spec)
 
-    assert len(outcome.finished()) == 6
+    assert len(outcome.finished()) == 6 and (result.trials["outcome"] == "finished").sum() == 6
     runs = tracker.client.search_runs(
         [tracker.client.get_experiment_by_name(spec.name).experiment_id],
         filter_string=f"tags.`{TAG_ROLE}` = 'trial'",
@@ -79,16 +79,16 @@ def test_a_request_no_node_can_hold_fails_before_any_trial(cluster, tmp_path: Pa
     # Each worker has one slot: a trial asking for two could never be placed.
     data = {**SPEC, "sweep": {**SPEC["sweep"], "resources_per_trial": {"cpu": 1, "r2sweep_slot": 2}}}
     with pytest.raises(ClusterError, match=r"sweep\.resources_per_trial.*r2sweep_slot: 2.*largest of this cluster's 3 node"):
-        run_sweep(load_sweep_spec(data), storage=tmp_path / "results")
+        run_experiment(load_sweep_spec(data), storage=tmp_path / "results")
     assert not (tmp_path / "results").exists()
 
     gpu = {**SPEC, "sweep": {**SPEC["sweep"], "resources_per_trial": {"cpu": 1, "gpu": 0.5}}}
     with pytest.raises(ClusterError, match=r"gpu: 0\.5.*GPU: 0"):
-        run_sweep(load_sweep_spec(gpu), storage=tmp_path / "results")
+        run_experiment(load_sweep_spec(gpu), storage=tmp_path / "results")
 
 
 def test_a_data_root_missing_on_the_workers_fails_before_any_trial(cluster, tmp_path: Path) -> None:
     data = {**SPEC, "data": {"name": "cifar10", "root": str(tmp_path / "nowhere")}}
     with pytest.raises(ClusterError, match=r"data\.root=.*nowhere.*missing on 2 of 2"):
-        run_sweep(load_sweep_spec(data), storage=tmp_path / "results")
+        run_experiment(load_sweep_spec(data), storage=tmp_path / "results")
     assert not (tmp_path / "results").exists()

@@ -12,7 +12,7 @@ from conftest import run_tracked_sweeps
 
 from r2sweep.analysis.compare import compare_sweeps
 from r2sweep.analysis.confirm import TAG_CONFIRM_OF, TAG_CONFIRMED_BEST, confirm_top
-from r2sweep.analysis.select import load_sweep
+from r2sweep.analysis.select import read_sweep
 from r2sweep.cli.app import main
 from r2sweep.tracking.store import TAG_TRIAL_ID, Tracker
 
@@ -49,7 +49,7 @@ def local_ray():
 
 def test_confirm_reruns_the_top_trials_logs_them_and_resumes(store: Path, tmp_path: Path, local_ray) -> None:
     tracker = Tracker(f"sqlite:///{store / 'mlflow.db'}")
-    sweep, _ = load_sweep(tracker, "confirm-me")
+    sweep, _ = read_sweep(tracker, "confirm-me")
     trials = sweep.trial_runs()
     ranked = sorted(trials, key=lambda r: (r.data.metrics[OBJECTIVE], r.data.metrics["fp/top1"]), reverse=True)
     before = compare_sweeps(tracker, ["confirm-me"])

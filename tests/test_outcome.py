@@ -10,16 +10,14 @@ and MLflow looked at the first one only, while ``best`` asked for all of them.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import ray
-import yaml
 
+import r2sweep
 from r2sweep.analysis.compare import compare_sweeps
 from r2sweep.analysis.select import select_best
-from r2sweep.core.config.sweep import load_sweep_spec
 from r2sweep.core.errors import R2SweepError
 from r2sweep.core.outcome import (
     DIVERGED,
@@ -34,8 +32,6 @@ from r2sweep.core.outcome import (
     run_outcome,
 )
 from r2sweep.tracking.store import TAG_ROLE, Tracker
-from r2sweep.tune.callbacks import ProgressCallback, TrackingCallback
-from r2sweep.tune.tuner import experiment_path, run_sweep
 
 OBJECTIVE = ["qat_lsq_w4a8/top1"]
 
@@ -100,10 +96,8 @@ def sweeps(tmp_path_factory: pytest.TempPathFactory):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        spec = load_sweep_spec(SPEC)
-        tracking = TrackingCallback(tracker, spec, yaml.safe_dump(SPEC), name=spec.name,
-                                    experiment_path=experiment_path(root / "results", spec.name))
-        run_sweep(spec, storage=root / "results", callbacks=[tracking, ProgressCallback(spec, lines.append)])
+        r2sweep.run_sweep(SPEC, tracking_uri=tracker.tracking_uri, storage=root / "results", progress=lines.append,
+                          register=False)
     finally:
         ray.shutdown()
     return tracker, lines

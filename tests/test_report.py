@@ -17,7 +17,7 @@ from PIL import Image
 
 from r2sweep.analysis.figures import BitsSeries, TrialPoint, accuracy_vs_bits, optimization_history
 from r2sweep.analysis.report import PAGE, REPORT_ARTIFACT_DIR, build_report, importance_groups, range_edge_advice
-from r2sweep.analysis.select import load_sweep
+from r2sweep.analysis.select import read_sweep
 from r2sweep.cli.app import main
 from r2sweep.core.config.sweep import load_sweep_spec
 from r2sweep.tracking.store import TAG_ROLE, Tracker
@@ -89,7 +89,7 @@ def test_report_writes_a_self_contained_page_with_valid_figures_and_logs_them(st
     assert f"{best - no_r2:+.2f}</div>" in html and f"({no_r2:.2f})" in html
     assert html.count("<tr") == 1 + len(runs) + 1 + 3  # header + trials; header + 2 kinds + whole sweep
     # Logged on the sweep's parent run, byte for byte.
-    sweep, _ = load_sweep(tracker, "report-kinds")
+    sweep, _ = read_sweep(tracker, "report-kinds")
     assert report.logged_to_run == sweep.parent_run_id
     logged = {Path(a.path).name: a.file_size for a in tracker.client.list_artifacts(sweep.parent_run_id, REPORT_ARTIFACT_DIR)}
     assert logged == {p.name: p.stat().st_size for p in [*report.figures, report.page]}
@@ -101,7 +101,7 @@ def test_report_writes_a_self_contained_page_with_valid_figures_and_logs_them(st
 
 def test_importances_are_fanova_over_the_parameters_the_trials_have(store: Path) -> None:
     tracker = _tracker(store)
-    _, spec = load_sweep(tracker, "report-kinds")
+    _, spec = read_sweep(tracker, "report-kinds")
     finished = _trials(tracker, "report-kinds")
     groups, notes = importance_groups(finished, spec)
     title, everything = groups[0]
@@ -126,7 +126,7 @@ def test_multi_objective_report_has_the_pareto_front(store: Path) -> None:
 def test_confirm_candidates_of_a_multi_objective_sweep_are_its_pareto_front(store: Path) -> None:
     from r2sweep.analysis.confirm import _top_trials
 
-    sweep, spec = load_sweep(_tracker(store), "report-pareto")
+    sweep, spec = read_sweep(_tracker(store), "report-pareto")
     finished = [r for r in sweep.trial_runs() if all(o.metric in r.data.metrics for o in spec.objectives)]
     metrics = [(r.data.metrics["ptq_rtn_w2a8/top1"], r.data.metrics["fp/top1"]) for r in finished]
     dominated = {r.info.run_id for r, m in zip(finished, metrics)
@@ -140,7 +140,7 @@ def test_confirm_candidates_of_a_multi_objective_sweep_are_its_pareto_front(stor
 
 def test_a_running_sweep_reports_what_has_finished(store: Path, tmp_path: Path) -> None:
     tracker = _tracker(store)
-    sweep, _ = load_sweep(tracker, "report-kinds")
+    sweep, _ = read_sweep(tracker, "report-kinds")
     run_id = sweep.trial_run("still-running", {"r2.kind": "linf", "train.lr": 0.05})
     try:
         report = build_report(tracker, "report-kinds", tmp_path / "out", log_to_run=False)

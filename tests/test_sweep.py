@@ -10,7 +10,6 @@ import numpy as np
 import optuna
 import pytest
 import ray
-import yaml
 
 from r2sweep.core.config.sweep import load_sweep_spec
 
@@ -49,10 +48,10 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def tiny_sweep(local_ray, tmp_path_factory: pytest.TempPathFactory):
-    from r2sweep.tune.tuner import run_sweep
+    from r2sweep.tune.tuner import run_experiment
 
     storage = tmp_path_factory.mktemp("sweeps")
-    return run_sweep(load_sweep_spec(TINY), storage=storage)
+    return run_experiment(load_sweep_spec(TINY), storage=storage)
 
 
 def _study(path: str) -> optuna.Study:
@@ -132,9 +131,9 @@ def test_the_baseline_trial_is_never_stopped_but_other_laggards_are() -> None:
 
     from ray.tune.schedulers import TrialScheduler
 
-    from r2sweep.tune.tuner import _BaselineKeepingASHA
+    from r2sweep.tune.search import BaselineKeepingASHA
 
-    scheduler = _BaselineKeepingASHA(time_attr="t", metric="proxy", mode="max", max_t=10, grace_period=1,
+    scheduler = BaselineKeepingASHA(time_attr="t", metric="proxy", mode="max", max_t=10, grace_period=1,
                                      reduction_factor=2, baseline={"r2.kind": "none"})
     leader = SimpleNamespace(trial_id="a", config={"r2.kind": "linf"})
     baseline = SimpleNamespace(trial_id="b", config={"r2.kind": "none"})
@@ -169,21 +168,18 @@ def test_checkpoints_hold_the_pretraining_state_then_the_trial_artifacts(tiny_sw
 
 
 def test_a_diverging_trial_is_failed_in_mlflow_pruned_in_optuna_and_never_best(local_ray, tmp_path: Path) -> None:
+    import r2sweep
     from r2sweep.analysis.select import select_best
     from r2sweep.tracking.store import TAG_ROLE, Tracker
-    from r2sweep.tune.callbacks import TAG_OUTCOME, TrackingCallback
-    from r2sweep.tune.tuner import experiment_path, run_sweep
+    from r2sweep.tune.callbacks import TAG_OUTCOME
 
     data = {**TINY, "name": "diverging", "search": {"train.lr": {"choice": [0.05, 1.0e6]}},
             "sweep": {"num_samples": 4, "max_concurrent": 2, "seed": 1, "sampler": "random", "scheduler": "none"}}
-    spec = load_sweep_spec(data)
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    storage = tmp_path / "results"
-    callback = TrackingCallback(tracker, spec, yaml.safe_dump(data), name=spec.name,
-                                experiment_path=experiment_path(storage, spec.name))
-    outcome = run_sweep(spec, storage=storage, callbacks=[callback])
+    result = r2sweep.run_sweep(data, tracking_uri=tracker.tracking_uri, storage=tmp_path / "results",
+                               progress=False, register=False)
 
-    results = list(outcome.results)
+    results = list(result.tune_results)
     assert len(results) == 4 and all(r.error is None for r in results)  # the sweep went on
     diverged = [r for r in results if r.metrics.get("diverged")]
     assert {r.config["train.lr"] for r in diverged} == {1.0e6}
@@ -198,11 +194,12 @@ def test_a_diverging_trial_is_failed_in_mlflow_pruned_in_optuna_and_never_best(l
     assert by_outcome["diverged"] == ["FAILED"] * len(diverged)
     assert by_outcome["finished"] == ["FINISHED"] * (4 - len(diverged))
 
-    states = sorted(t.state.name for t in _study(outcome.path).trials)
+    states = sorted(t.state.name for t in _study(result.path).trials)
     assert states.count("COMPLETE") == 4 - len(diverged)  # no score for a diverged trial
     assert all(state in ("COMPLETE", "PRUNED", "FAIL") for state in states)
 
     best = select_best(tracker, "diverging", out=tmp_path / "best.yaml", register=False)
+    assert best.run_id == result.best.run_id  # what run_sweep picked
     assert float(best.params["train.lr"]) == 0.05
     assert all(v == v and abs(v) != float("inf") for v in best.metrics.values())
 
@@ -229,7 +226,7 @@ def test_a_killed_worker_is_retried_from_its_checkpoint_or_marked_failed(local_r
     import json
     import threading
 
-    from r2sweep.tune.tuner import run_sweep
+    from r2sweep.tune.tuner import run_experiment
 
     data = {**TINY, "name": "worker-killed", "train": {"epochs": 10, "batch_size": 32},
             "search": {"train.lr": {"loguniform": [0.01, 0.1]}},
@@ -239,7 +236,7 @@ def test_a_killed_worker_is_retried_from_its_checkpoint_or_marked_failed(local_r
     killed: list = []
     killer = threading.Thread(target=_kill_a_trial_worker_after, args=(storage, "worker-killed", 3, killed))
     killer.start()
-    outcome = run_sweep(load_sweep_spec(data), storage=storage)
+    outcome = run_experiment(load_sweep_spec(data), storage=storage)
     killer.join()
     assert len(killed) == 1, "a worker was killed mid-trial"
     victim, epoch_at_kill = killed[0]

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from r2sweep.analysis.select import load_sweep
+from r2sweep.analysis.select import read_sweep
 from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import R2SweepError
 from r2sweep.core.outcome import DIVERGED, FAILED, STOPPED, finished_runs, run_outcome
@@ -67,7 +67,7 @@ def compare_sweeps(
     rows: list[ComparisonRow] = []
     seen_metrics: set[str] = set()
     for name in names:
-        sweep, spec = load_sweep(tracker, name)
+        sweep, spec = read_sweep(tracker, name)
         runs = sweep.trial_runs()
         for run in runs:
             seen_metrics.update(run.data.metrics)

@@ -26,7 +26,7 @@ from typing import Any
 import ray
 import yaml
 
-from r2sweep.analysis.select import TRIAL_CONFIG_ARTIFACT, load_sweep, pareto_front
+from r2sweep.analysis.select import TRIAL_CONFIG_ARTIFACT, read_sweep, pareto_front
 from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import R2SweepError
 from r2sweep.core.outcome import DIVERGED, FAILED, FINISHED, RUN_STATUS, TAG_OUTCOME, decide_outcome, finished_runs, run_outcome
@@ -48,6 +48,7 @@ class Confirmation:
     sweep_value: float  # the objective the sweep ranked it on
     values: dict[int, float]  # seed -> objective of the re-run (missing: it diverged)
     fp: dict[int, float]  # seed -> fp/top1
+    objective: str = ""  # the metric the values are of
 
     @property
     def mean(self) -> float | None:
@@ -116,7 +117,7 @@ def confirm_top(
         raise R2SweepError(f"--top {top}: must be at least 1 (how many of the best trials to re-run)")
     if not seeds or len(set(seeds)) != len(seeds):
         raise R2SweepError(f"--seeds {list(seeds)}: give one or more distinct seeds, e.g. --seeds 1 2 3")
-    sweep, spec = load_sweep(tracker, name)
+    sweep, spec = read_sweep(tracker, name)
     objective = spec.objective.metric
     trials = _top_trials(sweep, spec, top)
     # A re-run that finished or diverged is not run again (training is deterministic
@@ -179,6 +180,7 @@ def confirm_top(
             sweep_value=run.data.metrics[objective],
             values={s: m[objective] for s, m in per_seed.items() if objective in m},
             fp={s: m["fp/top1"] for s, m in per_seed.items() if "fp/top1" in m},
+            objective=objective,
         ))
     sign = 1 if spec.objective.mode == "max" else -1
     confirmations.sort(key=lambda c: -sign * c.mean if c.mean is not None else float("inf"))

@@ -43,8 +43,10 @@ from r2sweep.analysis.figures import (
     pareto_front_plot,
 )
 from r2sweep.analysis.report_html import ReportPage, render_page
-from r2sweep.analysis.select import load_sweep, pareto_front
-from r2sweep.core.config.sweep import SearchParam, SweepSpec
+from r2sweep.analysis.select import pareto_front, read_sweep
+from r2sweep.analysis.trials import logged_value
+from r2sweep.core.config.search import SearchParam
+from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import R2SweepError
 from r2sweep.core.outcome import finished_runs, run_outcome
 from r2sweep.core.plots import compare_weight_histograms, weight_histograms
@@ -110,7 +112,7 @@ def range_edge_advice(best_runs: Sequence[tuple[str, Any]], spec: SweepSpec) -> 
         low, high = param.values
         for label, run in best_runs:
             text = run.data.params.get(sanitize_key(param.path))
-            value = _parse(param, text) if text is not None else None
+            value = logged_value(param, text) if text is not None else None
             if value is None or high == low:
                 continue
             position = _position(param, float(value))
@@ -134,16 +136,6 @@ def _distribution(param: SearchParam) -> optuna.distributions.BaseDistribution:
     return optuna.distributions.FloatDistribution(float(low), float(high), log=param.kind == "loguniform")
 
 
-def _parse(param: SearchParam, text: str) -> Any:
-    """A logged (text) param value back as the value Optuna sampled; None if it is not one."""
-    try:
-        if param.kind == "choice":
-            return next((v for v in param.values if str(v) == text), None)
-        return int(text) if param.kind == "int" else float(text)
-    except ValueError:
-        return None
-
-
 def _study(runs: Sequence[Any], spec: SweepSpec) -> optuna.Study:
     """An in-memory Optuna study holding ``runs`` as completed trials (first objective)."""
     study = optuna.create_study(direction="maximize" if spec.objective.mode == "max" else "minimize")
@@ -151,7 +143,7 @@ def _study(runs: Sequence[Any], spec: SweepSpec) -> optuna.Study:
         params, distributions = {}, {}
         for param in spec.params:
             text = run.data.params.get(sanitize_key(param.path))
-            value = _parse(param, text) if text is not None else None
+            value = logged_value(param, text) if text is not None else None
             if value is not None:
                 params[param.path], distributions[param.path] = value, _distribution(param)
         study.add_trial(optuna.trial.create_trial(
@@ -279,7 +271,7 @@ def build_report(tracker: Tracker, name: str, out: str | os.PathLike[str], *, lo
         R2SweepError: no such sweep, no trial yet, no finished trial yet, or an
             unusable ``out``.
     """
-    sweep, spec = load_sweep(tracker, name)
+    sweep, spec = read_sweep(tracker, name)
     runs = sweep.trial_runs()
     if not runs:
         raise R2SweepError(f"sweep {name!r} has no trials yet")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from r2sweep.core.outcome import finished_runs
 from r2sweep.core.trial import PRETRAINED, load_pretrained
 from r2sweep.tracking.store import SPEC_ARTIFACT, TAG_TRIAL_ID, SweepRun, Tracker
 
-__all__ = ["BestTrial", "load_sweep", "select_best", "pareto_front", "TAG_BEST_RUN", "TAG_BEST_TRIAL"]
+__all__ = ["BestTrial", "read_sweep", "pick_best", "select_best", "pareto_front", "TAG_BEST_RUN", "TAG_BEST_TRIAL"]
 
 TAG_BEST_RUN = "r2sweep.best_run_id"
 TAG_BEST_TRIAL = "r2sweep.best_trial_id"
@@ -38,13 +38,23 @@ TRIAL_CONFIG_ARTIFACT = "trial_config.yaml"
 
 @dataclass
 class BestTrial:
+    """A sweep's best trial as MLflow holds it.
+
+    ``config`` is its whole trial config (re-runnable: ``r2sweep.run_trial(best.config)``),
+    ``params`` the values the search sampled, as MLflow keeps them (text);
+    ``config_path`` and ``model_version`` are set once it was exported and registered.
+    """
+
     run_id: str
     trial_id: str
     metrics: dict[str, float]
     params: dict[str, str]
-    config_path: Path | None
-    model_version: str | None
-    front: list[str]  # run ids on the Pareto front (multi-objective), else [run_id]
+    config: dict[str, Any]
+    config_path: Path | None = None
+    model_version: str | None = None
+    front: list[str] = field(default_factory=list)  # run ids on the Pareto front (multi-objective), else [run_id]
+    model_uri: str | None = None  # models:/r2sweep-<sweep>/<version>, once registered
+    config_text: str = field(default="", repr=False)  # the artifact as stored: what best.yaml gets, byte for byte
 
 
 def _dominates(a: dict[str, float], b: dict[str, float], spec: SweepSpec) -> bool:
@@ -63,7 +73,7 @@ def pareto_front(runs: list[Any], spec: SweepSpec) -> list[Any]:
     return [r for r in runs if not any(_dominates(o.data.metrics, r.data.metrics, spec) for o in runs if o is not r)]
 
 
-def load_sweep(tracker: Tracker, name: str) -> tuple[SweepRun, SweepSpec]:
+def read_sweep(tracker: Tracker, name: str) -> tuple[SweepRun, SweepSpec]:
     """Sweep ``name``'s parent run and the spec it was started with (its artifact).
 
     Raises:
@@ -81,6 +91,32 @@ def load_sweep(tracker: Tracker, name: str) -> tuple[SweepRun, SweepSpec]:
     return sweep, load_sweep_spec(yaml.safe_load(spec_text), default_name=name)
 
 
+def pick_best(tracker: Tracker, name: str) -> BestTrial:
+    """Sweep ``name``'s best trial by the rule above; reads MLflow, writes nothing.
+
+    Raises:
+        R2SweepError: no such sweep, or no finished trial yet.
+    """
+    sweep, spec = read_sweep(tracker, name)
+    finished = finished_runs(sweep.trial_runs(), spec.objective_metrics)
+    if not finished:
+        raise R2SweepError(f"sweep {name!r} has no finished trial with {spec.objectives[0].metric} yet")
+    front = pareto_front(finished, spec) if spec.multi_objective else finished
+    best = max(front, key=lambda run: spec.ranking(run.data.metrics))
+    run_id = best.info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tracker.client.download_artifacts(run_id, TRIAL_CONFIG_ARTIFACT, tmp)).read_text()
+    return BestTrial(
+        run_id=run_id,
+        trial_id=best.data.tags.get(TAG_TRIAL_ID, ""),
+        metrics=dict(best.data.metrics),
+        params=dict(best.data.params),
+        config=yaml.safe_load(text),
+        config_text=text,
+        front=[r.info.run_id for r in front] if spec.multi_objective else [run_id],
+    )
+
+
 def select_best(
     tracker: Tracker,
     name: str,
@@ -88,50 +124,31 @@ def select_best(
     out: str | Path | None = None,
     register: bool = True,
 ) -> BestTrial:
-    """Select the best trial of sweep ``name``, write its config to ``out``, tag it, register its model.
+    """:func:`pick_best`, then write its config to ``out``, tag it on the parent run, register its model.
 
     Raises:
         R2SweepError: no such sweep, or no finished trial yet.
     """
-    sweep, spec = load_sweep(tracker, name)
-    client = tracker.client
-    metrics = [o.metric for o in spec.objectives]
-    finished = finished_runs(sweep.trial_runs(), spec.objective_metrics)
-    if not finished:
-        raise R2SweepError(f"sweep {name!r} has no finished trial with {metrics[0]} yet")
-    front = pareto_front(finished, spec) if spec.multi_objective else finished
-
-    best = max(front, key=lambda run: spec.ranking(run.data.metrics))
-    run_id = best.info.run_id
-    config_path = None
+    best = pick_best(tracker, name)
+    sweep = tracker.find_sweep(name)
+    run_id = best.run_id
     if out is not None:
-        config_path = Path(out)
-        with tempfile.TemporaryDirectory() as tmp:
-            text = Path(client.download_artifacts(run_id, TRIAL_CONFIG_ARTIFACT, tmp)).read_text()
-        config_path.parent.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(text)
-    sweep.set_tags(sweep.parent_run_id, {TAG_BEST_RUN: run_id, TAG_BEST_TRIAL: best.data.tags.get(TAG_TRIAL_ID, "")})
-    version = None
+        best.config_path = Path(out)
+        best.config_path.parent.mkdir(parents=True, exist_ok=True)
+        best.config_path.write_text(best.config_text)
+    sweep.set_tags(sweep.parent_run_id, {TAG_BEST_RUN: run_id, TAG_BEST_TRIAL: best.trial_id})
     if register:
         model_name = f"r2sweep-{name}"
         champion = sweep.champion(model_name)
         if champion is not None and champion.run_id == run_id:
             # The champion did not change: registering it again would add a copy
             # (a new model and a new version) of the same weights at every call.
-            version = str(champion.version)
+            best.model_version = str(champion.version)
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                model, args = load_pretrained(client.download_artifacts(run_id, PRETRAINED, tmp))
+                model, args = load_pretrained(tracker.client.download_artifacts(run_id, PRETRAINED, tmp))
             example = np.zeros((1, args["in_channels"], args["input_size"], args["input_size"]), dtype=np.float32)
             uri = sweep.log_model(run_id, model, example)
-            version = str(sweep.register_champion(run_id, model_name, uri).version)
-    return BestTrial(
-        run_id=run_id,
-        trial_id=best.data.tags.get(TAG_TRIAL_ID, ""),
-        metrics=dict(best.data.metrics),
-        params=dict(best.data.params),
-        config_path=config_path,
-        model_version=version,
-        front=[r.info.run_id for r in front] if spec.multi_objective else [run_id],
-    )
-
+            best.model_version = str(sweep.register_champion(run_id, model_name, uri).version)
+        best.model_uri = f"models:/{model_name}/{best.model_version}"
+    return best

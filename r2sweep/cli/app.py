@@ -16,7 +16,6 @@ tracking server or Ray cluster ends it with 1, in seconds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -45,224 +44,152 @@ def _error(message: str, status: int = 2) -> int:
     return status
 
 
-def _cmd_trial(args: argparse.Namespace) -> int:
-    import yaml
+#: How errors name the API's arguments on the command line.
+SWEEP_FLAGS = {"storage": "--storage", "tracking_uri": "--tracking-uri", "address": "--address", "name": "--name"}
+READER_FLAGS = {"sweep": "sweep name", "tracking_uri": "--tracking-uri", "out": "--out", "by": "--by",
+                "metrics": "--metric", "top": "--top", "seeds": "--seeds", "address": "--address", "out_dir": "--out"}
 
-    from r2sweep.api import options as check
-    from r2sweep.core.config.trial import apply_overrides, load_trial_config, parse_override, read_yaml, refuse_unused_overrides
-    from r2sweep.core.errors import ConfigError, DataNotFoundError, TrialDiverged
 
-    try:
-        out = check.output_folder(args.out, what="the trial's metrics.json, config.yaml and checkpoints")
-    except ConfigError as error:
-        return _error(str(error))
-    try:
-        raw = read_yaml(args.file)
-        overrides = [parse_override(text) for text in args.set]
-        config = load_trial_config(apply_overrides(raw, overrides) if overrides else raw)
-        refuse_unused_overrides(overrides, [config])
-    except ConfigError as error:
-        return _error(f"{args.file}: {error}")
-
-    from r2sweep.core.checkpoint import write_text_atomic
-    from r2sweep.core.trial import check_out_dir, run_trial, summarize
-
-    try:
-        check_out_dir(config, out)  # before config.yaml is overwritten
-    except ConfigError as error:
-        return _error(str(error))
-
-    started = time.perf_counter()
-
-    def progress(line: str) -> None:
+def _progress(started: float):
+    def write(line: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f}s] {line}", file=sys.stderr, flush=True)
 
+    return write
+
+
+def _cmd_trial(args: argparse.Namespace) -> int:
+    from r2sweep.api.trial import run_trial
+    from r2sweep.core.config.trial import parse_override
+    from r2sweep.core.errors import ConfigError, DataNotFoundError, FileConfigError, TrialDiverged
+
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.yaml", yaml.safe_dump(config.to_mapping(), sort_keys=False))
-        metrics = run_trial(config, out_dir=out, progress=progress)
-    except (ConfigError, DataNotFoundError) as error:
+        overrides = [parse_override(text) for text in args.set]
+        # The output folder is checked first: its error names --out, not the file.
+        from r2sweep.api import options as check
+
+        check.output_folder(args.out, what="the trial's metrics.json, config.yaml and checkpoints")
+        metrics = run_trial(args.file, overrides=overrides, out_dir=args.out, progress=_progress(time.perf_counter()),
+                            option_names=READER_FLAGS)
+    except FileConfigError as error:
+        return _error(str(error))
+    except DataNotFoundError as error:
         return _error(f"{args.file}: {error}")
+    except ConfigError as error:
+        return _error(str(error) if error.field in ("--out", "out_dir") else f"{args.file}: {error}")
     except TrialDiverged as error:
         return _error(f"trial diverged: {error}")
-    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    print("\n".join(summarize(metrics, config)))
-    print(f"metrics: {out / 'metrics.json'}")
+    from r2sweep.api.trial import load_trial_config
+    from r2sweep.core.trial import summarize
+
+    print("\n".join(summarize(metrics, load_trial_config(args.file, overrides))))
+    print(f"metrics: {Path(args.out) / 'metrics.json'}")
     return 0
 
 
-def _load_spec(args: argparse.Namespace):
-    """(spec, the file as resolved with overrides); raises ConfigError before anything is created."""
-    from r2sweep.core.config.consistency import refuse_ineffective_overrides
-    from r2sweep.core.config.sweep import load_sweep_spec
-    from r2sweep.core.config.trial import apply_overrides, parse_override, read_yaml
-
-    raw = read_yaml(args.file)
-    overrides = [parse_override(text) for text in args.set]
+def _sweep_overrides(args: argparse.Namespace) -> list:
+    """--set texts (parsed by the API, after the options are checked), then the two shorthands."""
+    overrides: list = list(args.set)
     if args.num_samples is not None:
         overrides.append(("sweep.num_samples", args.num_samples))
     if args.max_concurrent is not None:
         overrides.append(("sweep.max_concurrent", args.max_concurrent))
-    if overrides:
-        if not isinstance(raw, dict):
-            raw = {}  # load_sweep_spec names the real problem
-        raw = apply_overrides(raw, overrides)
-    default_name = Path(args.file).stem
-    spec = load_sweep_spec(raw, default_name=default_name)
-    refuse_ineffective_overrides([parse_override(text) for text in args.set], spec)
-    return spec, raw
+    return overrides
 
 
-def _check_local_data_roots(spec) -> None:
+def _sweep_failure(error: Exception, name: str) -> int:
+    """Bad input exits 2 with its line; an unreachable store or cluster 1; anything else 1, in one line."""
     from r2sweep.core.errors import ConfigError
+    from r2sweep.tune.ray_address import ClusterUnreachable
 
-    for root in spec.data_roots():
-        if not Path(root).exists():
-            raise ConfigError("data.root", root, "an existing folder on this machine (r2sweep never downloads); "
-                              "on a cluster whose workers hold it, pass --address")
+    if isinstance(error, (FileNotFoundError, FileExistsError, ConfigError)):
+        return _error(str(error))
+    if isinstance(error, ClusterUnreachable) or type(error).__name__ == "TrackingError":
+        return _error(str(error), status=1)  # (TrackingError by name: importing it loads MLflow)
+    return _error(f"sweep {name} failed: {type(error).__name__}: {error}", status=1)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    import yaml
+    from r2sweep.api.sweep import prepare_sweep
 
-    from r2sweep.api import options as check
-    from r2sweep.core.errors import ConfigError
-    from r2sweep.tune.ray_address import ClusterUnreachable, reach_ray
-
-    uri_storage = "://" in (args.storage or "")
     try:
-        check.storage(args.storage)
-        check.tracking_uri(args.tracking_uri)
-        check.ray_address(args.address)
-        check.sweep_name(args.name, uri_storage=uri_storage)
-    except ConfigError as error:
-        return _error(str(error))
+        prepared = prepare_sweep(args.file, overrides=_sweep_overrides(args), name=args.name,
+                                 tracking_uri=args.tracking_uri, storage=args.storage, resume=args.resume,
+                                 address=args.address, option_names=SWEEP_FLAGS)
+    except Exception as error:  # noqa: BLE001  every refusal is one line
+        return _sweep_failure(error, args.name or Path(args.file).stem)
+    print(prepared.announcement(), file=sys.stderr)
+    name, spec, tracker = prepared.name, prepared.spec, prepared.tracker
     try:
-        spec, raw = _load_spec(args)
-        if not (args.address or os.environ.get("RAY_ADDRESS")):
-            _check_local_data_roots(spec)  # on a cluster the workers are checked instead, once joined
-        if args.name is None:
-            check.sweep_name(spec.name, uri_storage=uri_storage, in_file=True)
-    except ConfigError as error:
-        return _error(f"{args.file}: {error}")
-    name = args.name or spec.name
-    import logging
-
-    from r2sweep.analysis.select import select_best
-    from r2sweep.tracking.store import Tracker, TrackingError
-    from r2sweep.tune.callbacks import ProgressCallback, TrackingCallback
-    from r2sweep.tune.tuner import DEFAULT_STORAGE, experiment_path, run_sweep
-
-    # After importing MLflow, which sets its own loggers up on import: without this
-    # a new store prints its schema migration line by line.
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-
-    tracker = Tracker(args.tracking_uri)
-    storage = args.storage or DEFAULT_STORAGE
-    spec_text = yaml.safe_dump(raw, sort_keys=False)
-    tracking = TrackingCallback(tracker, spec, spec_text, name=name, experiment_path=experiment_path(storage, name))
-    callbacks = [tracking, ProgressCallback(spec)]
-    try:
-        tracker.check_access()  # a refused password fails here, before Ray starts or anything is logged
-        if args.resume:
-            tracking.check_resume()
-        else:
-            tracking.check_new()  # a name MLflow holds without its Tune state would merge two sweeps
-        address = args.address or os.environ.get("RAY_ADDRESS")
-        if address:  # an unreachable cluster: its one line, in seconds (connect probes it again to join)
-            reach_ray(address)
-        # Announced once the store and the cluster answered (run_sweep's own checks can still refuse after it).
-        print(f"sweep {name}: {spec.settings.num_samples} trials, {spec.settings.max_concurrent} at a time, "
-              f"objective {spec.objective.metric} ({spec.objective.mode}); tracking {tracker.display_uri}",
-              file=sys.stderr)
-        outcome = run_sweep(spec, storage=storage, name=name, resume=args.resume, address=args.address, callbacks=callbacks)
-        # Next to the sweep's results when they are local, else in the working directory.
-        best_path = Path(outcome.path) / "best.yaml" if "://" not in outcome.path else Path(f"{name}-best.yaml")
-        best = select_best(tracker, name, out=best_path)
-    except (FileNotFoundError, FileExistsError, ConfigError) as error:
-        return _error(str(error))
-    except (TrackingError, ClusterUnreachable) as error:
-        return _error(str(error), status=1)
-    except Exception as error:  # Ray and friends: one clear line, not a traceback
-        return _error(f"sweep {name} failed: {type(error).__name__}: {error}", status=1)
-    _print_top(outcome, spec)
+        result = prepared.run()
+    except Exception as error:  # noqa: BLE001  Ray and friends: one clear line, not a traceback
+        return _sweep_failure(error, name)
+    best = result.best
+    _print_top(result, spec)
+    if best is None:
+        outcomes = result.trials["outcome"].value_counts().to_dict() if len(result.trials) else {}
+        return _error(f"sweep {name}: no trial finished ({', '.join(f'{n} {k}' for k, n in outcomes.items()) or 'none ran'}); "
+                      "nothing to select", status=1)
     print(f"best: {spec.objective.metric} = {best.metrics[spec.objective.metric]:.2f} (trial {best.trial_id}, "
           f"fp/top1 {best.metrics.get('fp/top1', float('nan')):.2f}); champion model version {best.model_version}")
     print(f"best config: {best.config_path}   (re-run: r2sweep trial {best.config_path} --out runs/best)")
     uri = "" if args.tracking_uri is None else f" --tracking-uri {tracker.display_uri}"
     print(f"report: r2sweep report {name}{uri} --out {name}-report   (figures and an HTML page)")
     print(f"confirm: r2sweep confirm {name}{uri} --top 3 --seeds 1 2 3   (re-run the best trials on fresh seeds)")
-    if tracker.tracking_uri.startswith(("http://", "https://")):
+    if tracker.is_server:
         print(f"browse: {tracker.display_uri}")
     else:
         print(f"browse: mlflow ui --backend-store-uri {tracker.display_uri}")
     return 0
 
 
-def _print_top(outcome, spec, count: int = 5) -> None:
+def _print_top(result, spec, count: int = 5) -> None:
     metric = spec.objective.metric
-    finished = sorted(outcome.finished(), key=lambda r: r.metrics[metric], reverse=spec.objective.mode == "max")
+    trials = result.trials
+    finished = trials[trials["outcome"] == "finished"].sort_values(metric, ascending=spec.objective.mode != "max")
+    params = [c for c in trials.columns if c.startswith("config/")]
     print(f"{'trial':<10} {metric:>24} {'fp/top1':>8}  params")
-    for result in finished[:count]:
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.config.items())
-        print(f"{result.metrics.get('trial_id', ''):<10} {result.metrics[metric]:>24.2f} {result.metrics.get('fp/top1', float('nan')):>8.2f}  {params}")
+    for _, row in finished.head(count).iterrows():
+        shown = ", ".join(_param(c.removeprefix("config/"), row[c]) for c in params if row[c] is not None and row[c] == row[c])
+        print(f"{row['trial_id']:<10} {row[metric]:>24.2f} {row.get('fp/top1', float('nan')):>8.2f}  {shown}")
 
 
-def _existing_store(uri: str | None):
-    """A Tracker for reading; a local SQLite store that does not exist is an error, not a new file.
+def _param(path: str, value) -> str:
+    return f"{path}={value:.3g}" if isinstance(value, float) else f"{path}={value}"
 
-    A tracking server is asked first whether it is there at all (one quick try):
-    a wrong address fails in seconds instead of after MLflow's minutes of retries.
-    """
+
+def _reading(command):
+    """Run a reader; bad input exits 2 with its line, an unreachable store 1."""
     from r2sweep.core.errors import R2SweepError
-    from r2sweep.tracking.store import Tracker
+    from r2sweep.tracking.store import TrackingError
+    from r2sweep.tune.ray_address import ClusterUnreachable
 
-    tracker = Tracker(uri)
-    if tracker.tracking_uri.startswith("sqlite:///"):
-        path = Path(tracker.tracking_uri.removeprefix("sqlite:///"))
-        if not path.is_file():
-            raise R2SweepError(f"no MLflow store at {path} (run a sweep here first, or pass --tracking-uri)")
-    tracker.check_access()  # TrackingError; nothing to check for a local store
-    return tracker
+    try:
+        return command(), 0
+    except (TrackingError, ClusterUnreachable) as error:
+        return None, _error(str(error), status=1)
+    except R2SweepError as error:
+        return None, _error(str(error))
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from r2sweep.analysis.compare import compare_sweeps, render
-    from r2sweep.api import options as check
-    from r2sweep.core.errors import R2SweepError
-    from r2sweep.tracking.store import TrackingError
+    from r2sweep.analysis.compare import render
+    from r2sweep.api.readers import compare
 
-    try:
-        for name in args.names:
-            check.sweep_to_read(name)
-        check.key(args.by, "--by", example="r2.kind")
-        for metric in args.metric:
-            check.key(metric, "--metric", example="ptq_rtn_w2a8/top1")
-        check.tracking_uri(args.tracking_uri)
-        rows = compare_sweeps(_existing_store(args.tracking_uri), args.names, metrics=args.metric, by=args.by)
-    except TrackingError as error:
-        return _error(str(error), status=1)
-    except R2SweepError as error:
-        return _error(str(error))
+    rows, status = _reading(lambda: compare(args.names, tracking_uri=args.tracking_uri, metrics=args.metric, by=args.by,
+                                            option_names=READER_FLAGS))
+    if status:
+        return status
     print(render(rows, args.format))
     return 0
 
 
 def _cmd_best(args: argparse.Namespace) -> int:
-    from r2sweep.analysis.select import select_best
-    from r2sweep.api import options as check
-    from r2sweep.core.errors import R2SweepError
-    from r2sweep.tracking.store import TrackingError
+    from r2sweep.api.readers import best as pick
 
-    try:
-        check.sweep_to_read(args.name, register=not args.no_register)
-        check.output_file(args.out)
-        check.tracking_uri(args.tracking_uri)
-        best = select_best(_existing_store(args.tracking_uri), args.name, out=args.out, register=not args.no_register)
-    except TrackingError as error:
-        return _error(str(error), status=1)
-    except R2SweepError as error:
-        return _error(str(error))
+    best, status = _reading(lambda: pick(args.name, tracking_uri=args.tracking_uri, out=args.out,
+                                         register=not args.no_register, option_names=READER_FLAGS))
+    if status:
+        return status
     print(f"best run {best.run_id} (trial {best.trial_id}): " + ", ".join(f"{k}={v:.2f}" for k, v in sorted(best.metrics.items()) if k.endswith("/top1")))
     if best.config_path:
         print(f"config: {best.config_path}")
@@ -272,20 +199,12 @@ def _cmd_best(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from r2sweep.analysis.report import build_report
-    from r2sweep.api import options as check
-    from r2sweep.core.errors import R2SweepError
-    from r2sweep.tracking.store import TrackingError
+    from r2sweep.api.readers import report as build
 
-    try:
-        check.sweep_to_read(args.name)
-        check.output_folder(args.out, what="the report's index.html and figures")
-        check.tracking_uri(args.tracking_uri)
-        report = build_report(_existing_store(args.tracking_uri), args.name, args.out, log_to_run=not args.no_log)
-    except TrackingError as error:
-        return _error(str(error), status=1)
-    except R2SweepError as error:
-        return _error(str(error))
+    report, status = _reading(lambda: build(args.name, args.out, tracking_uri=args.tracking_uri, log_to_run=not args.no_log,
+                                            option_names=READER_FLAGS))
+    if status:
+        return status
     for note in report.notes:
         print(f"note: {note}")
     for advice in report.advice:
@@ -297,35 +216,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_confirm(args: argparse.Namespace) -> int:
-    from r2sweep.analysis.confirm import confirm_top, render
-    from r2sweep.api import options as check
-    from r2sweep.core.errors import R2SweepError
-    from r2sweep.tracking.store import TrackingError
+    from r2sweep.analysis.confirm import render
+    from r2sweep.api.readers import confirm
 
-    try:
-        check.sweep_to_read(args.name)
-        check.count(args.top, "--top", what="how many of the best trials to re-run")
-        check.seeds(args.seeds)
-        out = check.output_file(f"{args.name}-confirmed.yaml" if args.out is None else args.out,
-                                example=f"{args.name}-confirmed.yaml")
-        check.tracking_uri(args.tracking_uri)
-        check.ray_address(args.address)
-        tracker = _existing_store(args.tracking_uri)
-        confirmations = confirm_top(tracker, args.name, top=args.top, seeds=args.seeds, out=out, address=args.address,
-                                    progress=lambda line: print(line, file=sys.stderr, flush=True))
-    except (TrackingError, check.ClusterUnreachable) as error:
-        return _error(str(error), status=1)
-    except R2SweepError as error:
-        return _error(str(error))
-    from r2sweep.analysis.select import load_sweep
-
-    _, spec = load_sweep(tracker, args.name)
-    print(render(confirmations, spec.objective.metric))
+    out = f"{args.name}-confirmed.yaml" if args.out is None else args.out
+    confirmations, status = _reading(lambda: confirm(
+        args.name, top=args.top, seeds=args.seeds, tracking_uri=args.tracking_uri, out=out, address=args.address,
+        progress=lambda line: print(line, file=sys.stderr, flush=True), option_names=READER_FLAGS))
+    if status:
+        return status
+    objective = confirmations[0].objective
+    print(render(confirmations, objective))
     winner = confirmations[0]
     if winner.mean is None:
         print("every re-run diverged or failed: nothing confirmed")
         return 1
-    print(f"confirmed best: trial {winner.trial_id}, {spec.objective.metric} {winner.mean:.2f} +- {winner.sd:.2f} "
+    print(f"confirmed best: trial {winner.trial_id}, {objective} {winner.mean:.2f} +- {winner.sd:.2f} "
           f"over seeds {sorted(winner.values)} (the sweep saw {winner.sweep_value:.2f}); config: {out}")
     return 0
 

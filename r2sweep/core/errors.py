@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["R2SweepError", "ConfigError", "DataNotFoundError", "TrialDiverged"]
+__all__ = ["R2SweepError", "ConfigError", "FileConfigError", "DataNotFoundError", "TrialDiverged"]
 
 
 class R2SweepError(Exception):
@@ -30,6 +30,21 @@ class ConfigError(R2SweepError, ValueError):
         self.value = value
         self.allowed = allowed
         super().__init__(f"{field}={value!r} is not valid: {allowed}")
+
+
+class FileConfigError(ConfigError):
+    """A :class:`ConfigError` found in a named file: the message starts with the file.
+
+    Keeps the field, value and what is allowed of the error it wraps, so a caller
+    can still ask which field was wrong.
+    """
+
+    def __init__(self, file: str, error: ConfigError) -> None:
+        self.file = file
+        self.field = error.field
+        self.value = error.value
+        self.allowed = error.allowed
+        Exception.__init__(self, f"{file}: {error}")
 
 
 class DataNotFoundError(R2SweepError, FileNotFoundError):

@@ -203,6 +203,20 @@ class Tracker:
         a relative SQLite path made absolute. Two trackers with one location log to one store."""
         return redact_uri(absolute_sqlite(self.tracking_uri))
 
+    @property
+    def is_server(self) -> bool:
+        """Whether the store is a tracking server (http/https), not a database or file this process opens."""
+        return self.tracking_uri.startswith(("http://", "https://"))
+
+    @property
+    def sqlite_file(self) -> Path | None:
+        """The database file of a local SQLite store (as the URI names it: relative to the working
+        directory unless absolute), else None."""
+        uri = self.tracking_uri
+        if not uri.startswith("sqlite:///") or uri.startswith("sqlite:///:memory:"):
+            return None
+        return Path(uri.removeprefix("sqlite:///").partition("?")[0])
+
     def pinned(self) -> Tracker:
         """This tracker with relative SQLite paths resolved now.
 
@@ -227,7 +241,7 @@ class Tracker:
         Raises:
             TrackingError: naming the server (without credentials) and the fix.
         """
-        if not self.tracking_uri.startswith(("http://", "https://")):
+        if not self.is_server:
             return  # a local store has no credentials, and probing it would create its file
         self._probe()
         with self._failing("reach the tracking store"):

@@ -139,8 +139,8 @@ class TrackingCallback(tune.Callback):
         """
         if tune.Tuner.can_restore(self.experiment_path):
             return
-        location = self.tracker.location
-        if location.startswith("sqlite:///") and not Path(location.removeprefix("sqlite:///")).is_file():
+        database = self.tracker.sqlite_file
+        if database is not None and not database.is_file():
             return  # no store yet (and looking would create its file)
         existing = self.tracker.find_sweep(self.name)
         if existing is not None:

@@ -20,7 +20,8 @@ from typing import Any
 
 import optuna
 
-from r2sweep.core.config.sweep import SearchParam, SweepSettings
+from r2sweep.core.config.search import SearchParam
+from r2sweep.core.config.sweep import SweepSettings
 
 __all__ = ["sample", "make_space", "make_sampler"]
 

@@ -1,0 +1,217 @@
+"""Run a sweep from Python: the one assembly of spec, tracking, Ray and selection that every face calls.
+
+>>> import r2sweep
+>>> result = r2sweep.run_sweep("search_spaces/quickstart.yaml",
+...                            overrides={"sweep.num_samples": 4})     # doctest: +SKIP
+>>> result.best.metrics[result.objective], result.best.config_path    # doctest: +SKIP
+
+:func:`prepare_sweep` makes every check that can refuse (the options, the file,
+the data, the tracking store, the cluster's address, the Tune state under that
+name) before anything is created or announced; :meth:`PreparedSweep.run` then
+starts (or joins) Ray, runs the Tune experiment with its trials tracked in
+MLflow through the journal, and selects, exports and registers the best trial.
+:func:`run_sweep` is the two in one call. The CLI's ``r2sweep sweep`` is
+``prepare_sweep`` + one announcement line + ``run``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from r2sweep.api import options as check
+from r2sweep.api.results import SweepResult
+from r2sweep.api.stores import quiet_mlflow
+from r2sweep.core.config.overrides import Overrides, override_pairs
+from r2sweep.core.config.strict_yaml import load_file
+from r2sweep.core.config.sweep import SweepSpec, load_sweep_spec
+from r2sweep.core.errors import ConfigError, FileConfigError, R2SweepError
+from r2sweep.core.locations import is_uri
+
+__all__ = ["run_sweep", "prepare_sweep", "PreparedSweep", "PYTHON_OPTIONS"]
+
+#: How errors name each argument: a Python caller sees ``storage=...``; the CLI passes its flags.
+PYTHON_OPTIONS = {"storage": "storage", "tracking_uri": "tracking_uri", "address": "address", "name": "name"}
+
+def run_sweep(
+    spec: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    overrides: Overrides = None,
+    name: str | None = None,
+    tracking_uri: str | None = None,
+    storage: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    address: str | None = None,
+    progress: bool | Callable[[str], None] = True,
+    callbacks: Sequence[Any] = (),
+    num_cpus: int | None = None,
+    register: bool = True,
+) -> SweepResult:
+    """Run (or resume) a sweep and return its result, with every guarantee of ``r2sweep sweep``.
+
+    Args:
+        spec: a search-space YAML file, or the mapping it would hold.
+        overrides: ``{dotted path: value}`` (``{"sweep.num_samples": 8}``), or pairs, or
+            ``"PATH=VALUE"`` texts as ``--set`` takes them.
+        name: the sweep's (and MLflow experiment's) name; default the file's ``name``.
+        tracking_uri: MLflow (default ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` here).
+        storage: Tune's results, a folder or a URI every node reaches (default ``./r2sweep_results``).
+        resume: continue the interrupted sweep of that name.
+        address: a Ray cluster to join (default ``RAY_ADDRESS``, else a new local Ray).
+        progress: one line per finished trial on stderr (True), a function taking the lines, or False.
+        callbacks: extra Ray Tune callbacks.
+        num_cpus: the CPUs of a local Ray (default: all of this machine's).
+        register: register the best trial's model as the champion ``r2sweep-NAME``
+            (its config is exported to ``best.yaml`` beside the results either way).
+
+    Returns:
+        A :class:`SweepResult`; its ``best`` is None when no trial finished.
+
+    Raises:
+        ConfigError: bad input, before anything is created (a :class:`FileConfigError`
+            names the file); FileExistsError/FileNotFoundError: a sweep of that name
+            exists without ``resume``, or none to resume; TrackingError,
+            ClusterUnreachable: the store or the cluster does not answer.
+    """
+    prepared = prepare_sweep(spec, overrides=overrides, name=name, tracking_uri=tracking_uri, storage=storage,
+                             resume=resume, address=address)
+    return prepared.run(progress=progress, callbacks=callbacks, num_cpus=num_cpus, register=register)
+
+
+def prepare_sweep(
+    spec: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    overrides: Overrides = None,
+    name: str | None = None,
+    tracking_uri: str | None = None,
+    storage: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    address: str | None = None,
+    option_names: Mapping[str, str] = PYTHON_OPTIONS,
+) -> PreparedSweep:
+    """Every check of :func:`run_sweep`, in the order a person would fix them; nothing is created.
+
+    Args:
+        option_names: how errors name the arguments (the CLI passes its flags).
+    """
+    storage_text = None if storage is None else os.fspath(storage)
+    check.storage(storage_text, option_names["storage"])
+    check.tracking_uri(tracking_uri, option_names["tracking_uri"])
+    check.ray_address(address, option_names["address"])
+    check.sweep_name(name, option_names["name"], uri_storage=is_uri(storage_text))
+    loaded, text = _load(spec, overrides)
+    in_file = f"{os.fspath(spec)}: " if isinstance(spec, (str, os.PathLike)) else ""
+    joins_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
+    try:
+        if not joins_cluster:
+            _check_local_data_roots(loaded)  # on a cluster the workers are checked instead, once joined
+        if name is None:
+            check.sweep_name(loaded.name, uri_storage=is_uri(storage_text), in_file=True)
+    except ConfigError as error:
+        raise FileConfigError(in_file.removesuffix(": "), error) if in_file else error from None
+
+    from r2sweep.tracking.store import Tracker
+    from r2sweep.tune.callbacks import TrackingCallback
+    from r2sweep.tune.ray_address import reach_ray
+    from r2sweep.tune.tuner import DEFAULT_STORAGE, check_experiment, experiment_path
+
+    quiet_mlflow()
+    name = name or loaded.name
+    tracker = Tracker(tracking_uri)
+    storage_text = storage_text or DEFAULT_STORAGE
+    experiment = experiment_path(storage_text, name)
+    tracking = TrackingCallback(tracker, loaded, text, name=name, experiment_path=experiment)
+    tracker.check_access()  # a refused password fails here, before Ray starts or anything is logged
+    if resume:
+        tracking.check_resume()
+    else:
+        tracking.check_new()  # a name MLflow holds without its Tune state would merge two sweeps
+    if address or os.environ.get("RAY_ADDRESS"):
+        reach_ray(address or os.environ["RAY_ADDRESS"])  # its one line, in seconds
+    check_experiment(loaded, experiment, resume=resume)
+    return PreparedSweep(spec=loaded, name=name, tracker=tracker, storage=storage_text, experiment=experiment,
+                         resume=resume, address=address, tracking=tracking)
+
+
+@dataclass
+class PreparedSweep:
+    """A sweep that passed every check and has not started: :meth:`run` starts it."""
+
+    spec: SweepSpec
+    name: str
+    tracker: Any  # r2sweep.tracking.store.Tracker
+    storage: str
+    experiment: str
+    resume: bool
+    address: str | None
+    tracking: Any  # r2sweep.tune.callbacks.TrackingCallback
+
+    def announcement(self) -> str:
+        """The line a face prints before starting: what runs, and where it is tracked."""
+        settings, objective = self.spec.settings, self.spec.objective
+        return (f"sweep {self.name}: {settings.num_samples} trials, {settings.max_concurrent} at a time, "
+                f"objective {objective.metric} ({objective.mode}); tracking {self.tracker.display_uri}")
+
+    def run(self, *, progress: bool | Callable[[str], None] = True, callbacks: Sequence[Any] = (),
+            num_cpus: int | None = None, register: bool = True) -> SweepResult:
+        """Run the Tune experiment, then select, export and (with ``register``) register the best trial."""
+        from r2sweep.analysis.select import select_best
+        from r2sweep.tune.callbacks import ProgressCallback
+        from r2sweep.tune.tuner import run_experiment
+
+        write = _writer(progress)
+        tune_callbacks: list[Any] = [self.tracking]
+        if write is not None:
+            tune_callbacks.append(ProgressCallback(self.spec, write))
+        outcome = run_experiment(self.spec, storage=self.storage, name=self.name, resume=self.resume,
+                                 address=self.address, num_cpus=num_cpus,
+                                 callbacks=[*tune_callbacks, *callbacks], say=write)
+        # Beside the sweep's results when they are local, else in the working directory.
+        best_path = Path(outcome.path) / "best.yaml" if not is_uri(outcome.path) else Path(f"{self.name}-best.yaml")
+        try:
+            best = select_best(self.tracker, self.name, out=best_path, register=register)
+        except R2SweepError:
+            best = None  # no trial finished: nothing to select (the result says so)
+        return SweepResult.of(self.tracker, self.name, spec=self.spec, best=best, path=outcome.path,
+                              tune_results=outcome.results)
+
+
+def _writer(progress: bool | Callable[[str], None]) -> Callable[[str], None] | None:
+    if callable(progress):
+        return progress
+    return (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
+
+
+def _load(spec: Any, overrides: Overrides) -> tuple[SweepSpec, str]:
+    """(the validated spec, the YAML text the parent run keeps: the file as resolved with overrides)."""
+    if isinstance(spec, SweepSpec):
+        raise TypeError("run_sweep takes a search-space file or its mapping, not a SweepSpec "
+                        "(the file's text is what MLflow keeps); pass the path or the dict")
+    try:
+        pairs = override_pairs(overrides)
+    except ConfigError as error:  # a --set that is not PATH=VALUE: the file's error line, as any other
+        raise FileConfigError(os.fspath(spec), error) if isinstance(spec, (str, os.PathLike)) else error from None
+    if isinstance(spec, (str, os.PathLike)):
+        loaded = load_sweep_spec(spec, overrides=pairs)  # first: its errors name the file
+        raw = load_file(spec)
+    else:
+        raw = spec
+        loaded = load_sweep_spec(spec, overrides=pairs)
+    if pairs:
+        from r2sweep.core.config.trial import apply_overrides
+
+        raw = apply_overrides(raw, pairs)
+    return loaded, yaml.safe_dump(raw, sort_keys=False)
+
+
+def _check_local_data_roots(spec: SweepSpec) -> None:
+    for root in spec.data_roots():
+        if not Path(root).exists():
+            raise ConfigError("data.root", root, "an existing folder on this machine (r2sweep never downloads); "
+                              "on a cluster whose workers hold it, pass --address")

@@ -1,0 +1,95 @@
+"""One trial from Python, as ``r2sweep trial`` runs it: the config checked, the output folder kept.
+
+>>> import r2sweep
+>>> metrics = r2sweep.run_trial("search_spaces/trial_digits.yaml", out_dir="runs/digits",
+...                             overrides={"train.epochs": 1})             # doctest: +SKIP
+>>> metrics["fp/top1"], metrics["dkm_w1/top1"]                             # doctest: +SKIP
+
+The engine is :func:`r2sweep.core.trial.run_trial` (a :class:`TrialConfig`
+and a report callback, nothing written but its checkpoints); this face adds
+what a person running one trial wants: a file or mapping as input, overrides,
+and an output folder holding ``config.yaml`` (written first, so the folder
+says what it holds) and ``metrics.json``, resumable from its last epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import yaml
+
+from r2sweep.api import options as check
+from r2sweep.core.checkpoint import write_text_atomic
+from r2sweep.core.config import trial as trial_files
+from r2sweep.core.config.overrides import Overrides, override_pairs
+from r2sweep.core.config.trial import TrialConfig
+from r2sweep.core.errors import ConfigError, FileConfigError
+
+__all__ = ["run_trial", "load_trial_config"]
+
+def load_trial_config(source: str | os.PathLike[str] | Mapping[str, Any] | TrialConfig, overrides: Overrides = None) -> TrialConfig:
+    """A validated :class:`TrialConfig` from a YAML file, a mapping or a TrialConfig, with ``overrides`` written in.
+
+    An override no trial reads (``r2.strength`` with ``r2.kind: none``) is refused.
+
+    Raises:
+        ConfigError (a :class:`FileConfigError` naming the file when ``source`` is a path).
+
+    >>> load_trial_config({"train": {"epochs": 3}}, {"r2.kind": "linf"}).r2.kind
+    'linf'
+    """
+    if isinstance(source, TrialConfig):
+        source = source.to_mapping()
+    try:
+        pairs = override_pairs(overrides)
+        raw = trial_files.read_yaml(source) if isinstance(source, (str, os.PathLike)) else source
+        config = trial_files.load_trial_config(trial_files.apply_overrides(raw, pairs) if pairs else raw)
+        trial_files.refuse_unused_overrides(pairs, [config])
+    except ConfigError as error:
+        if isinstance(source, (str, os.PathLike)) and not isinstance(error, FileConfigError):
+            raise FileConfigError(os.fspath(source), error) from None
+        raise
+    return config
+
+
+def run_trial(
+    config: str | os.PathLike[str] | Mapping[str, Any] | TrialConfig,
+    *,
+    overrides: Overrides = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+    device: Any = None,
+    option_names: Mapping[str, str] = {},
+) -> dict[str, float]:
+    """Pre-train with R2, run every downstream method, return the final metrics.
+
+    Args:
+        config: a trial YAML file, its mapping, or a :class:`TrialConfig`.
+        overrides: ``{dotted path: value}``, as ``--set``.
+        out_dir: keep ``config.yaml``, ``metrics.json`` and the checkpoints here; a
+            folder of the same config resumes from its last epoch, one of another is refused.
+        progress: called with one line per epoch and per downstream result.
+        device: a ``torch.device`` (default: the config's ``train.device``).
+
+    Raises:
+        ConfigError: bad input, before anything is written; DataNotFoundError;
+        TrialDiverged: the loss became non-finite.
+    """
+    out = None if out_dir is None else check.output_folder(
+        out_dir, option_names.get("out_dir", "out_dir"), what="the trial's metrics.json, config.yaml and checkpoints")
+    trial = load_trial_config(config, overrides)
+    from r2sweep.core.trial import check_out_dir  # torch and the models: only for a config that loaded
+    from r2sweep.core.trial import run_trial as run_one
+
+    if out is None:
+        return run_one(trial, progress=progress, device=device)
+    check_out_dir(trial, out)  # before config.yaml is overwritten
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(trial.to_mapping(), sort_keys=False))
+    metrics = run_one(trial, out_dir=out, progress=progress, device=device)
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics
+

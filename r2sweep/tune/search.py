@@ -1,0 +1,100 @@
+"""How a sweep searches and stops: Optuna proposes, ASHA stops, and who sees which metric.
+
+* the **searcher** (Optuna) sees only the final objective, a key a trial
+  reports once, at its end. A trial stopped early by the scheduler never
+  reports it, so Optuna records it as PRUNED instead of scoring a partial
+  pre-training as if it were complete;
+* the **scheduler** (ASHA) ranks trials per pre-training epoch on
+  ``proxy/top1``: round-to-nearest accuracy on the grid of the result the
+  objective is read from (``TrialConfig.proxy_target``), the cheap stand-in
+  for the downstream result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from r2sweep.core.config.sweep import SweepSpec
+from r2sweep.tune.space import make_sampler, make_space
+
+__all__ = ["tune_config", "FinalOnlyOptunaSearch", "BaselineKeepingASHA", "scheduler_metric"]
+
+
+class FinalOnlyOptunaSearch(OptunaSearch):
+    """OptunaSearch that ignores per-epoch results.
+
+    The stock class reads the objective from every intermediate result (for
+    Optuna's pruners) and fails on results that do not carry it; here the
+    objective exists only in a trial's final report, by design.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        return
+
+
+class BaselineKeepingASHA(ASHAScheduler):
+    """ASHA that never stops the first no-R2 trial to report.
+
+    A sweep is read as "what R2 buys over no R2"; ASHA would otherwise stop the
+    no-R2 trials first exactly when R2 matters (their low-bit proxy lags), and
+    leave nothing finished to compare against. The other no-R2 trials are
+    ranked like any trial.
+    """
+
+    def __init__(self, *args: Any, baseline: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._baseline = dict(baseline)
+        self._baseline_trial: str | None = None
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if self._baseline_trial is None and all(trial.config.get(k) == v for k, v in self._baseline.items()):
+            self._baseline_trial = trial.trial_id
+        if trial.trial_id == self._baseline_trial and decision == TrialScheduler.STOP:
+            return TrialScheduler.CONTINUE  # the trainable ends itself after its final report
+        return decision
+
+
+def scheduler_metric(spec: SweepSpec) -> str:
+    return "proxy/top1" if spec.trial.downstream else "val/top1"
+
+
+def tune_config(spec: SweepSpec) -> tune.TuneConfig:
+    objectives = spec.objectives
+    metric: str | list[str] = [o.metric for o in objectives] if spec.multi_objective else objectives[0].metric
+    mode: str | list[str] = [o.mode for o in objectives] if spec.multi_objective else objectives[0].mode
+    baseline = spec.baseline_point
+    # Enqueued in Optuna in this order, before any sampled trial: the no-R2 baseline
+    # (its other parameters sampled), then the user's start points.
+    first = ([baseline] if baseline else []) + [dict(p) for p in spec.settings.start_points]
+    searcher = FinalOnlyOptunaSearch(
+        space=make_space(spec.params),
+        metric=metric,
+        mode=mode,
+        sampler=make_sampler(spec.settings, spec.multi_objective),
+        points_to_evaluate=first or None,
+    )
+    settings = spec.settings
+    if settings.scheduler == "asha":
+        asha = dict(
+            time_attr="training_iteration",
+            metric=scheduler_metric(spec),
+            mode="max",
+            max_t=spec.max_epochs + 1,  # + the final report
+            grace_period=settings.grace_period,
+            reduction_factor=settings.reduction_factor,
+        )
+        scheduler: Any = BaselineKeepingASHA(**asha, baseline=baseline) if baseline else ASHAScheduler(**asha)
+    else:
+        scheduler = FIFOScheduler()
+    return tune.TuneConfig(
+        search_alg=searcher,
+        scheduler=scheduler,
+        num_samples=settings.num_samples,
+        max_concurrent_trials=settings.max_concurrent,
+        reuse_actors=True,  # a fresh worker costs seconds of torch import per trial
+    )
