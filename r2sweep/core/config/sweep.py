@@ -146,12 +146,12 @@ class SweepSpec:
         signed = [(1 if o.mode == "max" else -1) * metrics[o.metric] for o in self.objectives]
         return (*signed, metrics.get("fp/top1", 0.0))
 
-    def trialmapping_at(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
+    def trial_mapping(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
         """The trial config (plain mapping) with the sampled values written at their paths."""
         return apply_overrides(self.base, list(sampled.items()))
 
     def trial_config(self, sampled: Mapping[str, Any]) -> TrialConfig:
-        return load_trial_config(self.trialmapping_at(sampled))
+        return load_trial_config(self.trial_mapping(sampled))
 
     def data_roots(self) -> list[str]:
         """Every ``data.root`` a trial of this sweep may read (absolute paths)."""
