@@ -446,14 +446,14 @@ def _accuracy_series(setting: str, runs: dict[str, list[dict]], labels: dict[str
     from r2sweep.analysis.figures import BitsSeries
 
     panels = []
-    for entry in SETTINGS[setting]["downstream"]:
-        method = entry["method"] if entry["method"] == "dkm" else f"{entry['method']}_{entry['algorithm']}"
-        act = "" if entry["method"] == "dkm" else f"a{entry['act_bits']}"
+    from r2sweep.core.quant.methods import load_downstream
+
+    for entry in load_downstream(SETTINGS[setting]["downstream"]):
         series = []
         for kind, rows in runs.items():
             accuracy, spread = {}, {}
-            for bits in entry["weight_bits"]:
-                key = f"{method}_w{bits}{act}/top1"
+            for bits in entry.weight_bits:
+                key = f"{entry.result_name(bits)}/top1"
                 values = [r[key] for r in rows if key in r]
                 if values:
                     accuracy[bits], spread[bits] = _mean_sd(values)
@@ -461,7 +461,7 @@ def _accuracy_series(setting: str, runs: dict[str, list[dict]], labels: dict[str
                 label = (labels or {}).get(kind) or ("no R2 (tuned)" if kind == "none" else f"R2 {kind}")
                 series.append(BitsSeries(f"{label}, {len(rows)} seeds", kind, accuracy,
                                          _mean_sd([r["fp/top1"] for r in rows])[0], spread))
-        panels.append((f"{method}_w*{act}", series))
+        panels.append((entry.result_name("*"), series))
     return panels
 
 

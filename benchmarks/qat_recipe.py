@@ -34,9 +34,9 @@ from r2sweep.core.config.trial import load_trial_config  # noqa: E402
 from r2sweep.core.data import create_data, make_loader  # noqa: E402
 from r2sweep.core.errors import TrialDiverged  # noqa: E402
 from r2sweep.core.quant.finetune import quantization_aware_train  # noqa: E402
-from r2sweep.core.quant.recipe import DownstreamConfig  # noqa: E402
+from r2sweep.core.quant.methods import QATConfig, calibration_images  # noqa: E402
 from r2sweep.core.train import evaluate  # noqa: E402
-from r2sweep.core.trial import _calibration_images, load_pretrained, run_trial  # noqa: E402
+from r2sweep.core.trial import load_pretrained, run_trial  # noqa: E402
 
 BIT_PAIRS = ((8, 8), (2, 8), (8, 2), (2, 2))
 
@@ -58,11 +58,11 @@ def pretrained_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[st
 
 def one_recipe(model: torch.nn.Module, algorithm: str, weight_bits: int, act_bits: int, data, args) -> dict[str, Any]:
     """Accuracy after initialization and after fine-tuning (or where it diverged)."""
-    cfg = DownstreamConfig(method="qat", algorithm=algorithm, weight_bits=[weight_bits], act_bits=act_bits,
+    cfg = QATConfig(algorithm=algorithm, weight_bits=[weight_bits], act_bits=act_bits,
                            epochs=args.epochs, lr=args.finetune_lr)
     loader = make_loader(data.train, cfg.batch_size, shuffle=True, seed=1)
     val = make_loader(data.val, 256, shuffle=False, seed=0)
-    calibration = _calibration_images(data, 512, seed=0)  # the images a trial at seed 0 calibrates on
+    calibration = calibration_images(data, 512, seed=0)
     started = time.perf_counter()
     initial = quantization_aware_train(model, dataclasses.replace(cfg, epochs=0), weight_bits, loader, calibration, torch.device("cpu"))
     row: dict[str, Any] = {"algorithm": algorithm, "weight_bits": weight_bits, "act_bits": act_bits,
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.0229, help="pre-training lr when no checkpoint (the no-R2 sweep's first trial)")
     parser.add_argument("--weight-decay", type=float, default=9e-4)
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs (the qat-mbv1 setting's)")
-    parser.add_argument("--finetune-lr", type=float, default=DownstreamConfig.lr, help="fine-tuning lr (the recipe's default)")
+    parser.add_argument("--finetune-lr", type=float, default=QATConfig.lr, help="fine-tuning lr (the recipe's default)")
     parser.add_argument("--algorithms", nargs="+", default=["lsq", "ewgs"], choices=["lsq", "ewgs"])
     parser.add_argument("--bits", nargs="+", type=lambda text: tuple(int(b) for b in text.split("/")), default=list(BIT_PAIRS),
                         metavar="W/A", help="weight/activation bit pairs (default 8/8 2/8 8/2 2/2)")

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from r2sweep.core.config.trial import load_trial_config
+from r2sweep.core.quant.methods import load_downstream
 from r2sweep.core.trial import run_trial
 
 RECIPES = {
@@ -71,8 +72,8 @@ def trial_config(args: argparse.Namespace, r2: dict, seed: int) -> dict:
 
 
 def result_key(recipe: str, bits: int) -> str:
-    entry = RECIPES[recipe]
-    return f"{entry['method']}_{entry['algorithm']}_w{bits}a8_{recipe.replace('_', '-')}/top1"
+    entry = load_downstream([{**RECIPES[recipe], "weight_bits": [bits], "act_bits": 8, "tag": recipe.replace("_", "-")}])[0]
+    return f"{entry.result_name(bits)}/top1"
 
 
 def main() -> int:

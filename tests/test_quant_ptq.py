@@ -21,7 +21,7 @@ from r2sweep.core.quant.adaround import (
 )
 from r2sweep.core.quant.layers import QuantLayer, bake_weights, input_is_nonnegative, quant_layers, wrap_layers
 from r2sweep.core.quant.ptq import capture, post_training_quantize
-from r2sweep.core.quant.recipe import DownstreamConfig
+from r2sweep.core.quant.methods import PTQConfig
 from r2sweep.core.train import evaluate
 
 
@@ -181,7 +181,7 @@ def _distinct_per_layer(model: nn.Module) -> list[int]:
 def test_ptq_rtn_w8a8_matches_float_and_holds_the_grid(digits_model) -> None:
     model, _, _, val, calibration = digits_model
     fp = evaluate(model, val, torch.device("cpu"))
-    cfg = DownstreamConfig(method="ptq", algorithm="rtn", weight_bits=[8], granularity="tensor")
+    cfg = PTQConfig(algorithm="rtn", weight_bits=[8], granularity="tensor")
     quantized = post_training_quantize(model, cfg, 8, calibration)
     assert abs(evaluate(quantized, val, torch.device("cpu")) - fp) <= 1.0
     assert all(n <= 256 for n in _distinct_per_layer(quantized))
@@ -196,29 +196,29 @@ def test_ptq_rtn_w8a8_matches_float_and_holds_the_grid(digits_model) -> None:
 
 def test_ptq_keeps_first_and_last_at_8_bits_unless_told(digits_model) -> None:
     model, _, _, _, calibration = digits_model
-    cfg = DownstreamConfig(method="ptq", algorithm="rtn", weight_bits=[2], act_bits=4, granularity="tensor")
+    cfg = PTQConfig(algorithm="rtn", weight_bits=[2], act_bits=4, granularity="tensor")
     counts = _distinct_per_layer(post_training_quantize(model, cfg, 2, calibration))
     assert counts[0] > 4 and counts[-1] > 4 and all(n <= 4 for n in counts[1:-1])
-    cfg = DownstreamConfig(method="ptq", algorithm="rtn", weight_bits=[2], keep_first_last_bits=None, granularity="tensor")
+    cfg = PTQConfig(algorithm="rtn", weight_bits=[2], keep_first_last_bits=None, granularity="tensor")
     assert all(n <= 4 for n in _distinct_per_layer(post_training_quantize(model, cfg, 2, calibration)))
-    acts = [m for m in post_training_quantize(model, DownstreamConfig(method="ptq", algorithm="rtn", act_bits=4), 2, calibration).modules() if isinstance(m, ActivationQuantizer)]
+    acts = [m for m in post_training_quantize(model, PTQConfig(algorithm="rtn", act_bits=4), 2, calibration).modules() if isinstance(m, ActivationQuantizer)]
     assert [a.bits for a in acts] == [8] + [4] * (len(acts) - 2) + [8]
 
 
 def test_adaround_beats_round_to_nearest_at_2_bits(digits_model) -> None:
     model, _, _, val, calibration = digits_model
     cpu = torch.device("cpu")
-    common = dict(method="ptq", weight_bits=[2], granularity="tensor", range="mse", act_bits=8)
-    rtn = evaluate(post_training_quantize(model, DownstreamConfig(algorithm="rtn", **common), 2, calibration), val, cpu)
+    common = dict(weight_bits=[2], granularity="tensor", range="mse", act_bits=8)
+    rtn = evaluate(post_training_quantize(model, PTQConfig(algorithm="rtn", **common), 2, calibration), val, cpu)
     ada = evaluate(
-        post_training_quantize(model, DownstreamConfig(algorithm="adaround", adaround_iters=200, **common), 2, calibration), val, cpu
+        post_training_quantize(model, PTQConfig(algorithm="adaround", adaround_iters=200, **common), 2, calibration), val, cpu
     )
     assert ada > rtn + 5, (rtn, ada)
 
 
 def test_bn_reestimation_keeps_bn_and_recomputes_its_statistics(digits_model) -> None:
     model, _, train, val, calibration = digits_model
-    cfg = DownstreamConfig(method="ptq", algorithm="rtn", weight_bits=[2], bn_reestimate=True, bn_batches=4, granularity="tensor")
+    cfg = PTQConfig(algorithm="rtn", weight_bits=[2], bn_reestimate=True, bn_batches=4, granularity="tensor")
     with pytest.raises(ValueError, match="bn_batches"):
         post_training_quantize(model, cfg, 2, calibration)
     quantized = post_training_quantize(model, cfg, 2, calibration, train)
@@ -232,8 +232,8 @@ def test_bn_reestimation_keeps_bn_and_recomputes_its_statistics(digits_model) ->
 def test_unfolded_ptq_keeps_batchnorm_with_its_statistics(digits_model) -> None:
     model, _, _, val, calibration = digits_model
     for algorithm in ("rtn", "adaround"):
-        cfg = DownstreamConfig(
-            method="ptq", algorithm=algorithm, weight_bits=[4], bn_fold=False, granularity="tensor", adaround_iters=50
+        cfg = PTQConfig(
+            algorithm=algorithm, weight_bits=[4], bn_fold=False, granularity="tensor", adaround_iters=50
         )
         quantized = post_training_quantize(model, cfg, 4, calibration)
         norms = [m for m in quantized.modules() if isinstance(m, nn.BatchNorm2d)]

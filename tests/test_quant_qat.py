@@ -311,10 +311,10 @@ def test_ewgs_cover_mse_range_widens_where_3_std_clips() -> None:
 
 def test_qat_covers_the_mse_range_for_ewgs_activations_only() -> None:
     from r2sweep.core.quant.finetune import quantization_aware_train
-    from r2sweep.core.quant.recipe import DownstreamConfig
+    from r2sweep.core.quant.methods import QATConfig
 
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
-    cfg = DownstreamConfig(method="qat", algorithm="ewgs", weight_bits=[2], act_bits=2, epochs=0)
+    cfg = QATConfig(algorithm="ewgs", weight_bits=[2], act_bits=2, epochs=0)
     quantized = quantization_aware_train(model, cfg, 2, [], torch.randn(16, 1, 8, 8), torch.device("cpu"))
     quantizers = {name: m for name, m in quantized.named_modules() if isinstance(m, EwgsQuantizer)}
     assert quantizers and all(m.cover_mse_range == name.endswith("input_quantizer") for name, m in quantizers.items())

@@ -14,7 +14,7 @@ import yaml
 from r2sweep.core.checkpoint import load_checkpoint
 from r2sweep.core.config.trial import apply_overrides, load_trial_config, parse_override, read_yaml
 from r2sweep.core.errors import ConfigError
-from r2sweep.core.quant.recipe import DownstreamConfig, load_downstream
+from r2sweep.core.quant.methods import DKMConfig, load_downstream
 from r2sweep.core.trial import run_trial
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def test_overrides_write_dotted_paths_and_are_validated() -> None:
 
 
 def test_downstream_single_mapping_is_a_one_entry_list() -> None:
-    assert load_downstream({"method": "dkm", "weight_bits": 1}) == [DownstreamConfig(method="dkm", weight_bits=[1])]
+    assert load_downstream({"method": "dkm", "weight_bits": 1}) == [DKMConfig(weight_bits=[1])]
 
 
 # --- run_trial ----------------------------------------------------------------------

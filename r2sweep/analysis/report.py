@@ -204,7 +204,7 @@ def _history_points(runs: Sequence[Any], spec: SweepSpec) -> list[TrialPoint]:
 def _bits_panels(best_by_kind: dict[str, Any], spec: SweepSpec) -> list[tuple[str, list[BitsSeries]]]:
     panels = []
     for entry in spec.trial.downstream:
-        method = entry.result_name(entry.weight_bits[0]).replace(f"w{entry.weight_bits[0]}", "w*", 1)
+        method = entry.result_name("*")
         series = []
         for kind, run in best_by_kind.items():
             accuracy = {b: run.data.metrics[f"{entry.result_name(b)}/top1"] for b in entry.weight_bits

@@ -27,18 +27,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from r2sweep.core.checkpoint import load_checkpoint, save_atomic
 from r2sweep.core.config.trial import TrialConfig
-from r2sweep.core.data import DataSplits, create_data, make_loader
+from r2sweep.core.data import create_data, make_loader
 from r2sweep.core.errors import ConfigError, TrialDiverged
 from r2sweep.core.models import create_model
 from r2sweep.core.plots import weight_histograms
-from r2sweep.core.quant.finetune import dkm_compress, quantization_aware_train
 from r2sweep.core.quant.layers import bake_weights
-from r2sweep.core.quant.ptq import post_training_quantize, round_to_nearest
-from r2sweep.core.quant.recipe import DownstreamConfig
+from r2sweep.core.quant.methods import DOWNSTREAM_METHODS, DownstreamContext
+from r2sweep.core.quant.ptq import round_to_nearest
 from r2sweep.core.stats import weight_stats
 from r2sweep.core.train import evaluate, pretrain, resolve_device
 
@@ -63,38 +62,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _calibration_images(data: DataSplits, count: int, seed: int) -> Tensor:
-    # A fixed, seeded subset of the training set (never the validation set).
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(data.train), generator=generator)[: min(count, len(data.train))]
-    return torch.stack([data.train[int(i)][0] for i in order])
-
-
-def _run_downstream(
-    model: nn.Module,
-    entry: DownstreamConfig,
-    bits: int,
-    data: DataSplits,
-    config: TrialConfig,
-    device: torch.device,
-    progress: Progress,
-) -> nn.Module:
-    calibration = _calibration_images(data, entry.calib_samples, config.seed)
-    if entry.method == "ptq":
-        bn_batches = make_loader(data.train, config.train.batch_size, shuffle=True, seed=config.seed)
-        bn_batches = ((x.to(device), y) for x, y in bn_batches)
-        return post_training_quantize(model, entry, bits, calibration.to(device), bn_batches, seed=config.seed)
-    loader = make_loader(data.train, entry.batch_size, shuffle=True, seed=config.seed + 1, num_workers=config.train.num_workers)
-    name = entry.result_name(bits)
-
-    def on_epoch(epoch: int, loss: float) -> None:
-        progress(f"  {name}: fine-tune epoch {epoch + 1}/{entry.epochs}, loss {loss:.3f}")
-
-    if entry.method == "qat":
-        return quantization_aware_train(model, entry, bits, loader, calibration, device, on_epoch=on_epoch)
-    return dkm_compress(model, entry, bits, loader, device, on_epoch=on_epoch)
 
 
 def config_fingerprint(config: TrialConfig) -> str:
@@ -211,13 +178,15 @@ def run_trial(
         weight_histograms(model.cpu(), out / HISTOGRAMS, title=f"pre-trained weights, R2 {config.r2.kind}")
         model.to(device)
 
+    context = DownstreamContext(data, config.seed, device, config.train.batch_size, config.train.num_workers, progress)
     for entry in config.downstream:
+        quantize = DOWNSTREAM_METHODS.get(entry.method).quantize
         for bits in entry.weight_bits:
             name = entry.result_name(bits)
             progress(f"{name}: {entry.method} {entry.algorithm} at {bits}-bit weights")
             phase_start = time.perf_counter()
             try:
-                quantized = _run_downstream(model, entry, bits, data, config, device, progress)
+                quantized = quantize(model, entry, bits, context)
             except TrialDiverged as error:
                 # One recipe failing must not discard the pre-training and the
                 # other results: this result is marked and left out.

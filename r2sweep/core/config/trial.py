@@ -25,7 +25,7 @@ from r2sweep.core.data import DATASETS, dataset_options
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.models import MODELS
 from r2sweep.core.models.registry import STEMS
-from r2sweep.core.quant.recipe import DownstreamConfig, load_downstream
+from r2sweep.core.quant.methods import MethodConfig, load_downstream
 from r2sweep.core.validate import check, reject_unknown, require_int
 
 __all__ = [
@@ -126,7 +126,7 @@ class TrialConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     r2: R2Config = field(default_factory=R2Config)
-    downstream: list[DownstreamConfig] = field(default_factory=list)
+    downstream: list[MethodConfig] = field(default_factory=list)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
 
     def __post_init__(self) -> None:
@@ -148,7 +148,7 @@ class TrialConfig:
             unused.update(entry.unused_fields(f"downstream.{i}"))
         return unused
 
-    def proxy_target(self) -> tuple[DownstreamConfig, int] | None:
+    def proxy_target(self) -> tuple[MethodConfig, int] | None:
         """The (entry, weight bits) whose round-to-nearest grid ``proxy/top1`` uses; None: the float model."""
         if self.proxy.result == PROXY_FP or not self.downstream:
             return None

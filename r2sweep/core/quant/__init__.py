@@ -1,9 +1,11 @@
 """Low-bit downstream methods: fake quantization, PTQ (RTN, AdaRound), QAT (LSQ, EWGS), DKM.
 
 Building blocks live in their own modules (``fake``, ``fold``, ``adaround``,
-``qat``, ``dkm``, ``layers``); the whole-model pipelines a trial calls are
+``qat``, ``dkm``, ``layers``); the whole-model pipelines are
 :func:`post_training_quantize`, :func:`quantization_aware_train` and
-:func:`dkm_compress`, each configured by a :class:`DownstreamConfig`.
+:func:`dkm_compress`. ``methods`` registers each under its ``downstream.N.method``
+name with its config class (:class:`PTQConfig`, :class:`QATConfig`,
+:class:`DKMConfig`) and the handler a trial calls.
 """
 
 from __future__ import annotations
@@ -25,9 +27,16 @@ from r2sweep.core.quant.fake import (
 from r2sweep.core.quant.finetune import dkm_compress, quantization_aware_train
 from r2sweep.core.quant.fold import conv_bn_pairs, fold_batchnorm, reestimate_bn
 from r2sweep.core.quant.layers import QuantLayer, bake_weights, wrap_layers
+from r2sweep.core.quant.methods import (
+    DOWNSTREAM_METHODS,
+    DKMConfig,
+    MethodConfig,
+    PTQConfig,
+    QATConfig,
+    load_downstream,
+)
 from r2sweep.core.quant.ptq import post_training_quantize
 from r2sweep.core.quant.qat import EwgsQuantizer, LsqQuantizer
-from r2sweep.core.quant.recipe import DownstreamConfig
 
 __all__ = [
     "GRANULARITIES",
@@ -35,10 +44,14 @@ __all__ = [
     "RANGES",
     "ActivationQuantizer",
     "AdaRoundSettings",
+    "DOWNSTREAM_METHODS",
+    "DKMConfig",
     "DkmClusterer",
-    "DownstreamConfig",
     "EwgsQuantizer",
     "LsqQuantizer",
+    "MethodConfig",
+    "PTQConfig",
+    "QATConfig",
     "QuantLayer",
     "QuantSpec",
     "adaround_layer",
@@ -48,6 +61,7 @@ __all__ = [
     "dkm_compress",
     "fake_quantize",
     "fold_batchnorm",
+    "load_downstream",
     "post_training_quantize",
     "qrange",
     "quantization_aware_train",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +25,9 @@ from r2sweep.core.errors import TrialDiverged
 from r2sweep.core.quant.dkm import DkmClusterer
 from r2sweep.core.quant.layers import LayerInfo, input_is_nonnegative, layer_bits, wrap_layers
 from r2sweep.core.quant.qat import EwgsQuantizer, LsqQuantizer
-from r2sweep.core.quant.recipe import DownstreamConfig
+
+if TYPE_CHECKING:  # the configs import this module (their handlers run it)
+    from r2sweep.core.quant.methods import DKMConfig, FineTuneConfig, QATConfig
 
 __all__ = ["quantization_aware_train", "dkm_compress", "fine_tune", "quantizer_parameters"]
 
@@ -32,11 +35,11 @@ __all__ = ["quantization_aware_train", "dkm_compress", "fine_tune", "quantizer_p
 EpochProgress = Callable[[int, float], None]
 
 
-def _weight_channels(cfg: DownstreamConfig, info: LayerInfo) -> int | None:
+def _weight_channels(cfg: QATConfig, info: LayerInfo) -> int | None:
     return info.out_channels if cfg.granularity == "channel" else None
 
 
-def _qat_factories(cfg: DownstreamConfig, weight_bits: int, nonnegative: dict[str, bool]):
+def _qat_factories(cfg: QATConfig, weight_bits: int, nonnegative: dict[str, bool]):
     def weight(info: LayerInfo) -> nn.Module:
         bits = layer_bits(info.first_or_last, weight_bits, cfg.keep_first_last_bits)
         channels = _weight_channels(cfg, info)
@@ -64,7 +67,7 @@ def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
 def fine_tune(
     model: nn.Module,
     train_loader: Iterable[tuple[Tensor, Tensor]],
-    cfg: DownstreamConfig,
+    cfg: FineTuneConfig,
     device: torch.device,
     *,
     on_epoch: EpochProgress | None = None,
@@ -72,7 +75,7 @@ def fine_tune(
     """SGD (momentum 0.9, cosine schedule) on the task loss for ``cfg.epochs`` epochs.
 
     Network weights use ``cfg.lr`` and ``cfg.weight_decay``; quantizer
-    parameters use ``cfg.quant_lr`` (default ``cfg.lr``) and no weight decay,
+    parameters use ``cfg.quantizer_lr`` (QAT's ``quant_lr``, else ``cfg.lr``) and no weight decay,
     which would otherwise shrink every step size towards zero.
 
     Raises:
@@ -83,7 +86,7 @@ def fine_tune(
     quantizer_ids = {id(p) for p in quantizer_parameters(model)}
     groups = [
         {"params": [p for p in model.parameters() if id(p) not in quantizer_ids and p.requires_grad], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in model.parameters() if id(p) in quantizer_ids], "weight_decay": 0.0, "lr": cfg.quant_lr or cfg.lr},
+        {"params": [p for p in model.parameters() if id(p) in quantizer_ids], "weight_decay": 0.0, "lr": cfg.quantizer_lr},
     ]
     optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.lr, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
@@ -121,7 +124,7 @@ def _initialize_quantizers(model: nn.Module, calibration: Tensor) -> None:
 
 def quantization_aware_train(
     model: nn.Module,
-    cfg: DownstreamConfig,
+    cfg: QATConfig,
     weight_bits: int,
     train_loader: Iterable[tuple[Tensor, Tensor]],
     calibration: Tensor,
@@ -149,7 +152,7 @@ def quantization_aware_train(
 
 def dkm_compress(
     model: nn.Module,
-    cfg: DownstreamConfig,
+    cfg: DKMConfig,
     weight_bits: int,
     train_loader: Iterable[tuple[Tensor, Tensor]],
     device: torch.device,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +28,9 @@ from r2sweep.core.quant.adaround import adaround_layer
 from r2sweep.core.quant.fake import ActivationQuantizer, QuantSpec, quantize_weight
 from r2sweep.core.quant.fold import conv_bn_pairs, fold_batchnorm, reestimate_bn
 from r2sweep.core.quant.layers import LayerInfo, QuantLayer, input_is_nonnegative, layer_bits, quant_layers, wrap_layers
-from r2sweep.core.quant.recipe import DownstreamConfig
+
+if TYPE_CHECKING:  # the configs import this module (their handlers run it)
+    from r2sweep.core.quant.methods import MethodConfig, PTQConfig
 
 __all__ = ["post_training_quantize", "round_to_nearest", "capture"]
 
@@ -60,7 +63,7 @@ def capture(model: nn.Module, module: nn.Module, inputs: Tensor, *, output: bool
     return torch.cat(pieces)
 
 
-def _input_quantizer_factory(cfg: DownstreamConfig, nonnegative: dict[str, bool]):
+def _input_quantizer_factory(cfg: PTQConfig, nonnegative: dict[str, bool]):
     def make(info: LayerInfo) -> nn.Module:
         if cfg.float_activations:
             return nn.Identity()
@@ -70,14 +73,14 @@ def _input_quantizer_factory(cfg: DownstreamConfig, nonnegative: dict[str, bool]
     return make
 
 
-def _weight_spec(cfg: DownstreamConfig, wrapper: QuantLayer, weight_bits: int) -> QuantSpec:
+def _weight_spec(cfg: PTQConfig, wrapper: QuantLayer, weight_bits: int) -> QuantSpec:
     bits = layer_bits(wrapper.first_or_last, weight_bits, cfg.keep_first_last_bits)
     return QuantSpec(bits, cfg.symmetric, cfg.granularity, cfg.range)
 
 
 def post_training_quantize(
     model: nn.Module,
-    cfg: DownstreamConfig,
+    cfg: PTQConfig,
     weight_bits: int,
     calibration: Tensor,
     bn_batches: Iterable[object] | None = None,
@@ -144,13 +147,15 @@ def _calibrate_activations(model: nn.Module, calibration: Tensor) -> None:
             q.calibrating = False
 
 
-def round_to_nearest(model: nn.Module, cfg: DownstreamConfig, weight_bits: int) -> nn.Module:
-    """Weights-only round-to-nearest (BN folded as ``cfg`` says, no re-estimation): the cheap per-epoch proxy."""
-    folded = fold_batchnorm(model) if cfg.bn_fold else copy.deepcopy(model).eval()
+def round_to_nearest(model: nn.Module, cfg: MethodConfig, weight_bits: int) -> nn.Module:
+    """Weights-only round-to-nearest on ``cfg``'s grid (:meth:`~r2sweep.core.quant.methods.MethodConfig.rounding`:
+    BN folded as it says, no re-estimation): the cheap per-epoch proxy, for an entry of any method."""
+    grid = cfg.rounding()
+    folded = fold_batchnorm(model) if grid.bn_fold else copy.deepcopy(model).eval()
     layers = [(n, m) for n, m in folded.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     with torch.no_grad():
         for index, (_, layer) in enumerate(layers):
             first_or_last = index in (0, len(layers) - 1)
-            bits = layer_bits(first_or_last, weight_bits, cfg.keep_first_last_bits)
-            layer.weight.copy_(quantize_weight(layer.weight, QuantSpec(bits, cfg.symmetric, cfg.granularity, cfg.range)))
+            bits = layer_bits(first_or_last, weight_bits, grid.keep_first_last_bits)
+            layer.weight.copy_(quantize_weight(layer.weight, QuantSpec(bits, grid.symmetric, grid.granularity, grid.range)))
     return folded

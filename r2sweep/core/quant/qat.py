@@ -30,9 +30,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from r2sweep.core.errors import ConfigError
 from r2sweep.core.quant.fake import QuantSpec, weight_qparams
-from r2sweep.core.validate import check, is_number, require_int
+from r2sweep.core.quant.learned import (
+    MIN_STEP,
+    MSE_SAMPLE,
+    LazyQuantizer,
+    as_rows,
+    compute_dtype,
+    floor_ste,
+    grad_scale,
+    sibling,
+    ste,
+    validate_common,
+)
+from r2sweep.core.validate import check, is_number
 
 __all__ = ["DEFAULT_EWGS_DELTA", "LsqQuantizer", "EwgsQuantizer"]
 
@@ -43,136 +54,7 @@ __all__ = ["DEFAULT_EWGS_DELTA", "LsqQuantizer", "EwgsQuantizer"]
 #: gradient by at most ~0.02% at 2 bits: a conservative default, meant to be swept.
 DEFAULT_EWGS_DELTA = 1e-3
 
-# Smallest step (LSQ) or interval width (EWGS) used in the forward pass: the
-# learned value may be driven to (or initialized at) zero, and dividing by it
-# would give inf/NaN. Far below any step a 1-8-bit grid of real weights uses.
-_MIN_STEP = 1e-8
-
-# Values the MSE range search of ``cover_mse_range`` looks at, at most (a random
-# subsample, fixed seed): a 512-image calibration batch of activations has millions.
-_MSE_SAMPLE = 1 << 16
-
-
-# --- autograd helpers ---------------------------------------------------------------
-# Each returns exactly the intended value: the textbook ``v + (f(v) - v).detach()``
-# is off by rounding error, which would break "at most 2^b levels" and exact grids.
-
-
-def _ste(value: Tensor, through: Tensor) -> Tensor:
-    """``value`` forward; backward, the gradient of ``through`` (identity STE)."""
-    return value.detach() + (through - through.detach())
-
-
-def _grad_scale(p: Tensor, factor: float) -> Tensor:
-    """``p`` forward; its gradient times ``factor`` backward (LSQ's gradient scale).
-
-    The paper's ``(p - p*g).detach() + p*g``, rearranged so the value is ``p``
-    exactly: ``p.detach() + (p*g - (p*g).detach())`` adds an exact zero.
-    """
-    if factor == 1.0:
-        return p
-    scaled = p * factor
-    return p.detach() + (scaled - scaled.detach())
-
-
-def _floor_ste(v: Tensor, minimum: float) -> Tensor:
-    """``max(v, minimum)`` forward, identity gradient backward.
-
-    A plain clamp would zero the gradient below ``minimum``, so a step or width
-    pushed there could never recover. The value is the clamp exactly: the textbook
-    ``v + (clamp(v) - v).detach()`` cancels to 0 in float32 once ``v`` is far below
-    ``minimum`` (-3.4 + (1e-8 + 3.4) == 0), and a zero step divides to NaN. Seen
-    when LSQ's 2-bit activation steps overshoot below zero on MobileNet-V1.
-    """
-    return _ste(v.clamp(min=minimum), v)
-
-
-def _compute_dtype(x: Tensor, p: Tensor) -> torch.dtype:
-    # Half-precision inputs (autocast) are quantized in the float32 of the
-    # parameters: a 1e-3 step divides badly in float16. Float64 stays float64.
-    return torch.promote_types(x.dtype, p.dtype)
-
-
-def _rows(x: Tensor, channels: int | None) -> Tensor:
-    """``x`` as ``(channels, elements)``, or a single row."""
-    if channels is None:
-        return x.reshape(1, -1)
-    return x.reshape(channels, -1)
-
-
-def _sibling(field: str, name: str) -> str:
-    """The field ``name`` in the same section as ``field``: ``("downstream[0].act_bits", "delta")``
-    gives ``"downstream[0].delta"``, so errors name the entry the caller validated."""
-    section, dot, _ = field.rpartition(".")
-    return f"{section}{dot}{name}"
-
-
-def _validate_common(bits: Any, signed: Any, num_channels: Any, field: str) -> tuple[int, int | None]:
-    bits = require_int(field, bits, 1, maximum=8)
-    if not isinstance(signed, bool):
-        signed_name = "act_signed" if field.endswith("act_bits") else "symmetric"
-        raise ConfigError(_sibling(field, signed_name), signed, "true or false")
-    if num_channels is not None:
-        num_channels = require_int("num_channels", num_channels, 1)
-    return bits, num_channels
-
-
-class _LazyQuantizer(nn.Module):
-    """Base: parameters initialized from the first tensor seen, recorded in a buffer."""
-
-    def __init__(self, num_channels: int | None) -> None:
-        super().__init__()
-        self.num_channels = num_channels
-        # A buffer, so the flag travels with state_dict: a loaded quantizer must
-        # not overwrite its learned parameters from the next batch.
-        self.register_buffer("initialized", torch.tensor(False))
-        # Python-side cache of the buffer: reading a CUDA buffer every forward
-        # would synchronize with the device. Cleared whenever a state_dict loads.
-        self._ready = False
-        self.register_load_state_dict_post_hook(_forget_ready)
-
-    def reset(self) -> None:
-        """Re-initialize from the next tensor seen."""
-        self.initialized.fill_(False)
-        self._ready = False
-
-    def _maybe_initialize(self, x: Tensor) -> None:
-        if self._ready:
-            return
-        if not bool(self.initialized):
-            with torch.no_grad():
-                self._initialize(x.detach())
-            self.initialized.fill_(True)
-        self._ready = True
-
-    def _initialize(self, x: Tensor) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _check_channels(self, x: Tensor) -> None:
-        if self.num_channels is not None and (x.dim() == 0 or x.shape[0] != self.num_channels):
-            raise ValueError(
-                f"{type(self).__name__} has {self.num_channels} channels along dim 0, got shape {tuple(x.shape)}"
-            )
-
-    def _broadcast(self, p: Tensor, x: Tensor) -> Tensor:
-        """Per-channel ``(C,)`` as ``(C, 1, ..., 1)`` against ``x``; scalars as they are."""
-        if self.num_channels is None:
-            return p
-        return p.reshape((self.num_channels,) + (1,) * (x.dim() - 1))
-
-    def _stats_dtype(self, x: Tensor) -> torch.dtype:
-        # Initial statistics in at least float32, whatever the input precision.
-        return torch.promote_types(x.dtype, torch.float32)
-
-
-def _forget_ready(module: nn.Module, incompatible_keys: Any) -> None:
-    module._ready = False  # type: ignore[assignment]
-
-
-# --- LSQ ----------------------------------------------------------------------------
-
-
-class LsqQuantizer(_LazyQuantizer):
+class LsqQuantizer(LazyQuantizer):
     """LSQ fake quantizer: ``round(clamp(x / s, -Qn, Qp)) * s`` with a learnable step ``s``.
 
     Grid: signed ``Qn = 2^(b-1), Qp = 2^(b-1) - 1``; unsigned ``Qn = 0, Qp = 2^b - 1``
@@ -222,7 +104,7 @@ class LsqQuantizer(_LazyQuantizer):
         per_sample: bool = False,
         field: str = "downstream.weight_bits",
     ) -> None:
-        bits, num_channels = _validate_common(bits, signed, num_channels, field)
+        bits, num_channels = validate_common(bits, signed, num_channels, field)
         check(isinstance(per_sample, bool), "per_sample", per_sample, "true or false")
         check(
             not (per_sample and num_channels is not None),
@@ -254,24 +136,24 @@ class LsqQuantizer(_LazyQuantizer):
         return 1.0 / math.sqrt(n * (1 if self.binary else self.qp))
 
     def _initialize(self, x: Tensor) -> None:
-        mean_abs = _rows(x.to(self._stats_dtype(x)).abs(), self.num_channels).mean(dim=1)
+        mean_abs = as_rows(x.to(self._stats_dtype(x)).abs(), self.num_channels).mean(dim=1)
         step = mean_abs if self.binary else 2.0 * mean_abs / math.sqrt(self.qp)
         self.step.copy_(step.reshape(self.step.shape))
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_channels(x)
         self._maybe_initialize(x)
-        dtype = _compute_dtype(x, self.step)
+        dtype = compute_dtype(x, self.step)
         v = x.to(dtype)
-        s = _grad_scale(self.step, self.grad_scale(x)).to(dtype)
-        s = self._broadcast(_floor_ste(s, _MIN_STEP), x)
+        s = grad_scale(self.step, self.grad_scale(x)).to(dtype)
+        s = self._broadcast(floor_ste(s, MIN_STEP), x)
         if self.binary:
             u = torch.clamp(v / s, -1.0, 1.0)
             # u >= 0 exactly when x >= 0 (s > 0): sign(0) = +1, never a third level.
-            q = _ste((u >= 0).to(dtype) * 2 - 1, u)
+            q = ste((u >= 0).to(dtype) * 2 - 1, u)
         else:
             u = torch.clamp(v / s, -self.qn, self.qp)
-            q = _ste(torch.round(u), u)
+            q = ste(torch.round(u), u)
         return (q * s).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -301,7 +183,7 @@ class _EwgsRound(torch.autograd.Function):
         return grad * (1 + ctx.delta * torch.sign(grad) * residual), None, None
 
 
-class EwgsQuantizer(_LazyQuantizer):
+class EwgsQuantizer(LazyQuantizer):
     """EWGS fake quantizer: ``L = 2^b`` even levels on a learnable interval ``[l, u]``.
 
     Forward: ``x_n = clamp((x - l) / (u - l), 0, 1)``, ``x_q = round(x_n (L-1)) / (L-1)``,
@@ -360,9 +242,9 @@ class EwgsQuantizer(_LazyQuantizer):
         field: str = "downstream.weight_bits",
         cover_mse_range: bool = False,
     ) -> None:
-        bits, num_channels = _validate_common(bits, signed, num_channels, field)
+        bits, num_channels = validate_common(bits, signed, num_channels, field)
         check(isinstance(cover_mse_range, bool), "cover_mse_range", cover_mse_range, "true or false")
-        delta_field = _sibling(field, "delta")
+        delta_field = sibling(field, "delta")
         check(is_number(delta) and delta >= 0, delta_field, delta, "a finite number >= 0 (0 = plain STE)")
         super().__init__(num_channels)
         self.bits = bits
@@ -376,7 +258,7 @@ class EwgsQuantizer(_LazyQuantizer):
         self.upper = nn.Parameter(torch.ones(shape))
 
     def _initialize(self, x: Tensor) -> None:
-        rows = _rows(x.to(self._stats_dtype(x)), self.num_channels)
+        rows = as_rows(x.to(self._stats_dtype(x)), self.num_channels)
         if self.signed and self.bits == 1:
             half = rows.abs().mean(dim=1)
             lower, upper = -half, half
@@ -396,9 +278,9 @@ class EwgsQuantizer(_LazyQuantizer):
 
     def _mse_interval(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """Per row, ``[l, u]`` of the MSE-optimal uniform grid at ``self.bits`` (EWGS's levels then coincide with it)."""
-        if rows.shape[1] > _MSE_SAMPLE:  # a calibration batch of activations: a fixed subsample is as good and fast
+        if rows.shape[1] > MSE_SAMPLE:  # a calibration batch of activations: a fixed subsample is as good and fast
             generator = torch.Generator().manual_seed(0)
-            rows = rows[:, torch.randperm(rows.shape[1], generator=generator)[:_MSE_SAMPLE].to(rows.device)]
+            rows = rows[:, torch.randperm(rows.shape[1], generator=generator)[:MSE_SAMPLE].to(rows.device)]
         scale, _ = weight_qparams(rows, QuantSpec(self.bits, symmetric=self.signed, granularity="channel", range="mse"))
         scale = scale.reshape(-1)
         if self.signed:  # the symmetric grid -2^(b-1) s .. (2^(b-1) - 1) s
@@ -408,12 +290,12 @@ class EwgsQuantizer(_LazyQuantizer):
     def forward(self, x: Tensor) -> Tensor:
         self._check_channels(x)
         self._maybe_initialize(x)
-        dtype = _compute_dtype(x, self.upper)
+        dtype = compute_dtype(x, self.upper)
         v = x.to(dtype)
         lower = self.lower if self.signed else self.lower.detach()
         lower = self._broadcast(lower.to(dtype), x)
         upper = self._broadcast(self.upper.to(dtype), x)
-        width = _floor_ste(upper - lower, _MIN_STEP)
+        width = floor_ste(upper - lower, MIN_STEP)
         x_n = torch.clamp((v - lower) / width, 0.0, 1.0)
         x_q = _EwgsRound.apply(x_n, self.levels - 1, self.delta)
         return (lower + x_q * width).to(x.dtype)
