@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from mlflow.exceptions import MlflowException
 
 from r2sweep.core.config.sweep import SweepSpec, load_sweep_spec
 from r2sweep.core.errors import R2SweepError
@@ -49,7 +50,7 @@ class BestTrial:
     trial_id: str
     metrics: dict[str, float]
     params: dict[str, str]
-    config: dict[str, Any]
+    config: dict[str, Any] | None  # None: the run holds no trial_config.yaml
     config_path: Path | None = None
     model_version: str | None = None
     front: list[str] = field(default_factory=list)  # run ids on the Pareto front (multi-objective), else [run_id]
@@ -104,17 +105,27 @@ def pick_best(tracker: Tracker, name: str) -> BestTrial:
     front = pareto_front(finished, spec) if spec.multi_objective else finished
     best = max(front, key=lambda run: spec.ranking(run.data.metrics))
     run_id = best.info.run_id
-    with tempfile.TemporaryDirectory() as tmp:
-        text = Path(tracker.client.download_artifacts(run_id, TRIAL_CONFIG_ARTIFACT, tmp)).read_text()
+    text = _trial_config_text(tracker, run_id)
     return BestTrial(
         run_id=run_id,
         trial_id=best.data.tags.get(TAG_TRIAL_ID, ""),
         metrics=dict(best.data.metrics),
         params=dict(best.data.params),
-        config=yaml.safe_load(text),
-        config_text=text,
+        config=yaml.safe_load(text) if text is not None else None,
+        config_text=text or "",
         front=[r.info.run_id for r in front] if spec.multi_objective else [run_id],
     )
+
+
+def _trial_config_text(tracker: Tracker, run_id: str) -> str | None:
+    """The run's trial config as stored, or None when the run has none (a trial whose upload failed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return Path(tracker.client.download_artifacts(run_id, TRIAL_CONFIG_ARTIFACT, tmp)).read_text()
+        except MlflowException as error:
+            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
 
 
 def select_best(
@@ -133,6 +144,9 @@ def select_best(
     sweep = tracker.find_sweep(name)
     run_id = best.run_id
     if out is not None:
+        if best.config is None:
+            raise R2SweepError(f"the best trial's run {run_id} has no {TRIAL_CONFIG_ARTIFACT} artifact to write to {out} "
+                               "(its upload failed?); re-run it from its MLflow params, or pass no --out")
         best.config_path = Path(out)
         best.config_path.parent.mkdir(parents=True, exist_ok=True)
         best.config_path.write_text(best.config_text)

@@ -1,0 +1,156 @@
+"""The Python API: the README's tour runs as written, and it agrees with the CLI.
+
+The tour (the code between the README's ``tour`` markers) runs in-process, as a
+notebook would, on the quickstart file shrunk by its own overrides; its
+``result.best`` must be what ``r2sweep best`` then picks from MLflow. The
+refusals below need no Ray: bad arguments are refused, naming the argument,
+before anything is created.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import r2sweep
+from r2sweep.core.errors import ConfigError, FileConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tour() -> str:
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- tour:start -->\s*```python\n(.*?)```\s*<!-- tour:end -->", text, re.S)
+    assert block, "README.md lost its tour block (<!-- tour:start --> ```python ... ``` <!-- tour:end -->)"
+    return block.group(1)
+
+
+@pytest.fixture(scope="module")
+def tour(tmp_path_factory: pytest.TempPathFactory):
+    import ray
+
+    work = tmp_path_factory.mktemp("tour")
+    (work / "search_spaces").symlink_to(REPO / "search_spaces")
+    (work / "tour.py").write_text(_tour())
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    cwd = Path.cwd()
+    os.chdir(work)
+    try:
+        names = runpy.run_path(str(work / "tour.py"), run_name="__main__")
+    finally:
+        os.chdir(cwd)
+        ray.shutdown()
+    return work, names["result"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_readme_tour_picks_what_r2sweep_best_picks(tour) -> None:
+    work, result = tour
+    done = subprocess.run([sys.executable, "-m", "r2sweep.cli", "best", "quickstart", "--no-register", "--out", "cli.yaml"],
+                          cwd=work, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"best run {result.best.run_id} (trial {result.best.trial_id})" in done.stdout
+    assert (work / "cli.yaml").read_text() == result.best.config_path.read_text()
+    assert result.best.config_path == work / "r2sweep_results" / "quickstart" / "best.yaml"
+    assert result.best.model_version == "1"  # run_sweep registered the champion
+    assert r2sweep.load_trial_config(result.best.config_path).to_mapping() == result.best.config
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_tour_result_has_one_row_per_trial_with_its_sampled_values_and_outcome(tour) -> None:
+    work, result = tour
+    trials = result.trials
+    assert len(trials) == 2 and set(trials["outcome"]) <= {"finished", "stopped", "diverged", "failed"}
+    assert trials["trial_id"].is_unique and trials["run_id"].is_unique
+    assert {"config/r2.kind", "config/train.lr", result.objective, "fp/top1"} <= set(trials.columns)
+    # The first trial is the no-R2 baseline r2sweep enqueues; its strength was never sampled.
+    assert "none" in set(trials["config/r2.kind"])
+    assert trials.loc[trials["config/r2.kind"] == "none", "config/r2.strength"].isna().all()
+    assert all(0.005 <= lr <= 0.05 for lr in trials["config/train.lr"])
+    best_row = trials.set_index("run_id").loc[result.best.run_id]
+    assert best_row[result.objective] == result.best.metrics[result.objective]
+    assert result.experiment_id and result.spec.name == "quickstart" and result.tune_results is not None
+    assert (work / "quickstart-report" / "index.html").is_file()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_second_run_of_the_same_name_is_refused_and_a_resume_needs_the_same_space(tour) -> None:
+    work, _ = tour
+    cwd = Path.cwd()
+    os.chdir(work)
+    try:
+        with pytest.raises(FileExistsError, match="add --resume"):
+            r2sweep.prepare_sweep("search_spaces/quickstart.yaml",
+                                  overrides={"sweep.num_samples": 2, "sweep.scheduler": "none", "train.epochs": 1})
+        with pytest.raises(ConfigError, match="sweep.num_samples"):
+            r2sweep.prepare_sweep("search_spaces/quickstart.yaml", resume=True,
+                                  overrides={"sweep.num_samples": 3, "sweep.scheduler": "none", "train.epochs": 1})
+    finally:
+        os.chdir(cwd)
+
+
+# --- refusals before anything starts --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arguments", "starts"),
+    [
+        ({"storage": ""}, "storage='': an empty path"),
+        ({"tracking_uri": "ftp://host/x"}, "tracking_uri=ftp://host/x: "),
+        ({"name": "a/b"}, "name=a/b: "),
+        ({"address": "http://host:8265"}, "address=http://host:8265: a web address"),
+        ({"overrides": ["train.epochs"]}, "tiny.yaml: --set='train.epochs'"),
+        ({"overrides": {"train.epochs": "ten"}}, "tiny.yaml: train.epochs='ten'"),
+        ({"overrides": {"r2.margin_init": "3std"}}, "tiny.yaml: --set r2.margin_init="),
+    ],
+)
+def test_bad_arguments_are_refused_naming_them_and_nothing_is_created(tmp_path: Path, monkeypatch, arguments, starts) -> None:
+    import yaml
+
+    from conftest import tiny_sweep
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    Path("tiny.yaml").write_text(yaml.safe_dump(tiny_sweep("tiny")))
+    with pytest.raises(ConfigError) as refused:
+        r2sweep.run_sweep("tiny.yaml", **arguments)
+    assert str(refused.value).startswith(starts), str(refused.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]  # no store, no results folder
+
+
+def test_a_file_error_names_the_file_and_keeps_the_field(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("train: {epochs: 0}\n")
+    with pytest.raises(FileConfigError) as refused:
+        r2sweep.load_sweep_spec(tmp_path / "bad.yaml")
+    assert str(refused.value).startswith(f"{tmp_path / 'bad.yaml'}: ") and refused.value.field == "train.epochs"
+    with pytest.raises(TypeError, match="not a SweepSpec"):
+        r2sweep.run_sweep(r2sweep.load_sweep_spec({"objective": {"metric": "fp/top1"}}))
+
+
+def test_importing_r2sweep_loads_no_ray_or_mlflow_and_every_public_name_resolves() -> None:
+    code = ("import sys, r2sweep; loaded = sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow', 'optuna'}); "
+            "missing = [n for n in r2sweep.__all__ if getattr(r2sweep, n, None) is None]; print(loaded, missing)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] []"
+
+
+def test_run_trial_keeps_its_config_and_metrics_and_refuses_another_config_in_the_folder(tmp_path: Path) -> None:
+    trial = {"data": {"name": "synthetic", "num_samples": 64}, "model": {"name": "small_cnn", "width": 0.25},
+             "train": {"epochs": 1, "batch_size": 32}, "downstream": [{"method": "ptq", "algorithm": "rtn", "weight_bits": 4}]}
+    lines: list[str] = []
+    metrics = r2sweep.run_trial(trial, out_dir=tmp_path / "run", progress=lines.append)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == pytest.approx(metrics)
+    assert r2sweep.load_trial_config(tmp_path / "run" / "config.yaml") == r2sweep.load_trial_config(trial)
+    assert 0 <= metrics["ptq_rtn_w4a8/top1"] <= 100 and any("epoch 1/1" in line for line in lines)
+    with pytest.raises(ConfigError, match="out_dir=.*different trial config"):
+        r2sweep.run_trial(trial, overrides={"seed": 7}, out_dir=tmp_path / "run")
