@@ -139,3 +139,48 @@ def test_on_another_ray_nothing_is_touched_and_the_skip_is_said(
     assert "verified on Ray 2.60 and are skipped on Ray 2.61" in line
     assert experiment in line
     assert "copy r2sweep_tuner.pkl over it" in line and "experiment_state-<time>.json" in line
+
+
+def _snapshot(root: Path, stamp: str, trials: int, counter: int) -> None:
+    """A snapshot holding ``trials`` trials, and the search-generator state of its session counting ``counter``."""
+    import ray.cloudpickle as cloudpickle
+
+    data = [[json.dumps({"trial_id": f"t{i}"}), json.dumps({})] for i in range(trials)]
+    (root / f"experiment_state-{stamp}.json").write_text(json.dumps({"trial_data": data}))
+    live = {f"t{i}" for i in range(max(0, trials - 2), counter)}  # the last two created are running
+    limiter = {"max_concurrent": 2, "live_trials": live, "num_unfinished_live_trials": len(live)}
+    (root / f"search_gen_state-{stamp}.json").write_bytes(cloudpickle.dumps(
+        {"counter": counter, "total_samples": 6, "finished": False, "experiment": None, "name:ConcurrencyLimiter": limiter}))
+    (root / f"searcher-state-{stamp}.pkl").write_bytes(b"optuna")
+
+
+def _state(root: Path, stamp: str) -> dict:
+    import ray.cloudpickle as cloudpickle
+
+    return cloudpickle.loads((root / f"search_gen_state-{stamp}.json").read_bytes())
+
+
+def test_a_searcher_state_ahead_of_the_snapshot_is_brought_back_to_it(tmp_path: Path, named, verified_ray) -> None:
+    early, late = "2026-01-01_00-00-01", "2026-01-01_00-00-02"
+    _snapshot(tmp_path, early, trials=4, counter=5)  # synced after the snapshot: one trial ahead
+    # A later driver session whose searcher files were copied before its snapshot was:
+    (tmp_path / f"search_gen_state-{late}.json").write_bytes(b"later")
+    (tmp_path / f"searcher-state-{late}.pkl").write_bytes(b"later")
+    done = repair_tune_state(ExperimentFolder(named(tmp_path)))
+    state = _state(tmp_path, early)
+    assert state["counter"] == 4
+    # The trial only the searcher knew no longer holds a concurrency slot; the snapshot's own still do.
+    assert state["name:ConcurrencyLimiter"]["live_trials"] == {"t2", "t3"}
+    assert state["name:ConcurrencyLimiter"]["num_unfinished_live_trials"] == 2
+    assert sorted(p.name for p in (tmp_path / "torn_snapshots").iterdir()) == [
+        f"search_gen_state-{late}.json", f"searcher-state-{late}.pkl"]
+    assert (tmp_path / f"searcher-state-{early}.pkl").read_bytes() == b"optuna"  # its own searcher stays
+    assert len(done) == 2 and "newer than" in done[0] and "counted 5 trials" in done[1] and "holds 4" in done[1]
+
+
+def test_a_searcher_in_step_with_its_snapshot_is_left_alone(tmp_path: Path, named, verified_ray) -> None:
+    _snapshot(tmp_path, "2026-01-01_00-00-01", trials=3, counter=3)
+    _snapshot(tmp_path, "2026-01-01_00-00-02", trials=5, counter=5)  # the newest: what Tune restores
+    before = _tree(tmp_path)
+    assert repair_tune_state(ExperimentFolder(named(tmp_path))) == []
+    assert _tree(tmp_path) == before

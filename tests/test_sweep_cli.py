@@ -106,6 +106,7 @@ def test_resume_continues_the_same_sweep_without_duplicate_runs(finished_sweep) 
     work, _ = finished_sweep
     again = _r2sweep("sweep", "tiny.yaml", cwd=work)
     assert again.returncode == 2 and "add --resume" in again.stderr
+    assert again.stderr.strip().count("\n") == 0, again.stderr  # the refusal alone: refused before the start line
     resumed = _r2sweep("sweep", "tiny.yaml", "--resume", cwd=work)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     client = _client(work)

@@ -1,10 +1,8 @@
 """``r2sweep confirm``: re-run a sweep's top trials on fresh seeds and pick on the mean.
 
 A sweep ranks every trial on one training seed, so its best trial is partly the
-luckiest draw (the winner's curse). Measured here: the best of 12 trials lost
-0-2 points on fresh seeds (benchmarks/RESULTS.md, dkm-r18), a grid's best R2
-point 2.7 and its best no-R2 point gained 7, and one sample-efficiency pick lost
-8. This command re-runs the ``top`` trials' exact configurations (their logged
+luckiest draw (the winner's curse; how far picks moved on fresh seeds here:
+benchmarks/RESULTS.md, "The paper's effect at embedded scale"). This command re-runs the ``top`` trials' exact configurations (their logged
 ``trial_config.yaml``) with each of ``seeds`` as Ray tasks on the same cluster,
 logs each re-run as a child run of the sweep (role ``confirm``: compare, report
 and best never count it as a trial), and ranks the trials on their mean.

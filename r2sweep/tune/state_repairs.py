@@ -17,9 +17,17 @@ tests/test_driver_kill.py). Before Tune reads an experiment back,
   a kill in between leaves the snapshot pointing at deleted
   ``<trial>/checkpoint_NNNNNN`` folders. The trial's newest checkpoint is
   copied under the names the snapshot expects, so the trial resumes from its
-  newest epoch, which is the point.
+  newest epoch, which is the point;
+* **a searcher state ahead of the snapshot**: Tune restores the newest snapshot
+  and, separately, the newest searcher files, and its sync copies the files of
+  a snapshot one by one, so a kill mid-sync can leave a searcher that counts
+  trials the snapshot never held. Tune then believes those trials were created
+  and never creates their slots again (a sweep of 6 ended with 5, seen once in
+  tests/test_driver_kill.py). Searcher files of a later session than the
+  snapshot are moved to ``torn_snapshots/``; a counter of the snapshot's own
+  session that is ahead of its trials is set back to them.
 
-All three were worked out against Ray 2.60's layout of an experiment folder
+All four were worked out against Ray 2.60's layout of an experiment folder
 (those file names, and the checkpoint manager stored in the snapshot as a hex
 ``CLOUDPICKLE_FALLBACK`` blob) and only ever act on files of those names. On a
 Ray outside :data:`VERIFIED_RAY` nothing is touched: the repair reports one line
@@ -48,6 +56,8 @@ TUNER_BACKUP = "r2sweep_tuner.pkl"
 TORN_SNAPSHOTS = "torn_snapshots"
 _SNAPSHOT = re.compile(r"experiment_state-(.*)\.json")
 _CHECKPOINT = re.compile(rb"checkpoint_\d{6}")
+#: The searcher's files Tune saves beside each snapshot (the same session stamp).
+_SEARCHER_FILE = re.compile(r"(search_gen_state|searcher-state)-(?P<stamp>.*)\.(json|pkl)")
 
 
 def _major_minor(version: str) -> str | None:
@@ -98,6 +108,43 @@ def repair_tune_state(folder: ExperimentFolder) -> list[str]:
         snapshots = snapshots[:-1]
     if snapshots:
         done += _restore_named_checkpoints(folder, snapshots[-1])
+        done += _align_searcher(folder, snapshots[-1])
+    return done
+
+
+def _align_searcher(folder: ExperimentFolder, snapshot: str) -> list[str]:
+    """Make the searcher Tune will restore agree with the snapshot it will restore."""
+    import ray.cloudpickle as cloudpickle
+
+    stamp = _SNAPSHOT.fullmatch(snapshot)[1]
+    done = []
+    later = [i for i in folder.children()
+             if (match := _SEARCHER_FILE.fullmatch(i.base_name)) and match["stamp"] > stamp]
+    if later:
+        aside = folder.path(TORN_SNAPSHOTS)
+        folder.fs.create_dir(aside, recursive=True)
+        for info in later:
+            folder.fs.move(info.path, f"{aside}/{info.base_name}")
+        done.append(f"searcher state newer than {snapshot} ({', '.join(i.base_name for i in later)}): moved to "
+                    f"{TORN_SNAPSHOTS}/, so Tune restores the searcher of that snapshot")
+    try:
+        known = {json.loads(trial)["trial_id"] for trial, _ in json.loads(folder.read(snapshot) or b"")["trial_data"]}
+        name = f"search_gen_state-{stamp}.json"  # a cloudpickle, whatever its name says
+        state = cloudpickle.loads(folder.read(name) or b"")
+        counter = int(state["counter"])
+    except Exception:  # noqa: BLE001 - missing or unreadable: Tune reports it itself
+        return done
+    if counter > len(known):
+        state["counter"] = len(known)
+        # The concurrency limiter would hold a slot for each such trial for ever.
+        limiter = state.get("name:ConcurrencyLimiter") or {}
+        orphans = set(limiter.get("live_trials", ())) - known
+        if orphans:
+            limiter["live_trials"] = set(limiter["live_trials"]) - orphans
+            limiter["num_unfinished_live_trials"] = max(0, limiter.get("num_unfinished_live_trials", 0) - len(orphans))
+        folder.write(name, cloudpickle.dumps(state))
+        done.append(f"{name} counted {counter} trials, {snapshot} holds {len(known)}: set back to {len(known)}, so "
+                    f"Tune creates the {counter - len(known)} trial(s) it never snapshotted again")
     return done
 
 
