@@ -17,7 +17,7 @@ import importlib
 from typing import Any
 
 from r2sweep.core.config.sweep import SweepSpec, load_sweep_spec
-from r2sweep.core.config.trial import TrialConfig
+from r2sweep.core.config.trial import TrialConfig, load_trial_config
 from r2sweep.core.errors import ConfigError, DataNotFoundError, FileConfigError, R2SweepError, TrialDiverged
 from r2sweep.core.losses import R2Loss, list_r2_losses, make_r2_loss, register_r2_loss
 
@@ -34,13 +34,13 @@ _LAZY = {
     "confirm": "r2sweep.api.readers",
     "report": "r2sweep.api.readers",
     "run_trial": "r2sweep.api.trial",
-    "load_trial_config": "r2sweep.api.trial",
 }
 
 __all__ = [
     "__version__",
     *_LAZY,
     "load_sweep_spec",
+    "load_trial_config",
     "SweepSpec",
     "TrialConfig",
     "R2Loss",

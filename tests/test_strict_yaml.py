@@ -18,9 +18,10 @@ import pytest
 import yaml
 
 from r2sweep.cli.app import main
+from r2sweep.core.config.overrides import parse_override
 from r2sweep.core.config.strict_yaml import MAX_BYTES, MAX_NODES
 from r2sweep.core.config.sweep import load_sweep_spec
-from r2sweep.core.config.trial import load_trial_config, parse_override, read_yaml
+from r2sweep.core.config.trial import load_trial_config, read_yaml
 from r2sweep.core.errors import ConfigError
 
 # A valid sweep file (tests/test_bad_input.py's BASE), written out so that line numbers are known.

@@ -175,7 +175,7 @@ def test_relative_data_roots_become_absolute_where_the_sweep_starts(tmp_path, mo
 
 
 def test_overrides_reach_search_parameters_whose_names_hold_dots() -> None:
-    from r2sweep.core.config.trial import apply_overrides
+    from r2sweep.core.config.overrides import apply_overrides
 
     data = apply_overrides(SPEC, [("search.r2.strength.loguniform", [0.01, 0.1]), ("search.train.lr.when", None)])
     assert data["search"]["r2.strength"] == {"loguniform": [0.01, 0.1], "when": {"r2.kind": ["linf", "margin"]}}

@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from r2sweep.core.checkpoint import load_checkpoint
-from r2sweep.core.config.trial import apply_overrides, load_trial_config, parse_override, read_yaml
+from r2sweep.core.config.overrides import apply_overrides, parse_override
+from r2sweep.core.config.trial import load_trial_config, read_yaml
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.quant.methods import DKMConfig, load_downstream
 from r2sweep.core.trial import run_trial

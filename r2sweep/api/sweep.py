@@ -204,7 +204,7 @@ def _load(spec: Any, overrides: Overrides) -> tuple[SweepSpec, str]:
         raw = spec
         loaded = load_sweep_spec(spec, overrides=pairs)
     if pairs:
-        from r2sweep.core.config.trial import apply_overrides
+        from r2sweep.core.config.overrides import apply_overrides
 
         raw = apply_overrides(raw, pairs)
     return loaded, yaml.safe_dump(raw, sort_keys=False)

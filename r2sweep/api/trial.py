@@ -23,36 +23,10 @@ import yaml
 
 from r2sweep.api import options as check
 from r2sweep.core.checkpoint import write_text_atomic
-from r2sweep.core.config import trial as trial_files
-from r2sweep.core.config.overrides import Overrides, override_pairs
-from r2sweep.core.config.trial import TrialConfig
-from r2sweep.core.errors import ConfigError, FileConfigError
+from r2sweep.core.config.overrides import Overrides
+from r2sweep.core.config.trial import TrialConfig, load_trial_config
 
-__all__ = ["run_trial", "load_trial_config"]
-
-def load_trial_config(source: str | os.PathLike[str] | Mapping[str, Any] | TrialConfig, overrides: Overrides = None) -> TrialConfig:
-    """A validated :class:`TrialConfig` from a YAML file, a mapping or a TrialConfig, with ``overrides`` written in.
-
-    An override no trial reads (``r2.strength`` with ``r2.kind: none``) is refused.
-
-    Raises:
-        ConfigError (a :class:`FileConfigError` naming the file when ``source`` is a path).
-
-    >>> load_trial_config({"train": {"epochs": 3}}, {"r2.kind": "linf"}).r2.kind
-    'linf'
-    """
-    if isinstance(source, TrialConfig):
-        source = source.to_mapping()
-    try:
-        pairs = override_pairs(overrides)
-        raw = trial_files.read_yaml(source) if isinstance(source, (str, os.PathLike)) else source
-        config = trial_files.load_trial_config(trial_files.apply_overrides(raw, pairs) if pairs else raw)
-        trial_files.refuse_unused_overrides(pairs, [config])
-    except ConfigError as error:
-        if isinstance(source, (str, os.PathLike)) and not isinstance(error, FileConfigError):
-            raise FileConfigError(os.fspath(source), error) from None
-        raise
-    return config
+__all__ = ["run_trial"]
 
 
 def run_trial(

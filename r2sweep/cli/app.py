@@ -59,11 +59,10 @@ def _progress(started: float):
 
 def _cmd_trial(args: argparse.Namespace) -> int:
     from r2sweep.api.trial import run_trial
-    from r2sweep.core.config.trial import parse_override
     from r2sweep.core.errors import ConfigError, DataNotFoundError, FileConfigError, TrialDiverged
 
     try:
-        overrides = [parse_override(text) for text in args.set]
+        overrides = list(args.set)  # parsed by the loader, after the output folder is checked
         # The output folder is checked first: its error names --out, not the file.
         from r2sweep.api import options as check
 
@@ -78,7 +77,7 @@ def _cmd_trial(args: argparse.Namespace) -> int:
         return _error(str(error) if error.field in ("--out", "out_dir") else f"{args.file}: {error}")
     except TrialDiverged as error:
         return _error(f"trial diverged: {error}")
-    from r2sweep.api.trial import load_trial_config
+    from r2sweep.core.config.trial import load_trial_config
     from r2sweep.core.trial import summarize
 
     print("\n".join(summarize(metrics, load_trial_config(args.file, overrides))))

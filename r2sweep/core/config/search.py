@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from r2sweep.core.config.consistency import representative
-from r2sweep.core.config.trial import TRIAL_SECTIONS, apply_overrides, load_trial_config
+from r2sweep.core.config.overrides import apply_overrides
+from r2sweep.core.config.trial import TRIAL_SECTIONS, load_trial_config
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.validate import check, is_number, require_int
 

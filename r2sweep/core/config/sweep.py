@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from r2sweep.core.config.consistency import check_consistency, max_epochs, refuse_ineffective_overrides
-from r2sweep.core.config.overrides import Overrides, override_pairs
+from r2sweep.core.config.overrides import Overrides, apply_overrides, override_pairs
 from r2sweep.core.config.search import SearchParam, load_param, load_start_points, mapping_at, validate_values
 from r2sweep.core.config.sections import from_dict
-from r2sweep.core.config.trial import PROXY_FP, TRIAL_SECTIONS, TrialConfig, apply_overrides, load_trial_config, read_yaml
+from r2sweep.core.config.trial import PROXY_FP, TRIAL_SECTIONS, TrialConfig, load_trial_config, read_yaml
 from r2sweep.core.errors import ConfigError, FileConfigError
 from r2sweep.core.locations import is_uri
 from r2sweep.core.validate import check, is_number, reject_unknown, require_int

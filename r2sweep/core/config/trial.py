@@ -13,16 +13,17 @@ checked, so an override is validated exactly like the file.
 
 from __future__ import annotations
 
-import copy
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from r2sweep.core.config import strict_yaml
+from r2sweep.core.config.overrides import Overrides, apply_overrides, override_pairs
 from r2sweep.core.config.sections import R2Config, TrainConfig, from_dict, to_dict
 from r2sweep.core.data import DATASETS, dataset_options
-from r2sweep.core.errors import ConfigError
+from r2sweep.core.errors import ConfigError, FileConfigError
 from r2sweep.core.models import MODELS
 from r2sweep.core.models.registry import STEMS
 from r2sweep.core.quant.methods import MethodConfig, load_downstream
@@ -37,8 +38,6 @@ __all__ = [
     "TrialConfig",
     "load_trial_config",
     "read_yaml",
-    "apply_overrides",
-    "parse_override",
 ]
 
 
@@ -183,12 +182,36 @@ class TrialConfig:
 TRIAL_SECTIONS = ("seed", "data", "model", "train", "r2", "downstream", "proxy")
 
 
-def load_trial_config(data: Any) -> TrialConfig:
-    """Build a :class:`TrialConfig` from a mapping (a parsed YAML file), strictly.
+def load_trial_config(source: str | os.PathLike[str] | Mapping[str, Any] | TrialConfig | None,
+                      overrides: Overrides = None) -> TrialConfig:
+    """A :class:`TrialConfig` from a trial YAML file, its mapping or a TrialConfig, loaded strictly.
+
+    ``overrides`` (``{path: value}``, pairs or ``"PATH=VALUE"`` texts, as ``--set``) are
+    written in first; one no trial would read (``r2.strength`` with ``r2.kind: none``) is refused.
 
     Raises:
-        ConfigError: naming the first bad field.
+        ConfigError: naming the first bad field; a :class:`FileConfigError` naming the file
+            too when ``source`` is a path.
+
+    >>> load_trial_config({"train": {"epochs": 3}}, {"r2.kind": "linf"}).r2.kind
+    'linf'
     """
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            return load_trial_config(read_yaml(source), overrides)
+        except FileConfigError:
+            raise
+        except ConfigError as error:
+            raise FileConfigError(os.fspath(source), error) from None
+    if isinstance(source, TrialConfig):
+        source = source.to_mapping()
+    pairs = override_pairs(overrides)
+    config = _load_trial_config(apply_overrides(source, pairs) if pairs else source)
+    refuse_unused_overrides(pairs, [config])
+    return config
+
+
+def _load_trial_config(data: Any) -> TrialConfig:
     if data is None:
         data = {}
     check(isinstance(data, Mapping), "config", type(data).__name__, f"a mapping with the sections {list(TRIAL_SECTIONS)}")
@@ -221,59 +244,6 @@ class _Sections:
 def read_yaml(path: str | Path) -> Any:
     """Parse a YAML file strictly (:mod:`r2sweep.core.config.strict_yaml`): every problem is a ConfigError naming the line."""
     return strict_yaml.load_file(path)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"train.lr=0.1"`` -> ``("train.lr", 0.1)``; the value is read as strict YAML (``[2, 4]``, ``1e-3``, ``true``)."""
-    path, sep, raw = text.partition("=")
-    path = path.strip()
-    if not sep or not path:
-        raise ConfigError("--set", text, "PATH=VALUE, e.g. train.lr=0.1 or downstream.0.weight_bits=[2,4]")
-    try:
-        value = strict_yaml.loads(raw, source=raw, root=path) if raw.strip() else None
-    except ConfigError as error:  # the value is not in the file: name the --set, not the file
-        if error.field == "file":
-            raise ConfigError(f"--set {path}", raw, f"a YAML value (a number, a string, [a, list], true/false); "
-                              f"{error.allowed.removeprefix('valid YAML; ')}") from None
-        raise ConfigError(f"--set {error.field}", error.value, error.allowed) from None
-    return path, value
-
-
-def apply_overrides(data: Any, overrides: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A copy of ``data`` with each ``(dotted path, value)`` written in.
-
-    Missing mappings along a path are created (``r2.kind=linf`` on a file
-    without ``r2:``); list entries are addressed by index and must exist.
-    The result is validated by :func:`load_trial_config` like any file.
-    """
-    result = copy.deepcopy(dict(data or {}))
-    for path, value in overrides:
-        node: Any = result
-        parts = path.split(".")
-        depth = 0
-        while depth < len(parts):
-            where = ".".join(parts[: depth + 1])
-            if isinstance(node, list):
-                part = parts[depth]
-                check(part.isdigit() and int(part) < len(node), where, part, f"an index below {len(node)} (the list has {len(node)} entries)")
-                key: Any = int(part)
-                step = 1
-            elif isinstance(node, dict):
-                # Keys may hold dots themselves (search: {r2.strength: ...}): the
-                # longest existing key that starts the rest of the path wins.
-                step = next((n for n in range(len(parts) - depth, 1, -1) if ".".join(parts[depth : depth + n]) in node), 1)
-                key = ".".join(parts[depth : depth + step])
-                if depth + step < len(parts) and node.get(key) is None:
-                    node[key] = {}
-            else:
-                raise ConfigError(where, node, "a mapping or a list to set a field inside")
-            depth += step
-            if depth == len(parts):
-                node[key] = value
-            else:
-                node = node[key]
-    return result
-
 
 
 def refuse_unused_overrides(overrides: list[tuple[str, Any]], configs: Sequence[TrialConfig]) -> None:
