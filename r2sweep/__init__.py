@@ -28,7 +28,7 @@ _LAZY = {
     "run_sweep": "r2sweep.api.sweep",
     "prepare_sweep": "r2sweep.api.sweep",
     "SweepResult": "r2sweep.api.results",
-    "load_sweep": "r2sweep.api.readers",
+    "load_sweep": "r2sweep.api.results",
     "best": "r2sweep.api.readers",
     "compare": "r2sweep.api.readers",
     "confirm": "r2sweep.api.readers",

@@ -20,19 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from r2sweep.api import options as check
-from r2sweep.api.results import SweepResult
 from r2sweep.api.stores import open_store
 
-__all__ = ["load_sweep", "best", "compare", "confirm", "report"]
-
-
-def load_sweep(name: str, *, tracking_uri: str | None = None, option_names: Mapping[str, str] = {}) -> SweepResult:
-    """Open sweep ``name`` from MLflow: the same :class:`SweepResult` :func:`r2sweep.run_sweep` returns.
-
-    ``best`` is picked without writing anything (no tag, no export, no registration).
-    """
-    check.sweep_to_read(name, option_names.get("sweep", "name"))
-    return SweepResult.of(open_store(tracking_uri, option_names.get("tracking_uri", "tracking_uri")), name)
+__all__ = ["best", "compare", "confirm", "report"]
 
 
 def best(name: str, *, tracking_uri: str | None = None, out: str | os.PathLike[str] | None = "best.yaml",

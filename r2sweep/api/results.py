@@ -8,7 +8,7 @@ while the sweep still runs) are the same thing.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -16,7 +16,7 @@ from typing import Any
 
 from r2sweep.core.config.sweep import SweepSpec
 
-__all__ = ["SweepResult"]
+__all__ = ["SweepResult", "load_sweep"]
 
 
 @dataclass
@@ -87,3 +87,15 @@ class SweepResult:
 
         return confirm(self.name, top=top, seeds=seeds, out=out, address=address, progress=progress,
                        tracking_uri=self._tracker.tracking_uri)
+
+
+def load_sweep(name: str, *, tracking_uri: str | None = None, option_names: Mapping[str, str] = {}) -> SweepResult:
+    """Open sweep ``name`` from MLflow: the same :class:`SweepResult` :func:`r2sweep.run_sweep` returns.
+
+    ``best`` is picked without writing anything (no tag, no export, no registration).
+    """
+    from r2sweep.api import options as check
+    from r2sweep.api.stores import open_store
+
+    check.sweep_to_read(name, option_names.get("sweep", "name"))
+    return SweepResult.of(open_store(tracking_uri, option_names.get("tracking_uri", "tracking_uri")), name)
