@@ -109,9 +109,13 @@ def test_a_second_run_of_the_same_name_is_refused_and_a_resume_needs_the_same_sp
         ({"tracking_uri": "ftp://host/x"}, "tracking_uri=ftp://host/x: "),
         ({"name": "a/b"}, "name=a/b: "),
         ({"address": "http://host:8265"}, "address=http://host:8265: a web address"),
-        ({"overrides": ["train.epochs"]}, "tiny.yaml: --set='train.epochs'"),
+        ({"overrides": ["train.epochs"]}, "tiny.yaml: overrides='train.epochs' is not valid: PATH=VALUE"),
+        ({"overrides": ["train.lr=[0.1"]}, "tiny.yaml: overrides['train.lr']='[0.1' is not valid: a YAML value"),
         ({"overrides": {"train.epochs": "ten"}}, "tiny.yaml: train.epochs='ten'"),
-        ({"overrides": {"r2.margin_init": "3std"}}, "tiny.yaml: --set r2.margin_init="),
+        ({"overrides": {"r2.margin_init": "3std"}},
+         "tiny.yaml: overrides['r2.margin_init']='3std' is not valid: a field some trial of the sweep reads"),
+        ({"overrides": {"train.lr": 0.05}}, "tiny.yaml: overrides['train.lr']=0.05 is not valid: a field the search "
+                                            "leaves alone"),
     ],
 )
 def test_bad_arguments_are_refused_naming_them_and_nothing_is_created(tmp_path: Path, monkeypatch, arguments, starts) -> None:
@@ -154,3 +158,6 @@ def test_run_trial_keeps_its_config_and_metrics_and_refuses_another_config_in_th
     assert 0 <= metrics["ptq_rtn_w4a8/top1"] <= 100 and any("epoch 1/1" in line for line in lines)
     with pytest.raises(ConfigError, match="out_dir=.*different trial config"):
         r2sweep.run_trial(trial, overrides={"seed": 7}, out_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"^overrides\['r2.strength'\]=0.1 is not valid: .* drop the override"):
+        r2sweep.run_trial(trial, overrides={"r2.strength": 0.1}, out_dir=tmp_path / "other")
+    assert not (tmp_path / "other").exists()

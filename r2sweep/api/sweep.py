@@ -28,7 +28,7 @@ import yaml
 from r2sweep.api import options as check
 from r2sweep.api.results import SweepResult
 from r2sweep.api.stores import quiet_mlflow
-from r2sweep.core.config.overrides import Overrides, override_pairs
+from r2sweep.core.config.overrides import PYTHON_LABEL, Overrides, override_pairs
 from r2sweep.core.config.strict_yaml import load_file
 from r2sweep.core.config.sweep import SweepSpec, load_sweep_spec
 from r2sweep.core.errors import ConfigError, FileConfigError, R2SweepError
@@ -37,7 +37,8 @@ from r2sweep.core.locations import is_uri
 __all__ = ["run_sweep", "prepare_sweep", "PreparedSweep", "PYTHON_OPTIONS"]
 
 #: How errors name each argument: a Python caller sees ``storage=...``; the CLI passes its flags.
-PYTHON_OPTIONS = {"storage": "storage", "tracking_uri": "tracking_uri", "address": "address", "name": "name"}
+PYTHON_OPTIONS = {"storage": "storage", "tracking_uri": "tracking_uri", "address": "address", "name": "name",
+                  "overrides": PYTHON_LABEL}
 
 def run_sweep(
     spec: str | os.PathLike[str] | Mapping[str, Any],
@@ -105,7 +106,7 @@ def prepare_sweep(
     check.tracking_uri(tracking_uri, option_names["tracking_uri"])
     check.ray_address(address, option_names["address"])
     check.sweep_name(name, option_names["name"], uri_storage=is_uri(storage_text))
-    loaded, text = _load(spec, overrides)
+    loaded, text = _load(spec, overrides, option_names.get("overrides", PYTHON_LABEL))
     in_file = f"{os.fspath(spec)}: " if isinstance(spec, (str, os.PathLike)) else ""
     joins_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
     try:
@@ -188,21 +189,21 @@ def _writer(progress: bool | Callable[[str], None]) -> Callable[[str], None] | N
     return (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
 
 
-def _load(spec: Any, overrides: Overrides) -> tuple[SweepSpec, str]:
+def _load(spec: Any, overrides: Overrides, label: str) -> tuple[SweepSpec, str]:
     """(the validated spec, the YAML text the parent run keeps: the file as resolved with overrides)."""
     if isinstance(spec, SweepSpec):
         raise TypeError("run_sweep takes a search-space file or its mapping, not a SweepSpec "
                         "(the file's text is what MLflow keeps); pass the path or the dict")
     try:
-        pairs = override_pairs(overrides)
+        pairs = override_pairs(overrides, label)
     except ConfigError as error:  # a --set that is not PATH=VALUE: the file's error line, as any other
         raise FileConfigError(os.fspath(spec), error) if isinstance(spec, (str, os.PathLike)) else error from None
     if isinstance(spec, (str, os.PathLike)):
-        loaded = load_sweep_spec(spec, overrides=pairs)  # first: its errors name the file
+        loaded = load_sweep_spec(spec, overrides=pairs, label=label)  # first: its errors name the file
         raw = load_file(spec)
     else:
         raw = spec
-        loaded = load_sweep_spec(spec, overrides=pairs)
+        loaded = load_sweep_spec(spec, overrides=pairs, label=label)
     if pairs:
         from r2sweep.core.config.overrides import apply_overrides
 

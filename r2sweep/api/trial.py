@@ -23,7 +23,7 @@ import yaml
 
 from r2sweep.api import options as check
 from r2sweep.core.checkpoint import write_text_atomic
-from r2sweep.core.config.overrides import Overrides
+from r2sweep.core.config.overrides import PYTHON_LABEL, Overrides
 from r2sweep.core.config.trial import TrialConfig, load_trial_config
 
 __all__ = ["run_trial"]
@@ -54,7 +54,7 @@ def run_trial(
     """
     out = None if out_dir is None else check.output_folder(
         out_dir, option_names.get("out_dir", "out_dir"), what="the trial's metrics.json, config.yaml and checkpoints")
-    trial = load_trial_config(config, overrides)
+    trial = load_trial_config(config, overrides, label=option_names.get("overrides", PYTHON_LABEL))
     from r2sweep.core.trial import check_out_dir  # torch and the models: only for a config that loaded
     from r2sweep.core.trial import run_trial as run_one
 

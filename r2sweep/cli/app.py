@@ -45,9 +45,11 @@ def _error(message: str, status: int = 2) -> int:
 
 
 #: How errors name the API's arguments on the command line.
-SWEEP_FLAGS = {"storage": "--storage", "tracking_uri": "--tracking-uri", "address": "--address", "name": "--name"}
+SWEEP_FLAGS = {"storage": "--storage", "tracking_uri": "--tracking-uri", "address": "--address", "name": "--name",
+               "overrides": "--set"}
 READER_FLAGS = {"sweep": "sweep name", "tracking_uri": "--tracking-uri", "out": "--out", "by": "--by",
-                "metrics": "--metric", "top": "--top", "seeds": "--seeds", "address": "--address", "out_dir": "--out"}
+                "metrics": "--metric", "top": "--top", "seeds": "--seeds", "address": "--address", "out_dir": "--out",
+                "overrides": "--set"}
 
 
 def _progress(started: float):
@@ -80,7 +82,7 @@ def _cmd_trial(args: argparse.Namespace) -> int:
     from r2sweep.core.config.trial import load_trial_config
     from r2sweep.core.trial import summarize
 
-    print("\n".join(summarize(metrics, load_trial_config(args.file, overrides))))
+    print("\n".join(summarize(metrics, load_trial_config(args.file, overrides, label="--set"))))
     print(f"metrics: {Path(args.out) / 'metrics.json'}")
     return 0
 

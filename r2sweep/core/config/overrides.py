@@ -15,13 +15,28 @@ from r2sweep.core.config import strict_yaml
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.validate import check
 
-__all__ = ["Overrides", "override_pairs", "parse_override", "apply_overrides"]
+__all__ = ["Overrides", "override_pairs", "parse_override", "apply_overrides", "override_field", "CLI_LABEL",
+           "PYTHON_LABEL"]
+
+#: How an error names an override: ``--set PATH`` on the command line, ``overrides['PATH']`` from Python.
+CLI_LABEL = "--set"
+PYTHON_LABEL = "overrides"
 
 Overrides = Mapping[str, Any] | Iterable["tuple[str, Any] | str"] | None
 
 
-def override_pairs(overrides: Overrides) -> list[tuple[str, Any]]:
-    """``overrides`` as ``(path, value)`` pairs, in order.
+def override_field(path: str, label: str = PYTHON_LABEL) -> str:
+    """The field an error about the override of ``path`` names: ``--set r2.kind`` or ``overrides['r2.kind']``."""
+    return f"{label} {path}" if label.startswith("-") else f"{label}[{path!r}]"
+
+
+def override_word(label: str = PYTHON_LABEL) -> str:
+    """What the fix tells a person to drop: ``the --set`` or ``the override``."""
+    return f"the {label}" if label.startswith("-") else "the override"
+
+
+def override_pairs(overrides: Overrides, label: str = PYTHON_LABEL) -> list[tuple[str, Any]]:
+    """``overrides`` as ``(path, value)`` pairs, in order (``label``: how errors name them).
 
     Raises:
         ConfigError: a text override that is not ``PATH=VALUE`` or whose value is not YAML.
@@ -33,22 +48,22 @@ def override_pairs(overrides: Overrides) -> list[tuple[str, Any]]:
         return []
     if isinstance(overrides, Mapping):
         return list(overrides.items())
-    return [parse_override(item) if isinstance(item, str) else (item[0], item[1]) for item in overrides]
+    return [parse_override(item, label) if isinstance(item, str) else (item[0], item[1]) for item in overrides]
 
 
-def parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str, label: str = CLI_LABEL) -> tuple[str, Any]:
     """``"train.lr=0.1"`` -> ``("train.lr", 0.1)``; the value is read as strict YAML (``[2, 4]``, ``1e-3``, ``true``)."""
     path, sep, raw = text.partition("=")
     path = path.strip()
     if not sep or not path:
-        raise ConfigError("--set", text, "PATH=VALUE, e.g. train.lr=0.1 or downstream.0.weight_bits=[2,4]")
+        raise ConfigError(label, text, "PATH=VALUE, e.g. train.lr=0.1 or downstream.0.weight_bits=[2,4]")
     try:
         value = strict_yaml.loads(raw, source=raw, root=path) if raw.strip() else None
     except ConfigError as error:  # the value is not in the file: name the --set, not the file
         if error.field == "file":
-            raise ConfigError(f"--set {path}", raw, f"a YAML value (a number, a string, [a, list], true/false); "
+            raise ConfigError(override_field(path, label), raw, f"a YAML value (a number, a string, [a, list], true/false); "
                               f"{error.allowed.removeprefix('valid YAML; ')}") from None
-        raise ConfigError(f"--set {error.field}", error.value, error.allowed) from None
+        raise ConfigError(override_field(error.field, label), error.value, error.allowed) from None
     return path, value
 
 
