@@ -30,7 +30,7 @@ from r2sweep.core.outcome import finished_runs
 from r2sweep.core.trial import PRETRAINED, load_pretrained
 from r2sweep.tracking.store import SPEC_ARTIFACT, TAG_TRIAL_ID, SweepRun, Tracker
 
-__all__ = ["BestTrial", "read_sweep", "pick_best", "select_best", "pareto_front", "TAG_BEST_RUN", "TAG_BEST_TRIAL"]
+__all__ = ["BestTrial", "read_sweep", "pick_best", "best_trial", "select_best", "pareto_front", "TAG_BEST_RUN", "TAG_BEST_TRIAL"]
 
 TAG_BEST_RUN = "r2sweep.best_run_id"
 TAG_BEST_TRIAL = "r2sweep.best_trial_id"
@@ -98,10 +98,14 @@ def pick_best(tracker: Tracker, name: str) -> BestTrial:
     Raises:
         R2SweepError: no such sweep, or no finished trial yet.
     """
-    sweep, spec = read_sweep(tracker, name)
+    return best_trial(tracker, *read_sweep(tracker, name))
+
+
+def best_trial(tracker: Tracker, sweep: SweepRun, spec: SweepSpec) -> BestTrial:
+    """:func:`pick_best` for a sweep already read (:func:`read_sweep`)."""
     finished = finished_runs(sweep.trial_runs(), spec.objective_metrics)
     if not finished:
-        raise R2SweepError(f"sweep {name!r} has no finished trial with {spec.objectives[0].metric} yet")
+        raise R2SweepError(f"sweep {sweep.name!r} has no finished trial with {spec.objectives[0].metric} yet")
     front = pareto_front(finished, spec) if spec.multi_objective else finished
     best = max(front, key=lambda run: spec.ranking(run.data.metrics))
     run_id = best.info.run_id
@@ -140,8 +144,8 @@ def select_best(
     Raises:
         R2SweepError: no such sweep, or no finished trial yet.
     """
-    best = pick_best(tracker, name)
-    sweep = tracker.find_sweep(name)
+    sweep, spec = read_sweep(tracker, name)
+    best = best_trial(tracker, sweep, spec)
     run_id = best.run_id
     if out is not None:
         if best.config is None:

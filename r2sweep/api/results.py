@@ -49,13 +49,13 @@ class SweepResult:
     @classmethod
     def of(cls, tracker: Any, name: str, *, spec: SweepSpec | None = None, best: Any = None, path: str | None = None,
            tune_results: Any = None) -> SweepResult:
-        from r2sweep.analysis.select import pick_best, read_sweep
+        from r2sweep.analysis.select import best_trial, read_sweep
         from r2sweep.core.errors import R2SweepError
 
         sweep, stored_spec = read_sweep(tracker, name)
         if best is None:
             try:
-                best = pick_best(tracker, name)
+                best = best_trial(tracker, sweep, stored_spec)
             except R2SweepError:
                 best = None  # nothing finished yet
         return cls(name=name, experiment_id=sweep.experiment_id, tracking_uri=tracker.display_uri,

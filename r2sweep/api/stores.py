@@ -20,7 +20,8 @@ __all__ = ["open_store", "quiet_mlflow"]
 
 
 def quiet_mlflow() -> None:
-    """MLflow's chatter off: a new store's migration lines, a progress bar per downloaded artifact.
+    """MLflow's chatter off: a new store's migration lines, a progress bar per downloaded artifact
+    (noise on a terminal, and it would break "one line per error"; MLflow reads the setting per download).
 
     Called after MLflow is imported (it sets its loggers up on import).
     """

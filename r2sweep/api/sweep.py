@@ -28,7 +28,7 @@ import yaml
 from r2sweep.api import options as check
 from r2sweep.api.results import SweepResult
 from r2sweep.api.stores import quiet_mlflow
-from r2sweep.core.config.overrides import PYTHON_LABEL, Overrides, override_pairs
+from r2sweep.core.config.overrides import PYTHON_LABEL, Overrides, apply_overrides, override_pairs
 from r2sweep.core.config.strict_yaml import load_file
 from r2sweep.core.config.sweep import SweepSpec, load_sweep_spec
 from r2sweep.core.errors import ConfigError, FileConfigError, R2SweepError
@@ -107,15 +107,14 @@ def prepare_sweep(
     check.ray_address(address, option_names["address"])
     check.sweep_name(name, option_names["name"], uri_storage=is_uri(storage_text))
     loaded, text = _load(spec, overrides, option_names.get("overrides", PYTHON_LABEL))
-    in_file = f"{os.fspath(spec)}: " if isinstance(spec, (str, os.PathLike)) else ""
-    joins_cluster = bool(address or os.environ.get("RAY_ADDRESS"))
+    cluster = address or os.environ.get("RAY_ADDRESS")
     try:
-        if not joins_cluster:
-            _check_local_data_roots(loaded)  # on a cluster the workers are checked instead, once joined
+        if not cluster:
+            _check_local_data_roots(loaded, option_names["address"])  # on a cluster: its workers, once joined
         if name is None:
             check.sweep_name(loaded.name, uri_storage=is_uri(storage_text), in_file=True)
     except ConfigError as error:
-        raise FileConfigError(in_file.removesuffix(": "), error) if in_file else error from None
+        raise FileConfigError(os.fspath(spec), error) if _is_file(spec) else error from None
 
     from r2sweep.tracking.store import Tracker
     from r2sweep.tune.callbacks import TrackingCallback
@@ -133,8 +132,8 @@ def prepare_sweep(
         tracking.check_resume()
     else:
         tracking.check_new()  # a name MLflow holds without its Tune state would merge two sweeps
-    if address or os.environ.get("RAY_ADDRESS"):
-        reach_ray(address or os.environ["RAY_ADDRESS"])  # its one line, in seconds
+    if cluster:
+        reach_ray(cluster)  # its one line, in seconds
     check_experiment(loaded, experiment, resume=resume)
     return PreparedSweep(spec=loaded, name=name, tracker=tracker, storage=storage_text, experiment=experiment,
                          resume=resume, address=address, tracking=tracking)
@@ -194,25 +193,22 @@ def _load(spec: Any, overrides: Overrides, label: str) -> tuple[SweepSpec, str]:
     if isinstance(spec, SweepSpec):
         raise TypeError("run_sweep takes a search-space file or its mapping, not a SweepSpec "
                         "(the file's text is what MLflow keeps); pass the path or the dict")
-    try:
+    try:  # the file is read once: its text is what the parent run keeps
+        raw = load_file(spec) if _is_file(spec) else spec
         pairs = override_pairs(overrides, label)
-    except ConfigError as error:  # a --set that is not PATH=VALUE: the file's error line, as any other
-        raise FileConfigError(os.fspath(spec), error) if isinstance(spec, (str, os.PathLike)) else error from None
-    if isinstance(spec, (str, os.PathLike)):
-        loaded = load_sweep_spec(spec, overrides=pairs, label=label)  # first: its errors name the file
-        raw = load_file(spec)
-    else:
-        raw = spec
-        loaded = load_sweep_spec(spec, overrides=pairs, label=label)
-    if pairs:
-        from r2sweep.core.config.overrides import apply_overrides
-
-        raw = apply_overrides(raw, pairs)
-    return loaded, yaml.safe_dump(raw, sort_keys=False)
+        loaded = load_sweep_spec(raw, overrides=pairs, label=label,
+                                 default_name=Path(spec).stem if _is_file(spec) else None)
+    except ConfigError as error:  # a file's problems (and a --set's) name the file, as the CLI always did
+        raise FileConfigError(os.fspath(spec), error) if _is_file(spec) else error from None
+    return loaded, yaml.safe_dump(apply_overrides(raw, pairs) if pairs else raw, sort_keys=False)
 
 
-def _check_local_data_roots(spec: SweepSpec) -> None:
+def _is_file(spec: Any) -> bool:
+    return isinstance(spec, (str, os.PathLike))
+
+
+def _check_local_data_roots(spec: SweepSpec, address_option: str) -> None:
     for root in spec.data_roots():
         if not Path(root).exists():
             raise ConfigError("data.root", root, "an existing folder on this machine (r2sweep never downloads); "
-                              "on a cluster whose workers hold it, pass --address")
+                              f"on a cluster whose workers hold it, pass {address_option}")

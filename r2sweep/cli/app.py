@@ -16,7 +16,6 @@ tracking server or Ray cluster ends it with 1, in seconds.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -63,12 +62,8 @@ def _cmd_trial(args: argparse.Namespace) -> int:
     from r2sweep.api.trial import run_trial
     from r2sweep.core.errors import ConfigError, DataNotFoundError, FileConfigError, TrialDiverged
 
+    overrides = list(args.set)  # parsed by the loader, after run_trial has checked the output folder
     try:
-        overrides = list(args.set)  # parsed by the loader, after the output folder is checked
-        # The output folder is checked first: its error names --out, not the file.
-        from r2sweep.api import options as check
-
-        check.output_folder(args.out, what="the trial's metrics.json, config.yaml and checkpoints")
         metrics = run_trial(args.file, overrides=overrides, out_dir=args.out, progress=_progress(time.perf_counter()),
                             option_names=READER_FLAGS)
     except FileConfigError as error:
@@ -104,8 +99,10 @@ def _sweep_failure(error: Exception, name: str) -> int:
 
     if isinstance(error, (FileNotFoundError, FileExistsError, ConfigError)):
         return _error(str(error))
-    if isinstance(error, ClusterUnreachable) or type(error).__name__ == "TrackingError":
-        return _error(str(error), status=1)  # (TrackingError by name: importing it loads MLflow)
+    # A TrackingError can only come once the tracking module is loaded (importing it loads MLflow).
+    tracking = sys.modules.get("r2sweep.tracking.store")
+    if isinstance(error, ClusterUnreachable) or (tracking is not None and isinstance(error, tracking.TrackingError)):
+        return _error(str(error), status=1)
     return _error(f"sweep {name} failed: {type(error).__name__}: {error}", status=1)
 
 
@@ -295,9 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # MLflow draws a progress bar for every artifact it downloads (the spec, a
-    # config): noise on a terminal, and it breaks "one line per error".
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow's progress bars are turned off where MLflow is opened (api/stores.py: quiet_mlflow).
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):

@@ -183,11 +183,12 @@ class Tracker:
         """Where a new experiment's artifacts go: the configured location, or beside a SQLite file."""
         if self.artifact_location is not None:
             return self.artifact_location
-        uri = absolute_sqlite(self.tracking_uri)
-        if not uri.startswith("sqlite:////"):
+        database = self.sqlite_file
+        if database is None:
             return None  # a server (or an in-memory store) decides itself
         folder = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:80] + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
-        return str(Path(uri.removeprefix("sqlite:///").partition("?")[0]).parent / "mlruns" / folder)
+        database = database if database.is_absolute() else database.resolve()  # as absolute_sqlite resolves it
+        return str(database.parent / "mlruns" / folder)
 
     def __repr__(self) -> str:
         return f"Tracker({self.display_uri!r})"

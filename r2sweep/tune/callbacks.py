@@ -3,7 +3,7 @@
 Tracking runs on the driver, not in the trials: only the driver needs to reach
 the tracking server, and a run is found by its trial-id tag before one is
 created, so a trial restarted after a crash, or a resumed sweep, never leaves a
-second run (Ray's own MLflow callback does; see README). Artifacts come from the
+second run (Ray's own MLflow callback does; see docs/architecture.md). Artifacts come from the
 trial's final checkpoint, which lives in the sweep's storage and so is readable
 from the driver on a cluster too.
 """
@@ -132,7 +132,7 @@ class TrackingCallback(tune.Callback):
         The sweep's results folder was deleted (or is on another machine) but its
         MLflow experiment is still there: the new trials would become children of
         the old parent run, judged by the old spec, two sweeps in one. When the Tune
-        state is there, :func:`~r2sweep.tune.tuner.run_sweep` asks for ``--resume``.
+        state is there, :func:`~r2sweep.tune.tuner.check_experiment` asks for ``--resume``.
 
         Raises:
             ConfigError: naming ``--name``, the store, and the two ways out.
