@@ -1,7 +1,8 @@
 """Low-bit downstream methods: fake quantization, PTQ (RTN, AdaRound), QAT (LSQ, EWGS), DKM.
 
 Building blocks live in their own modules (``fake``, ``fold``, ``adaround``,
-``qat``, ``dkm``, ``layers``); the whole-model pipelines are
+``qat``, ``dkm``, ``layers``, ``graph``: which layers are first and last, which
+BatchNorms fold); the whole-model pipelines are
 :func:`post_training_quantize`, :func:`quantization_aware_train` and
 :func:`dkm_compress`. ``methods`` registers each under its ``downstream.N.method``
 name with its config class (:class:`PTQConfig`, :class:`QATConfig`,
@@ -26,6 +27,7 @@ from r2sweep.core.quant.fake import (
 )
 from r2sweep.core.quant.finetune import dkm_compress, quantization_aware_train
 from r2sweep.core.quant.fold import conv_bn_pairs, fold_batchnorm, reestimate_bn
+from r2sweep.core.quant.graph import EdgeLayers, edge_layers, graph_notes
 from r2sweep.core.quant.layers import QuantLayer, bake_weights, wrap_layers
 from r2sweep.core.quant.methods import (
     DOWNSTREAM_METHODS,
@@ -39,14 +41,15 @@ from r2sweep.core.quant.ptq import post_training_quantize
 from r2sweep.core.quant.qat import EwgsQuantizer, LsqQuantizer
 
 __all__ = [
+    "DOWNSTREAM_METHODS",
     "GRANULARITIES",
     "OBSERVERS",
     "RANGES",
     "ActivationQuantizer",
     "AdaRoundSettings",
-    "DOWNSTREAM_METHODS",
     "DKMConfig",
     "DkmClusterer",
+    "EdgeLayers",
     "EwgsQuantizer",
     "LsqQuantizer",
     "MethodConfig",
@@ -59,8 +62,10 @@ __all__ = [
     "binarize",
     "conv_bn_pairs",
     "dkm_compress",
+    "edge_layers",
     "fake_quantize",
     "fold_batchnorm",
+    "graph_notes",
     "load_downstream",
     "post_training_quantize",
     "qrange",

@@ -28,18 +28,19 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from r2sweep.core.quant.fake import QuantSpec, _safe_scale, qrange, weight_qparams
+from r2sweep.core.quant.graph import CONV_TYPES
 from r2sweep.core.validate import check, is_number, require_int
 
 __all__ = [
-    "ZETA",
     "GAMMA",
-    "Grid",
-    "weight_grid",
-    "rectified_sigmoid",
-    "AdaRoundWeight",
+    "ZETA",
     "AdaRoundSettings",
+    "AdaRoundWeight",
+    "Grid",
     "adaround_layer",
     "reconstruction_error",
+    "rectified_sigmoid",
+    "weight_grid",
 ]
 
 # Stretch of the rectified sigmoid: h reaches exactly 0 and 1 at finite V, so
@@ -141,7 +142,7 @@ class AdaRoundSettings:
 
 
 def _layer_output(layer: nn.Module, x: Tensor, weight: Tensor) -> Tensor:
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, CONV_TYPES):
         return layer._conv_forward(x, weight, layer.bias)
     return F.linear(x, weight, layer.bias)
 
@@ -162,7 +163,7 @@ def adaround_layer(
     """Learn the rounding of ``layer``'s weight so that ``layer(inputs)`` matches ``targets``.
 
     Args:
-        layer: a Conv2d or Linear (not modified; its bias stays in float).
+        layer: a Conv1d/2d/3d or Linear (not modified; its bias stays in float).
         inputs: calibration inputs of the layer, ``(N, ...)``.
         targets: what the layer should output for them (the float network's
             output at this layer), same leading ``N``.

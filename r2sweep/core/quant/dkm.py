@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from r2sweep.core.validate import check, is_number, require_int
 
 __all__ = [
-    "DEFAULT_TAU",
     "DEFAULT_ITERATIONS",
+    "DEFAULT_TAU",
     "DkmClusterer",
 ]
 

@@ -1,7 +1,7 @@
 """The training-based downstream methods: QAT (LSQ, EWGS) and DKM weight clustering.
 
 Both start from a copy of the pre-trained float model, put quantizers on every
-Conv2d/Linear (see :mod:`r2sweep.core.quant.layers`) and fine-tune the whole network
+conv (1d/2d/3d) and Linear layer (see :mod:`r2sweep.core.quant.layers`) and fine-tune the whole network
 for ``epochs`` with the task loss only (no R2: the question a trial answers is
 how well an R2-pre-trained model survives a standard low-bit recipe).
 
@@ -23,13 +23,19 @@ from torch.nn import functional as F
 
 from r2sweep.core.errors import TrialDiverged
 from r2sweep.core.quant.dkm import DkmClusterer
-from r2sweep.core.quant.layers import LayerInfo, input_is_nonnegative, layer_bits, wrap_layers
+from r2sweep.core.quant.graph import edge_layers
+from r2sweep.core.quant.layers import (
+    LayerInfo,
+    input_is_nonnegative,
+    layer_bits,
+    wrap_layers,
+)
 from r2sweep.core.quant.qat import EwgsQuantizer, LsqQuantizer
 
 if TYPE_CHECKING:  # the configs import this module (their handlers run it)
     from r2sweep.core.quant.methods import DKMConfig, FineTuneConfig, QATConfig
 
-__all__ = ["quantization_aware_train", "dkm_compress", "fine_tune", "quantizer_parameters"]
+__all__ = ["dkm_compress", "fine_tune", "quantization_aware_train", "quantizer_parameters"]
 
 #: Called after each fine-tuning epoch with ``(epoch, mean task loss)``.
 EpochProgress = Callable[[int, float], None]
@@ -143,7 +149,8 @@ def quantization_aware_train(
     quantized = copy.deepcopy(model).to(device)
     calibration = calibration.to(device)
     nonnegative = input_is_nonnegative(quantized, [calibration], num_batches=1)
-    wrap_layers(quantized, *_qat_factories(cfg, weight_bits, nonnegative))
+    # ``model``'s edges (its trace is cached) are the copy's: same names, same graph.
+    wrap_layers(quantized, *_qat_factories(cfg, weight_bits, nonnegative), edge_layers(model))
     quantized.to(device)
     _initialize_quantizers(quantized, calibration)
     fine_tune(quantized, train_loader, cfg, device, on_epoch=on_epoch)
@@ -171,7 +178,7 @@ def dkm_compress(
         bits = layer_bits(info.first_or_last, weight_bits, cfg.keep_first_last_bits)
         return DkmClusterer(bits, cfg.tau, cfg.dkm_iters, cfg.cluster_dim)
 
-    wrap_layers(quantized, weight, lambda info: nn.Identity())
+    wrap_layers(quantized, weight, lambda info: nn.Identity(), edge_layers(model))
     quantized.to(device)
     fine_tune(quantized, train_loader, cfg, device, on_epoch=on_epoch)
     return quantized.eval()

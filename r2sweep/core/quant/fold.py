@@ -12,55 +12,14 @@ import copy
 from collections.abc import Iterable
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from r2sweep.core.errors import ConfigError
+from r2sweep.core.quant.graph import conv_bn_pairs
 
 __all__ = ["batch_inputs", "conv_bn_pairs", "fold_batchnorm", "reestimate_bn"]
-
-
-def _call_counts(graph: fx.Graph) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            counts[node.target] = counts.get(node.target, 0) + 1
-    return counts
-
-
-def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """``(conv name, bn name)`` of every BatchNorm2d fed only by a Conv2d that feeds nothing else.
-
-    Found on the ``torch.fx`` graph, so the pairs follow the data flow, not the
-    module order. Modules called more than once (shared) are never paired: folding
-    would change their other uses.
-
-    Raises:
-        RuntimeError: ``torch.fx`` cannot trace ``model`` (data-dependent control flow).
-    """
-    try:
-        traced = fx.symbolic_trace(model)
-    except Exception as error:  # fx raises several types; all mean "not traceable"
-        raise RuntimeError(f"fold_batchnorm needs a torch.fx-traceable model: {error}") from error
-    modules = dict(traced.named_modules())
-    calls = _call_counts(traced.graph)
-    pairs = []
-    for node in traced.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
-            continue
-        # The BN's only input is the conv: no extra positional/keyword arguments.
-        if len(node.args) != 1 or node.kwargs:
-            continue
-        source = node.args[0]
-        if not isinstance(source, fx.Node) or source.op != "call_module":
-            continue
-        if not isinstance(modules[source.target], nn.Conv2d) or len(source.users) != 1:
-            continue
-        if calls[source.target] != 1 or calls[node.target] != 1:
-            continue
-        pairs.append((source.target, node.target))
-    return pairs
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -69,7 +28,9 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+def _fold_into(conv: nn.Module, bn: _BatchNorm) -> None:
+    # fuse_conv_bn_weights reshapes BN's per-channel factors to the conv weight's
+    # dims, so Conv1d/2d/3d (and grouped convs: dim 0 is still out_channels) fold alike.
     weight, bias = fuse_conv_bn_weights(
         conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
     )
@@ -80,15 +41,20 @@ def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` in eval mode with every conv-then-BN pair folded.
 
-    Each BatchNorm2d that directly follows a Conv2d (see :func:`conv_bn_pairs`)
-    is folded into the conv's weight and bias using its running statistics and
-    replaced by ``nn.Identity()``. The copy keeps ``model``'s class and module
-    names; ``model`` itself is not changed. BNs without running statistics are
-    left in place.
+    Each BatchNorm1d/2d/3d that directly follows a conv of its dimensionality
+    (see :func:`conv_bn_pairs`) is folded into the conv's weight and bias using
+    its running statistics and replaced by ``nn.Identity()``. The copy keeps
+    ``model``'s class and module names; ``model`` itself is not changed. BNs
+    without running statistics are left in place. A model ``torch.fx`` cannot
+    trace has no pairs: the copy is returned unfolded
+    (:func:`~r2sweep.core.quant.graph.graph_notes` says so).
     """
+    # The pairs of ``model`` itself (its trace is cached across the per-epoch
+    # proxy's calls); the copy has the same module names.
+    pairs = conv_bn_pairs(model)
     folded = copy.deepcopy(model).eval()
     with torch.no_grad():
-        for conv_name, bn_name in conv_bn_pairs(folded):
+        for conv_name, bn_name in pairs:
             bn = folded.get_submodule(bn_name)
             if bn.running_mean is None or bn.running_var is None:
                 continue  # track_running_stats=False: eval uses batch stats, not foldable

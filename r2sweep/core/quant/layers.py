@@ -1,7 +1,7 @@
-"""Swapping a model's Conv2d/Linear layers for quantized ones.
+"""Swapping a model's conv (1d/2d/3d) and Linear layers for quantized ones.
 
 Every downstream method (PTQ, QAT, DKM) works on the same shape of network: each
-Conv2d and Linear becomes a :class:`QuantLayer` whose weight passes through a
+Conv1d/2d/3d and Linear becomes a :class:`QuantLayer` whose weight passes through a
 weight quantizer and whose input passes through an activation quantizer before
 the original operation runs. Quantizing a layer's *input* (rather than each
 activation function's output) covers every tensor that reaches an integer
@@ -10,46 +10,58 @@ of ResNet, without knowing the architecture.
 
 The quantizers are plain modules (``nn.Identity`` when a side stays in float),
 so one wrapper serves round-to-nearest, AdaRound, LSQ, EWGS and DKM alike.
+Which layers are the "first and last" (kept at ``keep_first_last_bits``) is
+decided on the data-flow graph, by :func:`r2sweep.core.quant.graph.edge_layers`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from r2sweep.core.quant.fold import batch_inputs
+from r2sweep.core.quant.graph import (
+    CONV_TYPES,
+    QUANTIZABLE_TYPES,
+    EdgeLayers,
+    edge_layers,
+)
 
 __all__ = [
     "QUANTIZABLE_TYPES",
     "LayerInfo",
     "QuantLayer",
-    "layer_bits",
-    "wrap_layers",
-    "quant_layers",
-    "input_is_nonnegative",
     "bake_weights",
+    "input_is_nonnegative",
+    "layer_bits",
+    "quant_layers",
+    "wrap_layers",
 ]
-
-QUANTIZABLE_TYPES = (nn.Conv2d, nn.Linear)
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """What a quantizer factory knows about the layer it quantizes."""
+    """What a quantizer factory knows about the layer it quantizes.
+
+    ``first`` and ``last`` follow the data flow (:func:`~r2sweep.core.quant.graph.edge_layers`),
+    not ``index``, which is only the layer's position in module order.
+    """
 
     name: str
     layer: nn.Module
     index: int  # position among the quantizable layers, in module order
     count: int  # number of quantizable layers
+    first: bool  # sees the model's input through no other quantizable layer
+    last: bool  # its output reaches the model's output through no other
 
     @property
     def first_or_last(self) -> bool:
-        return self.index == 0 or self.index == self.count - 1
+        """Whether this layer keeps ``keep_first_last_bits``: the one rule every factory reads."""
+        return self.first or self.last
 
     @property
     def out_channels(self) -> int:
@@ -57,7 +69,7 @@ class LayerInfo:
 
 
 class QuantLayer(nn.Module):
-    """A Conv2d or Linear that quantizes its input and its weight on every call.
+    """A Conv1d/2d/3d or Linear that quantizes its input and its weight on every call.
 
     The original layer is kept as ``self.layer`` (its weight stays the float
     master copy that QAT and DKM train); ``weight_quantizer`` maps that weight to
@@ -67,7 +79,7 @@ class QuantLayer(nn.Module):
     def __init__(self, layer: nn.Module, weight_quantizer: nn.Module, input_quantizer: nn.Module) -> None:
         super().__init__()
         if not isinstance(layer, QUANTIZABLE_TYPES):
-            raise TypeError(f"QuantLayer wraps Conv2d or Linear, got {type(layer).__name__}")
+            raise TypeError(f"QuantLayer wraps Conv1d/2d/3d or Linear, got {type(layer).__name__}")
         self.layer = layer
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
@@ -80,7 +92,8 @@ class QuantLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.input_quantizer(x)
         weight = self.quantized_weight()
-        if isinstance(self.layer, nn.Conv2d):
+        if isinstance(self.layer, CONV_TYPES):
+            # _conv_forward keeps the layer's stride, padding (mode), dilation and groups.
             return self.layer._conv_forward(x, weight, self.layer.bias)
         return F.linear(x, weight, self.layer.bias)
 
@@ -101,18 +114,29 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 QuantizerFactory = Callable[[LayerInfo], nn.Module]
 
 
-def wrap_layers(model: nn.Module, weight_quantizer: QuantizerFactory, input_quantizer: QuantizerFactory) -> nn.Module:
-    """Replace every Conv2d/Linear of ``model`` (in place) by a :class:`QuantLayer`.
+def wrap_layers(
+    model: nn.Module,
+    weight_quantizer: QuantizerFactory,
+    input_quantizer: QuantizerFactory,
+    edges: EdgeLayers | None = None,
+) -> nn.Module:
+    """Replace every Conv1d/2d/3d and Linear of ``model`` (in place) by a :class:`QuantLayer`.
 
     The factories are called once per layer with its :class:`LayerInfo` and
     return the module to use (``nn.Identity()`` keeps that side in float).
 
+    Args:
+        edges: the first and last layers; None: ``edge_layers(model)``. A
+            caller wrapping a copy passes those of the original, whose trace is cached.
+
     Returns:
         ``model``, for chaining.
     """
+    if edges is None:
+        edges = edge_layers(model)
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES)]
     for index, (name, layer) in enumerate(layers):
-        info = LayerInfo(name, layer, index, len(layers))
+        info = LayerInfo(name, layer, index, len(layers), name in edges.first, name in edges.last)
         wrapper = QuantLayer(layer, weight_quantizer(info), input_quantizer(info))
         wrapper.first_or_last = info.first_or_last
         _replace(model, name, wrapper)
@@ -126,7 +150,7 @@ def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
 
 @torch.no_grad()
 def input_is_nonnegative(model: nn.Module, batches: Iterable[object], num_batches: int = 2) -> dict[str, bool]:
-    """For each Conv2d/Linear, whether every input it saw on a few batches was >= 0.
+    """For each conv and Linear layer, whether every input it saw on a few batches was >= 0.
 
     Inputs after a ReLU are non-negative and get an unsigned activation grid
     (all ``2^b`` levels on ``[0, max]``); the others (the image, linear

@@ -27,12 +27,20 @@ from torch import Tensor, nn
 from r2sweep.core.quant.adaround import adaround_layer
 from r2sweep.core.quant.fake import ActivationQuantizer, QuantSpec, quantize_weight
 from r2sweep.core.quant.fold import conv_bn_pairs, fold_batchnorm, reestimate_bn
-from r2sweep.core.quant.layers import LayerInfo, QuantLayer, input_is_nonnegative, layer_bits, quant_layers, wrap_layers
+from r2sweep.core.quant.graph import QUANTIZABLE_TYPES, edge_layers
+from r2sweep.core.quant.layers import (
+    LayerInfo,
+    QuantLayer,
+    input_is_nonnegative,
+    layer_bits,
+    quant_layers,
+    wrap_layers,
+)
 
 if TYPE_CHECKING:  # the configs import this module (their handlers run it)
     from r2sweep.core.quant.methods import MethodConfig, PTQConfig
 
-__all__ = ["post_training_quantize", "round_to_nearest", "capture"]
+__all__ = ["capture", "post_training_quantize", "round_to_nearest"]
 
 # Calibration inputs are pushed through the network in chunks of this many samples.
 _CHUNK = 128
@@ -93,8 +101,9 @@ def post_training_quantize(
         cfg: a ``method: ptq`` entry (``algorithm`` rtn or adaround).
         weight_bits: the bit width of every layer but the first and last
             (those get ``cfg.keep_first_last_bits`` when it is set).
-        calibration: input images ``(N, C, H, W)`` for AdaRound and the
-            activation ranges (``cfg.calib_samples`` of the training set).
+        calibration: model inputs ``(N, ...)`` (images ``(N, C, H, W)``, audio
+            features ``(N, C, T)``) for AdaRound and the activation ranges
+            (``cfg.calib_samples`` of the training set).
         bn_batches: training batches for BN re-estimation (``cfg.bn_reestimate``).
         seed: AdaRound's batch sampling.
     """
@@ -104,13 +113,16 @@ def post_training_quantize(
     reference = copy.deepcopy(quantized)  # float, for AdaRound's targets
     calibration = calibration.to(next(model.parameters()).device)
     nonnegative = input_is_nonnegative(quantized, [calibration[:_CHUNK]], num_batches=1)
-    wrap_layers(quantized, lambda info: nn.Identity(), _input_quantizer_factory(cfg, nonnegative))
+    # ``model``'s edges (cached) are the copy's: folding keeps every layer's name and place.
+    edges = edge_layers(model)
+    wrap_layers(quantized, lambda info: nn.Identity(), _input_quantizer_factory(cfg, nonnegative), edges)
 
     # Weights first, with float activations (the activation quantizers pass
     # through until calibrated), so AdaRound sees each layer's true inputs.
     reference_layers = dict(reference.named_modules())
-    # Unfolded, AdaRound reconstructs each conv's BatchNorm output, not the raw conv output.
-    following_bn = dict(conv_bn_pairs(reference)) if cfg.algorithm == "adaround" and not cfg.bn_fold else {}
+    # Unfolded, AdaRound reconstructs each conv's BatchNorm output, not the raw conv output
+    # (an untraceable model has no pairs: its convs' raw outputs, then).
+    following_bn = dict(conv_bn_pairs(model)) if cfg.algorithm == "adaround" and not cfg.bn_fold else {}
     for name, wrapper in quant_layers(quantized):
         spec = _weight_spec(cfg, wrapper, weight_bits)
         weight = wrapper.layer.weight
@@ -149,13 +161,18 @@ def _calibrate_activations(model: nn.Module, calibration: Tensor) -> None:
 
 def round_to_nearest(model: nn.Module, cfg: MethodConfig, weight_bits: int) -> nn.Module:
     """Weights-only round-to-nearest on ``cfg``'s grid (:meth:`~r2sweep.core.quant.methods.MethodConfig.rounding`:
-    BN folded as it says, no re-estimation): the cheap per-epoch proxy, for an entry of any method."""
+    BN folded as it says, no re-estimation): the cheap per-epoch proxy, for an entry of any method.
+
+    The first and last layers are :func:`~r2sweep.core.quant.graph.edge_layers`'s, as in
+    :func:`post_training_quantize`, so the proxy and the real PTQ keep the same layers
+    at ``keep_first_last_bits``. ``model``'s trace is cached, so calling this every
+    epoch traces it once."""
     grid = cfg.rounding()
+    edges = edge_layers(model)
     folded = fold_batchnorm(model) if grid.bn_fold else copy.deepcopy(model).eval()
-    layers = [(n, m) for n, m in folded.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    layers = [(n, m) for n, m in folded.named_modules() if isinstance(m, QUANTIZABLE_TYPES)]
     with torch.no_grad():
-        for index, (_, layer) in enumerate(layers):
-            first_or_last = index in (0, len(layers) - 1)
-            bits = layer_bits(first_or_last, weight_bits, grid.keep_first_last_bits)
+        for name, layer in layers:
+            bits = layer_bits(edges.first_or_last(name), weight_bits, grid.keep_first_last_bits)
             layer.weight.copy_(quantize_weight(layer.weight, QuantSpec(bits, grid.symmetric, grid.granularity, grid.range)))
     return folded
