@@ -132,13 +132,18 @@ def test_unknown_model_lists_names() -> None:
 
 
 def test_register_model_extends_create_model() -> None:
+    # The factory contract: the provided values it names, then its own options (checked by name).
     @register_model("_test_linear")
-    def build(*, num_classes: int, in_channels: int, input_size: int, width: float, stem: str) -> nn.Module:
-        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * input_size**2, num_classes))
+    def build(*, num_classes: int, in_channels: int, input_size: int, hidden: int = 4) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * input_size**2, hidden), nn.Linear(hidden, num_classes))
 
     try:
         assert "_test_linear" in list_models()
-        model = create_model("_test_linear", num_classes=3, in_channels=1, input_size=8)
+        model = create_model("_test_linear", num_classes=3, in_channels=1, input_size=8, hidden=5)
         assert model(torch.zeros(4, 1, 8, 8)).shape == (4, 3)
+        assert model[1].out_features == 5
+        with pytest.raises(ConfigError, match="model.hiden") as info:
+            create_model("_test_linear", num_classes=3, in_channels=1, input_size=8, hiden=5)
+        assert "did you mean 'hidden'" in str(info.value)
     finally:
         MODELS.unregister("_test_linear")  # keep the registry as other tests expect it

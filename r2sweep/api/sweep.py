@@ -28,6 +28,7 @@ import yaml
 from r2sweep.api import options as check
 from r2sweep.api.results import SweepResult
 from r2sweep.api.stores import quiet_mlflow
+from r2sweep.core.config.inputs import with_references
 from r2sweep.core.config.overrides import PYTHON_LABEL, Overrides, apply_overrides, override_pairs
 from r2sweep.core.config.strict_yaml import load_file
 from r2sweep.core.config.sweep import SweepSpec, load_sweep_spec
@@ -113,6 +114,7 @@ def prepare_sweep(
             _check_local_data_roots(loaded, option_names["address"])  # on a cluster: its workers, once joined
         if name is None:
             check.sweep_name(loaded.name, uri_storage=is_uri(storage_text), in_file=True)
+        _check_outside_code(loaded, local=not cluster)
     except ConfigError as error:
         raise FileConfigError(os.fspath(spec), error) if _is_file(spec) else error from None
 
@@ -195,6 +197,8 @@ def _load(spec: Any, overrides: Overrides, label: str) -> tuple[SweepSpec, str]:
                         "(the file's text is what MLflow keeps); pass the path or the dict")
     try:  # the file is read once: its text is what the parent run keeps
         raw = load_file(spec) if _is_file(spec) else spec
+        if isinstance(raw, Mapping):  # callables given from Python: their references are what a file can hold
+            raw = {**raw, **with_references({k: v for k, v in raw.items() if k in ("model", "data")})}
         pairs = override_pairs(overrides, label)
         loaded = load_sweep_spec(raw, overrides=pairs, label=label,
                                  default_name=Path(spec).stem if _is_file(spec) else None)
@@ -205,6 +209,18 @@ def _load(spec: Any, overrides: Overrides, label: str) -> tuple[SweepSpec, str]:
 
 def _is_file(spec: Any) -> bool:
     return isinstance(spec, (str, os.PathLike))
+
+
+def _check_outside_code(spec: SweepSpec, *, local: bool) -> None:
+    """The user's factories and checkpoint, built and run on one batch here, before anything starts
+    (the package's own models and datasets are pinned by its tests). On a cluster whose data only
+    the workers hold, the data is not built here; the factories still import and the model still loads."""
+    from r2sweep.core.build import check_inputs, uses_outside_code
+
+    if not uses_outside_code(spec.trial):
+        return
+    if local or not spec.data_roots():
+        check_inputs(spec.trial)
 
 
 def _check_local_data_roots(spec: SweepSpec, address_option: str) -> None:

@@ -31,10 +31,11 @@ from torch import nn
 
 from r2sweep.core.checkpoint import load_checkpoint, save_atomic
 from r2sweep.core.config.trial import TrialConfig
-from r2sweep.core.data import create_data, make_loader
+from r2sweep.core.build import build_trial_data, build_trial_model, check_output, model_args, rebuild_model
+from r2sweep.core.data import make_loader
 from r2sweep.core.errors import ConfigError, TrialDiverged
-from r2sweep.core.models import create_model
 from r2sweep.core.plots import weight_histograms
+from r2sweep.core.quant.graph import graph_notes
 from r2sweep.core.quant.layers import bake_weights
 from r2sweep.core.quant.methods import DOWNSTREAM_METHODS, DownstreamContext
 from r2sweep.core.quant.ptq import round_to_nearest
@@ -44,7 +45,7 @@ from r2sweep.core.train import evaluate, pretrain, resolve_device
 __all__ = ["run_trial", "check_out_dir", "config_fingerprint", "load_pretrained", "Reporter", "Progress", "PRETRAIN_CHECKPOINT", "PRETRAINED", "HISTOGRAMS"]
 
 #: Receives a flat ``{metric: number}`` dict; see the module docstring.
-Reporter = Callable[[dict[str, float]], None]
+Reporter = Callable[[dict[str, Any]], None]
 #: Receives one human-readable line per phase (the CLI prints them).
 Progress = Callable[[str], None]
 
@@ -90,7 +91,7 @@ def run_trial(
     out_dir: str | Path | None = None,
     progress: Progress | None = None,
     device: torch.device | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Run one trial and return its final metrics (the dict of the last report).
 
     Args:
@@ -104,7 +105,10 @@ def run_trial(
         device: defaults to ``config.train.device`` (a GPU when present).
 
     A downstream fine-tuning that diverges is reported as ``<result>/diverged = 1``
-    without a ``<result>/top1``; the other results still run.
+    without a ``<result>/top1``; the other results still run. When a note was
+    logged (a non-strict ``init_from`` left tensors as initialised; a model
+    torch.fx cannot trace was quantized by its module order), the final report
+    also carries ``notes``, their text.
 
     Raises:
         TrialDiverged: pre-training produced a non-finite loss.
@@ -118,17 +122,14 @@ def run_trial(
     started = time.perf_counter()
 
     seed_everything(config.seed)
-    data = create_data(
-        config.data.name, seed=config.seed, root=config.data.root, val_fraction=config.data.val_fraction, **config.data.options
-    )
-    model = create_model(
-        config.model.name,
-        num_classes=data.num_classes,
-        in_channels=data.in_channels,
-        input_size=data.input_size,
-        width=config.model.width,
-        stem=config.model.stem,
-    )
+    data = build_trial_data(config)
+    # The checkpoint is loaded before R2 is built: its learnable margins and
+    # temperatures start from the loaded weights' ranges, not a random init's.
+    model, notes = build_trial_model(config, data)
+    check_output(model, data, "model.factory" if config.model.factory else "model.name", config.model.reference)
+    notes += graph_notes(model)
+    for note in notes:
+        progress(f"note: {note}")
     r2 = config.r2.build(model)
     train_loader = make_loader(data.train, config.train.batch_size, shuffle=True, seed=config.seed, num_workers=config.train.num_workers)
     val_loader = make_loader(data.val, _EVAL_BATCH, shuffle=False, seed=config.seed)
@@ -153,7 +154,7 @@ def run_trial(
         )
         report(metrics)
 
-    progress(f"pre-training {config.model.name} on {config.data.name} with R2 {config.r2.kind} for {config.train.epochs} epochs")
+    progress(f"pre-training {config.model.reference} on {config.data.reference} with R2 {config.r2.kind} for {config.train.epochs} epochs")
     checkpoint = out / PRETRAIN_CHECKPOINT if out is not None else None
     # The checkpoint carries the config's fingerprint: a folder reused for another
     # config is refused instead of silently resumed (the sweep gives each trial its own).
@@ -161,7 +162,7 @@ def run_trial(
         check_out_dir(config, out)
     pretrain(model, r2, train_loader, val_loader, config.train, on_epoch=on_epoch, checkpoint_path=checkpoint,
              checkpoint_owner=config_fingerprint(config), device=device)
-    final: dict[str, float] = {"time/pretrain_s": time.perf_counter() - started}
+    final: dict[str, Any] = {"time/pretrain_s": time.perf_counter() - started}
     model.eval()
     final["fp/top1"] = evaluate(model, val_loader, device)
     final.update(weight_stats(model))
@@ -170,11 +171,7 @@ def run_trial(
     if out is not None:
         # The model's constructor arguments travel with its weights, so whoever
         # loads it (the sweep driver logging the champion) needs no dataset.
-        model_args = {
-            "name": config.model.name, "num_classes": data.num_classes, "in_channels": data.in_channels,
-            "input_size": data.input_size, "width": config.model.width, "stem": config.model.stem,
-        }
-        save_atomic({"model": model.state_dict(), "model_args": model_args}, out / PRETRAINED)
+        save_atomic({"model": model.state_dict(), "model_args": model_args(config, data)}, out / PRETRAINED)
         weight_histograms(model.cpu(), out / HISTOGRAMS, title=f"pre-trained weights, R2 {config.r2.kind}")
         model.to(device)
 
@@ -201,6 +198,8 @@ def run_trial(
 
     final["time/total_s"] = time.perf_counter() - started
     final["final"] = 1
+    if notes:
+        final["notes"] = "; ".join(notes)  # text, not a metric: the sweep tags the trial's run with it
     report(dict(final))
     return final
 
@@ -209,7 +208,7 @@ def load_pretrained(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The pre-trained model a trial saved as ``pretrained.pt`` (eval mode, CPU) and its constructor arguments."""
     state = load_checkpoint(path)
     args = dict(state["model_args"])
-    model = create_model(**{k: v for k, v in args.items() if k != "name"}, name=args["name"])
+    model = rebuild_model(args)
     model.load_state_dict(state["model"])
     return model.eval(), args
 

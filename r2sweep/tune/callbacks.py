@@ -40,6 +40,8 @@ STORE_FILE = "store.json"
 #: Where the trial ran (Ray node id and host): the last node, if it was restored elsewhere.
 TAG_NODE_ID = "r2sweep.node_id"
 TAG_NODE_HOST = "r2sweep.node_host"
+#: The trial's notes (a non-strict init_from's leftovers, a model torch.fx could not trace).
+TAG_NOTES = "r2sweep.notes"
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:
@@ -207,17 +209,23 @@ class TrackingCallback(tune.Callback):
         if forgotten:
             self._record("forget", trials=forgotten)
 
+    def _params(self, trial: Any) -> dict[str, Any]:
+        # The searched values, and the fixed ones that say whose code and which checkpoint it used.
+        return {**self.spec.identity_params(), **dict(trial.config)}
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._record("trial", trial=trial.trial_id, params=dict(trial.config))
+        self._record("trial", trial=trial.trial_id, params=self._params(trial))
 
     def on_trial_restore(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._record("trial", trial=trial.trial_id, params=dict(trial.config))
+        self._record("trial", trial=trial.trial_id, params=self._params(trial))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         node = result.get("node_id")
         if node and self._nodes.get(trial.trial_id) != node:
             self._nodes[trial.trial_id] = node
             self._record("tags", trial=trial.trial_id, tags={TAG_NODE_ID: node, TAG_NODE_HOST: result.get("hostname", "")})
+        if result.get("final") and result.get("notes"):
+            self._record("tags", trial=trial.trial_id, tags={TAG_NOTES: str(result["notes"])[:4000]})
         if result.get("final"):
             metrics = {k: v for k, v in result.items() if "/" in k or k in ("diverged",)}
             step, once = 0, f"{trial.trial_id}:final"

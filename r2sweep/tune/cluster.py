@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -18,7 +19,7 @@ from r2sweep.core.errors import ConfigError
 from r2sweep.tune.ray_address import reach_ray
 from r2sweep.tune.ray_temp import local_temp_dir
 
-__all__ = ["connect", "check_resources", "check_data_roots", "ClusterError", "SKIP_RESOURCE_CHECK"]
+__all__ = ["connect", "check_resources", "check_data_roots", "trial_nodes", "ClusterError", "SKIP_RESOURCE_CHECK"]
 
 #: Set to 1 on autoscaling clusters, where nodes that fit may appear later.
 SKIP_RESOURCE_CHECK = "R2SWEEP_SKIP_RESOURCE_CHECK"
@@ -30,21 +31,24 @@ class ClusterError(ConfigError):
     """The sweep asks for something the Ray cluster cannot give (a bad-input error: exit 2)."""
 
 
-def connect(address: str | None, num_cpus: int | None) -> None:
-    """Join the cluster at ``address`` (else ``RAY_ADDRESS``), or start a local Ray."""
+def connect(address: str | None, num_cpus: int | None, runtime_env: Mapping[str, Any] | None = None) -> None:
+    """Join the cluster at ``address`` (else ``RAY_ADDRESS``), or start a local Ray, with ``runtime_env``
+    for every worker of the job (a Ray the caller already started keeps its own: the import check then
+    says whether the user's code reached the workers)."""
     if ray.is_initialized():
         return
+    env = dict(runtime_env) if runtime_env else None
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         # Ray retries an address nobody answers at for minutes; this fails in seconds
         # (ClusterUnreachable, naming the address and the fix; a malformed one: OptionError).
         reach_ray(address)
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, runtime_env=env)
     else:
         # "local": a new Ray of our own, never a cluster some earlier `ray start`
         # left in Ray's address file; its temp folder short enough for Ray's sockets.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, _temp_dir=local_temp_dir())
+                 configure_logging=False, _temp_dir=local_temp_dir(), runtime_env=env)
 
 
 def _alive_nodes() -> list[dict]:
@@ -89,19 +93,24 @@ def _missing(paths: Sequence[str]) -> list[str]:
     return [p for p in paths if not Path(p).exists()]
 
 
+def trial_nodes() -> list[dict]:
+    """The alive nodes that can run a trial."""
+    return _worker_nodes(_alive_nodes())
+
+
 def _worker_nodes(nodes: Iterable[dict]) -> list[dict]:
     """Nodes that can run a trial (any CPU); the head of a cluster often has none."""
     return [n for n in nodes if n.get("Resources", {}).get("CPU", 0) > 0]
 
 
-def check_data_roots(roots: Sequence[str]) -> None:
-    """Fail unless every data root exists on every node that can run a trial.
+def check_data_roots(roots: Sequence[str], field: str = "data.root") -> None:
+    """Fail unless every path in ``roots`` exists on every node that can run a trial.
 
-    Trials read ``data.root`` where they run, not where the driver runs: on a
-    cluster the folder must be mounted on each worker (the driver need not have it).
+    Trials read ``data.root`` (and ``model.init_from``) where they run, not where the
+    driver runs: on a cluster the path must be mounted on each worker.
 
     Raises:
-        ClusterError: naming ``data.root``, the missing path and the nodes.
+        ClusterError: naming ``field``, the missing path and the nodes.
     """
     roots = sorted(set(roots))
     if not roots:
@@ -120,8 +129,8 @@ def check_data_roots(roots: Sequence[str]) -> None:
     if absent:
         root, where = next(iter(sorted(absent.items())))
         raise ClusterError(
-            "data.root",
+            field,
             root,
-            f"a folder that exists on every Ray node that runs trials; it is missing on "
+            f"a path that exists on every Ray node that runs trials; it is missing on "
             f"{len(where)} of {len(nodes)} (node {', '.join(where)}). Mount it there, or fix the path",
         )

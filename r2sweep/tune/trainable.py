@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from ray import tune
 from r2sweep.core.checkpoint import write_text_atomic
 from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import TrialDiverged
+from r2sweep.core.factories import install_callables
 from r2sweep.core.trial import HISTOGRAMS, PRETRAIN_CHECKPOINT, PRETRAINED, run_trial
 
 __all__ = ["trainable", "TRIAL_CONFIG", "TRIAL_ARTIFACTS"]
@@ -30,8 +32,13 @@ TRIAL_CONFIG = "trial_config.yaml"
 TRIAL_ARTIFACTS = (PRETRAINED, HISTOGRAMS, TRIAL_CONFIG)
 
 
-def trainable(config: dict[str, Any], spec: SweepSpec) -> None:
-    """The Tune function trainable: one r2sweep trial with the sampled values written in."""
+def trainable(config: dict[str, Any], spec: SweepSpec, callables: Mapping[str, Any] | None = None) -> None:
+    """The Tune function trainable: one r2sweep trial with the sampled values written in.
+
+    ``callables``: the driver's factories given from Python that do not import by name,
+    installed before the trial's config is loaded (it resolves them).
+    """
+    install_callables(callables or {})
     cpus = int(max(1, spec.settings.resources_per_trial.get("cpu", 1)))
     torch.set_num_threads(cpus)  # a trial's share of the node, not every core
     trial_config = spec.trial_config(config)

@@ -25,8 +25,9 @@ from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.locations import join
 from r2sweep.core.outcome import FINISHED, decide_outcome
-from r2sweep.tune.cluster import check_data_roots, check_resources, connect
+from r2sweep.tune.cluster import check_data_roots, check_resources, connect, trial_nodes
 from r2sweep.tune.experiment_files import ExperimentFolder
+from r2sweep.tune.runtime_env import check_imports, runtime_env_for, shipped_callables
 from r2sweep.tune.search import tune_config
 from r2sweep.tune.state_repairs import backup_tuner_state, repair_tune_state
 from r2sweep.tune.trainable import trainable
@@ -106,8 +107,9 @@ def run_experiment(
         say: where a line about mended Tune state goes (default: nowhere).
 
     Raises:
-        ClusterError: no node can hold one trial's resources, or a data root is
-            missing on a node that runs trials (checked before any trial starts).
+        ClusterError: no node can hold one trial's resources, or a data root or
+            checkpoint is missing on a node that runs trials (checked before any trial starts).
+        ConfigError: a factory of the user's does not import on a node (its code did not travel).
     """
     name = name or spec.name
     experiment = experiment_path(storage, name)
@@ -124,11 +126,15 @@ def run_experiment(
     # own progress (ProgressCallback).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     folder = ExperimentFolder(experiment)
-    connect(address, num_cpus)
+    connect(address, num_cpus, runtime_env_for(spec))
     resources = {k: float(v) for k, v in spec.settings.resources_per_trial.items() if float(v) > 0}
     check_resources(resources)
-    check_data_roots(spec.data_roots())
-    function = tune.with_resources(tune.with_parameters(trainable, spec=spec), resources)
+    for field, paths in spec.shared_paths().items():
+        check_data_roots(paths, field)
+    check_imports(spec, trial_nodes())
+    # Callables given from Python that do not import by name travel with the trainable, by value.
+    trial = tune.with_parameters(trainable, spec=spec, callables=shipped_callables(spec))
+    function = tune.with_resources(trial, resources)
     if resume:
         for line in repair_tune_state(folder):
             if say is not None:

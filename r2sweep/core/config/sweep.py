@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from r2sweep.core.config.inputs import with_references
 from r2sweep.core.config.consistency import check_consistency, max_epochs, refuse_ineffective_overrides
 from r2sweep.core.config.overrides import PYTHON_LABEL, Overrides, apply_overrides, override_pairs
 from r2sweep.core.config.search import SearchParam, load_param, load_start_points, mapping_at, validate_values
@@ -78,6 +79,10 @@ class SweepSettings:
     # earlier sweep's winner, a paper's setting) is then measured rather than hoped
     # for. Each maps searched parameters to values; the others are sampled.
     start_points: tuple[Mapping[str, Any], ...] = ()
+    # Ray's runtime environment for the sweep's workers (py_modules, working_dir, pip,
+    # env_vars, ...): how the user's code reaches nodes that do not have it installed.
+    # A factory module in the working directory is added to py_modules automatically.
+    runtime_env: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         require_int("sweep.num_samples", self.num_samples, 1)
@@ -95,6 +100,14 @@ class SweepSettings:
             check(isinstance(key, str), where, value, "a resource name (cpu, gpu or a custom one)")
             check(is_number(value) and value >= 0 and math.isfinite(value), where, value, "a number >= 0")
         check(resources.get("cpu", 1) > 0, "sweep.resources_per_trial.cpu", resources.get("cpu"), "a number > 0")
+        env = mapping_at(self.runtime_env, "sweep.runtime_env", "{py_modules: [my_pkg], env_vars: {KEY: value}}")
+        for key in ("py_modules", "excludes"):
+            if key in env:
+                value = env[key]
+                check(isinstance(value, list) and all(isinstance(v, str) for v in value), f"sweep.runtime_env.{key}",
+                      value, "a list of paths (folders or .py files) or URIs")
+        if "working_dir" in env:
+            check(isinstance(env["working_dir"], str), "sweep.runtime_env.working_dir", env["working_dir"], "a folder's path or a URI")
         gpu = resources.get("gpu", 0)
         check(gpu <= 1 or float(gpu).is_integer(), "sweep.resources_per_trial.gpu", gpu,
               "a fraction of one GPU (0-1) or a whole number of GPUs")
@@ -152,6 +165,31 @@ class SweepSpec:
 
     def trial_config(self, sampled: Mapping[str, Any]) -> TrialConfig:
         return load_trial_config(self.trial_mapping(sampled))
+
+    def factory_references(self) -> list[str]:
+        """Every ``module:function`` a trial of this sweep may call (the base's, and searched ones)."""
+        refs = [r for r in (self.trial.model.factory, self.trial.data.factory) if r]
+        for param in self.params:
+            if param.path in ("model.factory", "data.factory"):
+                refs.extend(str(v) for v in param.values if v)
+        return list(dict.fromkeys(refs))
+
+    def identity_params(self) -> dict[str, Any]:
+        """Fixed values that say whose code and which weights a trial used, logged with its
+        searched values as MLflow params: two checkpoints never look like one experiment."""
+        model, data = self.trial.model, self.trial.data
+        values = {"model.factory": model.factory, "data.factory": data.factory,
+                  "model.init_from": model.init_from, "model.init_from_sha256": model.init_from_sha256}
+        searched = {p.path for p in self.params}
+        return {k: v for k, v in values.items() if v is not None and k not in searched}
+
+    def shared_paths(self) -> dict[str, list[str]]:
+        """Files every node that runs trials must see, by field: ``data.root`` folders, ``model.init_from`` files."""
+        paths = {"data.root": self.data_roots(), "model.init_from": [self.trial.model.init_from] if self.trial.model.init_from else []}
+        for param in self.params:
+            if param.path == "model.init_from":
+                paths["model.init_from"].extend(os.path.abspath(str(v)) for v in param.values if v)
+        return {k: sorted(set(v)) for k, v in paths.items() if v}
 
     def data_roots(self) -> list[str]:
         """Every ``data.root`` a trial of this sweep may read (absolute paths)."""
@@ -268,10 +306,15 @@ def _load_sweep_spec(data: Any, *, default_name: str) -> SweepSpec:
     reject_unknown(data, _TOP_LEVEL, str, what="section")
     name = data.get("name", default_name)
     check(isinstance(name, str) and name.strip() != "" and "/" not in name, "name", name, "a non-empty sweep name without '/'")
-    base = {k: v for k, v in data.items() if k in TRIAL_SECTIONS}
+    # Callables given from Python become their references: the base is dumped, logged and shipped.
+    base = with_references({k: v for k, v in data.items() if k in TRIAL_SECTIONS})
     if isinstance(base.get("data"), Mapping) and "root" in base["data"]:
         base["data"] = {**base["data"], "root": _absolute_root(base["data"]["root"])}
     trial = load_trial_config(base)
+    search_paths = set((data.get("search") or {}) if isinstance(data.get("search"), Mapping) else ())
+    if trial.model.init_from is not None and "model.init_from" not in search_paths:
+        # Every trial starts from the bytes the driver checked: a file changed mid-sweep is refused on the worker.
+        base["model"] = {**base["model"], "init_from": trial.model.init_from, "init_from_sha256": trial.model.init_from_sha256}
     objectives = _load_objectives(data.get("objective"), trial)
     base, trial = _proxy_for_objective(base, trial, objectives[0])
     search = mapping_at(data.get("search") or {}, "search", "{r2.strength: {loguniform: [1.0e-4, 1.0]}}")

@@ -21,13 +21,11 @@ from typing import Any, ClassVar, Optional
 
 from r2sweep.core.config import strict_yaml
 from r2sweep.core.config.overrides import PYTHON_LABEL, Overrides, apply_overrides, override_field, override_pairs, override_word
+from r2sweep.core.config.inputs import DataConfig, ModelConfig
 from r2sweep.core.config.sections import R2Config, TrainConfig, from_dict, to_dict
-from r2sweep.core.data import DATASETS, dataset_options
 from r2sweep.core.errors import ConfigError, FileConfigError
-from r2sweep.core.models import MODELS
-from r2sweep.core.models.registry import STEMS
 from r2sweep.core.quant.methods import MethodConfig, load_downstream
-from r2sweep.core.validate import check, reject_unknown, require_int
+from r2sweep.core.validate import check, require_int
 
 __all__ = [
     "DataConfig",
@@ -39,58 +37,6 @@ __all__ = [
     "load_trial_config",
     "read_yaml",
 ]
-
-
-@dataclass
-class DataConfig:
-    """``data:``: a registered dataset; keys other than these are the dataset's own options."""
-
-    section: ClassVar[str] = "data"
-
-    name: str = "digits"
-    root: Optional[str] = None
-    val_fraction: Optional[float] = None
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        check(self.name in DATASETS.names(), "data.name", self.name, f"one of {DATASETS.names()} (r2sweep list data)")
-        known = ["name", "root", "val_fraction", *sorted(dataset_options(self.name))]
-        reject_unknown(self.options, known, lambda key: f"data.{key}")  # known: what this dataset takes
-        if self.val_fraction is not None:
-            check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "a number strictly between 0 and 1, or null")
-
-    @classmethod
-    def from_mapping(cls, data: Any) -> DataConfig:
-        if data is None:
-            data = {}
-        check(isinstance(data, Mapping), "data", data, "a mapping such as {name: digits}")
-        own = {k: v for k, v in data.items() if k in ("name", "root", "val_fraction")}
-        options = {k: v for k, v in data.items() if k not in own}
-        config = from_dict(cls, own, "data")
-        config.options = options
-        config.__post_init__()
-        return config
-
-    def to_mapping(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "root": self.root, "val_fraction": self.val_fraction}
-        out.update(self.options)
-        return out
-
-
-@dataclass
-class ModelConfig:
-    """``model:``: a registered architecture, its width multiplier and stem."""
-
-    section: ClassVar[str] = "model"
-
-    name: str = "small_cnn"
-    width: float = 1.0
-    stem: str = "auto"
-
-    def __post_init__(self) -> None:
-        check(self.name in MODELS.names(), "model.name", self.name, f"one of {MODELS.names()} (r2sweep list model)")
-        check(self.width > 0, "model.width", self.width, "a number > 0")
-        check(self.stem in STEMS, "model.stem", self.stem, f"one of {list(STEMS)}")
 
 
 #: ``proxy.result`` meaning "the float model's validation accuracy" (no quantization).
@@ -170,7 +116,7 @@ class TrialConfig:
         return {
             "seed": self.seed,
             "data": self.data.to_mapping(),
-            "model": to_dict(self.model),
+            "model": self.model.to_mapping(),
             "train": to_dict(self.train),
             "r2": to_dict(self.r2),
             "downstream": [entry.to_mapping() for entry in self.downstream],
@@ -222,7 +168,7 @@ def _load_trial_config(data: Any) -> TrialConfig:
     return TrialConfig(
         seed=seed,
         data=DataConfig.from_mapping(data.get("data")),
-        model=from_dict(ModelConfig, data.get("model")),
+        model=ModelConfig.from_mapping(data.get("model")),
         train=from_dict(TrainConfig, data.get("train")),
         r2=from_dict(R2Config, data.get("r2")),
         downstream=load_downstream(data.get("downstream")),

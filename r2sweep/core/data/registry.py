@@ -1,16 +1,18 @@
-"""The dataset registry, :class:`DataSplits` and :func:`create_data`.
+"""The dataset registry, :func:`build_data` and :func:`create_data`.
 
-A dataset builder is a function with keyword-only parameters ``seed``,
-``root`` and ``val_fraction`` plus its own options; the option names are read
-off its signature, so ``data.<option>`` typos are caught here, once, for every
-dataset, instead of being silently ignored by ``**kwargs``.
+Every entry follows the dataset-factory contract (:mod:`r2sweep.core.factories`):
+called with keyword arguments, ``seed``, ``root`` and ``val_fraction`` when its
+signature names them, plus its own options (read off the signature, so a
+``data.<option>`` typo is caught here, once, for every dataset), it returns what
+:func:`~r2sweep.core.data.splits.as_splits` accepts. A user's ``data.factory`` and
+an installed plugin (entry-point group ``r2sweep.datasets``) follow the same
+contract. The package's datasets name all three and return :class:`DataSplits`.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
 from numbers import Real
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,13 +20,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
+from r2sweep.core.data.splits import DataSplits, as_splits
 from r2sweep.core.errors import ConfigError
+from r2sweep.core.factories import call_factory, check_options, factory_signature
 from r2sweep.core.registry import Registry
 from r2sweep.core.validate import require_int
 
 __all__ = [
     "DataSplits",
     "DATASETS",
+    "PROVIDED",
+    "build_data",
     "register_dataset",
     "create_data",
     "list_datasets",
@@ -34,41 +40,22 @@ __all__ = [
     "TransformSubset",
 ]
 
-#: Parameters every builder receives; everything else in its signature is an option.
-_COMMON = ("seed", "root", "val_fraction")
-
-
-@dataclass(frozen=True)
-class DataSplits:
-    """A dataset's train and validation splits plus what a model needs to know about them.
-
-    Attributes:
-        train: yields ``(x, y)`` with ``x`` a float32 ``(C, H, W)`` tensor and ``y`` an int.
-        val: same, without random augmentation.
-        num_classes: number of labels (labels are ``0 .. num_classes - 1``).
-        in_channels: ``C``.
-        input_size: the square side ``H == W`` in pixels.
-    """
-
-    train: Dataset
-    val: Dataset
-    num_classes: int
-    in_channels: int
-    input_size: int
+#: What r2sweep gives a dataset factory (each only when its signature names it); the rest are its options.
+PROVIDED = ("seed", "root", "val_fraction")
 
 
 DataBuilder = Callable[..., DataSplits]
 
-DATASETS: Registry[DataBuilder] = Registry("data.name")
+DATASETS: Registry[DataBuilder] = Registry("data.name", entry_points="r2sweep.datasets")
 
 
 def register_dataset(name: str) -> Callable[[DataBuilder], DataBuilder]:
-    """Decorator registering a dataset builder under ``name`` (the value of ``data.name``).
+    """Decorator registering a dataset factory under ``name`` (the value of ``data.name``), by the contract.
 
-    The builder must take keyword-only ``seed: int``, ``root: str | None`` and
-    ``val_fraction: float | None`` (``None``: the dataset's own default), and
-    may declare further keyword-only options with defaults; those are the only
-    ``data.*`` options :func:`create_data` lets through.
+    The package's own datasets take keyword-only ``seed: int``, ``root: str | None``
+    and ``val_fraction: float | None`` (``None``: the dataset's own default) and
+    further options with defaults; those are the only ``data.*`` options
+    :func:`create_data` lets through.
     """
     return DATASETS.register(name)
 
@@ -80,12 +67,36 @@ def list_datasets() -> list[str]:
 
 def dataset_options(name: str) -> dict[str, Any]:
     """The options of dataset ``name`` with their defaults (``data.name`` must be registered)."""
-    builder = DATASETS.get(name)
-    return {
-        p.name: p.default
-        for p in inspect.signature(builder).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _COMMON
-    }
+    return factory_signature("data.name", DATASETS.get(name)).options(PROVIDED)
+
+
+def build_data(
+    factory: DataBuilder,
+    *,
+    field: str,
+    reference: str,
+    seed: int,
+    root: str | None,
+    val_fraction: float | None,
+    options: Mapping[str, Any],
+) -> DataSplits:
+    """Call a dataset factory by the contract and turn what it returned into :class:`DataSplits`.
+
+    ``root`` and ``val_fraction`` reach a factory that names them; one set for a
+    factory that does not is refused, as an unknown option is.
+
+    Raises:
+        ConfigError: naming ``data.<option>``, or ``field`` when the factory raised or
+            returned something else (:func:`~r2sweep.core.data.splits.as_splits`).
+    """
+    signature = factory_signature(field, factory)
+    check_options("data", reference, signature, PROVIDED, options)
+    for key, value in (("root", root), ("val_fraction", val_fraction)):
+        if value is not None and key not in signature.names:
+            raise ConfigError(f"data.{key}", value, f"null: {reference} takes no {key} (its options are "
+                              f"{sorted(signature.options(PROVIDED))})")
+    provided = {"seed": seed, "root": root, "val_fraction": val_fraction}
+    return as_splits(field, call_factory(field, reference, factory, signature, provided, options))
 
 
 def create_data(
@@ -114,13 +125,6 @@ def create_data(
         DataNotFoundError: the dataset's files are not under ``root``.
     """
     builder = DATASETS.get(name)
-    allowed = dataset_options(name)
-    for option in options:
-        if option not in allowed:
-            raise ConfigError(
-                f"data.{option}", options[option],
-                f"dataset {name!r} has no option {option!r}; its options are {sorted(allowed)}",
-            )
     seed = require_int("seed", seed, 0)
     if val_fraction is not None and (
         isinstance(val_fraction, bool)
@@ -128,12 +132,9 @@ def create_data(
         or not 0.0 < float(val_fraction) < 1.0
     ):
         raise ConfigError("data.val_fraction", val_fraction, "a number strictly between 0 and 1, or null")
-    return builder(
-        seed=seed,
-        root=None if root is None else os.fspath(root),
-        val_fraction=None if val_fraction is None else float(val_fraction),
-        **options,
-    )
+    return build_data(builder, field="data.name", reference=name, seed=seed,
+                      root=None if root is None else os.fspath(root),
+                      val_fraction=None if val_fraction is None else float(val_fraction), options=options)
 
 
 def require_root(root: str | None, dataset: str) -> Path:

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from r2sweep.core.models.registry import init_conv_bn_, register_model, scale_channels
+from r2sweep.core.models.registry import init_conv_bn_, register_builtin, scale_channels
 
 __all__ = ["DepthwiseSeparable", "MobileNetV1", "build_mobilenet_v1", "build_mobilenet_v2"]
 
@@ -93,7 +93,7 @@ class MobileNetV1(nn.Module):
         return self.classifier(x)
 
 
-@register_model("mobilenet_v1")
+@register_builtin("mobilenet_v1")
 def build_mobilenet_v1(
     *, num_classes: int, in_channels: int, input_size: int, width: float, stem: str
 ) -> nn.Module:
@@ -101,7 +101,7 @@ def build_mobilenet_v1(
     return MobileNetV1(num_classes, in_channels=in_channels, width=width, stem=stem)
 
 
-@register_model("mobilenet_v2")
+@register_builtin("mobilenet_v2")
 def build_mobilenet_v2(
     *, num_classes: int, in_channels: int, input_size: int, width: float, stem: str
 ) -> nn.Module:

@@ -1,27 +1,39 @@
 """The model registry and :func:`create_model`, the one way the rest of r2sweep builds a network.
 
-Builders registered here receive already-validated arguments and a *resolved*
-stem (``"small"`` or ``"imagenet"``, never ``"auto"``), so each architecture
-module only has to translate them into layers.
+Every entry follows the model-factory contract (:mod:`r2sweep.core.factories`):
+called with keyword arguments, ``num_classes``, ``in_channels`` and ``input_size``
+when its signature names them, plus its own options, it returns an ``nn.Module``
+mapping ``(N, in_channels, input_size, input_size)`` to ``(N, num_classes)``. A
+user's ``model.factory`` and an installed plugin (entry-point group
+``r2sweep.models``) follow the same contract, so there is one way to build a model.
+
+The package's own architectures take two options, ``width`` and ``stem``; they are
+registered with :func:`register_builtin`, which checks both and resolves
+``stem: auto`` from the input size before the architecture module sees them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from numbers import Real
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from torch import nn
 
 from r2sweep.core.errors import ConfigError
+from r2sweep.core.factories import call_factory, check_options, factory_signature
 from r2sweep.core.registry import Registry
 from r2sweep.core.validate import require_int
 
 __all__ = [
     "init_conv_bn_",
     "ModelBuilder",
+    "PROVIDED",
     "STEMS",
     "MODELS",
+    "build_model",
+    "register_builtin",
     "register_model",
     "create_model",
     "list_models",
@@ -37,26 +49,56 @@ STEMS = ("auto", "small", "imagenet")
 _SMALL_STEM_MAX_INPUT = 64
 
 
+#: What r2sweep gives a model factory (each only when its signature names it).
+PROVIDED = ("num_classes", "in_channels", "input_size")
+
+
 class ModelBuilder(Protocol):
-    """Signature every registered builder implements (all arguments keyword)."""
+    """The shape of a built-in architecture's builder (:func:`register_builtin`)."""
 
     def __call__(
         self, *, num_classes: int, in_channels: int, input_size: int, width: float, stem: str
     ) -> nn.Module: ...
 
 
-MODELS: Registry[ModelBuilder] = Registry("model.name")
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model.name", entry_points="r2sweep.models")
 
 
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Decorator registering a builder under ``name`` (the value of ``model.name``).
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering a model factory under ``name`` (the value of ``model.name``), by the contract.
 
-    The builder is called with keyword arguments ``num_classes``, ``in_channels``,
-    ``input_size``, ``width`` and ``stem`` (``"small"`` or ``"imagenet"``) and
-    must return a module mapping ``(N, in_channels, input_size, input_size)``
-    floats to ``(N, num_classes)`` logits.
+    >>> @register_model("tiny_mlp")                                     # doctest: +SKIP
+    ... def tiny_mlp(*, num_classes, in_channels, input_size, hidden=64):
+    ...     return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * input_size**2, hidden),
+    ...                          nn.ReLU(), nn.Linear(hidden, num_classes))
     """
     return MODELS.register(name)
+
+
+def register_builtin(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Register one of the package's architectures: a factory with the options ``width`` and ``stem``.
+
+    The builder itself receives ``width`` checked (> 0, finite) and ``stem``
+    resolved (``"small"`` or ``"imagenet"``, never ``"auto"``).
+    """
+
+    def add(builder: ModelBuilder) -> ModelBuilder:
+        # Not functools.wraps: inspect.signature would follow __wrapped__ to the builder's
+        # signature, and the factory's own one (width and stem with defaults) is the contract.
+        def factory(*, num_classes: int, in_channels: int, input_size: int, width: float = 1.0,
+                    stem: str = "auto") -> nn.Module:
+            if isinstance(width, bool) or not isinstance(width, Real) or not math.isfinite(width) or width <= 0:
+                raise ConfigError("model.width", width, "a finite number > 0 (1.0 = published widths)")
+            return builder(num_classes=num_classes, in_channels=in_channels, input_size=input_size,
+                           width=float(width), stem=resolve_stem(stem, input_size))
+
+        factory.__name__ = factory.__qualname__ = builder.__name__
+        factory.__doc__ = builder.__doc__
+        factory.__module__ = builder.__module__
+        MODELS.register(name)(factory)
+        return builder
+
+    return add
 
 
 def list_models() -> list[str]:
@@ -101,14 +143,42 @@ def init_conv_bn_(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def build_model(
+    factory: Callable[..., Any],
+    *,
+    field: str,
+    reference: str,
+    num_classes: int,
+    in_channels: int,
+    input_size: int,
+    options: Mapping[str, Any],
+) -> nn.Module:
+    """Call a model factory by the contract and check that it returned a module.
+
+    Args:
+        field: what errors name: ``model.name`` (a registered entry) or ``model.factory``.
+        reference: the name or ``module:function`` (shown in errors).
+
+    Raises:
+        ConfigError: an unknown or missing option (``model.<option>``), the factory raised,
+            or it did not return an ``nn.Module``.
+    """
+    signature = factory_signature(field, factory)
+    check_options("model", reference, signature, PROVIDED, options)
+    provided = {"num_classes": num_classes, "in_channels": in_channels, "input_size": input_size}
+    model = call_factory(field, reference, factory, signature, provided, options)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(field, reference, f"a factory that returns a torch.nn.Module; it returned a {type(model).__name__}")
+    return model
+
+
 def create_model(
     name: str,
     *,
     num_classes: int,
     in_channels: int = 3,
     input_size: int = 32,
-    width: float = 1.0,
-    stem: str = "auto",
+    **options: Any,
 ) -> nn.Module:
     """Build a freshly initialised model.
 
@@ -116,11 +186,11 @@ def create_model(
         name: a registered model name, see :func:`list_models`.
         num_classes: number of output logits (>= 2).
         in_channels: channels of the input images (>= 1).
-        input_size: side of the square input in pixels (>= 4); picks the stem
-            when ``stem="auto"`` and lets models size their downsampling.
-        width: channel multiplier (> 0); 1.0 is the published architecture.
-        stem: ``"auto"`` (``"small"`` for inputs up to 64 px, else ``"imagenet"``),
-            ``"small"`` (stride-1 first layer, no max-pool) or ``"imagenet"``.
+        input_size: side of the square input in pixels (>= 4).
+        **options: the model's own options. The package's architectures take
+            ``width`` (> 0, default 1.0: the published architecture) and ``stem``
+            (``"auto"``: ``"small"`` for inputs up to 64 px, else ``"imagenet"``;
+            ``"small"``: stride-1 first layer, no max-pool; or ``"imagenet"``).
 
     Returns:
         A module mapping ``(N, in_channels, input_size, input_size)`` float
@@ -129,22 +199,9 @@ def create_model(
     Raises:
         ConfigError: an argument is invalid; the message names the ``model.*`` field.
     """
-    builder = MODELS.get(name)
+    factory = MODELS.get(name)
     num_classes = require_int("model.num_classes", num_classes, 2)
     in_channels = require_int("model.in_channels", in_channels, 1)
     input_size = require_int("model.input_size", input_size, 4)
-    if (
-        isinstance(width, bool)
-        or not isinstance(width, Real)
-        or not math.isfinite(width)
-        or width <= 0
-    ):
-        raise ConfigError("model.width", width, "a finite number > 0 (1.0 = published widths)")
-    resolved = resolve_stem(stem, input_size)
-    return builder(
-        num_classes=num_classes,
-        in_channels=in_channels,
-        input_size=input_size,
-        width=float(width),
-        stem=resolved,
-    )
+    return build_model(factory, field="model.name", reference=name, num_classes=num_classes,
+                       in_channels=in_channels, input_size=input_size, options=options)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
-from r2sweep.core.models.registry import init_conv_bn_, register_model, scale_channels
+from r2sweep.core.models.registry import init_conv_bn_, register_builtin, scale_channels
 
 __all__ = ["ResNet", "build_resnet18"]
 
@@ -83,7 +83,7 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
-@register_model("resnet18")
+@register_builtin("resnet18")
 def build_resnet18(
     *, num_classes: int, in_channels: int, input_size: int, width: float, stem: str
 ) -> nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from r2sweep.core.models.registry import init_conv_bn_, register_model, scale_channels
+from r2sweep.core.models.registry import init_conv_bn_, register_builtin, scale_channels
 
 __all__ = ["SmallCNN", "build_small_cnn"]
 
@@ -67,7 +67,7 @@ class SmallCNN(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-@register_model("small_cnn")
+@register_builtin("small_cnn")
 def build_small_cnn(
     *, num_classes: int, in_channels: int, input_size: int, width: float, stem: str
 ) -> nn.Module:

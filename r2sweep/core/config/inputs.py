@@ -1,0 +1,219 @@
+"""The ``data:`` and ``model:`` sections: what a trial trains, the package's own or the user's.
+
+Either section names a registered entry (``name: resnet18``; the package's own,
+or an installed plugin's) or the user's code (``factory: "my_pkg.nets:build"``, or
+from Python the callable itself); every other key is that factory's own option,
+checked against its signature here, when the file is loaded, so a misspelled
+option is an error naming it before anything runs. ``model.init_from`` names a
+checkpoint to start from; its content hash is part of the config, so two
+checkpoints never look like one experiment, and a checkpoint that changes after
+a sweep started is refused instead of silently used.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+from r2sweep.core.config.sections import from_dict
+from r2sweep.core.data import DATASETS
+from r2sweep.core.data.registry import PROVIDED as DATA_PROVIDED
+from r2sweep.core.errors import ConfigError
+from r2sweep.core.factories import Signature, check_options, factory_signature, reference_of, resolve_reference
+from r2sweep.core.locations import is_uri
+from r2sweep.core.models import MODELS
+from r2sweep.core.models.registry import PROVIDED as MODEL_PROVIDED
+from r2sweep.core.models.registry import STEMS
+from r2sweep.core.validate import check
+
+__all__ = ["DataConfig", "ModelConfig", "with_references"]
+
+
+def with_references(sections: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of trial sections with any callable ``model.factory``/``data.factory`` replaced by its reference
+    text: what a YAML dump, an MLflow run and a Ray worker can carry."""
+    out = dict(sections)
+    for section in ("model", "data"):
+        body = out.get(section)
+        if isinstance(body, Mapping) and callable(body.get("factory")):
+            out[section] = {**body, "factory": reference_of(f"{section}.factory", body["factory"])}
+    return out
+
+
+def _entry(section: str, name: str | None, factory: str | None, registry: Any, default: str) -> tuple[str, str, Any]:
+    """(the field errors name, the reference shown, the callable) of a section's name or factory."""
+    if name is not None and factory is not None:
+        raise ConfigError(f"{section}.factory", factory, f"either {section}.name (a registered {section}) or "
+                          f"{section}.factory (your own code), not both: drop {section}.name")
+    if factory is not None:
+        return f"{section}.factory", factory, resolve_reference(f"{section}.factory", factory)
+    name = default if name is None else name
+    check(isinstance(name, str) and name in registry, f"{section}.name", name,
+          f"one of {registry.names()} (r2sweep list {section}), or {section}.factory: 'module:function'")
+    return f"{section}.name", name, registry.get(name)
+
+
+def _with_defaults(signature: Signature, provided: tuple[str, ...], options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options in signature order with every default filled in, so one model reads as one mapping
+    (``{name: resnet18}`` and ``{name: resnet18, width: 1.0}`` are the same experiment)."""
+    out: dict[str, Any] = {}
+    for key, default in signature.options(provided).items():
+        if key in options:
+            value = options[key]
+            # An int where the default is a float is that float (width: 1 is width: 1.0).
+            out[key] = float(value) if isinstance(default, float) and type(value) is int else value
+        elif default is not inspect.Parameter.empty:
+            out[key] = default
+    out.update({k: v for k, v in options.items() if k not in out})  # a **kwargs factory's extras
+    return out
+
+
+@dataclass
+class DataConfig:
+    """``data:``: a registered dataset (``name``) or the user's ``factory``; other keys are its options."""
+
+    section: ClassVar[str] = "data"
+    own_keys: ClassVar[tuple[str, ...]] = ("name", "factory", "root", "val_fraction")
+
+    name: Optional[str] = None
+    factory: Optional[str] = None
+    root: Optional[str] = None
+    val_fraction: Optional[float] = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.factory is not None:
+            self.factory = reference_of("data.factory", self.factory)
+        where, reference, builder = _entry("data", self.name, self.factory, DATASETS, "digits")
+        if self.factory is None:
+            self.name = reference
+        signature = factory_signature(where, builder)
+        keys = [where.split(".")[1], *(key for key in ("root", "val_fraction") if key in signature.names)]
+        check_options("data", reference, signature, DATA_PROVIDED, self.options, keys)
+        for key in ("root", "val_fraction"):
+            if getattr(self, key) is not None and key not in signature.names:
+                raise ConfigError(f"data.{key}", getattr(self, key), f"null: {reference} takes no {key}")
+        if self.val_fraction is not None:
+            check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "a number strictly between 0 and 1, or null")
+
+    @property
+    def reference(self) -> str:
+        """The name or ``module:function`` this section builds with."""
+        return self.factory or self.name or "digits"
+
+    @classmethod
+    def from_mapping(cls, data: Any) -> DataConfig:
+        if data is None:
+            data = {}
+        check(isinstance(data, Mapping), "data", data, "a mapping such as {name: digits} or {factory: 'my_pkg.data:load'}")
+        data = with_references({"data": data})["data"]
+        own = {k: v for k, v in data.items() if k in cls.own_keys}
+        options = {k: v for k, v in data.items() if k not in own}
+        return cls(**vars(from_dict(_DataKeys, own, "data")), options=options)
+
+    def to_mapping(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"factory": self.factory} if self.factory else {"name": self.name}
+        if self.factory is None or self.root is not None:
+            out["root"] = self.root
+        if self.factory is None or self.val_fraction is not None:
+            out["val_fraction"] = self.val_fraction
+        out.update(self.options)
+        return out
+
+
+@dataclass
+class _DataKeys:  # the typed keys of data:, checked by from_dict before DataConfig checks the rest
+    name: Optional[str] = None
+    factory: Optional[str] = None
+    root: Optional[str] = None
+    val_fraction: Optional[float] = None
+
+
+@dataclass
+class ModelConfig:
+    """``model:``: a registered architecture (``name``) or the user's ``factory``, its options, and
+    optionally a checkpoint to start from (``init_from``)."""
+
+    section: ClassVar[str] = "model"
+    own_keys: ClassVar[tuple[str, ...]] = ("name", "factory", "init_from", "init_from_strict", "init_from_sha256")
+
+    name: Optional[str] = None
+    factory: Optional[str] = None
+    init_from: Optional[str] = None
+    init_from_strict: bool = True
+    # Filled in from the file when loaded; a value given is checked against the file (a pin).
+    init_from_sha256: Optional[str] = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.factory is not None:
+            self.factory = reference_of("model.factory", self.factory)
+        where, reference, builder = _entry("model", self.name, self.factory, MODELS, "small_cnn")
+        if self.factory is None:
+            self.name = reference
+        signature = factory_signature(where, builder)
+        keys = [where.split(".")[1], *self.own_keys[2:]]
+        check_options("model", reference, signature, MODEL_PROVIDED, self.options, keys)
+        self.options = _with_defaults(signature, MODEL_PROVIDED, self.options)
+        if self.factory is None and MODELS.origin(self.name) is None:  # the package's own: width and stem
+            width, stem = self.options.get("width"), self.options.get("stem")
+            check(isinstance(width, float) and width > 0, "model.width", width, "a number > 0")
+            check(stem in STEMS, "model.stem", stem, f"one of {list(STEMS)}")
+        self._check_init_from()
+
+    def _check_init_from(self) -> None:
+        check(isinstance(self.init_from_strict, bool), "model.init_from_strict", self.init_from_strict, "true or false")
+        if self.init_from is None:
+            check(self.init_from_sha256 is None, "model.init_from_sha256", self.init_from_sha256,
+                  "null without model.init_from (it pins that checkpoint's content)")
+            return
+        from r2sweep.core.warm_start import file_sha256  # torch: only for a config that starts from weights
+
+        path = self.init_from
+        check(isinstance(path, str) and path.strip() != "" and not is_uri(path), "model.init_from", path,
+              "a checkpoint file's path (on a file system every node mounts, for a cluster)")
+        path = os.path.abspath(os.path.expanduser(path))  # trials run in other folders, and on other nodes
+        check(os.path.isfile(path), "model.init_from", self.init_from, "an existing checkpoint file (a state dict, a "
+              "torchvision .pth or an r2sweep pretrained.pt); the driver reads it to check and hash it")
+        self.init_from = path
+        digest = file_sha256(path)
+        if self.init_from_sha256 is not None and self.init_from_sha256 != digest:
+            raise ConfigError("model.init_from", path, f"the checkpoint this config was made with (sha256 "
+                              f"{self.init_from_sha256[:12]}...); the file now holds {digest[:12]}...: it changed, so "
+                              "results would mix two starting points; restore it, or start a new sweep")
+        self.init_from_sha256 = digest
+
+    @property
+    def reference(self) -> str:
+        """The name or ``module:function`` this section builds with."""
+        return self.factory or self.name or "small_cnn"
+
+    @classmethod
+    def from_mapping(cls, data: Any) -> ModelConfig:
+        if data is None:
+            data = {}
+        check(isinstance(data, Mapping), "model", data, "a mapping such as {name: resnet18} or {factory: 'my_pkg.nets:build'}")
+        data = with_references({"model": data})["model"]
+        own = {k: v for k, v in data.items() if k in cls.own_keys}
+        options = {k: v for k, v in data.items() if k not in own}
+        return cls(**vars(from_dict(_ModelKeys, own, "model")), options=options)
+
+    def to_mapping(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"factory": self.factory} if self.factory else {"name": self.name}
+        out.update(self.options)
+        if self.init_from is not None:
+            out.update(init_from=self.init_from, init_from_strict=self.init_from_strict,
+                       init_from_sha256=self.init_from_sha256)
+        return out
+
+
+@dataclass
+class _ModelKeys:  # the typed keys of model:, checked by from_dict before ModelConfig checks the rest
+    name: Optional[str] = None
+    factory: Optional[str] = None
+    init_from: Optional[str] = None
+    init_from_strict: bool = True
+    init_from_sha256: Optional[str] = None
