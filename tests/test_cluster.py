@@ -9,6 +9,7 @@ both. MLflow (a real SQLite store) must hold every trial, tagged with its node.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,12 @@ from ray.cluster_utils import Cluster
 
 import r2sweep
 from r2sweep.core.config.sweep import load_sweep_spec
+from r2sweep.core.errors import ConfigError
 from r2sweep.tracking.store import TAG_ROLE, TAG_TRIAL_ID, Tracker
 from r2sweep.tune.callbacks import TAG_NODE_ID
 from r2sweep.tune.cluster import ClusterError
 from r2sweep.tune.tuner import ExperimentOutcome, run_experiment
+from user_code import MODULE, write_user_module
 
 pytestmark = pytest.mark.ray
 
@@ -92,3 +95,59 @@ def test_a_data_root_missing_on_the_workers_fails_before_any_trial(cluster, tmp_
     with pytest.raises(ClusterError, match=r"data\.root=.*nowhere.*missing on 2 of 2"):
         run_experiment(load_sweep_spec(data), storage=tmp_path / "results")
     assert not (tmp_path / "results").exists()
+
+
+# The user's own module, written where only this driver's temporary folder has it: the
+# workers import it only if the sweep's runtime environment ships it (py_modules).
+OWN = {**SPEC, "name": "own-on-cluster",
+       "data": {"factory": f"{MODULE}:load", "samples": 200},
+       "train": {"epochs": 1, "batch_size": 32, "optimizer": "adam", "lr": 0.01},
+       "downstream": [{"method": "ptq", "algorithm": "rtn", "weight_bits": [4]}],
+       "sweep": {**SPEC["sweep"], "num_samples": 2}}
+
+
+def _own_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **sweep) -> tuple[dict, Path]:
+    folder = tmp_path / "driver_only"
+    module = write_user_module(folder)
+    monkeypatch.syspath_prepend(str(folder))  # the driver imports it; Ray gives workers only cwd and the script's folder
+    records = tmp_path / "imported_from"
+    spec = {**OWN, "model": {"factory": f"{MODULE}:build", "channels": 8, "record_to": str(records)},
+            "sweep": {**OWN["sweep"], **sweep}}
+    return spec, module
+
+
+def test_a_user_module_the_workers_do_not_have_is_refused_before_any_trial(cluster, tmp_path: Path, monkeypatch) -> None:
+    spec, module = _own_spec(tmp_path, monkeypatch)
+    address = cluster[0].address
+    ray.shutdown()  # this sweep joins the cluster itself, as `r2sweep sweep --address` does
+    try:
+        with pytest.raises(ConfigError, match=r"model\.factory='user_net:build' .*on node \w+ it fails .*No module named "
+                                              r"'user_net'.*py_modules"):
+            r2sweep.run_sweep(spec, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", storage=tmp_path / "results",
+                              address=address, progress=False, register=False)
+    finally:
+        ray.shutdown()
+        sys.modules.pop(MODULE, None)
+    # Only the driver's own check built the model: no trial ran.
+    assert [p.read_text() for p in (tmp_path / "imported_from").iterdir()] == [str(module)]
+
+
+def test_a_user_module_reaches_both_workers_through_the_runtime_env(cluster, tmp_path: Path, monkeypatch) -> None:
+    _, worker_ids, _ = cluster
+    spec, module = _own_spec(tmp_path, monkeypatch)
+    spec["sweep"]["runtime_env"] = {"py_modules": [str(module)]}
+    ray.shutdown()
+    try:
+        result = r2sweep.run_sweep(spec, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", storage=tmp_path / "results",
+                                   address=cluster[0].address, progress=False, register=False)
+    finally:
+        sys.modules.pop(MODULE, None)
+    assert (result.trials["outcome"] == "finished").sum() == 2
+    tracker = Tracker(result.tracking_uri)
+    runs = tracker.client.search_runs([result.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'trial'")
+    assert {r.data.tags[TAG_NODE_ID] for r in runs} == set(worker_ids)
+    imported = {p.read_text() for p in (tmp_path / "imported_from").iterdir()}
+    # The driver's check imported it from its folder; every trial process got Ray's uploaded copy.
+    assert str(module) in imported and len(imported) == 2
+    (shipped,) = imported - {str(module)}
+    assert "runtime_resources" in shipped and not shipped.startswith(str(tmp_path))

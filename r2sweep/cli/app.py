@@ -16,6 +16,7 @@ tracking server or Ray cluster ends it with 1, in seconds.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,10 +31,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from r2sweep.core.losses import list_r2_losses
     from r2sweep.core.models import list_models
 
+    from r2sweep.core.data import DATASETS
+    from r2sweep.core.models import MODELS
+
     registries = {"r2.kind": list_r2_losses(), "model.name": list_models(), "data.name": list_datasets()}
+    plugins = {"model.name": MODELS, "data.name": DATASETS}
     for field, names in registries.items():
         if args.what in (None, field.split(".")[0]):
             print(f"{field}: {', '.join(names)}")
+            registry = plugins.get(field)
+            for name in names if registry is not None else ():
+                if registry.origin(name):
+                    print(f"  {name}: {registry.origin(name)}")
+            for name, problem in sorted((registry.problems() if registry is not None else {}).items()):
+                print(f"  {name} (not usable): {problem}")
     return 0
 
 
@@ -293,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     # MLflow's progress bars are turned off where MLflow is opened (api/stores.py: quiet_mlflow).
+    # The working directory is importable, as under `python -m`: a model.factory such as
+    # "my_nets:build" beside the sweep file imports from the `r2sweep` command too.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):

@@ -61,10 +61,15 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for a file it cannot read
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        hint = ("saved weights, not a pickled model: save model.state_dict()"
-                if "weights_only" in str(error) or "Weights only" in str(error) else "a checkpoint torch.load reads")
-        raise ConfigError(FIELD, os.fspath(path), f"{hint} ({type(error).__name__}: {first[:160]})") from None
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        # weights_only refuses any pickled object that is not a tensor or a primitive: a whole
+        # model saved with torch.save(model) reads as "Unsupported global: ...".
+        pickled = next((line for line in lines if "Unsupported global" in line), None)
+        if pickled is not None:
+            raise ConfigError(FIELD, os.fspath(path), f"saved weights, not a pickled model: save model.state_dict() "
+                              f"({pickled[:160]})") from None
+        raise ConfigError(FIELD, os.fspath(path), f"a checkpoint torch.load reads ({type(error).__name__}: "
+                          f"{lines[-1][:160]})") from None
     for state in (loaded, *(loaded.get(key) for key in ("model", "state_dict") if isinstance(loaded, Mapping))):
         if _is_state_dict(state):
             state = dict(state)

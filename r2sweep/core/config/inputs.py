@@ -51,6 +51,8 @@ def _entry(section: str, name: str | None, factory: str | None, registry: Any, d
     if factory is not None:
         return f"{section}.factory", factory, resolve_reference(f"{section}.factory", factory)
     name = default if name is None else name
+    if isinstance(name, str) and name in registry.problems():
+        registry.get(name)  # a plugin that failed to import: its own error, with the import's message
     check(isinstance(name, str) and name in registry, f"{section}.name", name,
           f"one of {registry.names()} (r2sweep list {section}), or {section}.factory: 'module:function'")
     return f"{section}.name", name, registry.get(name)
