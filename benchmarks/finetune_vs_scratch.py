@@ -28,7 +28,7 @@ source's ``time/pretrain_s`` (its data and training). Trials run one at a time,
 ``--threads`` torch threads each, every output folder emptied first (a trial never
 resumes). Everything is saved to JSON as it finishes; re-running resumes.
 
-    .venv/bin/python benchmarks/finetune_vs_scratch.py                 # ~8 min on 2 cores
+    .venv/bin/python benchmarks/finetune_vs_scratch.py                 # ~11 min on 2 cores (32 trials)
     .venv/bin/python benchmarks/finetune_vs_scratch.py --summary-only  # table and figure from the JSON
 """
 
@@ -199,8 +199,9 @@ def from_nothing(store: dict, seed: int, arm: str) -> float:
 def summarize(store: dict) -> str:
     seeds = store["seeds"]
     recipe = chosen(store)
-    lines = [f"Selection on seed {store['select_seed']} ({len(store['selection'])} fine-tuning recipes, "
-             f"by W1 top-1; source there: {describe(store['runs'][str(store['select_seed'])]['source'])}):", "",
+    head = (f"Selection on seed {store['select_seed']} ({len(store['selection'])} fine-tuning recipes, "
+            f"by W1 top-1; source there: {describe(store['runs'][str(store['select_seed'])]['source'])}):")
+    lines = [head, "",
              "| recipe | W1 | W2 | FP | trial s |", "|---|---|---|---|---|"]
     for row in sorted(store["selection"], key=lambda r: (r["recipe"]["strength"], r["recipe"]["epochs"], r["recipe"]["lr"])):
         mark = "**" if row["recipe"] == recipe else ""
@@ -247,7 +248,7 @@ def plot(store: dict, path: Path) -> None:
         m, s = mean_sd(values)
         acc.bar(i, m, yerr=s, color=color, alpha=0.85, capsize=5)
         acc.scatter([i] * len(values), values, color="black", s=12, zorder=3)
-        acc.text(i, m + s + 0.6, f"{m:.1f}", ha="center", fontsize=9)
+        acc.text(i + 0.08, m + 0.4, f"{m:.1f}", ha="left", va="bottom", fontsize=9)
         own = statistics.fmean(arm_values(store, seeds, arm, "time/total_s"))
         if arm in ("r2_finetune", "control"):
             base = statistics.fmean(arm_values(store, seeds, "source", "time/pretrain_s"))
@@ -270,18 +271,20 @@ def plot(store: dict, path: Path) -> None:
         ax.grid(True, axis="y", alpha=0.3)
     rows = store["selection"]
     lrs = sorted({r["recipe"]["lr"] for r in rows})
-    for (strength, epochs), style in zip(itertools.product(sorted({r["recipe"]["strength"] for r in rows}),
-                                                          sorted({r["recipe"]["epochs"] for r in rows})),
-                                         itertools.cycle(["-o", "--s", ":^", "-.v"])):
-        ys = [next((r[W1] for r in rows if r["recipe"] == {"epochs": epochs, "lr": lr, "strength": strength}), None)
-              for lr in lrs]
-        grid.plot(lrs, ys, style, color="tab:blue" if strength == min(r["recipe"]["strength"] for r in rows) else "tab:purple",
-                  alpha=0.35 + 0.2 * epochs ** 0.5, label=f"L-inf {strength:g}, {epochs} ep")
+    strengths = sorted({r["recipe"]["strength"] for r in rows})
+    epochs_all = sorted({r["recipe"]["epochs"] for r in rows})
+    for strength, color in zip(strengths, itertools.cycle(["tab:blue", "tab:purple", "tab:red"])):
+        for epochs, style in zip(epochs_all, itertools.cycle([":o", "--s", "-^", "-.v"])):
+            ys = [next((r[W1] for r in rows if r["recipe"] == {"epochs": epochs, "lr": lr, "strength": strength}), None)
+                  for lr in lrs]
+            grid.plot(lrs, ys, style, color=color, alpha=0.8, label=f"L-inf {strength:g}, {epochs} ep")
     seed0 = store["runs"][str(store["select_seed"])]
-    grid.axhline(seed0["source"][W1], color="0.45", linestyle=":", label="source (no R2)")
+    grid.axhline(seed0["source"][W1], color="0.45", linestyle=":", label=f"source, seed {store['select_seed']}")
     if "r2_scratch" in seed0:
-        grid.axhline(seed0["r2_scratch"][W1], color="tab:green", linestyle=":", label="R2 from scratch")
+        grid.axhline(seed0["r2_scratch"][W1], color="tab:green", linestyle=":", label=f"R2 from scratch, seed {store['select_seed']}")
     grid.set_xscale("log")
+    grid.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+    grid.minorticks_off()
     grid.set_xlabel("fine-tuning lr (cosine)")
     grid.set_ylabel("W1 RTN top-1 (%)")
     grid.set_title(f"Recipe selection, seed {store['select_seed']} only", fontsize=10)

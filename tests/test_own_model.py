@@ -8,6 +8,7 @@ its stem; the data are NumPy arrays.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -231,3 +232,25 @@ def test_a_torchvision_checkpoint_loads_strictly_into_the_same_architecture(tmp_
     torch.save(torchvision.models.resnet18(num_classes=10), pickled)  # a pickled module, not weights
     with pytest.raises(ConfigError, match="saved weights, not a pickled model"):
         load_weights(model, pickled)
+
+
+def _readme_example() -> tuple[str, str]:
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- own-model:start -->\s*```python\n(.*?)```\s*```yaml\n(.*?)```\s*<!-- own-model:end -->", text, re.S)
+    assert block, "README.md lost its own-model example (<!-- own-model:start --> python, yaml <!-- own-model:end -->)"
+    return block.group(1), block.group(2)
+
+
+def test_the_readme_example_loads_checks_and_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module, sweep_file = _readme_example()
+    (tmp_path / "my_nets.py").write_text(module)
+    (tmp_path / "own.yaml").write_text(sweep_file)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        spec = r2sweep.load_sweep_spec("own.yaml")
+        assert spec.trial.model.factory == "my_nets:build" and check_inputs(spec.trial) == []
+        metrics = r2sweep.run_trial(spec.trial, overrides={"train.epochs": 3, "r2.strength": 0.01})
+        assert metrics["fp/top1"] > 70 and "ptq_rtn_w2a8/top1" in metrics
+    finally:
+        sys.modules.pop("my_nets", None)

@@ -20,6 +20,7 @@ import r2sweep
 from r2sweep.core.config.sweep import load_sweep_spec
 from r2sweep.core.warm_start import file_sha256
 from r2sweep.tracking.store import TAG_ROLE
+from r2sweep.tune.callbacks import TAG_NOTES
 from r2sweep.tune.runtime_env import runtime_env_for
 from user_code import MODULE, write_user_module
 
@@ -96,11 +97,24 @@ def test_a_python_sweep_with_callables_and_a_checkpoint(tmp_path: Path) -> None:
         cut = samples * 3 // 4
         return {"train": (images[:cut], labels[:cut]), "val": (images[cut:], labels[cut:]), "num_classes": 4}
 
+    class BranchingNet(torch.nn.Module):
+        """A grouped conv and SiLU, and a data-dependent branch that torch.fx cannot trace."""
+
+        def __init__(self, num_classes, in_channels, width):
+            super().__init__()
+            self.stem = torch.nn.Conv2d(in_channels, width, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(width)
+            self.grouped = torch.nn.Conv2d(width, width, 3, padding=1, groups=2)
+            self.head = torch.nn.Linear(width * 36, num_classes)
+
+        def forward(self, x):
+            x = torch.nn.functional.silu(self.bn(self.stem(x)))
+            if x.abs().amax() > 1e6:  # never true; only data decides, so fx refuses to trace
+                x = x / x.abs().amax()
+            return self.head(torch.nn.functional.silu(self.grouped(x)).flatten(1))
+
     def grouped_net(*, num_classes, in_channels, width=8):
-        return torch.nn.Sequential(
-            torch.nn.Conv2d(in_channels, width, 3, padding=1), torch.nn.BatchNorm2d(width), torch.nn.SiLU(),
-            torch.nn.Conv2d(width, width, 3, padding=1, groups=2), torch.nn.SiLU(),
-            torch.nn.Flatten(1), torch.nn.Linear(width * 36, num_classes))
+        return BranchingNet(num_classes, in_channels, width)
 
     checkpoint = tmp_path / "start.pt"
     torch.manual_seed(0)
@@ -112,8 +126,9 @@ def test_a_python_sweep_with_callables_and_a_checkpoint(tmp_path: Path) -> None:
     try:
         result = r2sweep.run_sweep(spec, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", storage=tmp_path / "results",
                                    progress=False, register=False)
-    finally:
+    except BaseException:
         ray.shutdown()
+        raise
     assert (result.trials["outcome"] == "finished").sum() == 2
     assert all(result.trials[m].between(0, 100).all() for m in RESULTS)
     assert result.trials["fp/top1"].min() > 40  # four well-separated classes, from a checkpoint
@@ -121,6 +136,14 @@ def test_a_python_sweep_with_callables_and_a_checkpoint(tmp_path: Path) -> None:
     assert {r.data.params["model.init_from_sha256"] for r in runs} == {file_sha256(checkpoint)}
     assert all("<locals>.grouped_net" in r.data.params["model.factory"] for r in runs)
     assert "init_from_sha256" in result.best.config["model"]
+    # Untraceable: quantized by module order with BatchNorm unfolded, and every trial's run says so.
+    assert all("not torch.fx-traceable" in r.data.tags[TAG_NOTES] for r in runs)
+    # A re-run on a fresh seed is a Ray task of its own: the callables travel with it too.
+    try:
+        (confirmed,) = result.confirm(top=1, seeds=[1], progress=lambda line: None)
+    finally:
+        ray.shutdown()
+    assert 1 in confirmed.values and 0 <= confirmed.values[1] <= 100
 
 
 def test_the_runtime_env_ships_factories_from_the_working_directory_only(tmp_path: Path, monkeypatch) -> None:

@@ -30,6 +30,7 @@ from r2sweep.core.errors import R2SweepError
 from r2sweep.core.outcome import DIVERGED, FAILED, FINISHED, RUN_STATUS, TAG_OUTCOME, decide_outcome, finished_runs, run_outcome
 from r2sweep.tracking.store import TAG_TRIAL_ID, SweepRun, Tracker
 from r2sweep.tune.cluster import connect
+from r2sweep.tune.runtime_env import runtime_env_for, shipped_callables
 
 __all__ = ["Confirmation", "confirm_top", "TAG_CONFIRM_OF", "TAG_CONFIRMED_BEST"]
 
@@ -62,16 +63,19 @@ def _rerun_id(trial_id: str, seed: int) -> str:
 
 
 @ray.remote
-def _run_trial(mapping: dict[str, Any], threads: int) -> dict[str, float]:
+def _run_trial(mapping: dict[str, Any], threads: int, callables: dict[str, Any]) -> dict[str, float]:
     import torch
 
     from r2sweep.core.config.trial import load_trial_config
     from r2sweep.core.errors import TrialDiverged
+    from r2sweep.core.factories import install_callables
     from r2sweep.core.trial import run_trial
 
     torch.set_num_threads(threads)
+    install_callables(callables)  # factories given from Python in this driver, as a sweep ships them
     try:
-        return {k: float(v) for k, v in run_trial(load_trial_config(mapping)).items()}
+        final = run_trial(load_trial_config(mapping))
+        return {k: float(v) for k, v in final.items() if isinstance(v, (int, float))}  # not the notes text
     except TrialDiverged as error:
         return {"diverged": 1.0, "error": str(error)[:200]}  # type: ignore[dict-item]
 
@@ -138,11 +142,11 @@ def confirm_top(
                 continue
             if config is None:
                 config = _trial_config(sweep, run.info.run_id)
-                connect(address, num_cpus)
+                connect(address, num_cpus, runtime_env_for(spec))  # the user's code, shipped as the sweep shipped it
             run_id = sweep.trial_run(_rerun_id(trial_id, seed), {**run.data.params, "seed": seed}, confirm=True)
             sweep.set_tags(run_id, {TAG_CONFIRM_OF: trial_id})
             task = _run_trial.options(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0)).remote(
-                {**config, "seed": seed}, threads)
+                {**config, "seed": seed}, threads, shipped_callables(spec))
             pending[task] = (trial_id, run_id, seed)
 
     total = len(pending)

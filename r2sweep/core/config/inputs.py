@@ -74,11 +74,58 @@ def _with_defaults(signature: Signature, provided: tuple[str, ...], options: Map
 
 
 @dataclass
-class DataConfig:
+class _DataKeys:  # the typed keys of data:, checked by from_dict before DataConfig checks the rest
+    name: Optional[str] = None
+    factory: Optional[str] = None
+    root: Optional[str] = None
+    val_fraction: Optional[float] = None
+
+
+@dataclass
+class _ModelKeys:  # the typed keys of model:, checked by from_dict before ModelConfig checks the rest
+    name: Optional[str] = None
+    factory: Optional[str] = None
+    init_from: Optional[str] = None
+    init_from_strict: bool = True
+    init_from_sha256: Optional[str] = None
+
+
+class _FactorySection:
+    """What ``data:`` and ``model:`` share: a name or a factory, the section's own keys, the rest options."""
+
+    section: ClassVar[str]
+    default_name: ClassVar[str]
+    own_keys: ClassVar[tuple[str, ...]]
+    keys_class: ClassVar[type]  # the typed own keys, checked by from_dict before the section checks the rest
+    example: ClassVar[str]
+    name: str | None
+    factory: str | None
+
+    @property
+    def reference(self) -> str:
+        """The name or ``module:function`` this section builds with."""
+        return self.factory or self.name or self.default_name
+
+    @classmethod
+    def from_mapping(cls, data: Any) -> Any:
+        if data is None:
+            data = {}
+        check(isinstance(data, Mapping), cls.section, data, f"a mapping such as {cls.example}")
+        data = with_references({cls.section: data})[cls.section]
+        own = {k: v for k, v in data.items() if k in cls.own_keys}
+        options = {k: v for k, v in data.items() if k not in own}
+        return cls(**vars(from_dict(cls.keys_class, own, cls.section)), options=options)
+
+
+@dataclass
+class DataConfig(_FactorySection):
     """``data:``: a registered dataset (``name``) or the user's ``factory``; other keys are its options."""
 
     section: ClassVar[str] = "data"
+    default_name: ClassVar[str] = "digits"
     own_keys: ClassVar[tuple[str, ...]] = ("name", "factory", "root", "val_fraction")
+    example: ClassVar[str] = "{name: digits} or {factory: 'my_pkg.data:load'}"
+    keys_class: ClassVar[type] = _DataKeys
 
     name: Optional[str] = None
     factory: Optional[str] = None
@@ -89,7 +136,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.factory is not None:
             self.factory = reference_of("data.factory", self.factory)
-        where, reference, builder = _entry("data", self.name, self.factory, DATASETS, "digits")
+        where, reference, builder = _entry("data", self.name, self.factory, DATASETS, self.default_name)
         if self.factory is None:
             self.name = reference
         signature = factory_signature(where, builder)
@@ -100,21 +147,6 @@ class DataConfig:
                 raise ConfigError(f"data.{key}", getattr(self, key), f"null: {reference} takes no {key}")
         if self.val_fraction is not None:
             check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "a number strictly between 0 and 1, or null")
-
-    @property
-    def reference(self) -> str:
-        """The name or ``module:function`` this section builds with."""
-        return self.factory or self.name or "digits"
-
-    @classmethod
-    def from_mapping(cls, data: Any) -> DataConfig:
-        if data is None:
-            data = {}
-        check(isinstance(data, Mapping), "data", data, "a mapping such as {name: digits} or {factory: 'my_pkg.data:load'}")
-        data = with_references({"data": data})["data"]
-        own = {k: v for k, v in data.items() if k in cls.own_keys}
-        options = {k: v for k, v in data.items() if k not in own}
-        return cls(**vars(from_dict(_DataKeys, own, "data")), options=options)
 
     def to_mapping(self) -> dict[str, Any]:
         out: dict[str, Any] = {"factory": self.factory} if self.factory else {"name": self.name}
@@ -127,19 +159,14 @@ class DataConfig:
 
 
 @dataclass
-class _DataKeys:  # the typed keys of data:, checked by from_dict before DataConfig checks the rest
-    name: Optional[str] = None
-    factory: Optional[str] = None
-    root: Optional[str] = None
-    val_fraction: Optional[float] = None
-
-
-@dataclass
-class ModelConfig:
+class ModelConfig(_FactorySection):
     """``model:``: a registered architecture (``name``) or the user's ``factory``, its options, and
     optionally a checkpoint to start from (``init_from``)."""
 
     section: ClassVar[str] = "model"
+    default_name: ClassVar[str] = "small_cnn"
+    example: ClassVar[str] = "{name: resnet18} or {factory: 'my_pkg.nets:build'}"
+    keys_class: ClassVar[type] = _ModelKeys
     own_keys: ClassVar[tuple[str, ...]] = ("name", "factory", "init_from", "init_from_strict", "init_from_sha256")
 
     name: Optional[str] = None
@@ -153,7 +180,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.factory is not None:
             self.factory = reference_of("model.factory", self.factory)
-        where, reference, builder = _entry("model", self.name, self.factory, MODELS, "small_cnn")
+        where, reference, builder = _entry("model", self.name, self.factory, MODELS, self.default_name)
         if self.factory is None:
             self.name = reference
         signature = factory_signature(where, builder)
@@ -188,21 +215,6 @@ class ModelConfig:
                               "results would mix two starting points; restore it, or start a new sweep")
         self.init_from_sha256 = digest
 
-    @property
-    def reference(self) -> str:
-        """The name or ``module:function`` this section builds with."""
-        return self.factory or self.name or "small_cnn"
-
-    @classmethod
-    def from_mapping(cls, data: Any) -> ModelConfig:
-        if data is None:
-            data = {}
-        check(isinstance(data, Mapping), "model", data, "a mapping such as {name: resnet18} or {factory: 'my_pkg.nets:build'}")
-        data = with_references({"model": data})["model"]
-        own = {k: v for k, v in data.items() if k in cls.own_keys}
-        options = {k: v for k, v in data.items() if k not in own}
-        return cls(**vars(from_dict(_ModelKeys, own, "model")), options=options)
-
     def to_mapping(self) -> dict[str, Any]:
         out: dict[str, Any] = {"factory": self.factory} if self.factory else {"name": self.name}
         out.update(self.options)
@@ -210,12 +222,3 @@ class ModelConfig:
             out.update(init_from=self.init_from, init_from_strict=self.init_from_strict,
                        init_from_sha256=self.init_from_sha256)
         return out
-
-
-@dataclass
-class _ModelKeys:  # the typed keys of model:, checked by from_dict before ModelConfig checks the rest
-    name: Optional[str] = None
-    factory: Optional[str] = None
-    init_from: Optional[str] = None
-    init_from_strict: bool = True
-    init_from_sha256: Optional[str] = None
