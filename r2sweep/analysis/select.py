@@ -28,7 +28,7 @@ from r2sweep.core.config.sweep import SweepSpec, load_sweep_spec
 from r2sweep.core.errors import R2SweepError
 from r2sweep.core.outcome import finished_runs
 from r2sweep.core.trial import PRETRAINED, load_pretrained
-from r2sweep.tracking.store import SPEC_ARTIFACT, TAG_TRIAL_ID, SweepRun, Tracker
+from r2sweep.tracking.store import SPEC_ARTIFACT, TAG_TRIAL_ID, SweepRun, Tracker, TrackingError
 
 __all__ = ["BestTrial", "read_sweep", "pick_best", "best_trial", "select_best", "pareto_front", "TAG_BEST_RUN", "TAG_BEST_TRIAL"]
 
@@ -165,8 +165,14 @@ def select_best(
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 model, args = load_pretrained(tracker.client.download_artifacts(run_id, PRETRAINED, tmp))
-            example = np.zeros((1, args["in_channels"], args["input_size"], args["input_size"]), dtype=np.float32)
-            uri = sweep.log_model(run_id, model, example)
+            shape = args.get("input_shape") or [args["in_channels"], args["input_size"], args["input_size"]]
+            example = np.zeros((1, *shape), dtype=np.float32)
+            try:
+                uri = sweep.log_model(run_id, model, example)
+            except TrackingError:
+                raise
+            except Exception:  # noqa: BLE001 - torch.export cannot trace every model (data-dependent control flow)
+                uri = sweep.log_model(run_id, model, example, serialization_format="pickle")
             best.model_version = str(sweep.register_champion(run_id, model_name, uri).version)
         best.model_uri = f"models:/{model_name}/{best.model_version}"
     return best

@@ -100,18 +100,24 @@ def resolve_reference(field: str, reference: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # noqa: BLE001 - the user's module may raise anything while importing
-        hint = ("; a function defined in a script or a test is known only to the Python process that gave it"
-                if module_name == "__main__" or "<locals>" in attribute else "")
         raise ConfigError(field, reference, f"an importable module: importing {module_name!r} failed with "
-                          f"{type(error).__name__}: {error}{hint}") from None
+                          f"{type(error).__name__}: {error}{_local_hint(reference)}") from None
     target: Any = module
     for part in attribute.split("."):
         if not hasattr(target, part):
-            raise ConfigError(field, reference, f"a name module {module_name!r} defines: it has no {part!r}")
+            raise ConfigError(field, reference, f"a name module {module_name!r} defines: it has no {part!r}"
+                              f"{_local_hint(reference)}")
         target = getattr(target, part)
     if not callable(target):
         raise ConfigError(field, reference, f"a callable: {attribute!r} is a {type(target).__name__}")
     return target
+
+
+def _local_hint(reference: str) -> str:
+    if reference.startswith("__main__:") or "<locals>" in reference or "<lambda>" in reference:
+        return ("; a function defined in a script, inside another function or as a lambda is known only to the "
+                "Python process that gave it: define it at the top level of a module to use it from a file")
+    return ""
 
 
 def local_callables(references: Iterable[str]) -> dict[str, Callable[..., Any]]:

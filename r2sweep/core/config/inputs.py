@@ -58,16 +58,26 @@ def _entry(section: str, name: str | None, factory: str | None, registry: Any, d
     return f"{section}.name", name, registry.get(name)
 
 
+def _plain(value: Any) -> bool:
+    """Whether a value is what a YAML file can hold (a default like a tuple or a class is not)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return isinstance(value, dict) and all(isinstance(k, str) and _plain(v) for k, v in value.items())
+
+
 def _with_defaults(signature: Signature, provided: tuple[str, ...], options: Mapping[str, Any]) -> dict[str, Any]:
     """The options in signature order with every default filled in, so one model reads as one mapping
-    (``{name: resnet18}`` and ``{name: resnet18, width: 1.0}`` are the same experiment)."""
+    (``{name: resnet18}`` and ``{name: resnet18, width: 1.0}`` are the same experiment). A default a
+    YAML file cannot hold is left to the factory."""
     out: dict[str, Any] = {}
     for key, default in signature.options(provided).items():
         if key in options:
             value = options[key]
             # An int where the default is a float is that float (width: 1 is width: 1.0).
             out[key] = float(value) if isinstance(default, float) and type(value) is int else value
-        elif default is not inspect.Parameter.empty:
+        elif default is not inspect.Parameter.empty and _plain(default):
             out[key] = default
     out.update({k: v for k, v in options.items() if k not in out})  # a **kwargs factory's extras
     return out
