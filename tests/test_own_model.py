@@ -254,3 +254,28 @@ def test_the_readme_example_loads_checks_and_trains(tmp_path: Path, monkeypatch:
         assert metrics["fp/top1"] > 70 and "ptq_rtn_w2a8/top1" in metrics
     finally:
         sys.modules.pop("my_nets", None)
+
+
+def test_an_untraceable_model_is_quantized_by_module_order_with_a_note_in_the_log(user_module: Path) -> None:
+    class Branching(torch.nn.Module):
+        def __init__(self, num_classes, in_channels):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(in_channels, 8, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(8)
+            self.fc = torch.nn.Linear(8, num_classes)
+
+        def forward(self, x):
+            x = self.bn(self.conv(x))
+            if x.mean() > 1e6:  # data decides: torch.fx cannot trace it
+                x = -x
+            return self.fc(x.mean((2, 3)))
+
+    def branching(*, num_classes, in_channels):
+        return Branching(num_classes, in_channels)
+
+    lines: list[str] = []
+    metrics = r2sweep.run_trial({**USER_TRIAL, "model": {"factory": branching}, "train": {"epochs": 1},
+                                 "downstream": FAST_DOWNSTREAM[:1]}, progress=lines.append)
+    (note,) = [line for line in lines if line.startswith("note: ")]
+    assert "model is not torch.fx-traceable" in note and "BatchNorm left unfolded" in note
+    assert metrics["notes"] == note.removeprefix("note: ") and 0 <= metrics["ptq_adaround_w2a8/top1"] <= 100
