@@ -151,7 +151,7 @@ def trial_base(setting: str, scale: dict[str, Any], args: argparse.Namespace) ->
     return {
         "seed": 0,
         "data": data,
-        "model": {"name": spec["model"], "width": model["width"]},
+        "model": {"name": spec["model"], "width": getattr(args, "width", None) or model["width"]},
         "train": {"epochs": args.epochs or model["epochs"], "batch_size": scale["batch_size"], "optimizer": "sgd",
                   "lr": math.sqrt(model["lr"][0] * model["lr"][1]), "weight_decay": 5e-4, "device": args.device},
         "r2": {"kind": "none"},
@@ -510,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds of the re-runs")
     parser.add_argument("--epochs", type=int, help="override the scale's pre-training epochs")
     parser.add_argument("--finetune", type=int, help="override the scale's QAT/DKM epochs")
+    parser.add_argument("--width", type=float, help="override the scale's model width (a smoke run: the suite's)")
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--work", type=Path, help="sweeps, MLflow store, re-run outputs (default results/paper_effect_<data>)")
