@@ -22,22 +22,12 @@ import requests
 import torch
 
 
-# The one file that takes minutes on its own (the paper-effect benchmark's real sweeps).
-# pytest-xdist hands whole files to its two workers in collection order, so collected
-# last (alphabetically) it ran alone for its last ~7 minutes: 16m57s for the suite.
-# Collected first, the other worker runs the rest of the suite meanwhile.
-_LONGEST_FIRST = ("test_paper_effect.py",)
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that uses the real ``mlflow server`` fixture is a ``server`` test, wherever it is
-    (``make test-fast`` leaves those out), so no module has to remember to say so.
-    The longest files are collected first (a stable sort: the order within a file is kept)."""
+    (``make test-fast`` leaves those out), so no module has to remember to say so."""
     for item in items:
         if "mlflow_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.server)
-    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(autouse=True, scope="session")
