@@ -10,6 +10,7 @@ same way as one read from a file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -61,6 +62,13 @@ def _coerce(field: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    # Resolving string annotations compiles each one: once per class, not once per load
+    # (a sweep's validation loads the trial config once per value a search can take).
+    return typing.get_type_hints(cls)
+
+
 def from_dict(cls: type[C], data: Mapping[str, Any] | None, path: str | None = None) -> C:
     """Build the dataclass ``cls`` from ``data``, strictly.
 
@@ -74,7 +82,7 @@ def from_dict(cls: type[C], data: Mapping[str, Any] | None, path: str | None = N
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(prefix or "config", data, "a mapping of field: value")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     known = [f.name for f in fields(cls) if f.init]
     kwargs = {}
     reject_unknown(data, known, dotted)
