@@ -27,17 +27,22 @@ from r2sweep.core.models import MODELS, build_model
 from r2sweep.core.quant.graph import graph_notes
 from r2sweep.core.warm_start import load_weights
 
-__all__ = ["build_trial_data", "build_trial_model", "check_inputs", "check_output", "model_args", "rebuild_model",
+__all__ = ["build_trial_data", "build_trial_model", "check_inputs", "check_output", "model_args", "model_field", "rebuild_model",
            "uses_outside_code"]
 
 _PROBE_BATCH = 4  # samples in the driver's one forward pass: enough for BatchNorm, cheap for any model
 
 
+def model_field(config: TrialConfig) -> str:
+    """The field an error about the trial's model names: ``model.factory`` or ``model.name``."""
+    return "model.factory" if config.model.factory is not None else "model.name"
+
+
 def _model_source(config: TrialConfig) -> tuple[str, Any]:
     model = config.model
     if model.factory is not None:
-        return "model.factory", resolve_reference("model.factory", model.factory)
-    return "model.name", MODELS.get(model.name)
+        return model_field(config), resolve_reference("model.factory", model.factory)
+    return model_field(config), MODELS.get(model.name)
 
 
 def build_trial_data(config: TrialConfig) -> DataSplits:
@@ -131,5 +136,5 @@ def check_inputs(config: TrialConfig) -> list[str]:
     """
     data = build_trial_data(config)
     model, notes = build_trial_model(config, data)
-    check_output(model, data, _model_source(config)[0], config.model.reference)
+    check_output(model, data, model_field(config), config.model.reference)
     return notes + graph_notes(model)

@@ -31,7 +31,7 @@ from torch import nn
 
 from r2sweep.core.checkpoint import load_checkpoint, save_atomic
 from r2sweep.core.config.trial import TrialConfig
-from r2sweep.core.build import build_trial_data, build_trial_model, check_output, model_args, rebuild_model
+from r2sweep.core.build import build_trial_data, build_trial_model, check_output, model_args, model_field, rebuild_model
 from r2sweep.core.data import make_loader
 from r2sweep.core.errors import ConfigError, TrialDiverged
 from r2sweep.core.plots import weight_histograms
@@ -126,7 +126,7 @@ def run_trial(
     # The checkpoint is loaded before R2 is built: its learnable margins and
     # temperatures start from the loaded weights' ranges, not a random init's.
     model, notes = build_trial_model(config, data)
-    check_output(model, data, "model.factory" if config.model.factory else "model.name", config.model.reference)
+    check_output(model, data, model_field(config), config.model.reference)
     notes += graph_notes(model)
     for note in notes:
         progress(f"note: {note}")
