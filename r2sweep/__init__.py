@@ -34,6 +34,7 @@ _LAZY = {
     "confirm": "r2sweep.api.readers",
     "report": "r2sweep.api.readers",
     "run_trial": "r2sweep.api.trial",
+    "PretrainCache": "r2sweep.core.pretrain_cache",
 }
 
 __all__ = [

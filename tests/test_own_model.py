@@ -54,7 +54,7 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_a_factory_section_loads_with_its_options_checked_against_its_signature(user_module: Path) -> None:
     config = load_trial_config(USER_TRIAL)
     assert config.model.to_mapping() == {"factory": "user_net:build", "channels": 16, "record_to": None}
-    assert config.data.to_mapping() == {"factory": "user_net:load", "samples": 400}
+    assert config.data.to_mapping() == {"factory": "user_net:load", "samples": 400, "val_share": 0.25}  # defaults filled in
     assert load_trial_config(config.to_mapping()) == config  # the mapping reads back as the same config
     with pytest.raises(ConfigError, match=r"model\.chanels=16 .*did you mean 'channels'") as info:
         load_trial_config({**USER_TRIAL, "model": {"factory": "user_net:build", "chanels": 16}})

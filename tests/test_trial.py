@@ -63,7 +63,8 @@ def test_round_trip_through_yaml() -> None:
     )
     again = load_trial_config(yaml.safe_load(yaml.safe_dump(config.to_mapping())))
     assert again == config
-    assert again.data.options == {"num_samples": 64}
+    # Defaults are filled in: {num_samples: 64} and the same with noise: 0.5 written out are one experiment.
+    assert again.data.options == {"num_samples": 64, "channels": 1, "input_size": 8, "noise": 0.5, "num_classes": 10}
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,7 @@ def run_trial(
     out_dir: str | os.PathLike[str] | None = None,
     progress: Callable[[str], None] | None = None,
     device: Any = None,
+    pretrain_cache: str | os.PathLike[str] | None = None,
     option_names: Mapping[str, str] = {},
 ) -> dict[str, float]:
     """Pre-train with R2, run every downstream method, return the final metrics.
@@ -47,6 +48,9 @@ def run_trial(
             folder of the same config resumes from its last epoch, one of another is refused.
         progress: called with one line per epoch and per downstream result.
         device: a ``torch.device`` (default: the config's ``train.device``).
+        pretrain_cache: a pre-training cache folder (a sweep storage's ``pretrain_cache/``
+            or ``sweep.pretrain_cache``): weights pre-trained before are taken from it, and
+            new ones stored in it. Default: no cache.
 
     Raises:
         ConfigError: bad input, before anything is written; DataNotFoundError;
@@ -62,12 +66,20 @@ def run_trial(
     if uses_outside_code(trial):
         check_inputs(trial)  # the user's factory or checkpoint: one line before anything is written
 
+    cache = None
+    if pretrain_cache is not None:
+        from r2sweep.core.pretrain_cache import PretrainCache
+
+        folder = check.output_folder(pretrain_cache, option_names.get("pretrain_cache", "pretrain_cache"),
+                                     what="the pre-training cache")
+        cache = PretrainCache(folder, user="r2sweep trial")
     if out is None:
-        return run_one(trial, progress=progress, device=device)
+        return run_one(trial, progress=progress, device=device, cache=cache, cache_label="r2sweep trial")
     check_out_dir(trial, out)  # before config.yaml is overwritten
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.yaml", yaml.safe_dump(trial.to_mapping(), sort_keys=False))
-    metrics = run_one(trial, out_dir=out, progress=progress, device=device)
+    metrics = run_one(trial, out_dir=out, progress=progress, device=device, cache=cache,
+                      cache_label=f"r2sweep trial {out}")
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics
 

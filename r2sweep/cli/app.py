@@ -5,7 +5,7 @@ Sub-commands: ``list`` (the registered names a YAML file may use), ``trial``
 file, every trial in MLflow), and the readers of a sweep in MLflow: ``best``
 (pick and export the best trial), ``compare`` (one row per sweep or R2 kind)
 and ``report`` (an HTML page with the figures); ``confirm`` re-runs a sweep's
-top trials on fresh seeds.
+top trials on fresh seeds; ``cache`` lists and prunes the pre-training cache.
 
 Every error a user can cause by bad input ends the command with exit status 2
 and a one-line message naming the field, before anything is written; the
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from r2sweep import __version__
+from r2sweep.cli.cache_cmd import add_cache_parser
 
 __all__ = ["main"]
 
@@ -59,7 +60,7 @@ SWEEP_FLAGS = {"storage": "--storage", "tracking_uri": "--tracking-uri", "addres
                "overrides": "--set"}
 READER_FLAGS = {"sweep": "sweep name", "tracking_uri": "--tracking-uri", "out": "--out", "by": "--by",
                 "metrics": "--metric", "top": "--top", "seeds": "--seeds", "address": "--address", "out_dir": "--out",
-                "overrides": "--set"}
+                "overrides": "--set", "pretrain_cache": "--pretrain-cache"}
 
 
 def _progress(started: float):
@@ -76,7 +77,7 @@ def _cmd_trial(args: argparse.Namespace) -> int:
     overrides = list(args.set)  # parsed by the loader, after run_trial has checked the output folder
     try:
         metrics = run_trial(args.file, overrides=overrides, out_dir=args.out, progress=_progress(time.perf_counter()),
-                            option_names=READER_FLAGS)
+                            pretrain_cache=args.pretrain_cache, option_names=READER_FLAGS)
     except FileConfigError as error:
         return _error(str(error))
     except DataNotFoundError as error:
@@ -259,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="PATH=VALUE",
         help="override a field, e.g. --set r2.kind=linf --set downstream.0.weight_bits=[2,4] (repeatable)",
     )
+    trial.add_argument("--pretrain-cache", metavar="DIR",
+                       help="take pre-trained weights from this cache folder, or store them there (e.g. r2sweep_results/pretrain_cache)")
     trial.set_defaults(run=_cmd_trial)
     sweep = commands.add_parser("sweep", help="run a Ray Tune + Optuna sweep from a search-space file")
     sweep.add_argument("file", help="search-space YAML (trial sections + objective, search, sweep)")
@@ -299,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", required=True, help="folder for index.html and the PNG figures (created if missing)")
     report.add_argument("--no-log", action="store_true", help="do not log the report to the sweep's parent run")
     report.set_defaults(run=_cmd_report)
+    add_cache_parser(commands)
     return parser
 
 

@@ -9,7 +9,9 @@ nothing of Ray, Optuna or MLflow: it reports through a plain callback, called
   rank trials early), and
 * once at the end with every final metric (``fp/top1``, one ``<result>/top1``
   per downstream result, the pre-trained weight statistics, the seconds each
-  phase took); that call has ``final = 1`` (not ``done``: Ray Tune reserves it).
+  phase took); that call has ``final = 1`` (not ``done``: Ray Tune reserves it),
+  and the text values of :data:`TEXT_RESULTS` (how the pre-trained weights came,
+  and any notes), which the sweep turns into tags of the trial's MLflow run.
 
 The pre-trained weights are computed once; each downstream result starts from
 its own copy of them, so results never contaminate each other.
@@ -35,19 +37,26 @@ from r2sweep.core.build import build_trial_data, build_trial_model, check_output
 from r2sweep.core.data import make_loader
 from r2sweep.core.errors import ConfigError, TrialDiverged
 from r2sweep.core.plots import weight_histograms
+from r2sweep.core.pretrain_cache import PretrainCache
+from r2sweep.core.pretraining import HIT, PretrainJob, run_pretraining
 from r2sweep.core.quant.graph import graph_notes
 from r2sweep.core.quant.layers import bake_weights
 from r2sweep.core.quant.methods import DOWNSTREAM_METHODS, DownstreamContext
 from r2sweep.core.quant.ptq import round_to_nearest
 from r2sweep.core.stats import weight_stats
-from r2sweep.core.train import evaluate, pretrain, resolve_device
+from r2sweep.core.train import evaluate, resolve_device
 
-__all__ = ["run_trial", "check_out_dir", "config_fingerprint", "load_pretrained", "Reporter", "Progress", "PRETRAIN_CHECKPOINT", "PRETRAINED", "HISTOGRAMS"]
+__all__ = ["TEXT_RESULTS", "run_trial", "check_out_dir", "config_fingerprint", "load_pretrained", "Reporter", "Progress", "PRETRAIN_CHECKPOINT", "PRETRAINED", "HISTOGRAMS"]
 
 #: Receives a flat ``{metric: number}`` dict; see the module docstring.
 Reporter = Callable[[dict[str, Any]], None]
 #: Receives one human-readable line per phase (the CLI prints them).
 Progress = Callable[[str], None]
+
+#: The final report's text values: ``notes`` (see :func:`run_trial`), and how the
+#: pre-trained weights came (``pretrain_cache``: off, stored, hit or uncacheable; the
+#: cache entry's ``pretrain_key``; ``pretrain_source``, the trial that trained them).
+TEXT_RESULTS = ("notes", "pretrain_cache", "pretrain_key", "pretrain_source")
 
 PRETRAIN_CHECKPOINT = "pretrain_state.pt"
 #: The pre-trained weights (and the model's constructor arguments).
@@ -91,6 +100,8 @@ def run_trial(
     out_dir: str | Path | None = None,
     progress: Progress | None = None,
     device: torch.device | None = None,
+    cache: PretrainCache | None = None,
+    cache_label: str = "",
 ) -> dict[str, Any]:
     """Run one trial and return its final metrics (the dict of the last report).
 
@@ -103,6 +114,9 @@ def run_trial(
             is written.
         progress: receives one line per phase.
         device: defaults to ``config.train.device`` (a GPU when present).
+        cache: the pre-training cache to take the pre-trained weights from, or store
+            them in (:mod:`r2sweep.core.pretraining`); None trains without one.
+        cache_label: names this trial in an entry it stores (e.g. ``sweep/trial_id``).
 
     A downstream fine-tuning that diverges is reported as ``<result>/diverged = 1``
     without a ``<result>/top1``; the other results still run. When a note was
@@ -138,19 +152,18 @@ def run_trial(
     # two entries: a mixed proxy can sit at chance for every trial and blind ASHA.
     proxy = config.proxy_target() if config.downstream else None
 
-    last_proxy: dict[str, float] = {}
-
-    def on_epoch(metrics: dict[str, float]) -> None:
+    def measure(metrics: dict[str, Any]) -> None:
         if config.downstream:
             if proxy is None:
                 metrics["proxy/top1"] = metrics["val/top1"]
             else:
                 metrics["proxy/top1"] = evaluate(round_to_nearest(model, *proxy), val_loader, device)
-            last_proxy["proxy/top1"] = metrics["proxy/top1"]
+
+    def emit(metrics: dict[str, Any], replayed: bool) -> None:
         shown = "" if "proxy/top1" not in metrics or proxy is None else f", W{proxy[1]} RTN {metrics['proxy/top1']:.1f}%"
         progress(
             f"pre-train epoch {int(metrics['epoch']) + 1}/{config.train.epochs}: loss {metrics['train/loss']:.3f}, "
-            f"val {metrics['val/top1']:.1f}%" + shown
+            f"val {metrics['val/top1']:.1f}%" + shown + (" (from the pre-training cache)" if replayed else "")
         )
         report(metrics)
 
@@ -160,9 +173,24 @@ def run_trial(
     # config is refused instead of silently resumed (the sweep gives each trial its own).
     if out is not None:
         check_out_dir(config, out)
-    pretrain(model, r2, train_loader, val_loader, config.train, on_epoch=on_epoch, checkpoint_path=checkpoint,
-             checkpoint_owner=config_fingerprint(config), device=device)
-    final: dict[str, Any] = {"time/pretrain_s": time.perf_counter() - started}
+    job = PretrainJob(config, model, r2, train_loader, val_loader, device, measure, emit, checkpoint,
+                      config_fingerprint(config), started)
+    done = run_pretraining(job, cache, cache_label)
+    # Stale gradients of the last step would ride along into every downstream copy; a
+    # model served from the cache has none, and the two must be the same model.
+    model.zero_grad(set_to_none=True)
+    if done.note:
+        notes.append(done.note)
+        progress(f"note: {done.note}")
+    if done.cache == HIT:
+        progress(f"pre-trained weights from the cache (entry {done.key[:12]}, trained by {done.source or 'an earlier trial'}; "
+                 f"{done.saved_s:.1f}s saved)")
+    last_proxy = {k: v for k, v in done.history[-1].items() if k == "proxy/top1"} if done.history else {}
+    final: dict[str, Any] = {"time/pretrain_s": time.perf_counter() - started, "pretrain_cache": done.cache}
+    if done.cache == HIT:
+        final["time/pretrain_saved_s"] = done.saved_s
+    if done.key:
+        final.update(pretrain_key=done.key, pretrain_source=done.source)
     model.eval()
     final["fp/top1"] = evaluate(model, val_loader, device)
     final.update(weight_stats(model))

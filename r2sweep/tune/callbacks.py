@@ -25,7 +25,7 @@ from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.locations import is_uri
 from r2sweep.core.outcome import DIVERGED, FAILED, FINISHED, RUN_STATUS, STOPPED, TAG_OUTCOME, decide_outcome, diverged_result
-from r2sweep.core.trial import PRETRAINED
+from r2sweep.core.trial import PRETRAINED, TEXT_RESULTS
 from r2sweep.tracking.journal import JournalFlusher, TrackingJournal
 from r2sweep.tracking.store import SweepRun, Tracker
 
@@ -40,8 +40,11 @@ STORE_FILE = "store.json"
 #: Where the trial ran (Ray node id and host): the last node, if it was restored elsewhere.
 TAG_NODE_ID = "r2sweep.node_id"
 TAG_NODE_HOST = "r2sweep.node_host"
-#: The trial's notes (a non-strict init_from's leftovers, a model torch.fx could not trace).
-TAG_NOTES = "r2sweep.notes"
+#: The trial's text results (r2sweep.core.trial.TEXT_RESULTS) as tags: r2sweep.notes (a non-strict
+#: init_from's leftovers, a model torch.fx could not trace), r2sweep.pretrain_cache (hit, stored, ...),
+#: r2sweep.pretrain_key and r2sweep.pretrain_source (the trial that trained a cached entry).
+TAG_PREFIX = "r2sweep."
+TAG_NOTES = TAG_PREFIX + "notes"
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:
@@ -224,8 +227,9 @@ class TrackingCallback(tune.Callback):
         if node and self._nodes.get(trial.trial_id) != node:
             self._nodes[trial.trial_id] = node
             self._record("tags", trial=trial.trial_id, tags={TAG_NODE_ID: node, TAG_NODE_HOST: result.get("hostname", "")})
-        if result.get("final") and result.get("notes"):
-            self._record("tags", trial=trial.trial_id, tags={TAG_NOTES: str(result["notes"])[:4000]})
+        texts = {TAG_PREFIX + key: str(result[key])[:4000] for key in TEXT_RESULTS if result.get("final") and result.get(key)}
+        if texts:
+            self._record("tags", trial=trial.trial_id, tags=texts)
         if result.get("final"):
             metrics = {k: v for k, v in result.items() if "/" in k or k in ("diverged",)}
             step, once = 0, f"{trial.trial_id}:final"

@@ -23,6 +23,7 @@ from r2sweep.core.checkpoint import write_text_atomic
 from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import TrialDiverged
 from r2sweep.core.factories import install_callables
+from r2sweep.core.pretrain_cache import PretrainCache
 from r2sweep.core.trial import HISTOGRAMS, PRETRAIN_CHECKPOINT, PRETRAINED, run_trial
 
 __all__ = ["trainable", "TRIAL_CONFIG", "TRIAL_ARTIFACTS"]
@@ -32,11 +33,13 @@ TRIAL_CONFIG = "trial_config.yaml"
 TRIAL_ARTIFACTS = (PRETRAINED, HISTOGRAMS, TRIAL_CONFIG)
 
 
-def trainable(config: dict[str, Any], spec: SweepSpec, callables: Mapping[str, Any] | None = None) -> None:
+def trainable(config: dict[str, Any], spec: SweepSpec, callables: Mapping[str, Any] | None = None,
+              cache_dir: str | None = None) -> None:
     """The Tune function trainable: one r2sweep trial with the sampled values written in.
 
     ``callables``: the driver's factories given from Python that do not import by name,
-    installed before the trial's config is loaded (it resolves them).
+    installed before the trial's config is loaded (it resolves them). ``cache_dir``: the
+    pre-training cache's folder (:meth:`SweepSettings.pretrain_cache_dir`), or None.
     """
     install_callables(callables or {})
     cpus = int(max(1, spec.settings.resources_per_trial.get("cpu", 1)))
@@ -72,7 +75,10 @@ def trainable(config: dict[str, Any], spec: SweepSpec, callables: Mapping[str, A
             tune.report({**metrics, "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(directory))
 
     write_text_atomic(work / TRIAL_CONFIG, yaml.safe_dump(trial_config.to_mapping(), sort_keys=False))
+    context = tune.get_context()
+    sweep = context.get_experiment_name()
+    cache = PretrainCache(cache_dir, user=sweep) if cache_dir else None
     try:
-        run_trial(trial_config, report, out_dir=work)
+        run_trial(trial_config, report, out_dir=work, cache=cache, cache_label=f"{sweep}/{context.get_trial_id()}")
     except TrialDiverged as error:
         tune.report({"diverged": 1.0, "final": 1.0, "error": str(error)[:200], "node_id": node_id})

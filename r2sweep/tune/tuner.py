@@ -133,7 +133,8 @@ def run_experiment(
         check_data_roots(paths, field)
     check_imports(spec, trial_nodes())
     # Callables given from Python that do not import by name travel with the trainable, by value.
-    trial = tune.with_parameters(trainable, spec=spec, callables=shipped_callables(spec))
+    trial = tune.with_parameters(trainable, spec=spec, callables=shipped_callables(spec),
+                                 cache_dir=spec.settings.pretrain_cache_dir(str(storage)))
     function = tune.with_resources(trial, resources)
     if resume:
         for line in repair_tune_state(folder):
@@ -154,7 +155,8 @@ def _space(spec: SweepSpec) -> dict[str, Any]:
         "trial": spec.trial.to_mapping(),
         "objective": [dataclasses.asdict(o) for o in spec.objectives],
         "search": {p.path: dataclasses.asdict(p) for p in spec.params},
-        "sweep": dataclasses.asdict(spec.settings),
+        # Where pre-trained weights are cached decides neither: a resume may change it.
+        "sweep": {k: v for k, v in dataclasses.asdict(spec.settings).items() if k != "pretrain_cache"},
     }, default=str))
 
 

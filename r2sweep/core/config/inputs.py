@@ -152,6 +152,7 @@ class DataConfig(_FactorySection):
         signature = factory_signature(where, builder)
         keys = [where.split(".")[1], *(key for key in ("root", "val_fraction") if key in signature.names)]
         check_options("data", reference, signature, DATA_PROVIDED, self.options, keys)
+        self.options = _with_defaults(signature, DATA_PROVIDED, self.options)
         for key in ("root", "val_fraction"):
             if getattr(self, key) is not None and key not in signature.names:
                 raise ConfigError(f"data.{key}", getattr(self, key), f"null: {reference} takes no {key}")

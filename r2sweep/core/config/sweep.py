@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union
 
 from r2sweep.core.config.inputs import with_references
 from r2sweep.core.config.consistency import check_consistency, max_epochs, refuse_ineffective_overrides
@@ -45,6 +45,8 @@ SCHEDULERS = ("asha", "none")
 MODES = ("max", "min")
 # Samplers that handle several objectives (Optuna's multi-objective support).
 MULTI_OBJECTIVE_SAMPLERS = ("tpe", "nsga2", "random")
+#: The pre-training cache's folder in a sweep's storage (``sweep.pretrain_cache: true``).
+PRETRAIN_CACHE_FOLDER = "pretrain_cache"
 _TOP_LEVEL = ("name", *TRIAL_SECTIONS, "objective", "search", "sweep")
 
 
@@ -83,6 +85,10 @@ class SweepSettings:
     # env_vars, ...): how the user's code reaches nodes that do not have it installed.
     # A factory module in the working directory is added to py_modules automatically.
     runtime_env: Mapping[str, Any] = field(default_factory=dict)
+    # The pre-training cache (r2sweep.core.pretrain_cache): true keeps it in the sweep
+    # storage's pretrain_cache/ folder (shared by every sweep of that storage), a path
+    # puts it there instead (e.g. one folder for several storages), false turns it off.
+    pretrain_cache: Union[bool, str] = True
 
     def __post_init__(self) -> None:
         require_int("sweep.num_samples", self.num_samples, 1)
@@ -108,9 +114,26 @@ class SweepSettings:
                       value, "a list of paths (folders or .py files) or URIs")
         if "working_dir" in env:
             check(isinstance(env["working_dir"], str), "sweep.runtime_env.working_dir", env["working_dir"], "a folder's path or a URI")
+        cache = self.pretrain_cache
+        check(isinstance(cache, bool) or (isinstance(cache, str) and cache.strip() != "" and not is_uri(cache)),
+              "sweep.pretrain_cache", cache, "true (a folder in the sweep's storage), false (off), or a folder's path "
+              "every node mounts")
         gpu = resources.get("gpu", 0)
         check(gpu <= 1 or float(gpu).is_integer(), "sweep.resources_per_trial.gpu", gpu,
               "a fraction of one GPU (0-1) or a whole number of GPUs")
+
+
+    def pretrain_cache_dir(self, storage: str) -> str | None:
+        """Where the pre-training cache lives for a sweep kept in ``storage`` (a local path or a URI); None: off.
+
+        The default needs a local (or mounted) storage: under a URI storage the cache
+        is off unless ``sweep.pretrain_cache`` names a folder.
+        """
+        if self.pretrain_cache is False:
+            return None
+        if isinstance(self.pretrain_cache, str):
+            return os.path.abspath(os.path.expanduser(self.pretrain_cache))
+        return None if is_uri(storage) else os.path.join(os.path.abspath(os.path.expanduser(storage)), PRETRAIN_CACHE_FOLDER)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,149 @@
+"""A trial's pre-training phase: taken from the pre-training cache, or trained (and then stored).
+
+Whichever way the weights come, the trial reports the same per-epoch metrics in
+the same order, so a scheduler (ASHA) decides on a trial served from the cache
+exactly as on the trial that trained: a hit replays the entry's epochs, and a
+trial waiting on another that is pre-training the same key follows that trial's
+epochs as they finish. The weights and the RNG state after pre-training are
+restored from the entry, so everything downstream is what the trial would have
+computed itself (bit-identical on the CPU).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from r2sweep.core.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
+from r2sweep.core.config.trial import TrialConfig
+from r2sweep.core.losses import R2Loss
+from r2sweep.core.pretrain_cache import CacheKey, NotCacheable, PretrainCache, pretrain_key
+from r2sweep.core.train import pretrain
+
+__all__ = ["PretrainJob", "Pretrained", "run_pretraining", "OFF", "STORED", "HIT", "UNCACHEABLE"]
+
+#: How the pre-trained weights came (the trial's ``pretrain_cache`` result, an MLflow tag).
+OFF, STORED, HIT, UNCACHEABLE = "off", "stored", "hit", "uncacheable"
+
+#: Adds what only the live model can give (``proxy/top1``) to an epoch's metrics.
+Measure = Callable[[dict[str, Any]], None]
+#: Reports one epoch's metrics (``replayed``: they come from the cache, not this process's training).
+Emit = Callable[[dict[str, Any], bool], None]
+
+
+@dataclass
+class PretrainJob:
+    """Everything the pre-training of one trial needs."""
+
+    config: TrialConfig
+    model: nn.Module
+    r2: R2Loss
+    train_loader: Any
+    val_loader: Any
+    device: torch.device
+    measure: Measure
+    emit: Emit
+    checkpoint: Path | None = None  # the trial's own resumable state
+    owner: str | None = None  # its fingerprint (see r2sweep.core.trial.check_out_dir)
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Pretrained:
+    """What the phase did: the per-epoch history and how the weights came."""
+
+    history: list[dict[str, Any]]
+    cache: str
+    key: str = ""
+    source: str = ""  # the trial that trained a cached entry
+    saved_s: float = 0.0  # the entry's pre-training time, less what taking it cost
+    note: str = ""
+
+
+def _epochs_reported(job: PretrainJob) -> int:
+    """Epochs the scheduler already saw: those in the trial's own checkpoint (a restored trial resumes after them)."""
+    if job.checkpoint is None or not job.checkpoint.is_file():
+        return 0
+    return int(load_checkpoint(job.checkpoint)["epoch"]) + 1
+
+
+def _train(job: PretrainJob, reported: int, publish: Callable[[list[dict[str, Any]]], None] | None = None,
+           earlier: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Pre-train (resuming from the trial's checkpoint); epochs below ``reported`` are not emitted again."""
+    history: list[dict[str, Any]] = list(earlier or [])
+
+    def on_epoch(metrics: dict[str, Any]) -> None:
+        job.measure(metrics)
+        del history[int(metrics["epoch"]):]
+        history.append(dict(metrics))
+        if publish is not None:
+            publish(history)
+        if metrics["epoch"] >= reported:
+            job.emit(metrics, False)
+
+    pretrain(job.model, job.r2, job.train_loader, job.val_loader, job.config.train, on_epoch=on_epoch,
+             checkpoint_path=job.checkpoint, checkpoint_owner=job.owner, device=job.device)
+    return history
+
+
+def _summary(config: TrialConfig) -> str:
+    return (f"{config.model.reference} on {config.data.reference}, R2 {config.r2.kind}, "
+            f"{config.train.epochs} epochs, seed {config.seed}")
+
+
+def run_pretraining(job: PretrainJob, cache: PretrainCache | None, label: str = "") -> Pretrained:
+    """Pre-train ``job.model`` in place, through ``cache`` when one is given.
+
+    ``label`` names this trial in the entry it stores (its source) and in its lock.
+    """
+    reported = _epochs_reported(job)
+    if cache is None:
+        return Pretrained(_train(job, reported), OFF)
+    try:
+        key = pretrain_key(job.config, job.device)
+    except NotCacheable as why:
+        return Pretrained(_train(job, reported), UNCACHEABLE, note=f"pre-training cache not used: {why}")
+    while True:
+        entry = cache.lookup(key.digest)
+        if entry is not None:
+            for metrics in entry.history[reported:]:
+                job.emit(dict(metrics), True)
+            job.model.load_state_dict(entry.model_state)
+            job.model.to(job.device)
+            restore_rng_state(entry.rng_state)
+            spent = time.perf_counter() - job.started
+            return Pretrained([dict(m) for m in entry.history], HIT, key.digest, entry.source,
+                              max(0.0, entry.pretrain_s - spent))
+        claim = cache.claim(key.digest, label)
+        if claim is not None:
+            with claim:
+                if cache.lookup(key.digest) is not None:
+                    continue  # stored between our lookup and our claim: take it
+                return _train_and_store(job, cache, key, reported, label)
+        # Another trial pre-trains this key: follow its epochs, so the scheduler sees this trial progress too.
+        for metrics in cache.progress(key.digest)[reported:]:
+            job.emit(dict(metrics), True)
+            reported += 1
+        time.sleep(cache.poll_s)
+
+
+def _train_and_store(job: PretrainJob, cache: PretrainCache, key: CacheKey, reported: int, label: str) -> Pretrained:
+    resumed = _epochs_reported(job)
+    # A trial resumed from its own checkpoint has its earlier epochs only in what it published then.
+    earlier = cache.progress(key.digest)[:resumed] if resumed else []
+    history = _train(job, reported, lambda h: cache.publish_progress(key.digest, h), earlier)
+    rng = capture_rng_state()  # first: nothing may draw between the end of pre-training and this
+    pretrain_s = time.perf_counter() - job.started
+    if len(history) != job.config.train.epochs:
+        return Pretrained(history, OFF, key.digest, note="pre-training resumed without its earlier epochs' "
+                          "history: not stored in the cache")
+    state = {name: tensor.detach().cpu().clone() for name, tensor in job.model.state_dict().items()}
+    cache.store(key, model_state=state, rng_state=rng, history=history, pretrain_s=pretrain_s, source=label,
+                summary=_summary(job.config))
+    return Pretrained(history, STORED, key.digest, label)

@@ -1,0 +1,271 @@
+"""The pre-training cache without Ray: its key, its entries (atomic, verified), its locks, the trial
+served from it (bit-identical to the trial trained afresh), and ``r2sweep cache list|prune``.
+(The cache in real sweeps: tests/test_pretrain_cache_sweep.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from r2sweep.cli.app import main
+from r2sweep.core.config.sweep import load_sweep_spec
+from r2sweep.core.config.trial import load_trial_config
+from r2sweep.core.errors import ConfigError
+from r2sweep.core.pretrain_cache import PretrainCache, pretrain_key
+from r2sweep.core.pretrain_cache.lock import try_claim
+from r2sweep.core.trial import run_trial
+
+CPU = torch.device("cpu")
+
+
+def dropout_net(*, num_classes, in_channels, width=8):
+    """Dropout draws from the global RNG during pre-training: a cache hit must restore that RNG."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(in_channels, width, 3, padding=1), torch.nn.BatchNorm2d(width), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Dropout(0.3), torch.nn.Linear(width * 4, num_classes))
+
+
+BASE = {
+    "data": {"name": "synthetic", "num_samples": 96},
+    "model": {"factory": dropout_net},
+    "train": {"epochs": 2, "batch_size": 32},
+    "r2": {"kind": "linf", "strength": 0.01},
+    "downstream": [{"method": "ptq", "algorithm": "rtn", "weight_bits": [4]},
+                   {"method": "qat", "algorithm": "lsq", "weight_bits": [2], "epochs": 1, "batch_size": 32}],
+}
+
+
+def _config(**changes):
+    data = {**BASE}
+    for path, value in changes.items():
+        section, key = path.split(".", 1)
+        if section == "downstream":
+            index, field = key.split(".")
+            entries = [dict(e) for e in data["downstream"]]
+            entries[int(index)][field] = value
+            data["downstream"] = entries
+        else:
+            data[section] = {**data.get(section, {}), key: value}
+    return load_trial_config(data)
+
+
+def _key(**changes) -> str:
+    return pretrain_key(_config(**changes), CPU).digest
+
+
+# --- the key ------------------------------------------------------------------------
+
+
+def test_the_key_holds_what_pretraining_reads_and_nothing_else(tmp_path: Path) -> None:
+    base = _key()
+    assert _key() == base
+    # Downstream knobs (but for the proxy's grid), speed-only and never-read fields: the same pre-training.
+    for same in ({"downstream.1.lr": 0.5}, {"downstream.1.epochs": 3}, {"train.num_workers": 2},
+                 {"train.step_gamma": 0.5}, {"r2.margin_init": "max"}):
+        assert _key(**same) == base, same
+    for other in ({"train.lr": 0.1}, {"train.epochs": 3}, {"r2.strength": 0.02}, {"seed": None},
+                  {"data.num_samples": 64}, {"model.width": 4}, {"downstream.0.weight_bits": [2]},
+                  {"downstream.0.granularity": "tensor"}):
+        if "seed" in other:
+            assert pretrain_key(load_trial_config({**BASE, "seed": 1}), CPU).digest != base
+            continue
+        assert _key(**other) != base, other
+    assert pretrain_key(_config(), torch.device("cuda")).digest != base  # GPU weights are not the CPU's
+
+    # init_from: the content decides, not the path.
+    first, moved, changed = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"
+    torch.manual_seed(0)
+    torch.save(dropout_net(num_classes=10, in_channels=3).state_dict(), first)
+    moved.write_bytes(first.read_bytes())
+    torch.save(dropout_net(num_classes=10, in_channels=3).state_dict(), changed)
+    keys = [_key(**{"model.init_from": str(p)}) for p in (first, moved, changed)]
+    assert keys[0] == keys[1] != keys[2] and base not in keys
+
+
+def test_the_key_follows_a_user_modules_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cache_user_net.py").write_text(
+        "import torch\n\ndef build(*, num_classes, in_channels):\n    return torch.nn.Sequential(torch.nn.Flatten(),"
+        " torch.nn.LazyLinear(num_classes))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = load_trial_config({**BASE, "model": {"factory": "cache_user_net:build"}})
+    before = pretrain_key(config, CPU)
+    assert before.material["model_code"].startswith("source ")
+    with open(tmp_path / "cache_user_net.py", "a") as handle:
+        handle.write("# an edit changes what the factory may build\n")
+    assert pretrain_key(config, CPU).digest != before.digest
+
+
+# --- a trial served from the cache ----------------------------------------------------
+
+
+def _run(config, cache=None, label="t", out=None):
+    reports: list[dict] = []
+    final = run_trial(config, reports.append, out_dir=out, cache=cache, cache_label=label, device=CPU)
+    return final, reports, torch.get_rng_state()
+
+
+def _untimed(reports: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in reports if "final" not in r]
+
+
+def _same_results(a: dict, b: dict) -> None:
+    for key, value in a.items():
+        if not key.startswith("time/") and not key.startswith("pretrain_"):
+            assert b[key] == value, key  # equal, not close
+
+
+def test_a_cache_hit_is_the_trial_trained_afresh_bit_for_bit(tmp_path: Path) -> None:
+    config = _config()
+    fresh, fresh_reports, fresh_rng = _run(config, out=tmp_path / "fresh")
+    cache = PretrainCache(tmp_path / "cache", user="s")
+    stored, _, _ = _run(config, cache, label="s/first")
+    hit, hit_reports, hit_rng = _run(config, cache, label="s/second", out=tmp_path / "hit")
+    assert (fresh["pretrain_cache"], stored["pretrain_cache"], hit["pretrain_cache"]) == ("off", "stored", "hit")
+    _same_results(fresh, stored)
+    _same_results(fresh, hit)
+    assert hit["pretrain_source"] == "s/first" and hit["pretrain_key"] == stored["pretrain_key"]
+    assert hit["time/pretrain_saved_s"] > 0
+    assert torch.equal(fresh_rng, hit_rng)  # the RNG after pre-training was restored, so downstream drew the same
+    # The scheduler sees the same epochs: every per-epoch report is replayed.
+    replayed = _untimed(hit_reports)
+    assert [r["epoch"] for r in replayed] == [0, 1] and replayed == _untimed(fresh_reports)
+    for name in ("pretrained.pt", "qat_lsq_w2a8.pt"):
+        a = torch.load(tmp_path / "fresh" / name, weights_only=True)["model"]
+        b = torch.load(tmp_path / "hit" / name, weights_only=True)["model"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("damage", ["weights", "manifest", "hash"])
+def test_a_corrupt_entry_is_recomputed_never_used(tmp_path: Path, damage: str) -> None:
+    config = _config(**{"downstream.1.epochs": 0})
+    cache = PretrainCache(tmp_path / "cache")
+    first, _, _ = _run(config, cache)
+    folder = tmp_path / "cache" / "entries" / first["pretrain_key"]
+    if damage == "weights":
+        data = (folder / "weights.pt").read_bytes()
+        (folder / "weights.pt").write_bytes(data[: len(data) // 2])  # torn
+    elif damage == "manifest":
+        (folder / "manifest.json").write_text("{\"format\": 1, \"key\":")
+    else:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        (folder / "manifest.json").write_text(json.dumps({**manifest, "weights_sha256": "0" * 64}))
+    again, _, _ = _run(config, cache)
+    assert again["pretrain_cache"] == "stored"  # trained again, and the entry rewritten whole
+    _same_results(first, again)
+    assert cache.lookup(first["pretrain_key"]) is not None
+
+
+def test_a_waiting_trial_follows_the_owner_then_takes_over_from_a_dead_one(tmp_path: Path) -> None:
+    config = _config(**{"downstream.1.epochs": 0})
+    reference, reference_reports, _ = _run(config, PretrainCache(tmp_path / "first"))
+    epochs = _untimed(reference_reports)
+    # Another host's trial holds the key and has finished epoch 0, then stops beating.
+    cache = PretrainCache(tmp_path / "cache", stale_after_s=1.5, poll_s=0.1)
+    key = reference["pretrain_key"]
+    lock = tmp_path / "cache" / "locks" / f"{key}.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"token": "x", "host": "elsewhere", "pid": 1, "label": "other/trial"}))
+    cache.publish_progress(key, epochs[:1])
+    started = time.perf_counter()
+    final, reports, _ = _run(config, cache)
+    assert time.perf_counter() - started > 1.5  # it waited for the heartbeat to go stale
+    assert final["pretrain_cache"] == "stored"
+    assert _untimed(reports) == epochs and [r["epoch"] for r in epochs] == [0, 1]  # epoch 0 followed, not repeated
+    _same_results(reference, final)
+
+
+def test_two_trials_of_one_key_at_once_pretrain_once(tmp_path: Path) -> None:
+    config = _config(**{"downstream.1.epochs": 0})
+    cache = PretrainCache(tmp_path / "cache", poll_s=0.05)
+    finals: list[dict] = []
+    reports: dict[str, list] = {"a": [], "b": []}
+
+    def trial(name: str) -> None:
+        finals.append(run_trial(config, reports[name].append, cache=cache, cache_label=name, device=CPU))
+
+    threads = [threading.Thread(target=trial, args=(name,)) for name in reports]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sorted(f["pretrain_cache"] for f in finals) == ["hit", "stored"]
+    assert len({f["pretrain_key"] for f in finals}) == 1
+    assert all([r["epoch"] for r in rs if "final" not in r] == [0, 1] for rs in reports.values())
+
+
+# --- locks ----------------------------------------------------------------------------
+
+
+def test_a_lock_is_exclusive_kept_fresh_and_broken_when_its_owner_is_dead(tmp_path: Path) -> None:
+    path = tmp_path / "k.lock"
+    claim = try_claim(path, label="a", heartbeat_s=0.05, stale_after_s=0.5)
+    assert claim is not None and try_claim(path, label="b", stale_after_s=0.5) is None
+    time.sleep(0.8)  # longer than stale_after_s: only the heartbeat keeps it live
+    assert time.time() - path.stat().st_mtime < 0.5 and try_claim(path, label="b", stale_after_s=0.5) is None
+    claim.release()
+    assert not path.exists()
+
+    # An owner on this host whose process is gone: stale at once, whatever its heartbeat.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path.write_text(json.dumps({"token": "t", "host": socket.gethostname(), "pid": int(dead.stdout)}))
+    taken = try_claim(path, label="c", stale_after_s=3600)
+    assert taken is not None and json.loads(path.read_text())["label"] == "c"
+    taken.release()
+    # Another host's lock: live while its heartbeat is recent, stale after.
+    path.write_text(json.dumps({"token": "t", "host": "elsewhere", "pid": 1}))
+    assert try_claim(path, label="d", stale_after_s=60) is None
+    old = time.time() - 120
+    os.utime(path, (old, old))
+    assert try_claim(path, label="d", stale_after_s=60) is not None
+
+
+# --- settings and the command line ----------------------------------------------------
+
+
+def test_the_sweep_setting_and_where_the_cache_lives(tmp_path: Path) -> None:
+    spec = {"objective": {"metric": "fp/top1"}, "search": {"train.lr": {"loguniform": [0.01, 0.1]}}}
+    settings = load_sweep_spec(spec).settings
+    assert settings.pretrain_cache is True
+    assert settings.pretrain_cache_dir(str(tmp_path)) == str(tmp_path / "pretrain_cache")
+    assert settings.pretrain_cache_dir("s3://bucket/sweeps") is None  # a URI storage: off unless a folder is named
+    named = load_sweep_spec({**spec, "sweep": {"pretrain_cache": str(tmp_path / "shared")}}).settings
+    assert named.pretrain_cache_dir("s3://bucket/sweeps") == str(tmp_path / "shared")
+    assert load_sweep_spec({**spec, "sweep": {"pretrain_cache": False}}).settings.pretrain_cache_dir(str(tmp_path)) is None
+    for bad in ("", "s3://bucket/cache", 3):
+        with pytest.raises(ConfigError, match=r"sweep\.pretrain_cache"):
+            load_sweep_spec({**spec, "sweep": {"pretrain_cache": bad}})
+
+
+def test_cache_list_and_prune(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cache = PretrainCache(tmp_path / "results" / "pretrain_cache", user="sweep-a")
+    old, _, _ = _run(_config(**{"downstream.1.epochs": 0}), cache)
+    new, _, _ = _run(_config(**{"downstream.1.epochs": 0, "train.lr": 0.1}), cache)
+    entry = tmp_path / "results" / "pretrain_cache" / "entries" / old["pretrain_key"]
+    long_ago = time.time() - 40 * 86400
+    manifest = json.loads((entry / "manifest.json").read_text())
+    (entry / "manifest.json").write_text(json.dumps({**manifest, "created": long_ago}))
+    os.utime(entry / "used_by" / "sweep-a", (long_ago, long_ago))
+
+    assert main(["cache", "list", "--storage", str(tmp_path / "results")]) == 0
+    listing = capsys.readouterr().out
+    assert "2 entries" in listing and old["pretrain_key"][:12] in listing and "sweep-a" in listing
+    assert "synthetic" in listing  # what the entry is: model, data, R2, epochs, seed
+    assert main(["cache", "prune", "--storage", str(tmp_path / "results"), "--older-than", "30d", "--dry-run"]) == 0
+    assert "would delete 1 entries" in capsys.readouterr().out and entry.is_dir()
+    assert main(["cache", "prune", "--storage", str(tmp_path / "results"), "--older-than", "30d"]) == 0
+    assert "deleted 1 entries" in capsys.readouterr().out and not entry.exists()
+    assert cache.lookup(new["pretrain_key"]) is not None
+    assert main(["cache", "prune", "--cache", str(tmp_path / "results" / "pretrain_cache"), "--keep-size", "0"]) == 0
+    assert cache.entries() == []
+    assert main(["cache", "prune", "--storage", str(tmp_path / "results")]) == 2  # says what to delete
+    assert main(["cache", "list", "--cache", str(tmp_path / "nowhere")]) == 2
+    assert "--cache=" in capsys.readouterr().err
