@@ -269,3 +269,18 @@ def test_cache_list_and_prune(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert main(["cache", "prune", "--storage", str(tmp_path / "results")]) == 2  # says what to delete
     assert main(["cache", "list", "--cache", str(tmp_path / "nowhere")]) == 2
     assert "--cache=" in capsys.readouterr().err
+
+
+def test_one_trial_from_the_command_line_takes_the_cache_too(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = {**BASE, "model": {"name": "small_cnn", "width": 0.25}, "downstream": BASE["downstream"][:1]}
+    (tmp_path / "trial.yaml").write_text(json.dumps(spec))
+    cache = tmp_path / "cache"
+    for out in ("first", "second"):
+        assert main(["trial", str(tmp_path / "trial.yaml"), "--out", str(tmp_path / out), "--pretrain-cache", str(cache)]) == 0
+    first, second = (json.loads((tmp_path / out / "metrics.json").read_text()) for out in ("first", "second"))
+    assert (first["pretrain_cache"], second["pretrain_cache"]) == ("stored", "hit")
+    assert second["ptq_rtn_w4a8/top1"] == first["ptq_rtn_w4a8/top1"]
+    (tmp_path / "file").write_text("")
+    assert main(["trial", str(tmp_path / "trial.yaml"), "--out", str(tmp_path / "third"),
+                 "--pretrain-cache", str(tmp_path / "file")]) == 2
+    assert "--pretrain-cache" in capsys.readouterr().err and not (tmp_path / "third").exists()
