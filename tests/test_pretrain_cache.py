@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -183,23 +182,22 @@ def test_a_waiting_trial_follows_the_owner_then_takes_over_from_a_dead_one(tmp_p
     _same_results(reference, final)
 
 
+@pytest.mark.slow  # two Python processes start
 def test_two_trials_of_one_key_at_once_pretrain_once(tmp_path: Path) -> None:
-    config = _config(**{"downstream.1.epochs": 0})
-    cache = PretrainCache(tmp_path / "cache", poll_s=0.05)
-    finals: list[dict] = []
-    reports: dict[str, list] = {"a": [], "b": []}
-
-    def trial(name: str) -> None:
-        finals.append(run_trial(config, reports[name].append, cache=cache, cache_label=name, device=CPU))
-
-    threads = [threading.Thread(target=trial, args=(name,)) for name in reports]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    # Two processes, as a sweep's trials are: the first to claim the key trains, the other takes its entry.
+    spec = {**BASE, "model": {"name": "small_cnn", "width": 0.25}, "train": {"epochs": 3, "batch_size": 32},
+            "downstream": BASE["downstream"][:1]}
+    (tmp_path / "trial.yaml").write_text(json.dumps(spec))
+    command = [sys.executable, "-m", "r2sweep.cli", "trial", str(tmp_path / "trial.yaml"), "--pretrain-cache",
+               str(tmp_path / "cache"), "--out"]
+    trials = [subprocess.Popen([*command, str(tmp_path / name)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True) for name in ("a", "b")]
+    for trial in trials:
+        assert trial.wait(240) == 0, trial.stderr.read()[-2000:]
+    finals = [json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("a", "b")]
     assert sorted(f["pretrain_cache"] for f in finals) == ["hit", "stored"]
-    assert len({f["pretrain_key"] for f in finals}) == 1
-    assert all([r["epoch"] for r in rs if "final" not in r] == [0, 1] for rs in reports.values())
+    assert finals[0]["ptq_rtn_w4a8/top1"] == finals[1]["ptq_rtn_w4a8/top1"]
+    assert len(PretrainCache(tmp_path / "cache").entries()) == 1
 
 
 # --- locks ----------------------------------------------------------------------------

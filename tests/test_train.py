@@ -146,6 +146,8 @@ def test_adam_and_step_schedule_train(digits):
         ({"schedule": "linear"}, "train.schedule"),
         ({"momentum": 1.0}, "train.momentum"),
         ({"device": "tpu"}, "train.device"),
+        ({"precision": "fp8"}, "train.precision"),
+        ({"precision": 16}, "train.precision"),
         ({"epoch": 3}, "train.epoch"),
     ],
 )

@@ -7,6 +7,10 @@ nothing of Ray, Optuna or MLflow; it reports through a plain callback.
 Reproducibility: the batch order depends only on ``(seed, epoch)`` (see
 :mod:`r2sweep.core.data.loader`) and the checkpoint holds every RNG state, so a run
 resumed from epoch ``k`` ends with the same weights as one never interrupted.
+
+``train.precision`` (:mod:`r2sweep.core.precision`): ``bf16``/``fp16`` run the
+model's forward under autocast; the R2 term, the parameters and the optimizer
+state stay float32. ``fp32`` runs exactly the plain loop.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from r2sweep.core.checkpoint import capture_rng_state, load_checkpoint, restore_
 from r2sweep.core.config.sections import TrainConfig
 from r2sweep.core.errors import TrialDiverged
 from r2sweep.core.losses import R2Loss
+from r2sweep.core.precision import Precision, check_precision
 from r2sweep.core.stats import weight_stats
 
 __all__ = ["pretrain", "evaluate", "resolve_device", "make_optimizer", "make_scheduler", "EpochCallback"]
@@ -34,11 +39,17 @@ EpochCallback = Callable[[dict[str, float]], None]
 CHECKPOINT_FORMAT = 1
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> the GPU when one is present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def resolve_device(name: str, precision: str | None = None) -> torch.device:
+    """``"auto"`` -> the GPU when one is present, else the CPU.
+
+    Raises:
+        ConfigError: ``precision`` (``train.precision``) cannot run on the resolved
+            device (fp16 on the CPU, "auto" included).
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+    if precision is not None:
+        check_precision(precision, device)
+    return device
 
 
 def make_optimizer(model: nn.Module, r2: R2Loss, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -62,17 +73,66 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: torch.device) -> float:
-    """Top-1 accuracy in percent."""
+def evaluate(
+    model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: torch.device, precision: str | Precision = "fp32"
+) -> float:
+    """Top-1 accuracy in percent (the forward under ``precision``'s autocast)."""
+    amp = precision if isinstance(precision, Precision) else Precision(precision, device)
     was_training = model.training
     model.eval()
-    correct = total = 0
+    if not amp.channels_last:
+        amp.prepare(model)
+    correct: Tensor | int = 0  # counted on the device, read back once (no wait per batch on a GPU)
+    total = 0
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        correct += int((model(x).argmax(1) == y).sum())
+        x, y = amp.batch(x, y)
+        with amp.autocast():
+            logits = model(x)
+        correct = correct + (logits.argmax(1) == y).sum()
         total += y.numel()
     model.train(was_training)
-    return 100.0 * correct / max(total, 1)
+    return 100.0 * int(correct) / max(total, 1)
+
+
+# On a GPU, reading a loss back (.item(), a finiteness test) waits for every queued
+# kernel: once per step that stalls the GPU between steps. The losses are read back
+# this many steps at a time there; on the CPU there is nothing to wait for, so every
+# step is checked before its optimizer step, as always.
+_CUDA_READBACK_STEPS = 32
+
+
+class _LossBook:
+    """The epoch's task and R2 losses, read back in windows; raises on the first non-finite one."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.pending: list[Tensor] = []
+        self.sums = [0.0, 0.0]
+        self.batches = 0
+
+    def add(self, task_loss: Tensor, r2_loss: Tensor) -> None:
+        self.pending.append(torch.stack([task_loss.detach().float(), r2_loss.detach().float()]))
+        if len(self.pending) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        values = torch.stack(self.pending).cpu().tolist()  # one wait for the whole window
+        self.pending = []
+        for task, r2 in values:
+            if not math.isfinite(task + r2):
+                raise TrialDiverged(
+                    f"non-finite loss at batch {self.batches} (task {task:.4g}, r2 {r2:.4g}): "
+                    "lower train.lr or r2.strength"
+                )
+            self.sums[0] += task
+            self.sums[1] += r2
+            self.batches += 1
+
+    def means(self) -> dict[str, float]:
+        self.flush()
+        return {"train/loss": self.sums[0] / max(self.batches, 1), "train/r2": self.sums[1] / max(self.batches, 1)}
 
 
 def _train_one_epoch(
@@ -80,30 +140,24 @@ def _train_one_epoch(
     r2: R2Loss,
     loader: Iterable[tuple[Tensor, Tensor]],
     optimizer: torch.optim.Optimizer,
-    device: torch.device,
+    amp: Precision,
 ) -> dict[str, float]:
     model.train()
-    task_sum = r2_sum = 0.0
-    batches = 0
+    book = _LossBook(_CUDA_READBACK_STEPS if amp.device.type == "cuda" else 1)
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = amp.batch(x, y)
         optimizer.zero_grad(set_to_none=True)
-        task_loss = F.cross_entropy(model(x), y)
-        # R2 after the forward pass: its (sparse) gradients then reach autograd first
-        # and the dense task gradients are added into them in place.
+        with amp.autocast():
+            # Cross-entropy is on autocast's float32 list: the task loss is float32 too.
+            task_loss = F.cross_entropy(model(x), y)
+        # R2 outside autocast and after the forward pass: its ranges (max|w|,
+        # margins) are float32 reductions of the float32 master weights, and its
+        # (sparse) gradients reach autograd first, the dense task gradients then
+        # being added into them in place.
         r2_loss = r2()
-        loss = task_loss + r2_loss
-        if not torch.isfinite(loss):
-            raise TrialDiverged(
-                f"non-finite loss at batch {batches} (task {task_loss.item():.4g}, r2 {r2_loss.item():.4g}): "
-                "lower train.lr or r2.strength"
-            )
-        loss.backward()
-        optimizer.step()
-        task_sum += task_loss.item()
-        r2_sum += r2_loss.item()
-        batches += 1
-    return {"train/loss": task_sum / max(batches, 1), "train/r2": r2_sum / max(batches, 1)}
+        book.add(task_loss, r2_loss)  # on the CPU: checked now, before the step
+        amp.backward_step(task_loss + r2_loss, optimizer)
+    return book.means()
 
 
 def pretrain(
@@ -137,9 +191,12 @@ def pretrain(
 
     Raises:
         TrialDiverged: the loss became NaN or infinite.
+        ConfigError: ``cfg.precision`` cannot run on the device (fp16 on the CPU).
     """
     device = device or resolve_device(cfg.device)
+    amp = Precision(cfg.precision, device)
     model.to(device)
+    amp.prepare(model)
     r2.to(device)
     optimizer = make_optimizer(model, r2, cfg)
     scheduler = make_scheduler(optimizer, cfg)
@@ -152,6 +209,7 @@ def pretrain(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng_state(state["rng"])
+        amp.load_state_dict(state.get("scaler"))
         start_epoch = state["epoch"] + 1
         metrics = dict(state["metrics"])
 
@@ -160,14 +218,17 @@ def pretrain(
         r2.set_epoch(epoch)
         train_loader.set_epoch(epoch)
         metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        metrics.update(_train_one_epoch(model, r2, train_loader, optimizer, device))
+        metrics.update(_train_one_epoch(model, r2, train_loader, optimizer, amp))
         scheduler.step()
-        metrics["val/top1"] = evaluate(model, val_loader, device)
+        metrics["val/top1"] = evaluate(model, val_loader, device, amp)
         metrics.update(weight_stats(model))
         metrics["time/epoch_s"] = time.perf_counter() - started
         if checkpoint_path is not None:
+            # fp16's loss scale is part of the state: a resumed run must not restart it at 2^16.
+            extra = {"scaler": amp.state_dict()} if amp.scaler is not None else {}
             save_atomic(
                 {
+                    **extra,
                     "format": CHECKPOINT_FORMAT,
                     "owner": checkpoint_owner,
                     "epoch": epoch,

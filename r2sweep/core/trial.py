@@ -37,6 +37,7 @@ from r2sweep.core.build import build_trial_data, build_trial_model, check_output
 from r2sweep.core.data import make_loader
 from r2sweep.core.errors import ConfigError, TrialDiverged
 from r2sweep.core.plots import weight_histograms
+from r2sweep.core.precision import check_precision
 from r2sweep.core.pretrain_cache import PretrainCache
 from r2sweep.core.pretraining import HIT, PretrainJob, run_pretraining
 from r2sweep.core.quant.graph import graph_notes
@@ -130,6 +131,7 @@ def run_trial(
     report = report or (lambda metrics: None)
     progress = progress or (lambda line: None)
     device = device or resolve_device(config.train.device)
+    check_precision(config.train.precision, device)  # fp16 off a GPU: refused before anything is built
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +147,8 @@ def run_trial(
     for note in notes:
         progress(f"note: {note}")
     r2 = config.r2.build(model)
-    train_loader = make_loader(data.train, config.train.batch_size, shuffle=True, seed=config.seed, num_workers=config.train.num_workers)
+    train_loader = make_loader(data.train, config.train.batch_size, shuffle=True, seed=config.seed,
+                               num_workers=config.train.num_workers, pin_memory=device.type == "cuda")
     val_loader = make_loader(data.val, _EVAL_BATCH, shuffle=False, seed=config.seed)
 
     # One entry's grid at one bit width (TrialConfig.proxy_target), never a mix of
@@ -203,7 +206,8 @@ def run_trial(
         weight_histograms(model.cpu(), out / HISTOGRAMS, title=f"pre-trained weights, R2 {config.r2.kind}")
         model.to(device)
 
-    context = DownstreamContext(data, config.seed, device, config.train.batch_size, config.train.num_workers, progress)
+    context = DownstreamContext(data, config.seed, device, config.train.batch_size, config.train.num_workers, progress,
+                                precision=config.train.precision)
     for entry in config.downstream:
         quantize = DOWNSTREAM_METHODS.get(entry.method).quantize
         for bits in entry.weight_bits:

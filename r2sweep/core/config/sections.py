@@ -21,6 +21,7 @@ from torch import nn
 
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.losses import R2_LOSSES, R2Loss, make_r2_loss
+from r2sweep.core.precision import PRECISIONS
 from r2sweep.core.validate import check, is_number, reject_unknown
 
 __all__ = ["TrainConfig", "R2Config", "from_dict", "to_dict"]
@@ -98,7 +99,7 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 @dataclass
 class TrainConfig:
-    """Full-precision pre-training (``train:`` section)."""
+    """Pre-training (``train:`` section); ``precision`` is the forward's autocast dtype, weights stay float32."""
 
     section: ClassVar[str] = "train"
     optimizers: ClassVar[tuple[str, ...]] = ("sgd", "adam")
@@ -115,6 +116,8 @@ class TrainConfig:
     step_gamma: float = 0.1
     num_workers: int = 0
     device: str = "auto"
+    # Last, so the field order (and the "known fields" lists in messages) only grows at the end.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         s = self.section
@@ -134,6 +137,9 @@ class TrainConfig:
             self.device,
             "'auto' (a GPU when one is present), 'cpu', 'cuda' or 'cuda:N'",
         )
+        # Whether the device can run it (fp16 needs CUDA) is checked once the
+        # device is resolved: "auto" means different machines in one sweep.
+        check(self.precision in PRECISIONS, f"{s}.precision", self.precision, f"one of {list(PRECISIONS)}")
 
     def unused_fields(self) -> dict[str, str]:
         """Fields the chosen optimizer and schedule never read (``train.step_gamma`` under cosine),

@@ -5,17 +5,24 @@ schedulers do this) must see exactly the batches an uninterrupted run would
 have seen, otherwise a resumed trial is a different experiment. So nothing here
 depends on how many epochs were iterated before, on the global RNG, or on
 iterator state: call :meth:`EpochLoader.set_epoch` and iterate.
+
+With worker processes (``num_workers > 0``, file-backed datasets) the workers are
+kept alive across epochs (``persistent_workers``), so a worker's RNG would carry
+over from epoch to epoch; instead every batch reseeds its worker from
+``(seed, epoch, batch index)`` before loading it (:class:`_SeededBatches`), which
+keeps the guarantee above whatever ran before in that worker, and whichever worker gets the batch.
 """
 
 from __future__ import annotations
 
 import random
+import weakref
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from r2sweep.core.validate import require_int
 
@@ -85,15 +92,91 @@ class _IsolatedRng:
             np.random.set_state(outer[2])
 
 
+def _batch_seed(seed: int, epoch: int, batch: int) -> int:
+    """The augmentation seed of one batch under worker processes (see the module docstring)."""
+    state = np.random.SeedSequence([seed, epoch, _AUGMENT_STREAM, batch]).generate_state(2, dtype=np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+class _SeededBatches(Dataset):
+    """``dataset``, loaded a batch at a time, each batch under its own seed.
+
+    The sampler hands out ``(seed, index)`` pairs; ``__getitems__`` (called by the
+    DataLoader's fetcher with one batch's keys, in the worker) seeds the worker's
+    torch / ``random`` / numpy RNGs, which torchvision-style transforms draw from,
+    then loads the samples in order. A worker process is private, so reseeding its
+    global RNGs touches nothing of the caller's.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
+        seed = keys[0][0]
+        # Only the CPU generator: torch.manual_seed would also reseed CUDA.
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        return [self.dataset[index] for _, index in keys]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        return self.__getitems__([key])[0]
+
+
+class _EpochBatches(Sampler):
+    """The batches of the owner's current epoch, as ``(batch seed, index)`` lists.
+
+    Lives in the main process and reads ``owner.epoch`` on every ``iter``, so one
+    persistent DataLoader serves every epoch. The order is the one a
+    ``DataLoader(shuffle=True, generator=...)`` seeded the same way yields, so the
+    sample order does not depend on the number of workers.
+
+    The owner is held weakly: a reference cycle would leave the workers to the
+    garbage collector, which may finalize their queues first and then wait
+    seconds per worker for a shutdown message that can no longer be sent.
+    """
+
+    def __init__(self, owner: EpochLoader) -> None:
+        self._owner = weakref.ref(owner)
+
+    def __len__(self) -> int:
+        owner = self._owner()
+        return 0 if owner is None else len(owner)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        o = self._owner()
+        assert o is not None, "the EpochLoader owns its DataLoader"
+        n, bs = o._num_samples, o.batch_size
+        if o.shuffle:
+            gen = torch.Generator().manual_seed(epoch_seed(o.seed, o.epoch))
+            # A DataLoader draws its workers' base seed from the generator before
+            # its sampler draws the permutation: the same draw keeps the same order.
+            torch.empty((), dtype=torch.int64).random_(generator=gen)
+            order = torch.randperm(n, generator=gen).tolist()
+        else:
+            order = list(range(n))
+        stop = n - n % bs if o.drop_last else n
+        for number, start in enumerate(range(0, stop, bs)):
+            seed = _batch_seed(o.seed, o.epoch, number)
+            yield [(seed, index) for index in order[start : start + bs]]
+
+
 class EpochLoader:
     """Batches of one epoch at a time; which epoch is set with :meth:`set_epoch`.
 
     In-memory tensor datasets are batched by slicing their tensors with a
     seeded permutation (no per-sample overhead); any other dataset goes through
     a ``DataLoader`` built for each epoch with a generator seeded from
-    ``(seed, epoch)``, which fixes the shuffling and the worker seeds. Random
-    augmentation is therefore reproducible too, for a given ``num_workers``
-    (the random streams differ between worker counts; the sample order does not).
+    ``(seed, epoch)``, which fixes the shuffling and the augmentation seeds.
+    Random augmentation is therefore reproducible too. With workers it is seeded
+    per ``(seed, epoch, batch)`` and so is the same for any ``num_workers > 0``;
+    it differs from ``num_workers = 0``'s stream (the sample order does not).
+    Workers persist across epochs (one DataLoader per EpochLoader), prefetch
+    ``prefetch_factor`` batches each and, with ``pin_memory``, hand over page-locked
+    batches so that host-to-GPU copies can overlap compute.
 
     Iterating twice without :meth:`set_epoch` in between repeats the same epoch.
 
@@ -104,6 +187,8 @@ class EpochLoader:
         seed: base seed of the per-epoch permutations.
         num_workers: DataLoader worker processes (file datasets only).
         drop_last: drop the final incomplete batch.
+        pin_memory: page-locked batches (set it when the model is on CUDA; workers only).
+        prefetch_factor: batches each worker loads ahead (workers only).
     """
 
     def __init__(
@@ -115,6 +200,8 @@ class EpochLoader:
         seed: int,
         num_workers: int = 0,
         drop_last: bool = False,
+        pin_memory: bool = False,
+        prefetch_factor: int = 2,
     ) -> None:
         self.dataset = dataset
         self.batch_size = require_int("train.batch_size", batch_size, 1)
@@ -122,7 +209,10 @@ class EpochLoader:
         self.seed = require_int("seed", seed, 0)
         self.num_workers = require_int("data.num_workers", num_workers, 0)
         self.drop_last = bool(drop_last)
+        self.pin_memory = bool(pin_memory)
+        self.prefetch_factor = require_int("prefetch_factor", prefetch_factor, 1)
         self.epoch = 0
+        self._workers: DataLoader | None = None  # built on first use, kept for its persistent workers
         self._tensors = _as_tensors(dataset)
         self._num_samples = (
             len(self._tensors[1]) if self._tensors is not None else len(dataset)  # type: ignore[arg-type]
@@ -140,6 +230,8 @@ class EpochLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._tensors is not None:
             return self._iter_tensors(*self._tensors)
+        if self.num_workers > 0:
+            return self._iter_workers()
         return self._iter_dataloader()
 
     def _iter_tensors(self, x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -176,6 +268,22 @@ class EpochLoader:
                     return
             yield x.to(torch.float32), torch.as_tensor(y, dtype=torch.int64)
 
+    def _iter_workers(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._workers is None:
+            self._workers = DataLoader(
+                _SeededBatches(self.dataset),
+                batch_sampler=_EpochBatches(self),
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                prefetch_factor=self.prefetch_factor,
+                persistent_workers=True,
+                # The DataLoader draws a base seed per iteration; from its own
+                # generator, not the caller's global RNG (batches reseed anyway).
+                generator=torch.Generator().manual_seed(self.seed),
+            )
+        for x, y in self._workers:
+            yield x.to(torch.float32), torch.as_tensor(y, dtype=torch.int64)
+
 
 def make_loader(
     dataset: Dataset,
@@ -185,12 +293,15 @@ def make_loader(
     seed: int,
     num_workers: int = 0,
     drop_last: bool = False,
+    pin_memory: bool = False,
+    prefetch_factor: int = 2,
 ) -> EpochLoader:
     """Build an :class:`EpochLoader`; see there for the determinism guarantees.
 
     Raises:
-        ConfigError: ``batch_size < 1``, ``seed < 0`` or ``num_workers < 0``.
+        ConfigError: ``batch_size < 1``, ``seed < 0``, ``num_workers < 0`` or ``prefetch_factor < 1``.
     """
     return EpochLoader(
-        dataset, batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers, drop_last=drop_last
+        dataset, batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers, drop_last=drop_last,
+        pin_memory=pin_memory, prefetch_factor=prefetch_factor,
     )

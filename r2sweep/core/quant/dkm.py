@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from r2sweep.core.precision import full_precision
 from r2sweep.core.validate import check, is_number, require_int
 
 __all__ = [
@@ -306,8 +307,14 @@ class DkmClusterer(nn.Module):
         return centroids[indices].reshape(w.shape)
 
     def forward(self, w: Tensor) -> Tensor:
-        """:meth:`soft` in training mode, :meth:`hard` in eval mode."""
-        return self.soft(w) if self.training else self.hard(w)
+        """:meth:`soft` in training mode, :meth:`hard` in eval mode.
+
+        Always in float32 (autocast off): under autocast the ``A^T X`` and ``A C``
+        matmuls would run in bf16/fp16 and the stored centroids drift by its rounding.
+        The layer's own conv/linear still runs at the forward's precision.
+        """
+        with full_precision(w):
+            return self.soft(w) if self.training else self.hard(w)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, tau={self.tau}, iterations={self.iterations}, cluster_dim={self.cluster_dim}"

@@ -9,6 +9,11 @@ BatchNorm stays unfolded and keeps training: in a deployed network it becomes
 the per-channel requantization multiplier, which the weight quantizers here do
 not constrain. Evaluation runs the model in eval mode: LSQ/EWGS quantize with
 their learned steps and DKM snaps each weight to its nearest centroid.
+
+Fine-tuning runs at the trial's ``train.precision`` (:mod:`r2sweep.core.precision`):
+the network's forward under autocast, while the quantizers compute their steps,
+intervals and centroids in float32 (they switch autocast off inside), so a
+``bf16`` trial fine-tunes against the same grids a ``fp32`` one would.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from r2sweep.core.errors import TrialDiverged
+from r2sweep.core.precision import Precision
 from r2sweep.core.quant.dkm import DkmClusterer
 from r2sweep.core.quant.graph import edge_layers
 from r2sweep.core.quant.layers import (
@@ -77,6 +83,7 @@ def fine_tune(
     device: torch.device,
     *,
     on_epoch: EpochProgress | None = None,
+    precision: str = "fp32",
 ) -> None:
     """SGD (momentum 0.9, cosine schedule) on the task loss for ``cfg.epochs`` epochs.
 
@@ -84,11 +91,18 @@ def fine_tune(
     parameters use ``cfg.quantizer_lr`` (QAT's ``quant_lr``, else ``cfg.lr``) and no weight decay,
     which would otherwise shrink every step size towards zero.
 
+    Args:
+        precision: ``fp32``, ``bf16`` or ``fp16`` (``train.precision``; a handler passes
+            its :class:`~r2sweep.core.quant.methods.DownstreamContext`'s).
+
     Raises:
         TrialDiverged: the loss became NaN or infinite.
+        ConfigError: ``precision`` cannot run on ``device`` (fp16 on the CPU).
     """
     if cfg.epochs == 0:
         return
+    amp = Precision(precision, device)
+    amp.prepare(model)
     quantizer_ids = {id(p) for p in quantizer_parameters(model)}
     groups = [
         {"params": [p for p in model.parameters() if id(p) not in quantizer_ids and p.requires_grad], "weight_decay": cfg.weight_decay},
@@ -102,13 +116,13 @@ def fine_tune(
         model.train()
         total, batches = 0.0, 0
         for x, y in train_loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = F.cross_entropy(model(x), y)
+            x, y = amp.batch(x, y)
+            with amp.autocast():
+                loss = F.cross_entropy(model(x), y)
             if not torch.isfinite(loss):
                 raise TrialDiverged(f"non-finite loss in {cfg.method} fine-tuning, epoch {epoch}: lower downstream.lr")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            amp.backward_step(loss, optimizer)
             total += loss.item()
             batches += 1
         scheduler.step()
@@ -137,6 +151,7 @@ def quantization_aware_train(
     device: torch.device,
     *,
     on_epoch: EpochProgress | None = None,
+    precision: str = "fp32",
 ) -> nn.Module:
     """A QAT-fine-tuned, fake-quantized copy of ``model`` (``model`` is not changed), in eval mode.
 
@@ -144,7 +159,9 @@ def quantization_aware_train(
         cfg: a ``method: qat`` entry (``algorithm`` lsq or ewgs).
         weight_bits: bits of every layer but the first and last (those get
             ``cfg.keep_first_last_bits`` when set); activations at ``cfg.act_bits``.
-        calibration: a batch of training images that initializes the quantizers.
+        calibration: a batch of training images that initializes the quantizers
+            (in float32, outside autocast, whatever ``precision``).
+        precision: see :func:`fine_tune`.
     """
     quantized = copy.deepcopy(model).to(device)
     calibration = calibration.to(device)
@@ -153,7 +170,7 @@ def quantization_aware_train(
     wrap_layers(quantized, *_qat_factories(cfg, weight_bits, nonnegative), edge_layers(model))
     quantized.to(device)
     _initialize_quantizers(quantized, calibration)
-    fine_tune(quantized, train_loader, cfg, device, on_epoch=on_epoch)
+    fine_tune(quantized, train_loader, cfg, device, on_epoch=on_epoch, precision=precision)
     return quantized.eval()
 
 
@@ -165,6 +182,7 @@ def dkm_compress(
     device: torch.device,
     *,
     on_epoch: EpochProgress | None = None,
+    precision: str = "fp32",
 ) -> nn.Module:
     """A DKM-clustered copy of ``model``, fine-tuned with soft clustering, in eval mode.
 
@@ -180,6 +198,6 @@ def dkm_compress(
 
     wrap_layers(quantized, weight, lambda info: nn.Identity(), edge_layers(model))
     quantized.to(device)
-    fine_tune(quantized, train_loader, cfg, device, on_epoch=on_epoch)
+    fine_tune(quantized, train_loader, cfg, device, on_epoch=on_epoch, precision=precision)
     return quantized.eval()
 

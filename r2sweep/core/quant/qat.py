@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from r2sweep.core.precision import full_precision
 from r2sweep.core.quant.fake import QuantSpec, weight_qparams
 from r2sweep.core.quant.learned import (
     MIN_STEP,
@@ -141,6 +142,11 @@ class LsqQuantizer(LazyQuantizer):
         self.step.copy_(step.reshape(self.step.shape))
 
     def forward(self, x: Tensor) -> Tensor:
+        # Autocast off: the step and its initial statistics stay float32 under a bf16/fp16 forward.
+        with full_precision(x):
+            return self._quantize(x)
+
+    def _quantize(self, x: Tensor) -> Tensor:
         self._check_channels(x)
         self._maybe_initialize(x)
         dtype = compute_dtype(x, self.step)
@@ -288,6 +294,11 @@ class EwgsQuantizer(LazyQuantizer):
         return torch.zeros_like(scale), (self.levels - 1) * scale  # unsigned: 0 .. (2^b - 1) s
 
     def forward(self, x: Tensor) -> Tensor:
+        # Autocast off: the interval (and the MSE range search of its init) stays float32.
+        with full_precision(x):
+            return self._quantize(x)
+
+    def _quantize(self, x: Tensor) -> Tensor:
         self._check_channels(x)
         self._maybe_initialize(x)
         dtype = compute_dtype(x, self.upper)

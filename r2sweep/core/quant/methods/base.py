@@ -203,13 +203,16 @@ class DownstreamContext:
     train_batch_size: int
     num_workers: int = 0
     progress: Callable[[str], None] = lambda line: None
+    #: ``train.precision``: QAT/DKM fine-tune at it (the quantizers' statistics stay float32).
+    precision: str = "fp32"
 
     def calibration_images(self, count: int) -> Tensor:
         return calibration_images(self.data, count, self.seed)
 
     def fine_tune_loader(self, entry: FineTuneConfig) -> EpochLoader:
         # seed + 1: fine-tuning batches are not the pre-training ones replayed.
-        return make_loader(self.data.train, entry.batch_size, shuffle=True, seed=self.seed + 1, num_workers=self.num_workers)
+        return make_loader(self.data.train, entry.batch_size, shuffle=True, seed=self.seed + 1,
+                           num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
 
     def epoch_progress(self, entry: FineTuneConfig, weight_bits: int) -> Callable[[int, float], None]:
         """The ``on_epoch`` of a fine-tuning: one progress line per epoch."""

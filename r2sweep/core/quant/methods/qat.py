@@ -57,4 +57,4 @@ def quantize(model: nn.Module, entry: QATConfig, weight_bits: int, context: Down
     """Fine-tune a fake-quantized copy, its quantizers initialized on :data:`INIT_IMAGES` training images."""
     calibration = context.calibration_images(INIT_IMAGES)
     return quantization_aware_train(model, entry, weight_bits, context.fine_tune_loader(entry), calibration, context.device,
-                                    on_epoch=context.epoch_progress(entry, weight_bits))
+                                    on_epoch=context.epoch_progress(entry, weight_bits), precision=context.precision)
