@@ -72,15 +72,6 @@ def run(spec: dict, root: Path, name: str, cache: bool | str) -> dict:
     return {"name": name, "wall_s": wall, "trials": rows}
 
 
-def _cache_tag(root: Path, name: str) -> list[str]:
-    import mlflow
-
-    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(name)
-    runs = client.search_runs([experiment.experiment_id], "tags.`r2sweep.role` = 'trial'")
-    return [run.data.tags.get("r2sweep.pretrain_cache", "-") for run in runs]
-
-
 def downstream_part(trials: int, root: Path) -> dict:
     spec = downstream_spec(trials)
     off = run(spec, root, "downstream-off", False)
@@ -93,7 +84,7 @@ def downstream_part(trials: int, root: Path) -> dict:
         "one_pretrain_s": max(t["time/pretrain_s"] for t in on["trials"]),
         "downstream_sum_s": sum(t[result_time] for t in on["trials"]),
         "on_over_unavoidable": on["wall_s"] / unavoidable,
-        "cache_tags_on": sorted(_cache_tag(root, "downstream-on")),
+        "cache_on": sorted(t["pretrain_cache"] for t in on["trials"]),
     }
     return {"figures": figures, "sweeps": [off, on]}
 
@@ -105,7 +96,7 @@ def quickstart_part(root: Path) -> dict:
     warm = run(spec, root, "quickstart-warm", True)
     figures = {"off_wall_s": off["wall_s"], "cold_wall_s": cold["wall_s"], "warm_wall_s": warm["wall_s"],
                "cold_over_off": cold["wall_s"] / off["wall_s"], "warm_over_off": warm["wall_s"] / off["wall_s"],
-               "warm_tags": sorted(_cache_tag(root, "quickstart-warm"))}
+               "warm_cache": sorted(t["pretrain_cache"] for t in warm["trials"])}
     return {"figures": figures, "sweeps": [off, cold, warm]}
 
 

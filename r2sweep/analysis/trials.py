@@ -15,6 +15,7 @@ import pandas as pd
 from r2sweep.core.config.search import SearchParam
 from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.outcome import run_outcome
+from r2sweep.tracking.names import TAG_PRETRAIN_CACHE
 from r2sweep.tracking.store import TAG_TRIAL_ID
 
 __all__ = ["trials_frame", "logged_value", "CONFIG_PREFIX"]
@@ -34,8 +35,9 @@ def logged_value(param: SearchParam, text: str) -> Any:
 
 
 def trials_frame(runs: list[Any], spec: SweepSpec) -> pd.DataFrame:
-    """One row per trial run: ``trial_id``, ``run_id``, ``outcome``, ``config/<path>`` per searched
-    parameter (None where its condition left it unsampled), then every final metric the run holds."""
+    """One row per trial run: ``trial_id``, ``run_id``, ``outcome``, ``pretrain_cache`` (how its pre-trained
+    weights came: stored, hit, off; '' before it ended), ``config/<path>`` per searched parameter (None
+    where its condition left it unsampled), then every final metric the run holds."""
     rows = []
     for run in runs:
         params, metrics = run.data.params, run.data.metrics
@@ -43,12 +45,13 @@ def trials_frame(runs: list[Any], spec: SweepSpec) -> pd.DataFrame:
             "trial_id": run.data.tags.get(TAG_TRIAL_ID, ""),
             "run_id": run.info.run_id,
             "outcome": run_outcome(run, spec.objective_metrics),
+            "pretrain_cache": run.data.tags.get(TAG_PRETRAIN_CACHE, ""),
         }
         for param in spec.params:
             text = params.get(param.path)
             row[CONFIG_PREFIX + param.path] = None if text is None else logged_value(param, text)
         row.update(sorted(metrics.items()))
         rows.append(row)
-    columns = ["trial_id", "run_id", "outcome", *(CONFIG_PREFIX + p.path for p in spec.params)]
+    columns = ["trial_id", "run_id", "outcome", "pretrain_cache", *(CONFIG_PREFIX + p.path for p in spec.params)]
     frame = pd.DataFrame(rows)
     return frame if rows else pd.DataFrame(columns=columns)

@@ -18,7 +18,7 @@ from r2sweep.core.outcome import TAG_OUTCOME as OUTCOME_TAG
 
 __all__ = ["sanitize_key", "absolute_sqlite", "MAX_PARAM_VALUE", "MAX_TAG_VALUE",
            "MAX_PARAMS_PER_BATCH", "MAX_METRICS_PER_BATCH",
-           "user_tag", "clip", "as_float", "filter_literal", "now_ms", "short_text"]
+           "TAG_TEXT_PREFIX", "TAG_NOTES", "TAG_PRETRAIN_CACHE", "user_tag", "clip", "as_float", "filter_literal", "now_ms", "short_text"]
 
 #: A SQLite file in the working directory: works out of the box, one file to copy.
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -36,6 +36,12 @@ TAG_VERSION = "r2sweep.version"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_GIT_DIRTY = "r2sweep.git_dirty"
 TAG_PARENT_RUN = "mlflow.parentRunId"
+#: A trial's text results (r2sweep.core.trial.TEXT_RESULTS) are tagged r2sweep.<name>: r2sweep.notes
+#: (a non-strict init_from's leftovers, a model torch.fx could not trace), r2sweep.pretrain_cache
+#: (stored, hit, off, uncacheable), r2sweep.pretrain_key, r2sweep.pretrain_source (who trained the entry).
+TAG_TEXT_PREFIX = "r2sweep."
+TAG_NOTES = TAG_TEXT_PREFIX + "notes"
+TAG_PRETRAIN_CACHE = TAG_TEXT_PREFIX + "pretrain_cache"
 _TAG_USER = "mlflow.user"
 
 _ROLE_SWEEP = "sweep"

@@ -27,9 +27,10 @@ from r2sweep.core.locations import is_uri
 from r2sweep.core.outcome import DIVERGED, FAILED, FINISHED, RUN_STATUS, STOPPED, TAG_OUTCOME, decide_outcome, diverged_result
 from r2sweep.core.trial import PRETRAINED, TEXT_RESULTS
 from r2sweep.tracking.journal import JournalFlusher, TrackingJournal
+from r2sweep.tracking.names import TAG_NOTES, TAG_TEXT_PREFIX
 from r2sweep.tracking.store import SweepRun, Tracker
 
-__all__ = ["TrackingCallback", "ProgressCallback", "EPOCH_METRICS"]
+__all__ = ["TrackingCallback", "ProgressCallback", "EPOCH_METRICS", "TAG_NOTES"]
 
 #: Per-epoch metrics logged with their step (the pre-training epoch).
 EPOCH_METRICS = ("train/loss", "train/r2", "val/top1", "proxy/top1", "lr", "weights/max_abs", "weights/range", "weights/kurtosis", "time/epoch_s")
@@ -40,11 +41,6 @@ STORE_FILE = "store.json"
 #: Where the trial ran (Ray node id and host): the last node, if it was restored elsewhere.
 TAG_NODE_ID = "r2sweep.node_id"
 TAG_NODE_HOST = "r2sweep.node_host"
-#: The trial's text results (r2sweep.core.trial.TEXT_RESULTS) as tags: r2sweep.notes (a non-strict
-#: init_from's leftovers, a model torch.fx could not trace), r2sweep.pretrain_cache (hit, stored, ...),
-#: r2sweep.pretrain_key and r2sweep.pretrain_source (the trial that trained a cached entry).
-TAG_PREFIX = "r2sweep."
-TAG_NOTES = TAG_PREFIX + "notes"
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:
@@ -227,7 +223,7 @@ class TrackingCallback(tune.Callback):
         if node and self._nodes.get(trial.trial_id) != node:
             self._nodes[trial.trial_id] = node
             self._record("tags", trial=trial.trial_id, tags={TAG_NODE_ID: node, TAG_NODE_HOST: result.get("hostname", "")})
-        texts = {TAG_PREFIX + key: str(result[key])[:4000] for key in TEXT_RESULTS if result.get("final") and result.get(key)}
+        texts = {TAG_TEXT_PREFIX + key: str(result[key])[:4000] for key in TEXT_RESULTS if result.get("final") and result.get(key)}
         if texts:
             self._record("tags", trial=trial.trial_id, tags=texts)
         if result.get("final"):
