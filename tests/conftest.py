@@ -39,8 +39,18 @@ def _one_thread():
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    # The same for every process the suite starts (the CLI, sweep drivers, servers):
+    # torch reads OMP_NUM_THREADS when it starts. A CLI trial with torch's default
+    # 2 threads beside the other xdist worker ran its AdaRound >10x slower than with
+    # one. Ray's workers get 1 anyway (their num_cpus); trials set their own share.
+    previous = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(threads)
+    if previous is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = previous
 
 
 def _short_temp_base() -> str:

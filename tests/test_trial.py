@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from r2sweep.cli.app import main
 from r2sweep.core.checkpoint import load_checkpoint
 from r2sweep.core.config.overrides import apply_overrides, parse_override
 from r2sweep.core.config.trial import load_trial_config, read_yaml
@@ -192,7 +193,20 @@ DIGITS_TRIAL = (REPO / "search_spaces" / "trial_digits.yaml").read_text()
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The real ``python -m r2sweep.cli`` in its own process (what a user's shell sees, import-time output included)."""
     return subprocess.run([sys.executable, "-m", "r2sweep.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def _main(*args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """The same command through the CLI's ``main`` in this process: its exit status and its
+    (stdout, stderr), without the seconds a fresh interpreter spends importing torch.
+    ``_cli`` above proves the separate process once per test; the rest go through here."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # main() puts the working directory on it
+    capsys.readouterr()
+    status = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["r2sweep", *args], status, out, err)
 
 
 def test_cli_trial_on_digits_writes_every_result(tmp_path: Path) -> None:
@@ -212,19 +226,24 @@ def test_cli_trial_on_digits_writes_every_result(tmp_path: Path) -> None:
     assert "fp/top1" in done.stdout
 
 
-def test_cli_bad_file_exits_2_with_one_line_and_writes_nothing(tmp_path: Path) -> None:
+def test_cli_bad_file_exits_2_with_one_line_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "trial.yaml").write_text(DIGITS_TRIAL)
     done = _cli("trial", "trial.yaml", "--out", "out", "--set", "train.epochs=ten", cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "train.epochs='ten'" in done.stderr
     assert not (tmp_path / "out").exists()
     (tmp_path / "bad.yaml").write_text("downstream:\n  - {method: ptq, weight_bits: [2], tua: 1}\n")
-    done = _cli("trial", "bad.yaml", "--out", "out", cwd=tmp_path)
+    done = _main("trial", "bad.yaml", "--out", "out", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert done.stderr.strip().count("\n") == 0, done.stderr
     assert done.returncode == 2 and "downstream[0].tua" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_an_output_folder_resumes_its_own_config_and_refuses_another(tmp_path: Path) -> None:
+def test_an_output_folder_resumes_its_own_config_and_refuses_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     mapping = {"data": {"name": "synthetic", "num_samples": 128}, "model": {"width": 0.25},
                "train": {"epochs": 2, "batch_size": 32}, "downstream": [{"method": "ptq", "algorithm": "rtn", "weight_bits": 4}]}
     config = load_trial_config(mapping)
@@ -241,8 +260,9 @@ def test_an_output_folder_resumes_its_own_config_and_refuses_another(tmp_path: P
         run_trial(other, out_dir=tmp_path, device=cpu)
     # The CLI says so in one line, exit 2.
     (tmp_path / "trial.yaml").write_text(yaml.safe_dump(mapping))
-    assert _cli("trial", "trial.yaml", "--out", "run", cwd=tmp_path).returncode == 0
+    cli = {"cwd": tmp_path, "monkeypatch": monkeypatch, "capsys": capsys}
+    assert _main("trial", "trial.yaml", "--out", "run", **cli).returncode == 0
     kept = (tmp_path / "run" / "config.yaml").read_text()
-    done = _cli("trial", "trial.yaml", "--out", "run", "--set", "train.lr=0.2", cwd=tmp_path)
+    done = _main("trial", "trial.yaml", "--out", "run", "--set", "train.lr=0.2", **cli)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "different trial config" in done.stderr
     assert (tmp_path / "run" / "config.yaml").read_text() == kept  # refused before anything was written
