@@ -25,7 +25,7 @@ class SoftMinMaxR2(R2Loss):
     """``R(W) = smax(W) - smin(W) + eta * exp(-alpha)`` with a learnable alpha per layer.
 
     alpha stays positive through ``alpha = softplus(rho)``; ``rho`` is the parameter.
-    This kind keeps two weight-sized buffers per layer, and two the size of the
+    This kind keeps two weight-sized buffers per layer, and three the size of the
     largest layer, between steps (see
     :class:`~r2sweep.core.losses.functional.SoftMinMaxBuffers`).
 
