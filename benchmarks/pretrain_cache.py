@@ -57,6 +57,7 @@ def downstream_spec(trials: int) -> dict:
 def run(spec: dict, root: Path, name: str, cache: bool | str) -> dict:
     """One sweep on a fresh local Ray: wall time and every trial's figures."""
     spec = {**spec, "sweep": {**spec["sweep"], "pretrain_cache": cache}}
+    root.mkdir(parents=True, exist_ok=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         started = time.perf_counter()

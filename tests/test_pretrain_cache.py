@@ -282,3 +282,21 @@ def test_one_trial_from_the_command_line_takes_the_cache_too(tmp_path: Path, cap
     assert main(["trial", str(tmp_path / "trial.yaml"), "--out", str(tmp_path / "third"),
                  "--pretrain-cache", str(tmp_path / "file")]) == 2
     assert "--pretrain-cache" in capsys.readouterr().err and not (tmp_path / "third").exists()
+
+
+def test_a_cache_folder_that_cannot_be_used_never_costs_the_trial(tmp_path: Path) -> None:
+    (tmp_path / "not_a_folder").write_text("")
+    final, reports, _ = _run(_config(**{"downstream.1.epochs": 0}), PretrainCache(tmp_path / "not_a_folder"))
+    assert final["pretrain_cache"] == "uncacheable" and "pre-training cache not used" in final["notes"]
+    assert "ptq_rtn_w4a8/top1" in final and [r["epoch"] for r in reports if "final" not in r] == [0, 1]
+
+
+def test_a_sweep_naming_an_unusable_cache_folder_is_refused_before_it_starts(tmp_path: Path) -> None:
+    import r2sweep
+
+    (tmp_path / "file").write_text("")
+    spec = {"model": {"name": "small_cnn"}, "objective": {"metric": "fp/top1"},
+            "search": {"train.lr": {"loguniform": [0.01, 0.1]}}, "sweep": {"pretrain_cache": str(tmp_path / "file" / "c")}}
+    with pytest.raises(ConfigError, match=r"^sweep\.pretrain_cache="):
+        r2sweep.prepare_sweep(spec, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", storage=tmp_path / "results")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no store, no results

@@ -115,6 +115,8 @@ def prepare_sweep(
         if name is None:
             check.sweep_name(loaded.name, uri_storage=is_uri(storage_text), in_file=True)
         _check_outside_code(loaded, local=not cluster)
+        if isinstance(loaded.settings.pretrain_cache, str):  # a folder the user named: usable, or said so now
+            check.output_folder(loaded.settings.pretrain_cache, "sweep.pretrain_cache", what="the pre-training cache")
     except ConfigError as error:
         raise FileConfigError(os.fspath(spec), error) if _is_file(spec) else error from None
 

@@ -110,7 +110,12 @@ def run_pretraining(job: PretrainJob, cache: PretrainCache | None, label: str = 
     except NotCacheable as why:
         return Pretrained(_train(job, reported), UNCACHEABLE, note=f"pre-training cache not used: {why}")
     while True:
-        entry = cache.lookup(key.digest)
+        try:
+            entry = cache.lookup(key.digest)
+            claim = None if entry is not None else cache.claim(key.digest, label)
+        except OSError as error:  # an unwritable or vanished cache folder never costs the trial
+            return Pretrained(_train(job, reported), UNCACHEABLE,
+                              note=f"pre-training cache not used: {cache.root}: {error}")
         if entry is not None:
             for metrics in entry.history[reported:]:
                 job.emit(dict(metrics), True)
@@ -120,7 +125,6 @@ def run_pretraining(job: PretrainJob, cache: PretrainCache | None, label: str = 
             spent = time.perf_counter() - job.started
             return Pretrained([dict(m) for m in entry.history], HIT, key.digest, entry.source,
                               max(0.0, entry.pretrain_s - spent))
-        claim = cache.claim(key.digest, label)
         if claim is not None:
             with claim:
                 if cache.lookup(key.digest) is not None:
@@ -137,13 +141,22 @@ def _train_and_store(job: PretrainJob, cache: PretrainCache, key: CacheKey, repo
     resumed = _epochs_reported(job)
     # A trial resumed from its own checkpoint has its earlier epochs only in what it published then.
     earlier = cache.progress(key.digest)[:resumed] if resumed else []
-    history = _train(job, reported, lambda h: cache.publish_progress(key.digest, h), earlier)
+    def publish(history: list[dict[str, Any]]) -> None:
+        try:
+            cache.publish_progress(key.digest, history)
+        except OSError:
+            pass  # the waiting trials then see no progress until the entry (or a stale lock)
+
+    history = _train(job, reported, publish, earlier)
     rng = capture_rng_state()  # first: nothing may draw between the end of pre-training and this
     pretrain_s = time.perf_counter() - job.started
     if len(history) != job.config.train.epochs:
         return Pretrained(history, OFF, key.digest, note="pre-training resumed without its earlier epochs' "
                           "history: not stored in the cache")
     state = {name: tensor.detach().cpu().clone() for name, tensor in job.model.state_dict().items()}
-    cache.store(key, model_state=state, rng_state=rng, history=history, pretrain_s=pretrain_s, source=label,
-                summary=_summary(job.config))
+    try:
+        cache.store(key, model_state=state, rng_state=rng, history=history, pretrain_s=pretrain_s, source=label,
+                    summary=_summary(job.config))
+    except OSError as error:  # a full disk: the trial goes on with the weights it has
+        return Pretrained(history, OFF, key.digest, note=f"pre-trained weights not stored in the cache: {error}")
     return Pretrained(history, STORED, key.digest, label)
