@@ -113,7 +113,8 @@ def _run(config, cache=None, label="t", out=None):
 
 
 def _untimed(reports: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in reports if "final" not in r]
+    return [{k: v for k, v in r.items() if not k.startswith("time/") and k != "pretrain_cache"}
+            for r in reports if "final" not in r]
 
 
 def _same_results(a: dict, b: dict) -> None:
@@ -137,6 +138,8 @@ def test_a_cache_hit_is_the_trial_trained_afresh_bit_for_bit(tmp_path: Path) -> 
     # The scheduler sees the same epochs: every per-epoch report is replayed.
     replayed = _untimed(hit_reports)
     assert [r["epoch"] for r in replayed] == [0, 1] and replayed == _untimed(fresh_reports)
+    assert [r["pretrain_cache"] for r in hit_reports] == ["hit", "hit", "hit"]  # every epoch says so, and the end
+    assert {r["pretrain_cache"] for r in fresh_reports} == {"off"}
     for name in ("pretrained.pt", "qat_lsq_w2a8.pt"):
         a = torch.load(tmp_path / "fresh" / name, weights_only=True)["model"]
         b = torch.load(tmp_path / "hit" / name, weights_only=True)["model"]
@@ -179,6 +182,7 @@ def test_a_waiting_trial_follows_the_owner_then_takes_over_from_a_dead_one(tmp_p
     assert time.perf_counter() - started > 1.5  # it waited for the heartbeat to go stale
     assert final["pretrain_cache"] == "stored"
     assert _untimed(reports) == epochs and [r["epoch"] for r in epochs] == [0, 1]  # epoch 0 followed, not repeated
+    assert [r["pretrain_cache"] for r in reports] == ["hit", "miss", "stored"]
     _same_results(reference, final)
 
 

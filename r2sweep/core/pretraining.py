@@ -26,10 +26,12 @@ from r2sweep.core.losses import R2Loss
 from r2sweep.core.pretrain_cache import CacheKey, NotCacheable, PretrainCache, pretrain_key
 from r2sweep.core.train import pretrain
 
-__all__ = ["PretrainJob", "Pretrained", "run_pretraining", "OFF", "STORED", "HIT", "UNCACHEABLE"]
+__all__ = ["PretrainJob", "Pretrained", "run_pretraining", "OFF", "STORED", "HIT", "UNCACHEABLE", "MISS"]
 
 #: How the pre-trained weights came (the trial's ``pretrain_cache`` result, an MLflow tag).
 OFF, STORED, HIT, UNCACHEABLE = "off", "stored", "hit", "uncacheable"
+#: An epoch trained under the cache (the entry is stored when pre-training ends).
+MISS = "miss"
 
 #: Adds what only the live model can give (``proxy/top1``) to an epoch's metrics.
 Measure = Callable[[dict[str, Any]], None]

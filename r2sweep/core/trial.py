@@ -39,7 +39,7 @@ from r2sweep.core.errors import ConfigError, TrialDiverged
 from r2sweep.core.plots import weight_histograms
 from r2sweep.core.precision import check_precision
 from r2sweep.core.pretrain_cache import PretrainCache
-from r2sweep.core.pretraining import HIT, PretrainJob, run_pretraining
+from r2sweep.core.pretraining import HIT, MISS, OFF, PretrainJob, run_pretraining
 from r2sweep.core.quant.graph import graph_notes
 from r2sweep.core.quant.layers import bake_weights
 from r2sweep.core.quant.methods import DOWNSTREAM_METHODS, DownstreamContext
@@ -54,9 +54,10 @@ Reporter = Callable[[dict[str, Any]], None]
 #: Receives one human-readable line per phase (the CLI prints them).
 Progress = Callable[[str], None]
 
-#: The final report's text values: ``notes`` (see :func:`run_trial`), and how the
-#: pre-trained weights came (``pretrain_cache``: off, stored, hit or uncacheable; the
-#: cache entry's ``pretrain_key``; ``pretrain_source``, the trial that trained them).
+#: The reports' text values: ``notes`` (see :func:`run_trial`), and how the pre-trained
+#: weights came (``pretrain_cache``, in every report: per epoch off, miss (training) or
+#: hit (replayed); at the end off, stored, hit or uncacheable; the cache entry's
+#: ``pretrain_key`` and ``pretrain_source``, the trial that trained them, at the end).
 TEXT_RESULTS = ("notes", "pretrain_cache", "pretrain_key", "pretrain_source")
 
 PRETRAIN_CHECKPOINT = "pretrain_state.pt"
@@ -168,7 +169,8 @@ def run_trial(
             f"pre-train epoch {int(metrics['epoch']) + 1}/{config.train.epochs}: loss {metrics['train/loss']:.3f}, "
             f"val {metrics['val/top1']:.1f}%" + shown + (" (from the pre-training cache)" if replayed else "")
         )
-        report(metrics)
+        # Every epoch says how its weights came, so a trial the scheduler stops early is tagged too.
+        report({**metrics, "pretrain_cache": HIT if replayed else (MISS if cache is not None else OFF)})
 
     progress(f"pre-training {config.model.reference} on {config.data.reference} with R2 {config.r2.kind} for {config.train.epochs} epochs")
     checkpoint = out / PRETRAIN_CHECKPOINT if out is not None else None

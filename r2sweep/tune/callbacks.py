@@ -99,6 +99,7 @@ class TrackingCallback(tune.Callback):
         self.sweep: SweepRun | None = None
         self._runs: dict[str, str] = {}
         self._nodes: dict[str, str] = {}
+        self._texts: dict[str, dict[str, str]] = {}
         self._journal: TrackingJournal | None = None
         self._flusher: JournalFlusher | None = None
         self._reconciled = False
@@ -160,7 +161,7 @@ class TrackingCallback(tune.Callback):
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment; the journal and its
         # thread are rebuilt in setup(), from the files on disk.
-        return {**self.__dict__, "_journal": None, "_flusher": None, "_runs": {}, "_reconciled": False}
+        return {**self.__dict__, "_journal": None, "_flusher": None, "_runs": {}, "_texts": {}, "_reconciled": False}
 
     def setup(self, **info: Any) -> None:
         # A restored Tune experiment brings back this callback as it was pickled
@@ -223,9 +224,14 @@ class TrackingCallback(tune.Callback):
         if node and self._nodes.get(trial.trial_id) != node:
             self._nodes[trial.trial_id] = node
             self._record("tags", trial=trial.trial_id, tags={TAG_NODE_ID: node, TAG_NODE_HOST: result.get("hostname", "")})
-        texts = {TAG_TEXT_PREFIX + key: str(result[key])[:4000] for key in TEXT_RESULTS if result.get("final") and result.get(key)}
-        if texts:
-            self._record("tags", trial=trial.trial_id, tags=texts)
+        # Text results are tags; tagged when they change (pretrain_cache comes with every epoch).
+        texts = {TAG_TEXT_PREFIX + key: str(result[key])[:4000] for key in TEXT_RESULTS if result.get(key)}
+        # (setdefault on __dict__: a callback pickled by an older r2sweep, restored on --resume, has no _texts)
+        known = self.__dict__.setdefault("_texts", {}).setdefault(trial.trial_id, {})
+        changed = {tag: value for tag, value in texts.items() if known.get(tag) != value}
+        if changed:
+            known.update(changed)
+            self._record("tags", trial=trial.trial_id, tags=changed)
         if result.get("final"):
             metrics = {k: v for k, v in result.items() if "/" in k or k in ("diverged",)}
             step, once = 0, f"{trial.trial_id}:final"
