@@ -249,7 +249,8 @@ def _run_trial(job: tuple[dict, str | None]) -> dict[str, float]:
     torch.set_num_threads(1)
     started = time.perf_counter()
     final = run_trial(load_trial_config(mapping), out_dir=out)
-    return {**{k: float(v) for k, v in final.items()}, "seconds": time.perf_counter() - started}
+    numbers = {k: float(v) for k, v in final.items() if isinstance(v, (int, float))}  # not the text results
+    return {**numbers, "seconds": time.perf_counter() - started}
 
 
 def rerun(data: dict, config: dict, seeds: list[int], work: Path, concurrency: int,
