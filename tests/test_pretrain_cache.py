@@ -273,6 +273,7 @@ def test_cache_list_and_prune(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert "--cache=" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # three trials; the fast loop keeps the in-process hit test above
 def test_one_trial_from_the_command_line_takes_the_cache_too(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     spec = {**BASE, "model": {"name": "small_cnn", "width": 0.25}, "downstream": BASE["downstream"][:1]}
     (tmp_path / "trial.yaml").write_text(json.dumps(spec))
