@@ -21,10 +21,10 @@ from ray import tune
 
 from r2sweep.core.checkpoint import write_text_atomic
 from r2sweep.core.config.sweep import SweepSpec
-from r2sweep.core.errors import TrialDiverged
+from r2sweep.core.errors import ConfigError, TrialDiverged
 from r2sweep.core.factories import install_callables
 from r2sweep.core.pretrain_cache import PretrainCache
-from r2sweep.core.trial import HISTOGRAMS, PRETRAIN_CHECKPOINT, PRETRAINED, run_trial
+from r2sweep.core.trial import HISTOGRAMS, PRETRAIN_CHECKPOINT, PRETRAINED, check_out_dir, run_trial
 
 __all__ = ["trainable", "TRIAL_CONFIG", "TRIAL_ARTIFACTS"]
 
@@ -59,6 +59,12 @@ def trainable(config: dict[str, Any], spec: SweepSpec, callables: Mapping[str, A
             saved = Path(directory) / PRETRAIN_CHECKPOINT
             if saved.exists():
                 shutil.copy2(saved, work / PRETRAIN_CHECKPOINT)
+        try:
+            check_out_dir(trial_config, work)
+        except ConfigError:
+            # This trial's own folder, so another config's state can only come from an older
+            # r2sweep whose configs read differently (a field added with its default): start over.
+            (work / PRETRAIN_CHECKPOINT).unlink(missing_ok=True)
 
     node_id = ray.get_runtime_context().get_node_id()  # tagged on the trial's MLflow run
 
