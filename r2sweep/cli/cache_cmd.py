@@ -15,33 +15,30 @@ from pathlib import Path
 __all__ = ["add_cache_parser"]
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_SIZES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _quantity(text: str, units: dict[str, int], bare: int, example: str) -> float:
+    """``text`` as a number with an optional unit suffix (a bare number counts ``bare`` each)."""
+    clean = text.strip().lower()
+    unit = clean[-1:] if clean[-1:] in units else ""
+    try:
+        value = float(clean[: len(clean) - len(unit)]) * (units[unit] if unit else bare)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {example}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: {example}, >= 0")
+    return value
 
 
 def _duration(text: str) -> float:
     """``30d``, ``12h``, ``90m``, ``45s`` (a bare number: days)."""
-    unit = text[-1:].lower()
-    number = text[:-1] if unit in _UNITS else text
-    try:
-        value = float(number) * _UNITS.get(unit, 86400)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: a duration such as 30d, 12h or 90m") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a duration >= 0")
-    return value
+    return _quantity(text, _UNITS, _UNITS["d"], "a duration such as 30d, 12h or 90m")
 
 
 def _size(text: str) -> int:
     """``500M``, ``20G``, ``1.5T`` (bytes without a suffix)."""
-    clean = text.lower().removesuffix("b")
-    unit = clean[-1:] if clean[-1:] in _SIZES else ""
-    try:
-        value = int(float(clean[: len(clean) - len(unit)]) * _SIZES[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: a size such as 500M or 20G") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a size >= 0")
-    return value
+    return int(_quantity(text.strip().lower().removesuffix("b"), _SIZES, 1, "a size such as 500M or 20G"))
 
 
 def _human(size: float) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+import sysconfig
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ __all__ = [
     "install_callables",
     "local_callables",
     "module_source",
+    "installed_roots",
+    "is_installed",
     "reference_of",
     "resolve_reference",
 ]
@@ -128,6 +131,17 @@ def local_callables(references: Iterable[str]) -> dict[str, Callable[..., Any]]:
 def install_callables(table: Mapping[str, Callable[..., Any]]) -> None:
     """Make a driver's local callables resolvable in this (worker) process."""
     _LOCAL.update(table)
+
+
+def installed_roots() -> list[Path]:
+    """Folders of installed packages and the standard library: code every node has (or gets by pip)."""
+    paths = sysconfig.get_paths()
+    return [Path(paths[key]).resolve() for key in ("purelib", "platlib", "stdlib", "platstdlib") if key in paths]
+
+
+def is_installed(path: Path) -> bool:
+    """Whether ``path`` lies under :func:`installed_roots`."""
+    return any(path == root or root in path.parents for root in installed_roots())
 
 
 def module_source(reference: str) -> Path | None:

@@ -104,7 +104,7 @@ def run_pretraining(job: PretrainJob, cache: PretrainCache | None, label: str = 
 
     ``label`` names this trial in the entry it stores (its source) and in its lock.
     """
-    reported = _epochs_reported(job)
+    resumed = reported = _epochs_reported(job)
     if cache is None:
         return Pretrained(_train(job, reported), OFF)
     try:
@@ -131,7 +131,7 @@ def run_pretraining(job: PretrainJob, cache: PretrainCache | None, label: str = 
             with claim:
                 if cache.lookup(key.digest) is not None:
                     continue  # stored between our lookup and our claim: take it
-                return _train_and_store(job, cache, key, reported, label)
+                return _train_and_store(job, cache, key, reported, resumed, label)
         # Another trial pre-trains this key: follow its epochs, so the scheduler sees this trial progress too.
         for metrics in cache.progress(key.digest)[reported:]:
             job.emit(dict(metrics), True)
@@ -139,8 +139,8 @@ def run_pretraining(job: PretrainJob, cache: PretrainCache | None, label: str = 
         time.sleep(cache.poll_s)
 
 
-def _train_and_store(job: PretrainJob, cache: PretrainCache, key: CacheKey, reported: int, label: str) -> Pretrained:
-    resumed = _epochs_reported(job)
+def _train_and_store(job: PretrainJob, cache: PretrainCache, key: CacheKey, reported: int, resumed: int,
+                     label: str) -> Pretrained:
     # A trial resumed from its own checkpoint has its earlier epochs only in what it published then.
     earlier = cache.progress(key.digest)[:resumed] if resumed else []
     def publish(history: list[dict[str, Any]]) -> None:

@@ -13,7 +13,6 @@ not travel is one line naming the field, the node and the fix.
 from __future__ import annotations
 
 import os
-import sysconfig
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,16 +22,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import ConfigError
-from r2sweep.core.factories import local_callables, module_source, resolve_reference
+from r2sweep.core.factories import installed_roots, local_callables, module_source, resolve_reference
 from r2sweep.core.locations import is_uri
 
 __all__ = ["runtime_env_for", "check_imports", "shipped_callables"]
-
-
-def _installed_roots() -> list[Path]:
-    """Folders of installed packages and the standard library: code every node has (or gets by pip), never shipped."""
-    paths = sysconfig.get_paths()
-    return [Path(paths[key]).resolve() for key in ("purelib", "platlib", "stdlib", "platstdlib") if key in paths]
 
 
 def _under(path: Path, root: Path) -> bool:
@@ -47,7 +40,7 @@ def runtime_env_for(spec: SweepSpec, cwd: str | os.PathLike[str] | None = None) 
     working = env.get("working_dir")
     shipped_dir = Path(working).resolve() if isinstance(working, str) and not is_uri(working) else None
     modules: list[str] = list(env.get("py_modules", []))
-    installed = _installed_roots()
+    installed = installed_roots()
     for reference in spec.factory_references():
         source = module_source(reference)
         if source is None or not _under(source, here) or any(_under(source, root) for root in installed):

@@ -21,7 +21,6 @@ import hashlib
 import importlib.metadata
 import inspect
 import json
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from r2sweep import __version__
 from r2sweep.core.config.sections import to_dict
 from r2sweep.core.config.trial import TrialConfig
 from r2sweep.core.data import DATASETS
-from r2sweep.core.factories import module_source, resolve_reference
+from r2sweep.core.factories import is_installed, module_source, resolve_reference
 from r2sweep.core.models import MODELS
 
 __all__ = ["CacheKey", "NotCacheable", "pretrain_key", "PRETRAIN_SEMANTICS"]
@@ -72,12 +71,6 @@ def _hash_files(files: list[Path], root: Path) -> str:
     return digest.hexdigest()
 
 
-def _installed(path: Path) -> bool:
-    paths = sysconfig.get_paths()
-    roots = [Path(paths[key]).resolve() for key in ("purelib", "platlib", "stdlib", "platstdlib") if key in paths]
-    return any(path == root or root in path.parents for root in roots)
-
-
 def _distribution(module: str) -> str | None:
     names = importlib.metadata.packages_distributions().get(module.split(".")[0], [])
     for name in names:
@@ -104,7 +97,7 @@ def _code_identity(section: str, factory: str | None, name: str | None) -> str:
         except (OSError, TypeError) as error:
             raise NotCacheable(f"{section}.factory {factory} has no readable source ({error})") from None
         return "source " + hashlib.sha256(text.encode()).hexdigest()
-    if _installed(source):
+    if is_installed(source):
         release = _distribution(module)
         if release is not None:
             return release
