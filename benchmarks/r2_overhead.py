@@ -23,6 +23,7 @@ repetitions), a second estimator that ignores slow outliers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -34,11 +35,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from r2sweep.core.losses import make_r2_loss, regularized_layers
+from r2sweep.core.losses import make_r2_loss, native, regularized_layers
 from r2sweep.core.models import create_model
 
 STRENGTH = {"linf": 0.1, "margin": 0.01, "softminmax": 0.01}
-TARGET = {"linf": 1.02, "margin": 1.02, "softminmax": 1.05}
+# Targets per setting (issue 23 for Soft-Min-Max: <= 1.03x on the CIFAR stem, <= 1.15x
+# in the worst case).
+TARGET = {
+    "cifar_stem": {"linf": 1.02, "margin": 1.02, "softminmax": 1.03},
+    "imagenet_stem": {"softminmax": 1.15},
+}
 
 
 class NaiveR2(nn.Module):
@@ -73,12 +79,14 @@ def build_variants(stem: str, naive: bool) -> dict[str, tuple]:
     torch.manual_seed(0)
     base = create_model("resnet18", num_classes=10, in_channels=3, input_size=32, stem=stem)
     variants = {}
-    names = ["plain", "linf", "margin", "softminmax"]
+    # softminmax_eager: the same loss with its compiled kernel switched off (the eager
+    # PyTorch path a machine without a C compiler runs).
+    names = ["plain", "linf", "margin", "softminmax", "softminmax_eager"]
     if naive:
         names += ["naive_linf", "naive_margin", "naive_softminmax"]
     for name in names:
         model = copy.deepcopy(base)
-        kind = name.removeprefix("naive_")
+        kind = name.removeprefix("naive_").removesuffix("_eager")
         if name == "plain":
             r2 = None
         elif name.startswith("naive_"):
@@ -88,11 +96,16 @@ def build_variants(stem: str, naive: bool) -> dict[str, tuple]:
         groups = [{"params": model.parameters(), "weight_decay": 5e-4}]
         if r2 is not None and list(r2.parameters()):
             groups.append({"params": r2.parameters(), "weight_decay": 0.0})
-        variants[name] = (model, r2, torch.optim.SGD(groups, lr=0.01, momentum=0.9))
+        variants[name] = (model, r2, torch.optim.SGD(groups, lr=0.01, momentum=0.9), name.endswith("_eager"))
     return variants
 
 
-def train_step(model, r2, optimizer, x, y) -> None:
+def train_step(model, r2, optimizer, eager, x, y) -> None:
+    with native.disabled() if eager else contextlib.nullcontext():
+        _step(model, r2, optimizer, x, y)
+
+
+def _step(model, r2, optimizer, x, y) -> None:
     optimizer.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x), y)
     if r2 is not None:
@@ -106,9 +119,9 @@ def measure(stem: str, reps: int, batch: int, naive: bool, warmup: int = 3) -> d
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=generator)
     y = torch.randint(0, 10, (batch,), generator=generator)
-    for name, (model, r2, optimizer) in variants.items():
+    for name, variant in variants.items():
         for _ in range(warmup):
-            train_step(model, r2, optimizer, x, y)
+            train_step(*variant, x, y)
     order = list(variants)
     shuffle = random.Random(0)
     step_s = {name: [] for name in variants}
@@ -145,7 +158,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     stems = {"cifar_stem": "small", "imagenet_stem": "imagenet"}
-    report = {"torch": torch.__version__, "machine": platform.machine(), "threads": args.threads, "settings": {}}
+    report = {"torch": torch.__version__, "machine": platform.machine(), "threads": args.threads,
+              "softminmax_path": native.status(), "settings": {}}
+    print(f"Soft-Min-Max: {native.status()}")
     for setting in args.settings.split(","):
         results = measure(stems[setting], args.reps, args.batch, naive=args.naive)
         report["settings"][setting] = results
@@ -153,7 +168,7 @@ def main() -> None:
         print("| variant | step ms (median) | ratio over plain (median) | IQR | ratio of fastest steps | target |")
         print("|---|---|---|---|---|---|")
         for name, r in results.items():
-            target = TARGET.get(name, "") if setting == "cifar_stem" else ""
+            target = TARGET.get(setting, {}).get(name, "")
             target = f"<= {target:.2f}" if target else ""
             print(
                 f"| {name} | {r['median_step_ms']:.0f} | {r['median_ratio']:.3f}x | "

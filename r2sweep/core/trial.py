@@ -148,6 +148,9 @@ def run_trial(
     for note in notes:
         progress(f"note: {note}")
     r2 = config.r2.build(model)
+    for note in r2.notes(device):
+        notes.append(note)
+        progress(f"note: {note}")
     train_loader = make_loader(data.train, config.train.batch_size, shuffle=True, seed=config.seed,
                                num_workers=config.train.num_workers, pin_memory=device.type == "cuda")
     val_loader = make_loader(data.val, _EVAL_BATCH, shuffle=False, seed=config.seed)

@@ -166,6 +166,10 @@ class R2Loss(nn.Module):
         """R(W) of layer ``index``: a scalar, or one value per channel."""
         raise NotImplementedError
 
+    def notes(self, device: torch.device) -> list[str]:
+        """What a user should know about how this loss runs on ``device`` (the trial records them)."""
+        return []
+
     def reset_parameters(self) -> None:
         """Set learnable scalars from the current weights (called when the loss switches on)."""
 

@@ -10,6 +10,7 @@ from torch.nn.functional import softplus
 
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.losses import functional as F
+from r2sweep.core.losses import native
 from r2sweep.core.losses.base import R2Loss, register_r2_loss
 
 __all__ = ["SoftMinMaxR2"]
@@ -74,6 +75,11 @@ class SoftMinMaxR2(R2Loss):
             granularity=self.granularity,
             buffers=self._buffers_per_layer[index],
         )
+
+    def notes(self, device: torch.device) -> list[str]:
+        if device.type == "cpu" and native.softminmax_library() is None:
+            return [f"Soft-Min-Max runs as {native.status()}: the same values, a slower training step"]
+        return []
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", alpha_init={self.alpha_init}, eta={self.eta}"
