@@ -84,6 +84,33 @@ def test_the_tour_result_has_one_row_per_trial_with_its_sampled_values_and_outco
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_the_sweeps_optuna_study_holds_its_trials_as_mlflow_has_them(tour) -> None:
+    import optuna
+
+    from r2sweep.core.outcome import FINISHED
+
+    work, result = tour
+    url = f"sqlite:///{work}/r2sweep_results/quickstart/optuna.db"
+    assert result.optuna_storage == url  # what optuna-dashboard opens
+    assert r2sweep.load_sweep("quickstart", tracking_uri=f"sqlite:///{work}/mlflow.db").optuna_storage == url
+    study = optuna.load_study(study_name="quickstart", storage=url)  # Optuna's own API, from the file
+    rows = result.trials.set_index("trial_id")
+    assert len(study.trials) == len(rows) and {t.user_attrs["tune_trial_id"] for t in study.trials} == set(rows.index)
+    client = result._tracker.client
+    for trial in study.trials:
+        row = rows.loc[trial.user_attrs["tune_trial_id"]]
+        assert trial.user_attrs["mlflow_run_id"] == row["run_id"] and trial.user_attrs["outcome"] == row["outcome"]
+        assert trial.params["r2.kind"] == row["config/r2.kind"] and trial.params["train.lr"] == row["config/train.lr"]
+        if row["outcome"] == FINISHED:
+            assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == row[result.objective]
+        else:
+            assert trial.state in (optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+        proxies = {m.step: m.value for m in client.get_metric_history(row["run_id"], "proxy/top1")}
+        assert trial.intermediate_values == proxies and proxies  # the per-epoch proxy ASHA ranked on
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_a_second_run_of_the_same_name_is_refused_and_a_resume_needs_the_same_space(tour) -> None:
     work, _ = tour
     cwd = Path.cwd()
@@ -97,6 +124,93 @@ def test_a_second_run_of_the_same_name_is_refused_and_a_resume_needs_the_same_sp
                                   overrides={"sweep.num_samples": 3, "sweep.scheduler": "none", "train.epochs": 1})
     finally:
         os.chdir(cwd)
+
+
+# --- --start-from: an earlier sweep's best first (the tour's sweep is the earlier one) -------------
+
+
+def _quickstart(search: dict | None = None, **sweep) -> "r2sweep.SweepSpec":
+    import yaml
+
+    raw = yaml.safe_load((REPO / "search_spaces" / "quickstart.yaml").read_text())
+    raw["search"] = search or raw["search"]
+    raw["sweep"] = {**raw["sweep"], **sweep}
+    return r2sweep.load_sweep_spec(raw)
+
+
+def _ranked_lrs(result) -> list[float]:
+    trials = result.trials.sort_values([result.objective, "fp/top1"], ascending=False)
+    return list(trials["config/train.lr"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_start_from_maps_the_earlier_best_onto_another_space_with_notes(tour) -> None:
+    from r2sweep.analysis.start_from import start_from
+
+    work, result = tour
+    tracker = result._tracker
+    lr_only = _quickstart({"train.lr": {"loguniform": [0.005, 0.05]}})
+    lent = start_from(tracker, "quickstart", lr_only, top=2)
+    assert [p["train.lr"] for p in lent.points] == _ranked_lrs(result)  # best first, searched values only
+    assert lent.history == ()  # the spaces differ: nothing given to Optuna as history
+    assert lent.notes == ("not searched here, so left out: r2.kind, r2.margin_init, r2.strength",)
+    narrow = start_from(tracker, "quickstart", _quickstart({"train.lr": {"loguniform": [1e-4, 1e-3]}}), top=2)
+    assert narrow.points == () and len(narrow.notes) == 3
+    assert all("not tried: train.lr=" in note and "range [0.0001, 0.001]" in note for note in narrow.notes[1:])
+    with pytest.raises(ConfigError, match="^start_from='quickstart' is not valid: a sweep that searches some"):
+        start_from(tracker, "quickstart", _quickstart({"train.batch_size": {"choice": [32, 64]}}), top=2)
+    with pytest.raises(ConfigError, match="^start_from='quickstrat' is not valid: a sweep in the tracking store"):
+        start_from(tracker, "quickstrat", lr_only, top=2)
+    same = start_from(tracker, "quickstart", _quickstart(), top=1)
+    assert len(same.points) == 1 and len(same.history) == len(result.trials)  # the same space: history too
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_started_from_another_runs_its_best_first_and_optuna_knows_its_trials(tour) -> None:
+    from ray.tune.search.optuna import OptunaSearch
+
+    from r2sweep.cli.app import main
+    from r2sweep.tracking.names import TAG_START_FROM
+
+    work, earlier = tour
+    cwd = Path.cwd()
+    os.chdir(work)
+    try:
+        lines: list[str] = []
+        warm = r2sweep.run_sweep("search_spaces/quickstart.yaml", name="warm", start_from="quickstart", start_top=2,
+                                 overrides={"sweep.num_samples": 2, "sweep.scheduler": "none", "train.epochs": 1,
+                                            "sweep.baseline": False},
+                                 register=False, progress=lines.append)
+        # Nothing in common: exit 2 with one line, before Ray starts.
+        (work / "other.yaml").write_text("name: other\ndata: {name: digits}\nmodel: {name: small_cnn}\n"
+                                         "objective: {metric: fp/top1}\nsearch: {train.batch_size: {choice: [32, 64]}}\n")
+        import contextlib
+        import io
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            status = main(["sweep", "other.yaml", "--start-from", "quickstart"])
+    finally:
+        os.chdir(cwd)
+        import ray
+
+        ray.shutdown()
+    assert status == 2 and err.getvalue().count("\n") == 1 and "--start-from='quickstart'" in err.getvalue()
+    assert "warm: start from sweep quickstart: its top 2 configuration(s) first (of --top 2); its 2 trials given " \
+           "to Optuna as history" in lines
+    first = warm.trials.sort_values("trial_id")
+    columns = ["config/r2.kind", "config/r2.strength", "config/train.lr"]
+    ranked = earlier.trials.sort_values([earlier.objective, "fp/top1"], ascending=False)
+    assert first[columns].astype(str).values.tolist() == ranked[columns].astype(str).values.tolist()
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(str(work / "r2sweep_results" / "warm"))
+    states = [t.state.name for t in searcher._ot_study.trials]
+    assert states == ["COMPLETE"] * 4  # the earlier two as history, then the two re-runs
+    assert [t.value for t in searcher._ot_study.trials[:2]] == list(earlier.trials[earlier.objective])
+    parent = warm._tracker.client.get_run(warm._tracker.find_sweep("warm").parent_run_id)
+    assert parent.data.tags[TAG_START_FROM] == "quickstart (top 2: 2 tried first, 2 as history)"
 
 
 # --- refusals before anything starts --------------------------------------------------------------

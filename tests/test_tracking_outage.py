@@ -77,7 +77,8 @@ def test_an_outage_over_the_rest_of_the_sweep_loses_and_doubles_nothing(tmp_path
     # retry loop (not MLflow's minutes of backoff) carries the sweep through.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    command = [str(Path(sys.executable).with_name("r2sweep")), "sweep", "space.yaml",
+    # (--no-register: the champion's export is tested elsewhere and costs this test ~20 s)
+    command = [str(Path(sys.executable).with_name("r2sweep")), "sweep", "space.yaml", "--no-register",
                "--tracking-uri", f"http://127.0.0.1:{port}"]
 
     # Its output to files, not pipes: nobody reads a pipe during the outage, and a full

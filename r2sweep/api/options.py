@@ -42,6 +42,7 @@ __all__ = [
     "tracking_uri",
     "sweep_name",
     "sweep_to_read",
+    "start_from",
     "ray_address",
     "parse_ray_address",
     "reach_ray",
@@ -245,6 +246,21 @@ def ray_address(value: str | None, option: str = "--address", *, env: str | None
     if address.kind == "client" and importlib.util.find_spec("grpc") is None:
         raise OptionError(option, value, "ray:// needs the Ray Client, which is not installed here "
                           "(pip install 'ray[client]'); or give the head's GCS address HOST:6379")
+    return value
+
+
+def start_from(value: str | None, top: int, resume: bool, option: str = "--start-from",
+               top_option: str = "--top") -> str | None:
+    """An earlier sweep to start from, and how many of its best configurations (at least 1);
+    not with a resume, which goes on from its own trials."""
+    if value is None:
+        return None
+    sweep_to_read(value, option)
+    if resume:
+        raise OptionError(option, value, "a resumed sweep goes on from its own trials; drop it, or start a new sweep")
+    if isinstance(top, bool) or not isinstance(top, int):
+        raise OptionError(top_option, top, "a whole number of configurations, e.g. 3")
+    count(top, top_option, what="the earlier sweep's best configurations to try first")
     return value
 
 

@@ -74,6 +74,34 @@ class SweepResult:
 
         return trials_frame(self._tracker.find_sweep(self.name).trial_runs(), self.spec)
 
+    @property
+    def optuna_storage(self) -> str | None:
+        """The Optuna storage URL holding this sweep's trials as study ``name`` (``sweep.optuna_storage``),
+        for ``optuna-dashboard URL``; None when the sweep keeps none."""
+        path = self.path
+        if path is None:  # opened from MLflow: the parent run says where Tune kept the sweep
+            from r2sweep.tracking.names import TAG_EXPERIMENT_PATH
+
+            sweep = self._tracker.find_sweep(self.name)
+            path = self._tracker.client.get_run(sweep.parent_run_id).data.tags.get(TAG_EXPERIMENT_PATH)
+        return self.spec.settings.optuna_storage_url(path) if path else None
+
+    def optuna_study(self) -> Any:
+        """The sweep's trials as an ``optuna.Study`` (for ``optuna.visualization``; read-only use).
+
+        Raises:
+            R2SweepError: the sweep keeps no Optuna study (``sweep.optuna_storage: false``, or a URI storage).
+        """
+        import optuna
+
+        from r2sweep.core.errors import R2SweepError
+
+        url = self.optuna_storage
+        if url is None:
+            raise R2SweepError(f"sweep {self.name!r} keeps no Optuna study: set sweep.optuna_storage (true, "
+                               "or an RDB URL under a URI storage) when starting a sweep")
+        return optuna.load_study(study_name=self.name, storage=url)
+
     def report(self, out: str | os.PathLike[str], *, log_to_run: bool = True) -> Any:
         """Write the sweep's HTML report and figures to ``out`` (see :func:`r2sweep.report`)."""
         from r2sweep.api.readers import report

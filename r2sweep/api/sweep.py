@@ -16,6 +16,7 @@ MLflow through the journal, and selects, exports and registers the best trial.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -39,7 +40,7 @@ __all__ = ["run_sweep", "prepare_sweep", "PreparedSweep", "PYTHON_OPTIONS"]
 
 #: How errors name each argument: a Python caller sees ``storage=...``; the CLI passes its flags.
 PYTHON_OPTIONS = {"storage": "storage", "tracking_uri": "tracking_uri", "address": "address", "name": "name",
-                  "overrides": PYTHON_LABEL}
+                  "overrides": PYTHON_LABEL, "start_from": "start_from", "start_top": "start_top"}
 
 def run_sweep(
     spec: str | os.PathLike[str] | Mapping[str, Any],
@@ -54,6 +55,8 @@ def run_sweep(
     callbacks: Sequence[Any] = (),
     num_cpus: int | None = None,
     register: bool = True,
+    start_from: str | None = None,
+    start_top: int = 3,
 ) -> SweepResult:
     """Run (or resume) a sweep and return its result, with every guarantee of ``r2sweep sweep``.
 
@@ -71,6 +74,9 @@ def run_sweep(
         num_cpus: the CPUs of a local Ray (default: all of this machine's).
         register: register the best trial's model as the champion ``r2sweep-NAME``
             (its config is exported to ``best.yaml`` beside the results either way).
+        start_from: an earlier sweep (in the same tracking store) whose ``start_top`` best
+            configurations run first, mapped onto this sweep's space; when both search the
+            same space, its trials also go to Optuna as history (see ``r2sweep.analysis.start_from``).
 
     Returns:
         A :class:`SweepResult`; its ``best`` is None when no trial finished.
@@ -82,7 +88,7 @@ def run_sweep(
             ClusterUnreachable: the store or the cluster does not answer.
     """
     prepared = prepare_sweep(spec, overrides=overrides, name=name, tracking_uri=tracking_uri, storage=storage,
-                             resume=resume, address=address)
+                             resume=resume, address=address, start_from=start_from, start_top=start_top)
     return prepared.run(progress=progress, callbacks=callbacks, num_cpus=num_cpus, register=register)
 
 
@@ -95,6 +101,8 @@ def prepare_sweep(
     storage: str | os.PathLike[str] | None = None,
     resume: bool = False,
     address: str | None = None,
+    start_from: str | None = None,
+    start_top: int = 3,
     option_names: Mapping[str, str] = PYTHON_OPTIONS,
 ) -> PreparedSweep:
     """Every check of :func:`run_sweep`, in the order a person would fix them; nothing is created.
@@ -107,6 +115,8 @@ def prepare_sweep(
     check.tracking_uri(tracking_uri, option_names["tracking_uri"])
     check.ray_address(address, option_names["address"])
     check.sweep_name(name, option_names["name"], uri_storage=is_uri(storage_text))
+    check.start_from(start_from, start_top, resume, option_names.get("start_from", "start_from"),
+                     option_names.get("start_top", "start_top"))
     loaded, text = _load(spec, overrides, option_names.get("overrides", PYTHON_LABEL))
     cluster = address or os.environ.get("RAY_ADDRESS")
     try:
@@ -130,8 +140,13 @@ def prepare_sweep(
     tracker = Tracker(tracking_uri)
     storage_text = storage_text or DEFAULT_STORAGE
     experiment = experiment_path(storage_text, name)
-    tracking = TrackingCallback(tracker, loaded, text, name=name, experiment_path=experiment)
     tracker.check_access()  # a refused password fails here, before Ray starts or anything is logged
+    if start_from is not None:
+        from r2sweep.analysis.start_from import start_from as lent_by
+
+        loaded = dataclasses.replace(loaded, start_from=lent_by(
+            tracker, start_from, loaded, start_top, field=option_names.get("start_from", "start_from")))
+    tracking = TrackingCallback(tracker, loaded, text, name=name, experiment_path=experiment)
     if resume:
         tracking.check_resume()
     else:
@@ -139,6 +154,13 @@ def prepare_sweep(
     if cluster:
         reach_ray(cluster)  # its one line, in seconds
     check_experiment(loaded, experiment, resume=resume)
+    if isinstance(loaded.settings.optuna_storage, str) and not resume:
+        from r2sweep.tune.optuna_mirror import check_storage
+
+        try:
+            check_storage(loaded.settings.optuna_storage, name)
+        except ConfigError as error:
+            raise FileConfigError(os.fspath(spec), error) if _is_file(spec) else error from None
     return PreparedSweep(spec=loaded, name=name, tracker=tracker, storage=storage_text, experiment=experiment,
                          resume=resume, address=address, tracking=tracking)
 
@@ -170,7 +192,16 @@ class PreparedSweep:
         from r2sweep.tune.tuner import run_experiment
 
         write = _writer(progress)
+        lent = self.spec.start_from
+        if lent is not None and write is not None:
+            for line in (lent.summary(), *lent.notes):
+                write(f"{self.name}: {line}")
         tune_callbacks: list[Any] = [self.tracking]
+        optuna_url = self.spec.settings.optuna_storage_url(self.experiment)
+        if optuna_url is not None:  # (a resumed sweep keeps the one it was started with, in Tune's state)
+            from r2sweep.tune.optuna_mirror import OptunaMirror
+
+            tune_callbacks.append(OptunaMirror(self.spec, optuna_url, self.name, self.tracking))
         if write is not None:
             tune_callbacks.append(ProgressCallback(self.spec, write))
         outcome = run_experiment(self.spec, storage=self.storage, name=self.name, resume=self.resume,

@@ -57,7 +57,7 @@ def _error(message: str, status: int = 2) -> int:
 
 #: How errors name the API's arguments on the command line.
 SWEEP_FLAGS = {"storage": "--storage", "tracking_uri": "--tracking-uri", "address": "--address", "name": "--name",
-               "overrides": "--set"}
+               "overrides": "--set", "start_from": "--start-from", "start_top": "--top"}
 READER_FLAGS = {"sweep": "sweep name", "tracking_uri": "--tracking-uri", "out": "--out", "by": "--by",
                 "metrics": "--metric", "top": "--top", "seeds": "--seeds", "address": "--address", "out_dir": "--out",
                 "overrides": "--set", "pretrain_cache": "--pretrain-cache"}
@@ -124,13 +124,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     try:
         prepared = prepare_sweep(args.file, overrides=_sweep_overrides(args), name=args.name,
                                  tracking_uri=args.tracking_uri, storage=args.storage, resume=args.resume,
-                                 address=args.address, option_names=SWEEP_FLAGS)
+                                 address=args.address, start_from=args.start_from, start_top=args.top,
+                                 option_names=SWEEP_FLAGS)
     except Exception as error:  # noqa: BLE001  every refusal is one line
         return _sweep_failure(error, args.name or Path(args.file).stem)
     print(prepared.announcement(), file=sys.stderr)
     name, spec, tracker = prepared.name, prepared.spec, prepared.tracker
     try:
-        result = prepared.run()
+        result = prepared.run(register=not args.no_register)
     except Exception as error:  # noqa: BLE001  Ray and friends: one clear line, not a traceback
         return _sweep_failure(error, name)
     best = result.best
@@ -140,7 +141,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         return _error(f"sweep {name}: no trial finished ({', '.join(f'{n} {k}' for k, n in outcomes.items()) or 'none ran'}); "
                       "nothing to select", status=1)
     print(f"best: {spec.objective.metric} = {best.metrics[spec.objective.metric]:.2f} (trial {best.trial_id}, "
-          f"fp/top1 {best.metrics.get('fp/top1', float('nan')):.2f}); champion model version {best.model_version}")
+          f"fp/top1 {best.metrics.get('fp/top1', float('nan')):.2f}); "
+          + (f"champion model version {best.model_version}" if best.model_version else "not registered (--no-register)"))
     print(f"best config: {best.config_path}   (re-run: r2sweep trial {best.config_path} --out runs/best)")
     uri = "" if args.tracking_uri is None else f" --tracking-uri {tracker.display_uri}"
     print(f"report: r2sweep report {name}{uri} --out {name}-report   (figures and an HTML page)")
@@ -273,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a field (repeatable)")
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     sweep.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    sweep.add_argument("--start-from", metavar="SWEEP", help="an earlier sweep in the tracking store: its best "
+                       "configurations run first (mapped onto this space), and its trials inform Optuna when the "
+                       "spaces agree")
+    sweep.add_argument("--top", type=int, default=3, help="with --start-from: how many of its best (default 3)")
+    sweep.add_argument("--no-register", action="store_true", help="pick and export the best trial, but do not "
+                       "register its model as the champion r2sweep-NAME")
     sweep.set_defaults(run=_cmd_sweep)
     best = commands.add_parser("best", help="pick a sweep's best trial from MLflow, write its config, tag it")
     best.add_argument("name", help="sweep name")

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["is_uri", "scheme_of", "absolute", "join", "redact_uri"]
+__all__ = ["is_uri", "scheme_of", "absolute", "join", "redact_uri", "has_password"]
 
 _SCHEME = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://")
 _URI_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^/\s]*)@")
@@ -44,3 +44,8 @@ def join(root: str | os.PathLike[str], name: str) -> str:
 def redact_uri(text: str) -> str:
     """``text`` with the password of every ``scheme://user:password@host`` in it masked."""
     return _URI_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
+
+
+def has_password(text: str) -> bool:
+    """Whether ``text`` holds a ``scheme://user:password@host`` URI."""
+    return bool(_URI_PASSWORD.search(str(text)))

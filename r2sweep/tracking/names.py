@@ -28,6 +28,10 @@ CHAMPION_ALIAS = "champion"
 
 TAG_ROLE = "r2sweep.role"  # "sweep" on the parent, "trial" on each child, "confirm" on a re-run
 TAG_SWEEP_NAME = "r2sweep.sweep_name"
+#: On the parent run: where Tune keeps the sweep (its Optuna study's default place is beside it).
+TAG_EXPERIMENT_PATH = "r2sweep.experiment_path"
+#: On the parent run of a sweep started with --start-from: the earlier sweep and the top K taken.
+TAG_START_FROM = "r2sweep.start_from"
 TAG_TRIAL_ID = "r2sweep.trial_id"
 #: How a trial ended: finished, stopped, diverged, failed, or lost (forgotten by Tune after a crash).
 TAG_OUTCOME = OUTCOME_TAG  # decided in r2sweep.outcome

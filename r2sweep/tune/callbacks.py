@@ -27,7 +27,7 @@ from r2sweep.core.locations import is_uri
 from r2sweep.core.outcome import DIVERGED, FAILED, FINISHED, RUN_STATUS, STOPPED, TAG_OUTCOME, decide_outcome, diverged_result
 from r2sweep.core.trial import PRETRAINED, TEXT_RESULTS
 from r2sweep.tracking.journal import JournalFlusher, TrackingJournal
-from r2sweep.tracking.names import TAG_NOTES, TAG_TEXT_PREFIX
+from r2sweep.tracking.names import TAG_EXPERIMENT_PATH, TAG_NOTES, TAG_START_FROM, TAG_TEXT_PREFIX
 from r2sweep.tracking.store import SweepRun, Tracker
 
 __all__ = ["TrackingCallback", "ProgressCallback", "EPOCH_METRICS", "TAG_NOTES"]
@@ -35,7 +35,6 @@ __all__ = ["TrackingCallback", "ProgressCallback", "EPOCH_METRICS", "TAG_NOTES"]
 #: Per-epoch metrics logged with their step (the pre-training epoch).
 EPOCH_METRICS = ("train/loss", "train/r2", "val/top1", "proxy/top1", "lr", "weights/max_abs", "weights/range", "weights/kurtosis", "time/epoch_s")
 
-TAG_EXPERIMENT_PATH = "r2sweep.experiment_path"
 #: In the journal folder: the store a sweep started logging to (its location, no password).
 STORE_FILE = "store.json"
 #: Where the trial ran (Ray node id and host): the last node, if it was restored elsewhere.
@@ -179,9 +178,12 @@ class TrackingCallback(tune.Callback):
                     self.tracker.client.get_run(existing.parent_run_id).data.tags.get(TAG_EXPERIMENT_PATH)
                     == self.experiment_path
                 )
-            self.sweep = self.tracker.start_sweep(
-                self.name, self.spec_text, tags={TAG_EXPERIMENT_PATH: self.experiment_path}, resume=resume
-            )
+            tags = {TAG_EXPERIMENT_PATH: self.experiment_path}
+            lent = getattr(self.spec, "start_from", None)  # (a spec pickled by an older r2sweep has none)
+            if lent is not None:
+                tags[TAG_START_FROM] = f"{lent.source} (top {lent.top}: {len(lent.points)} tried first, "\
+                                       f"{len(lent.history)} as history)"
+            self.sweep = self.tracker.start_sweep(self.name, self.spec_text, tags=tags, resume=resume)
         if recorded.get("parent_run_id") != self.sweep.parent_run_id:
             write_text_atomic(self._store_file, json.dumps(
                 {"tracking": self.tracker.location, "parent_run_id": self.sweep.parent_run_id}))
@@ -271,6 +273,10 @@ class TrackingCallback(tune.Callback):
             )
         self._flusher.close()
         self._flusher = None
+
+    def run_ids(self) -> dict[str, str]:
+        """The MLflow run id of each trial whose run exists by now (Tune trial id -> run id)."""
+        return dict(self._runs)  # one C-level copy: safe against the flusher thread adding one
 
     # -- applying one recorded operation to MLflow (the flusher's thread) ----
 

@@ -12,25 +12,47 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import optuna
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from r2sweep.core.config.search import SearchParam
+from r2sweep.core.config.start_from import HistoryTrial
 from r2sweep.core.config.sweep import SweepSpec
-from r2sweep.tune.space import make_sampler, make_space
+from r2sweep.tune.space import distributions_of, make_sampler, make_space
 
 __all__ = ["tune_config", "FinalOnlyOptunaSearch", "BaselineKeepingASHA", "scheduler_metric"]
 
 
 class FinalOnlyOptunaSearch(OptunaSearch):
-    """OptunaSearch that ignores per-epoch results.
+    """OptunaSearch that ignores per-epoch results, and may start from an earlier sweep's trials.
 
     The stock class reads the objective from every intermediate result (for
     Optuna's pruners) and fails on results that do not carry it; here the
-    objective exists only in a trial's final report, by design.
+    objective exists only in a trial's final report, by design. ``history``
+    (:class:`~r2sweep.core.config.start_from.HistoryTrial`) goes into the study
+    before anything is sampled; the stock ``evaluated_rewards`` cannot take it
+    with a define-by-run space, and would enqueue the points to run them again.
     """
+
+    def __init__(self, *args: Any, history: Sequence[HistoryTrial] = (), params: Sequence[SearchParam] = (),
+                 **kwargs: Any) -> None:
+        self._history, self._history_params = tuple(history), tuple(params)
+        super().__init__(*args, **kwargs)
+
+    def _setup_study(self, mode: str | list) -> None:
+        super()._setup_study(mode)
+        distributions = distributions_of(self._history_params)
+        for earlier in self._history:
+            state = optuna.trial.TrialState.COMPLETE if earlier.values is not None else optuna.trial.TrialState.PRUNED
+            self._ot_study.add_trial(optuna.trial.create_trial(
+                state=state, values=list(earlier.values) if earlier.values is not None else None,
+                params=dict(earlier.params), distributions={k: distributions[k] for k in earlier.params},
+            ))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         return
@@ -69,9 +91,14 @@ def tune_config(spec: SweepSpec) -> tune.TuneConfig:
     mode: str | list[str] = [o.mode for o in objectives] if spec.multi_objective else objectives[0].mode
     baseline = spec.baseline_point
     # Enqueued in Optuna in this order, before any sampled trial: the no-R2 baseline
-    # (its other parameters sampled), then the user's start points.
-    first = ([baseline] if baseline else []) + [dict(p) for p in spec.settings.start_points]
+    # (its other parameters sampled), an earlier sweep's best (--start-from), then
+    # the user's start points.
+    lent = spec.start_from
+    first = (([baseline] if baseline else []) + [dict(p) for p in (lent.points if lent else ())]
+             + [dict(p) for p in spec.settings.start_points])
     searcher = FinalOnlyOptunaSearch(
+        history=lent.history if lent else (),
+        params=spec.params,
         space=make_space(spec.params),
         metric=metric,
         mode=mode,

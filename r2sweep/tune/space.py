@@ -23,7 +23,7 @@ import optuna
 from r2sweep.core.config.search import SearchParam
 from r2sweep.core.config.sweep import SweepSettings
 
-__all__ = ["sample", "make_space", "make_sampler"]
+__all__ = ["sample", "make_space", "make_sampler", "distributions_of"]
 
 
 def sample(trial: optuna.Trial, params: Sequence[SearchParam]) -> None:
@@ -40,6 +40,21 @@ def sample(trial: optuna.Trial, params: Sequence[SearchParam]) -> None:
             low, high = param.values
             value = trial.suggest_float(param.path, low, high, log=param.kind == "loguniform")
         sampled[param.path] = value
+
+
+def distributions_of(params: Sequence[SearchParam]) -> dict[str, optuna.distributions.BaseDistribution]:
+    """Each parameter's Optuna distribution, exactly as :func:`sample` suggests it (for trials
+    written into a study by hand: history from an earlier sweep, the lasting study)."""
+    out: dict[str, optuna.distributions.BaseDistribution] = {}
+    for param in params:
+        if param.kind == "choice":
+            out[param.path] = optuna.distributions.CategoricalDistribution(list(param.values))
+        elif param.kind == "int":
+            out[param.path] = optuna.distributions.IntDistribution(int(param.values[0]), int(param.values[1]))
+        else:
+            low, high = param.values
+            out[param.path] = optuna.distributions.FloatDistribution(low, high, log=param.kind == "loguniform")
+    return out
 
 
 def make_space(params: Sequence[SearchParam]) -> Callable[[optuna.Trial], None]:

@@ -155,8 +155,10 @@ def _space(spec: SweepSpec) -> dict[str, Any]:
         "trial": spec.trial.to_mapping(),
         "objective": [dataclasses.asdict(o) for o in spec.objectives],
         "search": {p.path: dataclasses.asdict(p) for p in spec.params},
-        # Where pre-trained weights are cached decides neither: a resume may change it.
-        "sweep": {k: v for k, v in dataclasses.asdict(spec.settings).items() if k != "pretrain_cache"},
+        # Where pre-trained weights are cached, and where the Optuna study is shown, decide
+        # neither: a resume may change them (the study stays where the sweep started it).
+        "sweep": {k: v for k, v in dataclasses.asdict(spec.settings).items()
+                  if k not in ("pretrain_cache", "optuna_storage")},
     }, default=str))
 
 

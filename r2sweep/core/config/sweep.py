@@ -26,9 +26,10 @@ from r2sweep.core.config.consistency import check_consistency, max_epochs, refus
 from r2sweep.core.config.overrides import PYTHON_LABEL, Overrides, apply_overrides, override_pairs
 from r2sweep.core.config.search import SearchParam, load_param, load_start_points, mapping_at, validate_values
 from r2sweep.core.config.sections import from_dict
+from r2sweep.core.config.start_from import StartFrom
 from r2sweep.core.config.trial import PROXY_FP, TRIAL_SECTIONS, TrialConfig, load_trial_config, read_yaml
 from r2sweep.core.errors import ConfigError, FileConfigError
-from r2sweep.core.locations import is_uri
+from r2sweep.core.locations import has_password, is_uri, redact_uri, scheme_of
 from r2sweep.core.validate import check, is_number, reject_unknown, require_int
 
 __all__ = [
@@ -47,6 +48,11 @@ MODES = ("max", "min")
 MULTI_OBJECTIVE_SAMPLERS = ("tpe", "nsga2", "random")
 #: The pre-training cache's folder in a sweep's storage (``sweep.pretrain_cache: true``).
 PRETRAIN_CACHE_FOLDER = "pretrain_cache"
+#: The Optuna study's SQLite file in a sweep's results folder (``sweep.optuna_storage: true``).
+OPTUNA_FILE = "optuna.db"
+#: The URL schemes (SQLAlchemy dialects, with or without a driver) an Optuna RDB storage takes.
+OPTUNA_STORAGE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "postgresql+psycopg2", "mysql",
+                          "mysql+pymysql", "mysql+mysqldb")
 _TOP_LEVEL = ("name", *TRIAL_SECTIONS, "objective", "search", "sweep")
 
 
@@ -89,6 +95,10 @@ class SweepSettings:
     # storage's pretrain_cache/ folder (shared by every sweep of that storage), a path
     # puts it there instead (e.g. one folder for several storages), false turns it off.
     pretrain_cache: Union[bool, str] = True
+    # The sweep's trials as an Optuna study (r2sweep.tune.optuna_mirror), for
+    # optuna-dashboard and optuna.visualization: true keeps an SQLite file beside the
+    # sweep's results (<storage>/<name>/optuna.db), an RDB URL puts it there, false: none.
+    optuna_storage: Union[bool, str] = True
 
     def __post_init__(self) -> None:
         require_int("sweep.num_samples", self.num_samples, 1)
@@ -118,10 +128,30 @@ class SweepSettings:
         check(isinstance(cache, bool) or (isinstance(cache, str) and cache.strip() != "" and not is_uri(cache)),
               "sweep.pretrain_cache", cache, "true (a folder in the sweep's storage), false (off), or a folder's path "
               "every node mounts")
+        store = self.optuna_storage
+        check(isinstance(store, bool) or (isinstance(store, str) and scheme_of(store) in OPTUNA_STORAGE_SCHEMES),
+              "sweep.optuna_storage", redact_uri(store) if isinstance(store, str) else store, "true (an SQLite file beside the sweep), false (none), or an RDB URL "
+              "(sqlite:///path/optuna.db, postgresql://user@host/db, mysql://...)")
+        check(not (isinstance(store, str) and has_password(store)), "sweep.optuna_storage",
+              redact_uri(store) if isinstance(store, str) else store,
+              "a URL without a password (the sweep file is logged with the sweep): put it in PGPASSWORD or "
+              "~/.pgpass for PostgreSQL, ~/.my.cnf for MySQL")
         gpu = resources.get("gpu", 0)
         check(gpu <= 1 or float(gpu).is_integer(), "sweep.resources_per_trial.gpu", gpu,
               "a fraction of one GPU (0-1) or a whole number of GPUs")
 
+
+    def optuna_storage_url(self, experiment: str) -> str | None:
+        """The Optuna storage of a sweep kept in ``experiment`` (a local folder or a URI); None: none.
+
+        The default needs a local (or mounted) storage: under a URI storage there is no
+        study unless ``sweep.optuna_storage`` names a URL.
+        """
+        if self.optuna_storage is False:
+            return None
+        if isinstance(self.optuna_storage, str):
+            return self.optuna_storage
+        return None if is_uri(experiment) else f"sqlite:///{os.path.join(os.path.abspath(experiment), OPTUNA_FILE)}"
 
     def pretrain_cache_dir(self, storage: str) -> str | None:
         """Where the pre-training cache lives for a sweep kept in ``storage`` (a local path or a URI); None: off.
@@ -146,6 +176,7 @@ class SweepSpec:
     params: tuple[SearchParam, ...]
     settings: SweepSettings
     trial: TrialConfig  # the base config, validated
+    start_from: StartFrom | None = None  # what an earlier sweep lends (--start-from); not part of the space
 
     @property
     def multi_objective(self) -> bool:
