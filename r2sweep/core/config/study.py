@@ -1,0 +1,168 @@
+"""A study file: "what does R2 buy for my model?" as a plan of ordinary sweeps.
+
+The workflow the benchmarks found the hard way (benchmarks/RESULTS.md): tune the
+no-R2 recipe first; run one R2 sweep per kind, started from that winner; re-run the
+winners on fresh seeds; run the controls. This module reads the file and turns it into
+the sweeps it stands for, each a search-space mapping that :func:`load_sweep_spec`
+validates like any file, so every error names the study's own field::
+
+    name: mbv2-ptq
+    data: {name: digits}                     # the trial sections every sweep shares
+    model: {name: mobilenet_v2, width: 0.25}
+    train: {epochs: 15, lr: 0.02}
+    downstream: [{method: ptq, algorithm: rtn, weight_bits: [4]}]
+    objective: {metric: ptq_rtn_w4a8/top1, mode: max}
+    baseline:                                # the no-R2 recipe, tuned first
+      trials: 12
+      search: {train.lr: {loguniform: [0.005, 0.05]}}
+    kinds:                                   # one sweep per kind: its knobs + the baseline's
+      linf: {trials: 12, search: {r2.strength: {loguniform: [1.0e-3, 1.0]}}}
+      margin: {search: {r2.strength: {loguniform: [1.0e-3, 1.0]}, r2.margin_init: {choice: [max, 3std]}}}
+    start_top: 1                             # each kind's sweep first tries the baseline's best 1
+    confirm: {seeds: [1, 2, 3]}              # the winners and the controls, re-run on these
+    sweep: {max_concurrent: 2, scheduler: asha}   # settings every sweep shares
+
+Each sweep gets its own sampler seed, derived from the study's name and the sweep's,
+and written into its file (so it is recorded with the sweep in MLflow): sweeps of one
+study never draw the same early configurations.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from r2sweep.core.config.search import mapping_at
+from r2sweep.core.config.sweep import SweepSpec, load_sweep_spec
+from r2sweep.core.config.trial import TRIAL_SECTIONS
+from r2sweep.core.errors import ConfigError
+from r2sweep.core.validate import check, reject_unknown, require_int
+
+__all__ = ["StudySpec", "StudySweep", "load_study_spec", "BASELINE"]
+
+BASELINE = "baseline"
+_TOP_LEVEL = ("name", *TRIAL_SECTIONS, "objective", "baseline", "kinds", "start_top", "confirm", "sweep")
+_STAGE_KEYS = ("trials", "search")
+_CONFIRM_KEYS = ("seeds",)
+# Fields of sweep: that the study decides for each of its sweeps.
+_STUDY_DECIDES = ("num_samples", "seed", "baseline", "start_points")
+
+
+@dataclass(frozen=True)
+class StudySweep:
+    """One sweep of a study: ``kind`` is ``none`` for the baseline."""
+
+    name: str
+    kind: str
+    mapping: Mapping[str, Any]  # its search-space file
+    spec: SweepSpec
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A validated study file: the baseline sweep, one sweep per R2 kind, the confirmation."""
+
+    name: str
+    baseline: StudySweep
+    kinds: tuple[StudySweep, ...]
+    seeds: tuple[int, ...]
+    start_top: int
+
+    @property
+    def sweeps(self) -> tuple[StudySweep, ...]:
+        """In the order they run: the baseline first (every kind starts from its winner)."""
+        return (self.baseline, *self.kinds)
+
+
+def sampler_seed(study: str, sweep: str) -> int:
+    """A sweep's own sampler seed: fixed by the two names, different for each sweep of a study."""
+    return zlib.crc32(f"{study}/{sweep}".encode()) % (2**31)
+
+
+def _stage(data: Any, where: str) -> dict[str, Any]:
+    stage = dict(mapping_at(data, where, "{trials: 12, search: {train.lr: {loguniform: [0.005, 0.05]}}}"))
+    reject_unknown(stage, _STAGE_KEYS, lambda key: f"{where}.{key}")
+    trials = stage.get("trials", 12)
+    require_int(f"{where}.trials", trials, 1)
+    search = dict(mapping_at(stage.get("search", {}), f"{where}.search", "{r2.strength: {loguniform: [1.0e-3, 1.0]}}"))
+    return {"trials": trials, "search": search}
+
+
+def _sweep(study: str, raw: Mapping[str, Any], kind: str, stage: Mapping[str, Any], search: dict[str, Any],
+           where: str) -> StudySweep:
+    name = f"{study}-{BASELINE if kind == 'none' else kind}"
+    shared = dict(raw.get("sweep") or {})
+    mapping = {
+        "name": name,
+        **{k: raw[k] for k in TRIAL_SECTIONS if k in raw},
+        "r2": {**dict(raw.get("r2") or {}), "kind": kind},
+        "objective": raw.get("objective"),
+        "search": search,
+        "sweep": {**shared, "num_samples": stage["trials"], "seed": sampler_seed(study, name), "baseline": False},
+    }
+    try:
+        spec = load_sweep_spec(mapping)
+    except ConfigError as error:  # named as the study file names it
+        field = error.field
+        if field.startswith("search."):
+            field = f"{where}.{field.removeprefix('search.')}"
+        elif field.startswith("sweep.num_samples"):
+            field = f"{where}.trials"
+        raise ConfigError(field, error.value, error.allowed) from None
+    return StudySweep(name=name, kind=kind, mapping=mapping, spec=spec)
+
+
+def load_study_spec(raw: Any) -> StudySpec:
+    """Validate a study file's mapping in full; every sweep it stands for is validated too.
+
+    Raises:
+        ConfigError: naming the first bad field as the study file names it.
+    """
+    from r2sweep.core.losses import list_r2_losses
+
+    raw = dict(mapping_at(raw, "study", "{name: ..., baseline: {...}, kinds: {...}}"))
+    reject_unknown(raw, _TOP_LEVEL, lambda key: key, what="section")
+    name = raw.get("name")
+    check(isinstance(name, str) and name.strip() != "", "name", name, "the study's name (its sweeps are NAME-baseline, NAME-<kind>)")
+    check(raw.get("objective") is not None, "objective", None, "{metric: ptq_rtn_w4a8/top1, mode: max}")
+    r2 = dict(mapping_at(raw.get("r2") or {}, "r2", "{granularity: tensor}"))
+    check("kind" not in r2, "r2.kind", r2.get("kind"), "left to the study (the baseline has none, each kind its own)")
+    shared = dict(mapping_at(raw.get("sweep") or {}, "sweep", "{max_concurrent: 2, scheduler: asha}"))
+    for key in _STUDY_DECIDES:
+        check(key not in shared, f"sweep.{key}", shared.get(key),
+              "left to the study (trials: per sweep; the sampler seed: one per sweep; no baseline trial or start points)")
+
+    base_stage = _stage(raw.get(BASELINE), BASELINE)
+    check(bool(base_stage["search"]), "baseline.search", {}, "the no-R2 recipe's knobs to tune (train.lr, ...): a gain "
+          "over an untuned baseline is not a gain")
+    for path in base_stage["search"]:
+        check(not str(path).startswith("r2."), f"baseline.search.{path}", base_stage["search"][path],
+              "a knob of the recipe, not of R2 (the baseline trains without R2)")
+    baseline = _sweep(name, raw, "none", base_stage, dict(base_stage["search"]), "baseline.search")
+
+    kinds_raw = dict(mapping_at(raw.get("kinds"), "kinds", "{linf: {search: {r2.strength: {loguniform: [1.0e-3, 1.0]}}}}"))
+    check(bool(kinds_raw), "kinds", {}, f"at least one R2 kind: {[k for k in list_r2_losses() if k != 'none']}")
+    kinds = []
+    for kind, data in kinds_raw.items():
+        where = f"kinds.{kind}"
+        check(kind in list_r2_losses() and kind != "none", "kinds", kind,
+              f"R2 kinds: {[k for k in list_r2_losses() if k != 'none']}")
+        stage = _stage(data if data is not None else {}, where)
+        for path in stage["search"]:
+            check(path != "r2.kind", f"{where}.search.r2.kind", stage["search"][path], "left to the study")
+            check(path not in base_stage["search"], f"{where}.search.{path}", stage["search"][path],
+                  "a knob the baseline does not search already (each kind's sweep searches the baseline's knobs too)")
+        kinds.append(_sweep(name, raw, kind, stage, {**stage["search"], **base_stage["search"]}, f"{where}.search"))
+
+    confirm = dict(mapping_at(raw.get("confirm") or {}, "confirm", "{seeds: [1, 2, 3]}"))
+    reject_unknown(confirm, _CONFIRM_KEYS, lambda key: f"confirm.{key}")
+    seeds = confirm.get("seeds", [1, 2, 3])
+    check(isinstance(seeds, list) and len(seeds) >= 2 and len(set(map(str, seeds))) == len(seeds), "confirm.seeds", seeds,
+          "two or more distinct seeds, e.g. [1, 2, 3] (a gain needs its spread over seeds)")
+    for i, seed in enumerate(seeds):
+        require_int(f"confirm.seeds[{i}]", seed, 0)
+    start_top = raw.get("start_top", 1)
+    require_int("start_top", start_top, 1)
+    return StudySpec(name=name, baseline=baseline, kinds=tuple(kinds), seeds=tuple(seeds), start_top=start_top)
