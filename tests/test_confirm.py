@@ -107,3 +107,34 @@ def test_cli_prints_the_table_and_bad_input_is_one_line(store: Path, monkeypatch
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
+
+
+def test_any_configuration_reruns_on_seeds_under_its_own_key_and_resumes(store: Path, local_ray) -> None:
+    # A study's control: the sweep's best trial with R2 switched off, on two seeds.
+    from r2sweep.analysis.confirm import Rerun, _trial_config, run_reruns
+
+    tracker = Tracker(f"sqlite:///{store / 'mlflow.db'}")
+    sweep, spec = read_sweep(tracker, "confirm-me")
+    best = max(sweep.trial_runs(), key=lambda r: spec.ranking(r.data.metrics))
+    asked: list[str] = []
+
+    def config() -> dict:
+        asked.append("config")
+        return {**_trial_config(sweep, best.info.run_id), "r2": {"kind": "none"}}
+
+    params = {**best.data.params, "r2.kind": "none"}
+    params.pop("r2.strength", None)
+    control = Rerun(key=f"{best.data.tags[TAG_TRIAL_ID]}-r2off", config=config, params=params,
+                    tags={"r2sweep.control": "r2_off"})
+    lines: list[str] = []
+    first = run_reruns(sweep, spec, [control], [0, 1], label="control", progress=lines.append)
+    assert set(first[control.key]) == {0, 1} and lines[0].startswith("control: 2 re-runs")
+    runs = [r for r in sweep.confirm_runs() if r.data.tags.get("r2sweep.control") == "r2_off"]
+    assert sorted(r.data.tags[TAG_TRIAL_ID] for r in runs) == [f"{control.key}-seed0", f"{control.key}-seed1"]
+    assert all(r.data.params["r2.kind"] == "none" and "r2.strength" not in r.data.params for r in runs)
+    for run in runs:
+        assert run.data.metrics[OBJECTIVE] == first[control.key][int(run.data.params["seed"])][OBJECTIVE]
+    # Again: everything comes from MLflow; the config is not even read.
+    again = run_reruns(sweep, spec, [control], [0, 1], progress=lines.append)
+    assert asked == ["config"] and {s: m[OBJECTIVE] for s, m in again[control.key].items()} == \
+        {s: m[OBJECTIVE] for s, m in first[control.key].items()}

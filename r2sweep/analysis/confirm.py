@@ -32,7 +32,7 @@ from r2sweep.tracking.store import TAG_TRIAL_ID, SweepRun, Tracker
 from r2sweep.tune.cluster import connect
 from r2sweep.tune.runtime_env import runtime_env_for, shipped_callables
 
-__all__ = ["Confirmation", "confirm_top", "TAG_CONFIRM_OF", "TAG_CONFIRMED_BEST"]
+__all__ = ["Confirmation", "Rerun", "run_reruns", "confirm_top", "TAG_CONFIRM_OF", "TAG_CONFIRMED_BEST"]
 
 TAG_CONFIRM_OF = "r2sweep.confirm_of"  # on a re-run: the trial id it re-runs
 TAG_CONFIRMED_BEST = "r2sweep.confirmed_best_trial"  # on the parent: the trial with the best mean
@@ -97,6 +97,79 @@ def _top_trials(sweep: SweepRun, spec: SweepSpec, top: int) -> list[Any]:
     return sorted(candidates, key=lambda r: spec.ranking(r.data.metrics), reverse=True)[:top]
 
 
+@dataclass(frozen=True)
+class Rerun:
+    """One configuration to train again on each seed, logged as ``<key>-seed<N>`` confirm runs of a sweep.
+
+    ``config`` gives the trial config mapping (called only when some seed is still to run);
+    ``params`` and ``tags`` go on each re-run's MLflow run.
+    """
+
+    key: str
+    config: Callable[[], dict[str, Any]]
+    params: dict[str, Any]
+    tags: dict[str, str]
+
+
+def run_reruns(sweep: SweepRun, spec: SweepSpec, reruns: Sequence[Rerun], seeds: Sequence[int], *,
+               address: str | None = None, num_cpus: int | None = None, label: str = "",
+               what: str = "configurations", progress: Callable[[str], None] = print,
+               ) -> dict[str, dict[int, dict[str, float]]]:
+    """Train each of ``reruns`` on each of ``seeds`` as Ray tasks; ``{key: {seed: final metrics}}``.
+
+    A re-run that finished or diverged in MLflow is not run again (training is
+    deterministic per seed); one that failed or was interrupted is. A crashed worker
+    fails its re-run only.
+    """
+    done = {r.data.tags.get(TAG_TRIAL_ID): r for r in sweep.confirm_runs()
+            if run_outcome(r, spec.objective_metrics) in (FINISHED, DIVERGED)}
+    resources = spec.settings.resources_per_trial
+    threads = int(max(1, resources.get("cpu", 1)))
+    objective = spec.objective.metric
+    pending: dict[Any, tuple[str, str, int]] = {}  # task -> (key, run id, seed)
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    for rerun in reruns:
+        results[rerun.key] = {}
+        config = None
+        for seed in seeds:
+            previous = done.get(_rerun_id(rerun.key, seed))
+            if previous is not None:
+                results[rerun.key][seed] = dict(previous.data.metrics)
+                continue
+            if config is None:
+                config = rerun.config()
+                connect(address, num_cpus, runtime_env_for(spec))  # the user's code, shipped as the sweep shipped it
+            run_id = sweep.trial_run(_rerun_id(rerun.key, seed), {**rerun.params, "seed": seed}, confirm=True)
+            sweep.set_tags(run_id, dict(rerun.tags))
+            task = _run_trial.options(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0)).remote(
+                {**config, "seed": seed}, threads, shipped_callables(spec))
+            pending[task] = (rerun.key, run_id, seed)
+
+    total = len(pending)
+    if total:
+        progress(f"{label or sweep.name}: {total} re-runs ({len(reruns)} {what} x {len(seeds)} seeds, "
+                 f"{sum(len(v) for v in results.values())} already in MLflow)")
+    while pending:
+        finished, _ = ray.wait(list(pending), num_returns=1)
+        key, run_id, seed = pending.pop(finished[0])
+        try:
+            final = ray.get(finished[0])
+        except Exception as error:  # a crashed worker: this re-run fails, the others go on
+            sweep.set_tags(run_id, {TAG_OUTCOME: FAILED})
+            sweep.end_trial(run_id, RUN_STATUS[FAILED])
+            progress(f"[{total - len(pending)}/{total}] {what.rstrip('s')} {key} seed {seed}: failed ({type(error).__name__})")
+            continue
+        sweep.log_metrics(run_id, final)
+        outcome = decide_outcome(final, spec.objective_metrics)
+        sweep.set_tags(run_id, {TAG_OUTCOME: outcome})
+        sweep.end_trial(run_id, RUN_STATUS[outcome])
+        results[key][seed] = final
+        value = final.get(objective)
+        progress(f"[{total - len(pending)}/{total}] {what.rstrip('s')} {key} seed {seed}: "
+                 + (f"{objective} = {value:.2f}" if value is not None else "diverged"))
+    return results
+
+
 def confirm_top(
     tracker: Tracker,
     name: str,
@@ -122,59 +195,15 @@ def confirm_top(
     sweep, spec = read_sweep(tracker, name)
     objective = spec.objective.metric
     trials = _top_trials(sweep, spec, top)
-    # A re-run that finished or diverged is not run again (training is deterministic
-    # per seed); one that failed or was interrupted is.
-    done = {r.data.tags.get(TAG_TRIAL_ID): r for r in sweep.confirm_runs()
-            if run_outcome(r, spec.objective_metrics) in (FINISHED, DIVERGED)}
-
-    resources = spec.settings.resources_per_trial
-    threads = int(max(1, resources.get("cpu", 1)))
-    pending: dict[Any, tuple[str, str, int]] = {}  # task -> (trial id, run id, seed)
-    results: dict[str, dict[int, dict[str, float]]] = {}
-    for run in trials:
-        trial_id = run.data.tags.get(TAG_TRIAL_ID, run.info.run_id)
-        results[trial_id] = {}
-        config = None
-        for seed in seeds:
-            previous = done.get(_rerun_id(trial_id, seed))
-            if previous is not None:
-                results[trial_id][seed] = dict(previous.data.metrics)
-                continue
-            if config is None:
-                config = _trial_config(sweep, run.info.run_id)
-                connect(address, num_cpus, runtime_env_for(spec))  # the user's code, shipped as the sweep shipped it
-            run_id = sweep.trial_run(_rerun_id(trial_id, seed), {**run.data.params, "seed": seed}, confirm=True)
-            sweep.set_tags(run_id, {TAG_CONFIRM_OF: trial_id})
-            task = _run_trial.options(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0)).remote(
-                {**config, "seed": seed}, threads, shipped_callables(spec))
-            pending[task] = (trial_id, run_id, seed)
-
-    total = len(pending)
-    if total:
-        progress(f"confirm {name}: {total} re-runs ({len(trials)} trials x {len(seeds)} seeds, "
-                 f"{sum(len(v) for v in results.values())} already in MLflow)")
-    while pending:
-        finished, _ = ray.wait(list(pending), num_returns=1)
-        trial_id, run_id, seed = pending.pop(finished[0])
-        try:
-            final = ray.get(finished[0])
-        except Exception as error:  # a crashed worker: this re-run fails, the others go on
-            sweep.set_tags(run_id, {TAG_OUTCOME: FAILED})
-            sweep.end_trial(run_id, RUN_STATUS[FAILED])
-            progress(f"[{total - len(pending)}/{total}] trial {trial_id} seed {seed}: failed ({type(error).__name__})")
-            continue
-        sweep.log_metrics(run_id, final)
-        outcome = decide_outcome(final, spec.objective_metrics)
-        sweep.set_tags(run_id, {TAG_OUTCOME: outcome})
-        sweep.end_trial(run_id, RUN_STATUS[outcome])
-        results[trial_id][seed] = final
-        value = final.get(objective)
-        progress(f"[{total - len(pending)}/{total}] trial {trial_id} seed {seed}: "
-                 + (f"{objective} = {value:.2f}" if value is not None else "diverged"))
+    ids = {run.info.run_id: run.data.tags.get(TAG_TRIAL_ID, run.info.run_id) for run in trials}
+    reruns = [Rerun(key=ids[run.info.run_id], config=lambda run_id=run.info.run_id: _trial_config(sweep, run_id),
+                    params=dict(run.data.params), tags={TAG_CONFIRM_OF: ids[run.info.run_id]}) for run in trials]
+    results = run_reruns(sweep, spec, reruns, seeds, address=address, num_cpus=num_cpus, label=f"confirm {name}",
+                         what="trials", progress=progress)
 
     confirmations = []
     for run in trials:
-        trial_id = run.data.tags.get(TAG_TRIAL_ID, run.info.run_id)
+        trial_id = ids[run.info.run_id]
         per_seed = results[trial_id]
         confirmations.append(Confirmation(
             trial_id=trial_id,
@@ -190,7 +219,7 @@ def confirm_top(
     if winner.mean is not None:
         sweep.set_tags(sweep.parent_run_id, {TAG_CONFIRMED_BEST: winner.trial_id})
         if out is not None:
-            winner_run = next(r for r in trials if r.data.tags.get(TAG_TRIAL_ID, r.info.run_id) == winner.trial_id)
+            winner_run = next(r for r in trials if ids[r.info.run_id] == winner.trial_id)
             path = Path(out)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(yaml.safe_dump(_trial_config(sweep, winner_run.info.run_id), sort_keys=False))
