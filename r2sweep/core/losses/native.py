@@ -65,7 +65,7 @@ def disabled() -> Iterator[None]:
 
 def softminmax_library() -> ctypes.CDLL | None:
     """The loaded Soft-Min-Max kernel, or None when the eager path must run."""
-    if _disabled_depth or os.environ.get(SWITCH_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
+    if _switched_off():
         return None
     if "status" not in _loaded:
         with _lock:
@@ -76,10 +76,14 @@ def softminmax_library() -> ctypes.CDLL | None:
 
 def status() -> str:
     """One line: which Soft-Min-Max path runs in this process, and why."""
-    if _disabled_depth or os.environ.get(SWITCH_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
+    if _switched_off():
         return f"eager PyTorch (switched off: {SWITCH_ENV}=0 or native.disabled())"
     softminmax_library()
     return str(_loaded["status"])
+
+
+def _switched_off() -> bool:
+    return bool(_disabled_depth) or os.environ.get(SWITCH_ENV, "1").strip().lower() in ("0", "false", "off", "no")
 
 
 def _cache_folder() -> Path:
