@@ -5,7 +5,7 @@
 >>> result.best.metrics[result.objective], len(result.trials)                                       # doctest: +SKIP
 
 Sweeps (:func:`run_sweep`, :func:`load_sweep`, :func:`best`, :func:`compare`,
-:func:`confirm`, :func:`report`) and one trial (:func:`run_trial`) come from
+:func:`confirm`, :func:`report`), studies (:func:`run_study`, :func:`load_study`) and one trial (:func:`run_trial`) come from
 :mod:`r2sweep.api`; the R2 losses and the configuration from :mod:`r2sweep.core`.
 Importing this package loads neither Ray nor MLflow: the sweep functions import
 them when first called.
@@ -33,6 +33,9 @@ _LAZY = {
     "compare": "r2sweep.api.readers",
     "confirm": "r2sweep.api.readers",
     "report": "r2sweep.api.readers",
+    "run_study": "r2sweep.api.study",
+    "load_study": "r2sweep.api.study",
+    "StudyResult": "r2sweep.api.study",
     "run_trial": "r2sweep.api.trial",
     "PretrainCache": "r2sweep.core.pretrain_cache",
 }

@@ -255,3 +255,22 @@ def tiny_sweep(name: str) -> dict:
         "search": {"train.lr": {"loguniform": [0.01, 0.1]}},
         "sweep": {"num_samples": 2, "max_concurrent": 2, "scheduler": "none"},
     }
+
+
+def wait_group_gone(group: int, timeout: float = 30) -> None:
+    """Wait until no live process of the killed group is left (Ray's raylet, its workers), so that
+    the next driver never shares the experiment folder with a dying trial of the last one.
+    Zombies do not count: they write nothing, and their reaper is not ours."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # gone while we looked
+            if int(fields[2]) == group and fields[0] != "Z":
+                alive.append(stat.parent.name)
+        if not alive:
+            return
+        time.sleep(0.2)

@@ -111,7 +111,7 @@ def test_cli_prints_the_table_and_bad_input_is_one_line(store: Path, monkeypatch
 
 def test_any_configuration_reruns_on_seeds_under_its_own_key_and_resumes(store: Path, local_ray) -> None:
     # A study's control: the sweep's best trial with R2 switched off, on two seeds.
-    from r2sweep.analysis.confirm import Rerun, _trial_config, run_reruns
+    from r2sweep.analysis.confirm import Rerun, logged_trial_config, run_reruns
 
     tracker = Tracker(f"sqlite:///{store / 'mlflow.db'}")
     sweep, spec = read_sweep(tracker, "confirm-me")
@@ -120,7 +120,7 @@ def test_any_configuration_reruns_on_seeds_under_its_own_key_and_resumes(store: 
 
     def config() -> dict:
         asked.append("config")
-        return {**_trial_config(sweep, best.info.run_id), "r2": {"kind": "none"}}
+        return {**logged_trial_config(sweep, best.info.run_id), "r2": {"kind": "none"}}
 
     params = {**best.data.params, "r2.kind": "none"}
     params.pop("r2.strength", None)

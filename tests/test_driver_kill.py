@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import wait_group_gone
 from mlflow import MlflowClient
 
 from r2sweep.tracking.store import TAG_ROLE, TAG_TRIAL_ID
@@ -67,26 +68,7 @@ def _kill_after(process: subprocess.Popen, client: MlflowClient, finished: int, 
         time.sleep(0.3)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
-    _wait_group_gone(process.pid)
-
-
-def _wait_group_gone(group: int, timeout: float = 30) -> None:
-    """Wait until no live process of the killed group is left (Ray's raylet, its workers), so that
-    the next driver never shares the experiment folder with a dying trial of the last one.
-    Zombies do not count: they write nothing, and their reaper is not ours."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        alive = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue  # gone while we looked
-            if int(fields[2]) == group and fields[0] != "Z":
-                alive.append(stat.parent.name)
-        if not alive:
-            return
-        time.sleep(0.2)
+    wait_group_gone(process.pid)
 
 
 def test_driver_killed_three_times_then_resumed_loses_and_duplicates_nothing(tmp_path: Path) -> None:

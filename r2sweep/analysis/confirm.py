@@ -32,7 +32,7 @@ from r2sweep.tracking.store import TAG_TRIAL_ID, SweepRun, Tracker
 from r2sweep.tune.cluster import connect
 from r2sweep.tune.runtime_env import runtime_env_for, shipped_callables
 
-__all__ = ["Confirmation", "Rerun", "run_reruns", "confirm_top", "TAG_CONFIRM_OF", "TAG_CONFIRMED_BEST"]
+__all__ = ["Confirmation", "Rerun", "run_reruns", "confirm_top", "logged_trial_config", "TAG_CONFIRM_OF", "TAG_CONFIRMED_BEST"]
 
 TAG_CONFIRM_OF = "r2sweep.confirm_of"  # on a re-run: the trial id it re-runs
 TAG_CONFIRMED_BEST = "r2sweep.confirmed_best_trial"  # on the parent: the trial with the best mean
@@ -80,7 +80,8 @@ def _run_trial(mapping: dict[str, Any], threads: int, callables: dict[str, Any])
         return {"diverged": 1.0, "error": str(error)[:200]}  # type: ignore[dict-item]
 
 
-def _trial_config(sweep: SweepRun, run_id: str) -> dict[str, Any]:
+def logged_trial_config(sweep: SweepRun, run_id: str) -> dict[str, Any]:
+    """The trial config a run of ``sweep`` logged (its ``trial_config.yaml``), as a mapping."""
     with tempfile.TemporaryDirectory() as tmp:
         path = sweep.tracker.client.download_artifacts(run_id, TRIAL_CONFIG_ARTIFACT, tmp)
         return yaml.safe_load(Path(path).read_text())
@@ -196,7 +197,7 @@ def confirm_top(
     objective = spec.objective.metric
     trials = _top_trials(sweep, spec, top)
     ids = {run.info.run_id: run.data.tags.get(TAG_TRIAL_ID, run.info.run_id) for run in trials}
-    reruns = [Rerun(key=ids[run.info.run_id], config=lambda run_id=run.info.run_id: _trial_config(sweep, run_id),
+    reruns = [Rerun(key=ids[run.info.run_id], config=lambda run_id=run.info.run_id: logged_trial_config(sweep, run_id),
                     params=dict(run.data.params), tags={TAG_CONFIRM_OF: ids[run.info.run_id]}) for run in trials]
     results = run_reruns(sweep, spec, reruns, seeds, address=address, num_cpus=num_cpus, label=f"confirm {name}",
                          what="trials", progress=progress)
@@ -222,7 +223,7 @@ def confirm_top(
             winner_run = next(r for r in trials if ids[r.info.run_id] == winner.trial_id)
             path = Path(out)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(yaml.safe_dump(_trial_config(sweep, winner_run.info.run_id), sort_keys=False))
+            path.write_text(yaml.safe_dump(logged_trial_config(sweep, winner_run.info.run_id), sort_keys=False))
     return confirmations
 
 

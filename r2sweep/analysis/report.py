@@ -53,7 +53,7 @@ from r2sweep.core.plots import compare_weight_histograms, weight_histograms
 from r2sweep.core.trial import PRETRAINED, load_pretrained
 from r2sweep.tracking.store import TAG_TRIAL_ID, SweepRun, Tracker, sanitize_key
 
-__all__ = ["Report", "build_report", "REPORT_ARTIFACT_DIR", "PAGE"]
+__all__ = ["Report", "build_report", "history_points", "prepare_out", "REPORT_ARTIFACT_DIR", "PAGE"]
 
 REPORT_ARTIFACT_DIR = "report"
 PAGE = "index.html"
@@ -195,7 +195,7 @@ def importance_groups(finished: Sequence[Any], spec: SweepSpec) -> tuple[list[tu
 # -- the figures ---------------------------------------------------------------
 
 
-def _history_points(runs: Sequence[Any], spec: SweepSpec) -> list[TrialPoint]:
+def history_points(runs: Sequence[Any], spec: SweepSpec) -> list[TrialPoint]:
     metric = spec.objective.metric
     return [TrialPoint(number=i, kind=r2_kind(r, spec), outcome=run_outcome(r, spec.objective_metrics), objective=r.data.metrics.get(metric),
                        proxy=r.data.metrics.get("proxy/top1")) for i, r in enumerate(runs, start=1)]
@@ -255,7 +255,7 @@ def _pareto_figure(finished: Sequence[Any], spec: SweepSpec, path: Path) -> Path
 # -- the report ----------------------------------------------------------------
 
 
-def _prepare_out(out: Path) -> None:
+def prepare_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise R2SweepError(f"--out {out} is a file; give a folder for the report (it is created if missing)")
     try:
@@ -280,7 +280,7 @@ def build_report(tracker: Tracker, name: str, out: str | os.PathLike[str], *, lo
     if not finished:
         raise R2SweepError(f"sweep {name!r} has no finished trial with {metrics[0]} yet ({len(runs)} started)")
     out = Path(out)
-    _prepare_out(out)
+    prepare_out(out)
 
     best_by_kind: dict[str, Any] = {}
     for kind in sorted({r2_kind(r, spec) for r in finished}, key=lambda k: (k != "none", k)):
@@ -296,7 +296,7 @@ def build_report(tracker: Tracker, name: str, out: str | os.PathLike[str], *, lo
     scratch = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
     try:
         figures: dict[str, Path] = {}
-        figures["history"] = optimization_history(_history_points(runs, spec), spec.objective.metric,
+        figures["history"] = optimization_history(history_points(runs, spec), spec.objective.metric,
                                                   spec.objective.mode, scratch / HISTORY_PNG)
         groups, importance_notes = importance_groups(finished, spec)
         notes += importance_notes

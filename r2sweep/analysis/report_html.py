@@ -20,9 +20,9 @@ from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.outcome import finished_runs, run_outcome
 from r2sweep.tracking.store import TAG_TRIAL_ID, sanitize_key
 
-__all__ = ["ReportPage", "render_page"]
+__all__ = ["ReportPage", "render_page", "PAGE_CSS"]
 
-_CSS = """
+PAGE_CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif; margin: 0 auto;
        max-width: 1180px; padding: 24px 32px 64px; color: #1d2330; line-height: 1.45; }
 h1 { font-size: 1.6em; margin-bottom: 0.1em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #d8dce4; }
@@ -195,7 +195,7 @@ def render_page(page: ReportPage, figure_folder: Path, path: Path) -> Path:
     finished = len(finished_runs(page.runs, page.spec.objective_metrics))
     html = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>r2sweep report: {escape(page.name)}</title><style>{_CSS}</style></head><body>
+<title>r2sweep report: {escape(page.name)}</title><style>{PAGE_CSS}</style></head><body>
 <h1>Sweep <code>{escape(page.name)}</code></h1>
 <p class="meta">{len(page.runs)} trials ({finished} finished), sweep {escape(page.sweep_status.lower())};
 read from {escape(page.source)} on {escape(page.generated)} by r2sweep {escape(page.version)}.</p>

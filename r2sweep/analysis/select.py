@@ -30,7 +30,7 @@ from r2sweep.core.outcome import finished_runs
 from r2sweep.core.trial import PRETRAINED, load_pretrained
 from r2sweep.tracking.store import SPEC_ARTIFACT, TAG_TRIAL_ID, SweepRun, Tracker, TrackingError
 
-__all__ = ["BestTrial", "read_sweep", "pick_best", "best_trial", "select_best", "pareto_front", "TAG_BEST_RUN", "TAG_BEST_TRIAL"]
+__all__ = ["BestTrial", "read_sweep", "pick_best", "best_trial", "select_best", "register_champion", "pareto_front", "TAG_BEST_RUN", "TAG_BEST_TRIAL"]
 
 TAG_BEST_RUN = "r2sweep.best_run_id"
 TAG_BEST_TRIAL = "r2sweep.best_trial_id"
@@ -156,23 +156,28 @@ def select_best(
         best.config_path.write_text(best.config_text)
     sweep.set_tags(sweep.parent_run_id, {TAG_BEST_RUN: run_id, TAG_BEST_TRIAL: best.trial_id})
     if register:
-        model_name = f"r2sweep-{name}"
-        champion = sweep.champion(model_name)
-        if champion is not None and champion.run_id == run_id:
-            # The champion did not change: registering it again would add a copy
-            # (a new model and a new version) of the same weights at every call.
-            best.model_version = str(champion.version)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                model, args = load_pretrained(tracker.client.download_artifacts(run_id, PRETRAINED, tmp))
-            shape = args.get("input_shape") or [args["in_channels"], args["input_size"], args["input_size"]]
-            example = np.zeros((1, *shape), dtype=np.float32)
-            try:
-                uri = sweep.log_model(run_id, model, example)
-            except TrackingError:
-                raise
-            except Exception:  # noqa: BLE001 - torch.export cannot trace every model (data-dependent control flow)
-                uri = sweep.log_model(run_id, model, example, serialization_format="pickle")
-            best.model_version = str(sweep.register_champion(run_id, model_name, uri).version)
-        best.model_uri = f"models:/{model_name}/{best.model_version}"
+        best.model_version, best.model_uri = register_champion(sweep, run_id, f"r2sweep-{name}")
     return best
+
+
+def register_champion(sweep: SweepRun, run_id: str, model_name: str) -> tuple[str, str]:
+    """Register the pre-trained model of ``run_id`` (a trial of ``sweep``) as ``model_name``'s champion;
+    ``(version, models:/NAME/VERSION)``. A champion that is that run already is kept as it is."""
+    champion = sweep.champion(model_name)
+    if champion is not None and champion.run_id == run_id:
+        # The champion did not change: registering it again would add a copy
+        # (a new model and a new version) of the same weights at every call.
+        version = str(champion.version)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            model, args = load_pretrained(sweep.client.download_artifacts(run_id, PRETRAINED, tmp))
+        shape = args.get("input_shape") or [args["in_channels"], args["input_size"], args["input_size"]]
+        example = np.zeros((1, *shape), dtype=np.float32)
+        try:
+            uri = sweep.log_model(run_id, model, example)
+        except TrackingError:
+            raise
+        except Exception:  # noqa: BLE001 - torch.export cannot trace every model (data-dependent control flow)
+            uri = sweep.log_model(run_id, model, example, serialization_format="pickle")
+        version = str(sweep.register_champion(run_id, model_name, uri).version)
+    return version, f"models:/{model_name}/{version}"

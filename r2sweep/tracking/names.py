@@ -33,6 +33,13 @@ TAG_EXPERIMENT_PATH = "r2sweep.experiment_path"
 #: On the parent run of a sweep started with --start-from: the earlier sweep and the top K taken.
 TAG_START_FROM = "r2sweep.start_from"
 TAG_TRIAL_ID = "r2sweep.trial_id"
+#: On the runs of a study (r2sweep study): the study's run, each of its sweeps' parent runs.
+TAG_STUDY = "r2sweep.study"
+#: On a study's control re-run: which control (r2_off, r2_on_baseline) and the winner it controls.
+TAG_CONTROL = "r2sweep.control"
+TAG_CONTROL_OF = "r2sweep.control_of"
+#: The study file, as text, in the study run's artifacts.
+STUDY_ARTIFACT = "study.yaml"
 #: How a trial ended: finished, stopped, diverged, failed, or lost (forgotten by Tune after a crash).
 TAG_OUTCOME = OUTCOME_TAG  # decided in r2sweep.outcome
 TAG_VERSION = "r2sweep.version"
@@ -49,6 +56,7 @@ TAG_PRETRAIN_CACHE = TAG_TEXT_PREFIX + "pretrain_cache"
 _TAG_USER = "mlflow.user"
 
 _ROLE_SWEEP = "sweep"
+_ROLE_STUDY = "study"  # the one run of a study, in the experiment of the study's name
 _ROLE_TRIAL = "trial"
 # A sweep trial's configuration re-run on another seed (``r2sweep confirm``): a child
 # of the sweep too, but never one of its trials (compare, report and best ignore it).

@@ -19,7 +19,7 @@ validates like any file, so every error names the study's own field::
       linf: {trials: 12, search: {r2.strength: {loguniform: [1.0e-3, 1.0]}}}
       margin: {search: {r2.strength: {loguniform: [1.0e-3, 1.0]}, r2.margin_init: {choice: [max, 3std]}}}
     start_top: 1                             # each kind's sweep first tries the baseline's best 1
-    confirm: {seeds: [1, 2, 3]}              # the winners and the controls, re-run on these
+    confirm: {seeds: [1, 2, 3], top: 1}     # each sweep's top trials, re-run on these; the winner on the mean
     sweep: {max_concurrent: 2, scheduler: asha}   # settings every sweep shares
 
 Each sweep gets its own sampler seed, derived from the study's name and the sweep's,
@@ -45,7 +45,7 @@ __all__ = ["StudySpec", "StudySweep", "load_study_spec", "BASELINE"]
 BASELINE = "baseline"
 _TOP_LEVEL = ("name", *TRIAL_SECTIONS, "objective", "baseline", "kinds", "start_top", "confirm", "sweep")
 _STAGE_KEYS = ("trials", "search")
-_CONFIRM_KEYS = ("seeds",)
+_CONFIRM_KEYS = ("seeds", "top")
 # Fields of sweep: that the study decides for each of its sweeps.
 _STUDY_DECIDES = ("num_samples", "seed", "baseline", "start_points")
 
@@ -69,6 +69,7 @@ class StudySpec:
     kinds: tuple[StudySweep, ...]
     seeds: tuple[int, ...]
     start_top: int
+    confirm_top: int = 1  # how many of each sweep's best trials are re-run on the seeds
 
     @property
     def sweeps(self) -> tuple[StudySweep, ...]:
@@ -163,6 +164,9 @@ def load_study_spec(raw: Any) -> StudySpec:
           "two or more distinct seeds, e.g. [1, 2, 3] (a gain needs its spread over seeds)")
     for i, seed in enumerate(seeds):
         require_int(f"confirm.seeds[{i}]", seed, 0)
+    top = confirm.get("top", 1)
+    require_int("confirm.top", top, 1)
     start_top = raw.get("start_top", 1)
     require_int("start_top", start_top, 1)
-    return StudySpec(name=name, baseline=baseline, kinds=tuple(kinds), seeds=tuple(seeds), start_top=start_top)
+    return StudySpec(name=name, baseline=baseline, kinds=tuple(kinds), seeds=tuple(seeds), start_top=start_top,
+                     confirm_top=top)
