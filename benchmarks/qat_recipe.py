@@ -1,6 +1,6 @@
 """Does the QAT recipe itself train at 2 bits, before R2 enters? (issue 8, qat-mbv1)
 
-The qat-mbv1 setting of ``paper_effect.py`` compares R2 against no R2 under EWGS and
+The qat-mbv1 study (``search_spaces/studies/qat-mbv1.yaml``) compares R2 against no R2 under EWGS and
 LSQ at W2A2 on MobileNet-V1. Its first (no-R2) sweep recorded LSQ as diverged in every
 trial, so this script isolates the recipe: one pre-trained no-R2 model (the qat-mbv1
 setting's model, data and scale; or ``--checkpoint``), then for each algorithm and bit
@@ -20,16 +20,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paper_effect import SCALES, trial_base  # noqa: E402
-
+from r2sweep.core.config.strict_yaml import load_file  # noqa: E402
+from r2sweep.core.config.study import load_study_spec  # noqa: E402
 from r2sweep.core.config.trial import load_trial_config  # noqa: E402
 from r2sweep.core.data import create_data, make_loader  # noqa: E402
 from r2sweep.core.errors import TrialDiverged  # noqa: E402
@@ -43,8 +41,10 @@ BIT_PAIRS = ((8, 8), (2, 8), (8, 2), (2, 2))
 
 def pretrained_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
     """``--checkpoint``, else the qat-mbv1 base model trained once without R2 (seed 0)."""
-    base = trial_base("qat-mbv1", SCALES["distorted_digits"],
-                      argparse.Namespace(root=None, data_option=[], finetune=None, epochs=None, device="cpu"))
+    study = load_study_spec(load_file(Path(__file__).resolve().parent.parent / "search_spaces" / "studies" / "qat-mbv1.yaml"))
+    base = study.baseline.spec.trial.to_mapping()
+    base["train"]["device"] = "cpu"
+    base.pop("proxy", None)  # the study's proxy names its QAT result, which this script's pre-training drops
     if args.checkpoint is None:
         out = args.work / "pretrained-none"
         if not (out / "pretrained.pt").is_file():

@@ -10,6 +10,8 @@ import pytest
 import torch
 import yaml
 
+from r2sweep.core.config.strict_yaml import load_file
+from r2sweep.core.config.study import load_study_spec
 from r2sweep.core.config.sweep import load_sweep_spec
 
 # The scripts are imported as they are: one that no longer imports fails here, never skips.
@@ -19,40 +21,25 @@ import qat_recipe  # noqa: E402
 import search_finds_it  # noqa: E402
 
 
-def _args(**overrides) -> argparse.Namespace:
-    defaults = dict(root="/data/x", data_option=[], finetune=None, epochs=None, device="auto", trials=12, concurrency=2)
-    return argparse.Namespace(**{**defaults, **overrides})
-
-
-@pytest.mark.parametrize("data", sorted(paper_effect.SCALES))
-@pytest.mark.parametrize("setting", sorted(paper_effect.SETTINGS))
-def test_every_paper_effect_sweep_is_a_valid_spec(setting: str, data: str) -> None:
-    scale = paper_effect.SCALES[data]
-    base = paper_effect.trial_base(setting, scale, _args())
-    for kind in ("none", *paper_effect.KINDS):
-        spec = load_sweep_spec(paper_effect.sweep_spec(setting, kind, base, scale, _args()))
-        assert spec.objective.metric == paper_effect.SETTINGS[setting]["objective"]
+@pytest.mark.parametrize("setting", paper_effect.SETTINGS)
+def test_every_paper_effect_setting_is_a_valid_study(setting: str) -> None:
+    study = load_study_spec(load_file(paper_effect.STUDIES / f"{setting}.yaml"))
+    assert study.name == setting and [s.kind for s in study.sweeps] == ["none", "linf", "margin", "softminmax"]
+    for sweep in study.sweeps:
+        spec = sweep.spec
         assert spec.objective.metric in spec.trial.metric_names()
         searched = {p.path for p in spec.params}
         # Baseline and R2 alike tune learning rate and weight decay; each R2 kind also its strength.
-        assert searched >= {"train.lr", "train.weight_decay"} | (set() if kind == "none" else {"r2.strength"})
-        assert spec.trial.r2.kind == kind and spec.baseline_point is None
+        assert searched >= {"train.lr", "train.weight_decay"} | (set() if sweep.kind == "none" else {"r2.strength"})
+        assert spec.trial.r2.kind == sweep.kind and spec.baseline_point is None
+    assert study.seeds == (1, 2, 3) and study.start_top == 1
 
 
-def test_qat_mbv1_sweeps_start_from_their_fixed_lr_winners_at_the_recipe_lr() -> None:
-    import json
-
-    results = json.loads((paper_effect.RESULTS / "paper_effect_distorted_digits.json").read_text())
-    scale = paper_effect.SCALES["distorted_digits"]
-    base = paper_effect.trial_base("qat-mbv1", scale, _args())
-    earlier = results["superseded"][paper_effect.SETTINGS["qat-mbv1"]["start_from"]["run"]]["sweeps"]
-    for kind in ("none", *paper_effect.KINDS):
-        start = paper_effect.start_points(results, "qat-mbv1", kind)
-        assert start == [{**earlier[kind]["config"], "downstream.0.lr": 0.01}]
-        # Inside the searched ranges, or the sweep would refuse to start hours into a run.
-        spec = load_sweep_spec(paper_effect.sweep_spec("qat-mbv1", kind, base, scale, _args(), start))
-        assert spec.settings.start_points == tuple(start)
-    assert paper_effect.start_points(results, "dkm-r18", "linf") == []
+def test_the_four_settings_are_the_papers() -> None:
+    assert paper_effect.SETTINGS == ["dkm-mbv2", "dkm-r18", "ptq-mbv2", "qat-mbv1"]
+    qat = load_study_spec(load_file(paper_effect.STUDIES / "qat-mbv1.yaml"))
+    # EWGS's fine-tuning lr is searched on both sides (a range-restricted model needs it lower).
+    assert all("downstream.0.lr" in {p.path for p in s.spec.params} for s in qat.sweeps)
 
 
 def test_the_dense_grid_covers_every_choice_and_respects_conditions() -> None:
