@@ -93,8 +93,8 @@ def test_a_study_killed_mid_sweep_resumes_and_its_table_is_mlflows(tmp_path: Pat
     final = _start(tmp_path)
     output = final.communicate(timeout=600)[0]
     assert final.returncode == 0, output[-4000:]
-    assert "[1/3] sweep tiny-baseline: in MLflow already, skipped" in output
-    assert "[3/3] sweep tiny-margin: started, 2 trials, the baseline's best 1 first" in output
+    assert "study tiny: [1/3] sweep tiny-baseline: in MLflow already, skipped" in output
+    assert "study tiny: [3/3] sweep tiny-margin: started, 2 trials, the baseline's best 1 first" in output
 
     # Nothing ran twice: num_samples trial runs per sweep, one per trial id, and one
     # confirm run per (configuration, seed): 3 winners and 2 x 2 controls, on 2 seeds.

@@ -87,3 +87,67 @@ def test_bad_input_to_the_study_command_is_one_line_and_writes_nothing(tmp_path,
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def _fake_study_store(uri: str) -> None:
+    """A study as MLflow would hold it, written with the tracking layer alone (no Ray, no training):
+    the baseline and L-inf confirmed with controls; every Margin trial diverged; Soft-Min-Max not run."""
+    from r2sweep.analysis.confirm import TAG_CONFIRM_OF, TAG_CONFIRMED_BEST
+    from r2sweep.core.config.study import load_study_spec
+    from r2sweep.core.outcome import TAG_OUTCOME
+    from r2sweep.tracking.names import TAG_CONTROL, TAG_CONTROL_OF
+    from r2sweep.tracking.store import Tracker
+    from r2sweep.tracking.studies import open_study
+
+    raw = {**STUDY, "name": "fake", "downstream": [{"method": "ptq", "algorithm": "rtn", "weight_bits": [2, 4]}],
+           "kinds": {**STUDY["kinds"], "margin": {"search": {"r2.strength": {"loguniform": [1e-3, 0.1]}}},
+                     "softminmax": {"search": {"r2.strength": {"loguniform": [1e-3, 0.1]}}}}}
+    study = load_study_spec(raw)
+    tracker = Tracker(uri)
+    open_study(tracker, "fake", yaml.safe_dump(raw))
+
+    def runs(sweep, key, values, tags, confirm=True, outcome="finished"):
+        for seed, value in zip((1, 2), values):
+            run_id = sweep.trial_run(f"{key}-seed{seed}" if confirm else key, {"seed": seed}, confirm=confirm)
+            if value is not None:
+                sweep.log_metrics(run_id, {"ptq_rtn_w2a8/top1": value, "ptq_rtn_w4a8/top1": value + 10,
+                                           "fp/top1": value + 20})
+            sweep.set_tags(run_id, {**tags, TAG_OUTCOME: outcome})
+            sweep.end_trial(run_id)
+            if not confirm:
+                return
+
+    for sweep_spec, values in zip(study.sweeps[:3], ((60.0, 64.0), (70.0, 72.0), None)):
+        sweep = tracker.start_sweep(sweep_spec.name, yaml.safe_dump(dict(sweep_spec.mapping)))
+        if values is None:  # every trial diverged: nothing to confirm
+            runs(sweep, "t0", [None], {}, confirm=False, outcome="diverged")
+            continue
+        runs(sweep, "t1", [values[0]], {}, confirm=False)
+        sweep.set_tags(sweep.parent_run_id, {TAG_CONFIRMED_BEST: "t1"})
+        runs(sweep, "t1", values, {TAG_CONFIRM_OF: "t1"})
+        if sweep_spec.kind == "linf":
+            runs(sweep, "r2_off-t1", (65.0, 66.0), {TAG_CONTROL: "r2_off", TAG_CONTROL_OF: "t1"})
+            runs(sweep, "r2_on_baseline-t1", (68.0, 69.0), {TAG_CONTROL: "r2_on_baseline", TAG_CONTROL_OF: "t1"})
+
+
+def test_the_answer_is_read_from_mlflow_and_a_kind_without_a_winner_is_shown_not_fatal(tmp_path: Path) -> None:
+    import r2sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _fake_study_store(uri)
+    result = r2sweep.load_study("fake", tracking_uri=uri, out=tmp_path / "page")
+    table = result.table
+    base, linf, margin, softminmax = table.rows
+    assert (margin.missing, softminmax.missing) == ("has no finished trial", "has not run yet")
+    assert table.recommended is linf and linf.objective.mean == 71.0
+    assert linf.gain.delta == pytest.approx(9.0) and linf.gain.se == pytest.approx(math.sqrt(8 / 2 + 2 / 2))
+    assert linf.gain.clear and linf.fp_change == pytest.approx(9.0)
+    assert linf.gain_over_r2_off.delta == pytest.approx(71.0 - 65.5)
+    assert linf.gain_on_baseline.delta == pytest.approx(68.5 - 62.0)
+    lines = table.markdown().splitlines()
+    assert lines[4] == "| margin | has no finished trial | - | - | - | - | - | - |"
+    assert lines[3].startswith("| linf **recommended** | 71.0 +- 1.4 (n=2) | +9.0 +- 2.2 (clear) | +5.5 +- 1.1 (clear) | +6.5 +- 2.1 (clear) |")
+    # The page is drawn from what is there; the weights it cannot find are a note, not a failure.
+    assert result.page.page.read_text().count("data:image/png;base64,") == 1 + 3  # bits; three sweeps' histories
+    assert result.page.notes == ["Weight histograms: the winner of fake-baseline has no pretrained.pt artifact.",
+                                 "Weight histograms: the winner of fake-linf has no pretrained.pt artifact."]

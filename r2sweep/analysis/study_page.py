@@ -70,7 +70,7 @@ def _bits_figure(table: StudyTable, study: StudySpec, path: Path) -> Path | None
     chosen = _compared_kind(table)
     for entry in study.baseline.spec.trial.downstream:
         series = []
-        for row in table.rows:
+        for row in (r for r in table.rows if not r.missing):
             n = row.objective.n
             line = _series(f"{row.label}, winner ({n} seeds)", row.kind, row.reruns, entry, row.fp.mean)
             series.append(line)
@@ -106,6 +106,8 @@ def _weights_figure(tracker: Tracker, table: StudyTable, path: Path, notes: list
 def _history_figures(tracker: Tracker, study: StudySpec, folder: Path) -> list[Path]:
     written = []
     for sweep in study.sweeps:
+        if tracker.find_sweep(sweep.name) is None:
+            continue  # not run yet
         run, spec = read_sweep(tracker, sweep.name)
         written.append(optimization_history(history_points(run.trial_runs(), spec), spec.objective.metric,
                                             spec.objective.mode, folder / f"history_{sweep.name}.png"))
@@ -122,7 +124,7 @@ def _table_html(table: StudyTable) -> str:
     lines = table.markdown().splitlines()
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     body = []
-    for line, row in zip(lines[2:], table.rows):
+    for line, row in zip(lines[2:], table.rows):  # one line per row, an empty row's included
         cells = "".join(f"<td>{escape(c.strip())}</td>" for c in line.strip("|").split("|"))
         body.append(f"<tr{' class=best' if row is table.recommended else ''}>{cells}</tr>")
     return f"<table><tr>{''.join(f'<th>{escape(h)}</th>' for h in head)}</tr>{''.join(body)}</table>"

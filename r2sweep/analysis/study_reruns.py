@@ -20,6 +20,7 @@ from r2sweep.analysis.select import read_sweep
 from r2sweep.analysis.study_table import CONTROL_ON_BASELINE, CONTROL_R2_OFF
 from r2sweep.core.config.study import StudySpec
 from r2sweep.core.errors import R2SweepError
+from r2sweep.core.outcome import finished_runs
 from r2sweep.tracking.names import TAG_CONTROL, TAG_CONTROL_OF, TAG_TRIAL_ID
 from r2sweep.tracking.runs import SweepRun
 from r2sweep.tracking.store import Tracker
@@ -29,28 +30,47 @@ __all__ = ["confirm_winners", "run_controls"]
 
 def confirm_winners(tracker: Tracker, study: StudySpec, *, address: str | None, num_cpus: int | None,
                     progress: Callable[[str], None]) -> None:
-    """Re-run each sweep's ``confirm.top`` best trials on the study's seeds; the best mean becomes its winner."""
+    """Re-run each sweep's ``confirm.top`` best trials on the study's seeds; the best mean becomes its winner.
+
+    A kind's sweep without a finished trial (every one diverged) is left out of the answer, with a line.
+    """
     for sweep in study.sweeps:
+        if sweep.kind != "none" and not _has_finished_trial(tracker, sweep.name):
+            progress(f"{sweep.name}: no finished trial to confirm; this kind is left out of the answer")
+            continue
         confirm_top(tracker, sweep.name, top=study.confirm_top, seeds=study.seeds, address=address,
                     num_cpus=num_cpus, progress=progress)
 
 
-def _winner(tracker: Tracker, name: str) -> tuple[SweepRun, str, dict[str, str], str]:
-    """(the sweep, its confirmed winner's trial id, searched values, run id)."""
+def _has_finished_trial(tracker: Tracker, name: str) -> bool:
+    sweep, spec = read_sweep(tracker, name)
+    return bool(finished_runs(sweep.trial_runs(), spec.objective_metrics))
+
+
+def _winner(tracker: Tracker, name: str) -> tuple[SweepRun, str, dict[str, str], str] | None:
+    """(the sweep, its confirmed winner's trial id, searched values, run id); None without one
+    (no finished trial, or every re-run of its best diverged)."""
     sweep, _ = read_sweep(tracker, name)
     trial_id = tracker.client.get_run(sweep.parent_run_id).data.tags.get(TAG_CONFIRMED_BEST)
     run = next((r for r in sweep.trial_runs() if r.data.tags.get(TAG_TRIAL_ID) == trial_id), None)
     if trial_id is None or run is None:
-        raise R2SweepError(f"sweep {name!r} has no confirmed winner (every re-run of its best trials diverged?)")
+        return None
     return sweep, trial_id, dict(run.data.params), run.info.run_id
 
 
 def run_controls(tracker: Tracker, study: StudySpec, *, address: str | None, num_cpus: int | None,
                  progress: Callable[[str], None]) -> None:
     """For each kind: its winner with R2 off, and the baseline's winner with its R2, on the study's seeds."""
-    base_sweep, base_id, base_params, base_run = _winner(tracker, study.baseline.name)
+    base = _winner(tracker, study.baseline.name)
+    if base is None:
+        raise R2SweepError(f"the baseline sweep {study.baseline.name!r} has no confirmed winner (every re-run of its "
+                           "best trials diverged?): there is nothing to compare R2 against")
+    base_sweep, base_id, base_params, base_run = base
     for kind in study.kinds:
-        sweep, trial_id, params, run_id = _winner(tracker, kind.name)
+        winner = _winner(tracker, kind.name)
+        if winner is None:
+            continue  # left out of the answer (confirm_winners said so)
+        sweep, trial_id, params, run_id = winner
         _, spec = read_sweep(tracker, kind.name)
         tags = {TAG_CONTROL_OF: trial_id}
         r2_params = {k: v for k, v in params.items() if k.startswith("r2.")}

@@ -28,9 +28,8 @@ from r2sweep.analysis.confirm import TAG_CONFIRM_OF, TAG_CONFIRMED_BEST
 from r2sweep.analysis.select import read_sweep
 from r2sweep.core.config.study import StudySpec
 from r2sweep.core.errors import R2SweepError
-from r2sweep.core.outcome import DIVERGED, FINISHED, run_outcome
+from r2sweep.core.outcome import DIVERGED, FINISHED, finished_runs, run_outcome
 from r2sweep.tracking.names import TAG_CONTROL, TAG_CONTROL_OF, TAG_TRIAL_ID
-from r2sweep.tracking.runs import SweepRun
 from r2sweep.tracking.store import Tracker
 
 __all__ = ["OverSeeds", "Gain", "StudyRow", "StudyTable", "read_study_table", "CONTROL_R2_OFF", "CONTROL_ON_BASELINE"]
@@ -108,6 +107,7 @@ class StudyRow:
     gain_over_r2_off: Gain | None = None  # over the same knobs with R2 off
     gain_on_baseline: Gain | None = None  # the baseline's knobs with this R2, over the baseline
     fp_change: float | None = None
+    missing: str = ""  # why a kind has no winner (its sweep not run yet, or no trial of it finished)
 
     @property
     def label(self) -> str:
@@ -151,6 +151,9 @@ class StudyTable:
                  "winner's knobs | R2 on the baseline's knobs: gain | fp/top1 | FP change | winner (searched values) |",
                  "|---|---|---|---|---|---|---|---|"]
         for row in self.rows:
+            if row.missing:
+                lines.append(f"| {row.label} | {row.missing} |" + " - |" * 6)
+                continue
             cells = [row.label + (" **recommended**" if row is self.recommended else ""),
                      f"{row.objective.text()} (n={row.objective.n})",
                      row.gain.text() if row.gain else "-",
@@ -182,12 +185,21 @@ def _by_seed(runs: Iterable[Any], objectives: Sequence[str], seeds: Sequence[int
     return Reruns(chosen)
 
 
-def _row(tracker: Tracker, name: str, kind: str, seeds: Sequence[int]) -> tuple[StudyRow, SweepRun]:
+def _row(tracker: Tracker, name: str, kind: str, seeds: Sequence[int]) -> StudyRow:
+    """The sweep's row; a kind without a winner gets an empty row saying why (the baseline must have one)."""
+    def missing(why: str) -> StudyRow:
+        if kind == "none":
+            raise R2SweepError(f"the study's baseline sweep {name!r} {why}: the study has no answer yet "
+                               "(run it again to go on)")
+        return StudyRow(kind=kind, sweep=name, trial_id="", run_id="", params={}, reruns=Reruns({}), missing=why)
+
+    if tracker.find_sweep(name) is None:
+        return missing("has not run yet")
     sweep, spec = read_sweep(tracker, name)
     winner = tracker.client.get_run(sweep.parent_run_id).data.tags.get(TAG_CONFIRMED_BEST)
     if winner is None:
-        raise R2SweepError(f"sweep {name!r} has no confirmed winner yet: the study has not re-run its best trials "
-                           "(run the study again to go on)")
+        finished = finished_runs(sweep.trial_runs(), spec.objective_metrics)
+        return missing("has no confirmed winner yet" if finished else "has no finished trial")
     trial = next((r for r in sweep.trial_runs() if r.data.tags.get(TAG_TRIAL_ID) == winner), None)
     if trial is None:
         raise R2SweepError(f"sweep {name!r}: its confirmed winner {winner!r} is not among its trial runs")
@@ -203,18 +215,20 @@ def _row(tracker: Tracker, name: str, kind: str, seeds: Sequence[int]) -> tuple[
             row.controls[control] = _by_seed(runs, objectives, seeds)
     row.objective = row.reruns.over_seeds(spec.objective.metric)
     row.fp = row.reruns.over_seeds("fp/top1")
-    return row, sweep
+    return row
 
 
 def read_study_table(tracker: Tracker, study: StudySpec) -> StudyTable:
     """The study's table from MLflow alone.
 
+    A kind whose sweep has not run, or has no finished trial, gets a row saying so.
+
     Raises:
-        R2SweepError: a sweep of the study is missing or not confirmed yet.
+        R2SweepError: the baseline's sweep is missing or not confirmed yet.
     """
     objective = study.baseline.spec.objective
     sign = 1 if objective.mode == "max" else -1
-    rows = [_row(tracker, s.name, s.kind, study.seeds)[0] for s in study.sweeps]
+    rows = [_row(tracker, s.name, s.kind, study.seeds) for s in study.sweeps]
     base = rows[0]
     for row in rows[1:]:
         row.gain = Gain.of(row.objective, base.objective, sign)

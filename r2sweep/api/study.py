@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,18 +128,18 @@ def _sweep_state(tracker: Any, sweep: StudySweep, storage: str) -> str:
 
 
 def _run_sweeps(tracker: Any, study: StudySpec, storage: str, *, tracking_uri: str | None, address: str | None,
-                num_cpus: int | None, say: Callable[[str], None]) -> None:
+                num_cpus: int | None, stage: Callable[[str], None], say: Callable[[str], None]) -> None:
     from r2sweep.api.sweep import prepare_sweep
     from r2sweep.tracking.names import TAG_STUDY
 
     for number, sweep in enumerate(study.sweeps, start=1):
         state = _sweep_state(tracker, sweep, storage)
-        head = f"study {study.name} [{number}/{len(study.sweeps)}] sweep {sweep.name}"
+        head = f"[{number}/{len(study.sweeps)}] sweep {sweep.name}"
         if state == _DONE:
-            say(f"{head}: in MLflow already, skipped")
+            stage(f"{head}: in MLflow already, skipped")
         else:
             lent = study.baseline.name if sweep.kind != "none" and state == _NEW else None
-            say(f"{head}: {'resumed' if state == _RESUME else 'started'}, {sweep.spec.settings.num_samples} trials"
+            stage(f"{head}: {'resumed' if state == _RESUME else 'started'}, {sweep.spec.settings.num_samples} trials"
                 + (f", the baseline's best {study.start_top} first" if lent else ""))
             prepared = prepare_sweep(sweep.mapping, tracking_uri=tracking_uri, storage=storage, address=address,
                                      resume=state == _RESUME, start_from=lent, start_top=study.start_top)
@@ -193,6 +194,11 @@ def run_study(
     folder = check.output_folder(out if out is not None else f"{spec.name}-study", option_names["out"],
                                  what="the study's page and recommended trial file")
     say = _writer(progress)
+    started = time.perf_counter()
+
+    def stage(line: str) -> None:
+        say(f"[{time.perf_counter() - started:7.1f}s] study {spec.name}: {line}")
+
     quiet_mlflow()
     tracker = Tracker(tracking_uri)
     tracker.check_access()
@@ -204,12 +210,13 @@ def run_study(
                            "file, or give the study another name")
     record = existing or open_study(tracker, spec.name, text)
     _run_sweeps(tracker, spec, storage_text or DEFAULT_STORAGE, tracking_uri=tracking_uri, address=address,
-                num_cpus=num_cpus, say=say)
-    say(f"study {spec.name}: confirming each sweep's best on seeds {list(spec.seeds)}")
+                num_cpus=num_cpus, stage=stage, say=say)
+    stage(f"confirming each sweep's best {spec.confirm_top} on seeds {list(spec.seeds)}")
     confirm_winners(tracker, spec, address=address, num_cpus=num_cpus, progress=say)
-    say(f"study {spec.name}: the controls (R2 off at each winner's knobs; its R2 on the baseline's knobs)")
+    stage("the controls: R2 off at each winner's knobs, and its R2 on the baseline's knobs")
     run_controls(tracker, spec, address=address, num_cpus=num_cpus, progress=say)
     result = _answer(tracker, spec, record, folder, text, register=register)
+    stage(f"answered: {result.table.verdict()}")
     record.end("FINISHED")
     return result
 

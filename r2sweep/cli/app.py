@@ -268,8 +268,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         else:
             result = run_study(args.study, overrides=list(args.set), tracking_uri=args.tracking_uri,
                                storage=args.storage, address=args.address, out=args.out,
-                               register=not args.no_register, option_names=STUDY_FLAGS,
-                               progress=_progress(time.perf_counter()))
+                               register=not args.no_register, option_names=STUDY_FLAGS)
     except Exception as error:  # noqa: BLE001  every refusal is one line
         return _study_failure(error, args.study)
     table = result.table
