@@ -13,7 +13,7 @@ import pytest
 
 MODULES = ["r2sweep", "r2sweep.api.sweep", "r2sweep.api.readers", "r2sweep.api.trial",
            "r2sweep.core.config.sweep", "r2sweep.core.config.trial",
-           "r2sweep.core.config.overrides"]
+           "r2sweep.core.config.overrides", "r2sweep.api.study"]
 
 
 @pytest.mark.parametrize("name", MODULES)
