@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -274,3 +274,16 @@ def wait_group_gone(group: int, timeout: float = 30) -> None:
         if not alive:
             return
         time.sleep(0.2)
+
+
+def kill_group_when(process: subprocess.Popen, ready: Callable[[], bool], timeout: float = 300) -> None:
+    """SIGKILL ``process``'s whole group (the driver and the Ray it started) once ``ready()`` holds,
+    then wait until the group is gone. Fails if the process ends first or nothing happens in time."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, f"it ended before the kill: {process.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline, "no progress before the kill"
+        time.sleep(0.3)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    wait_group_gone(process.pid)

@@ -11,7 +11,6 @@ RUNNING, and the Optuna study continued rather than restarted.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import wait_group_gone
+from conftest import kill_group_when
 from mlflow import MlflowClient
 
 from r2sweep.tracking.store import TAG_ROLE, TAG_TRIAL_ID
@@ -61,14 +60,7 @@ def _finished_in_mlflow(client: MlflowClient) -> int:
 
 def _kill_after(process: subprocess.Popen, client: MlflowClient, finished: int, started_marker: Path) -> None:
     """SIGKILL the process group once ``finished`` trials are FINISHED in MLflow (and trials run)."""
-    deadline = time.monotonic() + 300
-    while not (started_marker.exists() and _finished_in_mlflow(client) >= finished):
-        assert process.poll() is None, f"the sweep ended before the kill: {process.communicate()[0][-3000:]}"
-        assert time.monotonic() < deadline, "the sweep made no progress"
-        time.sleep(0.3)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
-    wait_group_gone(process.pid)
+    kill_group_when(process, lambda: started_marker.exists() and _finished_in_mlflow(client) >= finished)
 
 
 def test_driver_killed_three_times_then_resumed_loses_and_duplicates_nothing(tmp_path: Path) -> None:

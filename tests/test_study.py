@@ -9,16 +9,14 @@ from MLflow with MLflow's own client, and the study is re-reported from MLflow a
 from __future__ import annotations
 
 import os
-import signal
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import wait_group_gone
+from conftest import kill_group_when
 from mlflow import MlflowClient
 
 import r2sweep
@@ -61,17 +59,6 @@ def _ended(client: MlflowClient, experiment: str) -> int:
     return sum(1 for r in _runs(client, experiment, "trial") if "r2sweep.outcome" in r.data.tags)
 
 
-def _kill_mid_second_sweep(process: subprocess.Popen, client: MlflowClient) -> None:
-    deadline = time.monotonic() + 300
-    while _ended(client, "tiny-linf") < 1:
-        assert process.poll() is None, f"the study ended before the kill: {process.communicate()[0][-3000:]}"
-        assert time.monotonic() < deadline, "the study made no progress"
-        time.sleep(0.3)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
-    wait_group_gone(process.pid)
-
-
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values)
 
@@ -87,7 +74,7 @@ def _direct(client: MlflowClient, experiment: str, tags: dict[str, str], metric:
 def test_a_study_killed_mid_sweep_resumes_and_its_table_is_mlflows(tmp_path: Path) -> None:
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(STUDY))
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    _kill_mid_second_sweep(_start(tmp_path), client)
+    kill_group_when(_start(tmp_path), lambda: _ended(client, "tiny-linf") >= 1)  # inside the second sweep
     assert _runs(client, "tiny-margin", "trial") == []  # killed inside the second sweep
 
     final = _start(tmp_path)

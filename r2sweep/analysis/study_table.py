@@ -198,8 +198,11 @@ def _row(tracker: Tracker, name: str, kind: str, seeds: Sequence[int]) -> StudyR
     sweep, spec = read_sweep(tracker, name)
     winner = tracker.client.get_run(sweep.parent_run_id).data.tags.get(TAG_CONFIRMED_BEST)
     if winner is None:
-        finished = finished_runs(sweep.trial_runs(), spec.objective_metrics)
-        return missing("has no confirmed winner yet" if finished else "has no finished trial")
+        if not finished_runs(sweep.trial_runs(), spec.objective_metrics):
+            return missing("has no finished trial")
+        if any(r.data.tags.get(TAG_CONFIRM_OF) for r in sweep.confirm_runs()):
+            return missing("its best diverged on every confirmation seed")
+        return missing("has no confirmed winner yet")
     trial = next((r for r in sweep.trial_runs() if r.data.tags.get(TAG_TRIAL_ID) == winner), None)
     if trial is None:
         raise R2SweepError(f"sweep {name!r}: its confirmed winner {winner!r} is not among its trial runs")
