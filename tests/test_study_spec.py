@@ -73,3 +73,10 @@ def _with(path: str, value) -> dict:
 def test_a_bad_study_is_refused_naming_its_own_field(path, value, message) -> None:
     with pytest.raises(ConfigError, match=message):
         load_study_spec(_with(path, value))
+
+
+def test_a_search_space_file_given_as_a_study_is_named_for_what_it_is() -> None:
+    sweep_file = {k: v for k, v in STUDY.items() if k not in ("baseline", "kinds", "start_top", "confirm")}
+    with pytest.raises(ConfigError, match=r"^search=\['train.lr'\] is not valid: not a study's section: this looks "
+                                          r"like a search-space file \(r2sweep sweep FILE\)"):
+        load_study_spec({**sweep_file, "search": {"train.lr": {"loguniform": [0.01, 0.1]}}})

@@ -124,6 +124,9 @@ def load_study_spec(raw: Any) -> StudySpec:
     from r2sweep.core.losses import list_r2_losses
 
     raw = dict(mapping_at(raw, "study", "{name: ..., baseline: {...}, kinds: {...}}"))
+    check("search" not in raw, "search", list(dict(raw.get("search") or {})),
+          "not a study's section: this looks like a search-space file (r2sweep sweep FILE); a study searches "
+          "baseline.search and kinds.<kind>.search")
     reject_unknown(raw, _TOP_LEVEL, lambda key: key, what="section")
     name = raw.get("name")
     check(isinstance(name, str) and name.strip() != "", "name", name, "the study's name (its sweeps are NAME-baseline, NAME-<kind>)")
