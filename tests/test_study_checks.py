@@ -60,12 +60,16 @@ def test_a_changed_file_under_a_studys_name_is_refused_in_one_line(tmp_path: Pat
 
     monkeypatch.chdir(tmp_path)
     open_study(Tracker("sqlite:///mlflow.db"), "tiny", yaml.safe_dump(STUDY))
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump({**STUDY, "confirm": {"seeds": [1, 2, 3]}}))
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({**STUDY, "baseline": {**STUDY["baseline"], "trials": 3}}))
     capsys.readouterr()  # MLflow's lines on creating the store
     assert main(["study", "study.yaml"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert "study 'tiny'" in err and "another file (confirm.seeds: [1, 2] then, [1, 2, 3] now)" in err
+    assert "study 'tiny'" in err and "another file (baseline.trials: 2 then, 3 now)" in err
+    # Only confirm: may change (more seeds, more top trials: re-runs add to what MLflow holds).
+    from r2sweep.api.study import _sweeps_part
+
+    assert _sweeps_part({**STUDY, "confirm": {"seeds": [1, 2, 3], "top": 3}}) == _sweeps_part(STUDY)
     assert not (tmp_path / "r2sweep_results").exists() and not (tmp_path / "tiny-study").exists()
 
 

@@ -95,6 +95,12 @@ def _first_difference(old: Any, new: Any, path: str = "") -> str:
     return f"{path or 'the file'}: {old!r} then, {new!r} now"
 
 
+def _sweeps_part(study: Mapping[str, Any]) -> dict[str, Any]:
+    """What decides a study's sweeps: all of the file but ``confirm``, which may change between runs
+    (more seeds, more top trials) since re-runs only add to what MLflow holds."""
+    return {k: v for k, v in study.items() if k != "confirm"}
+
+
 def _ended_trials(tracker: Any, name: str) -> tuple[int, bool]:
     """(trials of sweep ``name`` that MLflow knows ended, whether its parent run is FINISHED)."""
     from r2sweep.core.outcome import TAG_OUTCOME
@@ -182,6 +188,7 @@ def run_study(
             a file other than this one, or a sweep of it is unfinished with its Tune state elsewhere.
     """
     from r2sweep.analysis.study_reruns import confirm_winners, run_controls
+    from r2sweep.tracking.names import STUDY_ARTIFACT
     from r2sweep.tracking.store import Tracker
     from r2sweep.tracking.studies import find_study, open_study, study_text
     from r2sweep.tune.tuner import DEFAULT_STORAGE
@@ -204,10 +211,15 @@ def run_study(
     tracker.check_access()
     text = yaml.safe_dump(resolved, sort_keys=False)
     existing = find_study(tracker, spec.name)
-    if existing is not None and yaml.safe_load(study_text(existing)) != yaml.safe_load(text):
-        raise R2SweepError(f"study {spec.name!r} in {tracker.display_uri} was started with another file "
-                           f"({_first_difference(yaml.safe_load(study_text(existing)), resolved)}): go on with the same "
-                           "file, or give the study another name")
+    if existing is not None:
+        started_with = yaml.safe_load(study_text(existing))
+        if _sweeps_part(started_with) != _sweeps_part(resolved):
+            raise R2SweepError(f"study {spec.name!r} in {tracker.display_uri} was started with another file "
+                               f"({_first_difference(_sweeps_part(started_with), _sweeps_part(resolved))}): go on "
+                               "with the same file (its confirm: section may change), or give the study another name")
+        if started_with != resolved:  # more seeds, or more top trials confirmed: the file says so from now on
+            existing.log_text(existing.parent_run_id, text, STUDY_ARTIFACT)
+            stage(f"confirm: {started_with.get('confirm')} -> {resolved.get('confirm')}; the sweeps are kept")
     record = existing or open_study(tracker, spec.name, text)
     _run_sweeps(tracker, spec, storage_text or DEFAULT_STORAGE, tracking_uri=tracking_uri, address=address,
                 num_cpus=num_cpus, stage=stage, say=say)
