@@ -22,12 +22,22 @@ import requests
 import torch
 
 
+# The files that take minutes (measured: benchmarks/RESULTS.md, "Suite time"), longest first.
+# `make test` hands whole files to two workers in collection order; collected last, one of
+# these ran alone for the suite's last minutes. First, they overlap with the many short files.
+LONGEST_FIRST = ("test_study.py", "test_driver_kill.py", "test_tracking_outage.py", "test_tracking_postgres.py",
+                 "test_pretrain_cache_sweep.py", "test_own_model_sweeps.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that uses the real ``mlflow server`` fixture is a ``server`` test, wherever it is
-    (``make test-fast`` leaves those out), so no module has to remember to say so."""
+    (``make test-fast`` leaves those out), so no module has to remember to say so. The files in
+    :data:`LONGEST_FIRST` are moved to the front (the rest keep their order)."""
     for item in items:
         if "mlflow_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.server)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as collected
 
 
 @pytest.fixture(autouse=True, scope="session")
