@@ -142,7 +142,7 @@ def test_a_python_sweep_with_callables_and_a_checkpoint(tmp_path: Path) -> None:
     assert all("not torch.fx-traceable" in r.data.tags[TAG_NOTES] for r in runs)
     # A re-run on a fresh seed is a Ray task of its own: the callables travel with it too.
     try:
-        (confirmed,) = result.confirm(top=1, seeds=[1], progress=lambda line: None)
+        (confirmed,) = result.confirm(top=1, seeds=[1], out=tmp_path / "confirmed.yaml", progress=lambda line: None)
     finally:
         ray.shutdown()
     assert 1 in confirmed.values and 0 <= confirmed.values[1] <= 100
