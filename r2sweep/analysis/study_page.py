@@ -86,7 +86,8 @@ def _bits_figure(table: StudyTable, study: StudySpec, path: Path) -> Path | None
 
 
 def _weights_figure(tracker: Tracker, table: StudyTable, path: Path, notes: list[str]) -> Path | None:
-    rows = [table.baseline, *([_compared_kind(table)] if _compared_kind(table) is not None else [])]
+    compared = _compared_kind(table)
+    rows = [table.baseline, *([compared] if compared is not None else [])]
     models, colors = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for row in rows:
