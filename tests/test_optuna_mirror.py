@@ -3,7 +3,7 @@
 Tune's trial objects are stood in for (the callback reads ``trial_id``, ``config``,
 ``status`` and ``last_result``); the storage is a real SQLite file read back with
 Optuna's own API. The real sweeps are in test_api.py (a finished sweep) and
-test_driver_kill.py (a sweep killed three times and resumed).
+test_driver_kill.py (a sweep killed twice and resumed).
 """
 
 from __future__ import annotations

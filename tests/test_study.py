@@ -31,13 +31,13 @@ STUDY = {
     "train": {"epochs": 2, "batch_size": 64},
     "downstream": [{"method": "ptq", "algorithm": "rtn", "weight_bits": [2, 4]}],
     "objective": {"metric": OBJECTIVE, "mode": "max"},
-    "baseline": {"trials": 3, "search": {"train.lr": {"loguniform": [0.01, 0.1]}}},
-    "kinds": {"linf": {"trials": 3, "search": {"r2.strength": {"loguniform": [1e-3, 0.1]}}},
+    "baseline": {"trials": 2, "search": {"train.lr": {"loguniform": [0.01, 0.1]}}},
+    "kinds": {"linf": {"trials": 2, "search": {"r2.strength": {"loguniform": [1e-3, 0.1]}}},
               "margin": {"trials": 2, "search": {"r2.strength": {"loguniform": [1e-3, 0.1]}}}},
     "confirm": {"seeds": [1, 2]},
     "sweep": {"max_concurrent": 2, "scheduler": "none"},
 }
-SWEEPS = {"tiny-baseline": 3, "tiny-linf": 3, "tiny-margin": 2}
+SWEEPS = {"tiny-baseline": 2, "tiny-linf": 2, "tiny-margin": 2}
 SEEDS = (1, 2)
 
 
