@@ -1,8 +1,8 @@
-"""Low-bit downstream methods: fake quantization, PTQ (RTN, AdaRound), QAT (LSQ, EWGS), DKM.
+"""Low-bit downstream methods: fake quantization, PTQ (RTN, AdaRound, BRECQ, QDrop), QAT (LSQ, EWGS), DKM.
 
 Building blocks live in their own modules (``fake``, ``fold``, ``adaround``,
-``qat``, ``dkm``, ``layers``, ``graph``: which layers are first and last, which
-BatchNorms fold); the whole-model pipelines are
+``reconstruct`` and ``blocks`` (block reconstruction), ``qat``, ``dkm``, ``layers``,
+``graph``: which layers are first and last, which BatchNorms fold); the whole-model pipelines are
 :func:`post_training_quantize`, :func:`quantization_aware_train` and
 :func:`dkm_compress`. ``methods`` registers each under its ``downstream.N.method``
 name with its config class (:class:`PTQConfig`, :class:`QATConfig`,

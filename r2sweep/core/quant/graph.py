@@ -8,6 +8,8 @@ modules:
   Those keep ``keep_first_last_bits``. A model that registers its classifier
   before its stem, or has a two-branch stem, gets the right ones.
 * the conv-then-BatchNorm pairs that can be folded (:func:`conv_bn_pairs`).
+* the order in which the forward calls the quantizable layers (:func:`layer_calls`),
+  which block reconstruction follows.
 
 Both come from one ``torch.fx`` trace of the model in eval mode (the inference
 graph is the one deployed). A model fx cannot trace (data-dependent control
@@ -30,7 +32,7 @@ from typing import NamedTuple
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["CONV_TYPES", "QUANTIZABLE_TYPES", "EdgeLayers", "conv_bn_pairs", "edge_layers", "graph_notes"]
+__all__ = ["CONV_TYPES", "QUANTIZABLE_TYPES", "EdgeLayers", "conv_bn_pairs", "edge_layers", "graph_notes", "layer_calls"]
 
 #: Convolutions a :class:`~r2sweep.core.quant.layers.QuantLayer` wraps (``_conv_forward`` handles any dims and groups).
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -69,6 +71,7 @@ class _Facts(NamedTuple):
     # Only names and flags: a cached value must not reference the model (its key).
     edges: EdgeLayers
     pairs: tuple[tuple[str, str], ...]
+    calls: tuple[str, ...] | None  # quantizable layers' calls in execution order; None: not traced
 
 
 class _Tracer(fx.Tracer):
@@ -208,9 +211,10 @@ def _facts(model: nn.Module) -> _Facts:
     try:
         graph = _trace(model)
     except Exception as error:  # noqa: BLE001  fx raises several types; all mean "not traceable"
-        facts = _Facts(_module_order_edges(modules, _reason(error)), ())
+        facts = _Facts(_module_order_edges(modules, _reason(error)), (), None)
     else:
-        facts = _Facts(_traced_edges(graph, modules), _foldable_pairs(graph, modules))
+        calls = tuple(node.target for node in graph.nodes if _quantizable(node, modules))
+        facts = _Facts(_traced_edges(graph, modules), _foldable_pairs(graph, modules), calls)
     _CACHE[model] = (fingerprint, facts)
     return facts
 
@@ -256,3 +260,9 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     forward. A model fx cannot trace has no pairs (see :func:`graph_notes`).
     """
     return list(_facts(model).pairs)
+
+
+def layer_calls(model: nn.Module) -> tuple[str, ...] | None:
+    """The quantizable layers as the forward calls them, in execution order (a layer called
+    twice appears twice; one never called, not at all); None when fx cannot trace ``model``."""
+    return _facts(model).calls

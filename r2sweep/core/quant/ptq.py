@@ -1,8 +1,11 @@
-"""Post-training quantization: round-to-nearest or AdaRound weights, calibrated activations.
+"""Post-training quantization: round-to-nearest, AdaRound, BRECQ or QDrop weights, calibrated activations.
 
 The order follows deployment: fold BatchNorm into the preceding convs (the
 integer kernel sees the folded weight), quantize the weights layer by layer,
 then calibrate one activation quantizer per layer input on a few batches.
+BRECQ and QDrop (:mod:`r2sweep.core.quant.reconstruct`) calibrate the activations
+first instead, because they reconstruct each block with its activations
+quantized (and learn their steps), block after block.
 
 With ``bn_fold: false`` the BNs are *not* folded: weights are quantized as they
 are and BN stays a per-channel float affine (which a deployment folds into the
@@ -18,13 +21,14 @@ activation shift that low-bit weights cause.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from r2sweep.core.quant.adaround import adaround_layer
+from r2sweep.core.quant.blocks import Units
 from r2sweep.core.quant.fake import ActivationQuantizer, QuantSpec, quantize_weight
 from r2sweep.core.quant.fold import conv_bn_pairs, fold_batchnorm, reestimate_bn
 from r2sweep.core.quant.graph import QUANTIZABLE_TYPES, edge_layers
@@ -36,39 +40,18 @@ from r2sweep.core.quant.layers import (
     quant_layers,
     wrap_layers,
 )
+from r2sweep.core.quant.reconstruct import capture, reconstruct_model
 
 if TYPE_CHECKING:  # the configs import this module (their handlers run it)
     from r2sweep.core.quant.methods import MethodConfig, PTQConfig
 
-__all__ = ["capture", "post_training_quantize", "round_to_nearest"]
+__all__ = ["RECONSTRUCTIONS", "post_training_quantize", "round_to_nearest"]
+
+#: The algorithms that reconstruct block by block (their activations calibrated first).
+RECONSTRUCTIONS = ("brecq", "qdrop")
 
 # Calibration inputs are pushed through the network in chunks of this many samples.
 _CHUNK = 128
-
-
-class _Captured(Exception):
-    """Raised by a capture hook: nothing after the captured layer needs computing."""
-
-
-@torch.no_grad()
-def capture(model: nn.Module, module: nn.Module, inputs: Tensor, *, output: bool) -> Tensor:
-    """``module``'s input (or output) when ``model`` runs on ``inputs``, stacked over all samples."""
-    pieces: list[Tensor] = []
-
-    def hook(_module: nn.Module, args: tuple[Tensor, ...], result: Tensor | None = None) -> None:
-        pieces.append((result if output else args[0]).detach().clone())
-        raise _Captured
-
-    handle = module.register_forward_hook(hook) if output else module.register_forward_pre_hook(hook)
-    try:
-        for start in range(0, inputs.shape[0], _CHUNK):
-            try:
-                model(inputs[start : start + _CHUNK])
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    return torch.cat(pieces)
 
 
 def _input_quantizer_factory(cfg: PTQConfig, nonnegative: dict[str, bool]):
@@ -94,18 +77,22 @@ def post_training_quantize(
     bn_batches: Iterable[object] | None = None,
     *,
     seed: int = 0,
+    labels: Tensor | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> nn.Module:
     """A quantized copy of ``model`` (which is not changed), in eval mode.
 
     Args:
-        cfg: a ``method: ptq`` entry (``algorithm`` rtn or adaround).
+        cfg: a ``method: ptq`` entry (``algorithm`` rtn, adaround, brecq or qdrop).
         weight_bits: the bit width of every layer but the first and last
             (those get ``cfg.keep_first_last_bits`` when it is set).
         calibration: model inputs ``(N, ...)`` (images ``(N, C, H, W)``, audio
             features ``(N, C, T)``) for AdaRound and the activation ranges
             (``cfg.calib_samples`` of the training set).
         bn_batches: training batches for BN re-estimation (``cfg.bn_reestimate``).
-        seed: AdaRound's batch sampling.
+        seed: AdaRound's batch sampling (and QDrop's dropping).
+        labels: ``calibration``'s labels: BRECQ's and QDrop's Fisher weighting (``cfg.fisher``).
+        progress: BRECQ and QDrop say which unit they reconstruct, and any layer-wise fallback.
     """
     if cfg.bn_reestimate and bn_batches is None:
         raise ValueError("bn_reestimate needs bn_batches (training batches)")
@@ -116,32 +103,51 @@ def post_training_quantize(
     # ``model``'s edges (cached) are the copy's: folding keeps every layer's name and place.
     edges = edge_layers(model)
     wrap_layers(quantized, lambda info: nn.Identity(), _input_quantizer_factory(cfg, nonnegative), edges)
+    specs = {name: _weight_spec(cfg, wrapper, weight_bits) for name, wrapper in quant_layers(quantized)}
+    # Unfolded, AdaRound reconstructs each conv's BatchNorm output, not the raw conv output
+    # (an untraceable model has no pairs: its convs' raw outputs, then).
+    following_bn = dict(conv_bn_pairs(model)) if cfg.algorithm != "rtn" and not cfg.bn_fold else {}
 
+    if cfg.algorithm in RECONSTRUCTIONS:
+        if not cfg.float_activations:
+            _calibrate_activations(quantized, calibration)
+        units = reconstruct_model(quantized, reference, specs, calibration,
+                                  labels.to(calibration.device) if labels is not None else None,
+                                  cfg.reconstruction_settings(seed), following_bn=following_bn, progress=progress)
+        _note_fallback(units, progress)
+    else:
+        _quantize_layer_by_layer(quantized, reference, cfg, specs, calibration, following_bn, seed)
+
+    if cfg.bn_reestimate:
+        reestimate_bn(quantized, bn_batches, cfg.bn_batches)
+    if not cfg.float_activations and cfg.algorithm not in RECONSTRUCTIONS:
+        _calibrate_activations(quantized, calibration)
+    return quantized.eval()
+
+
+def _note_fallback(units: Units, progress: Callable[[str], None] | None) -> None:
+    if units.note and progress is not None:
+        progress(units.note)
+
+
+def _quantize_layer_by_layer(quantized: nn.Module, reference: nn.Module, cfg: PTQConfig, specs: dict[str, QuantSpec],
+                             calibration: Tensor, following_bn: dict[str, str], seed: int) -> None:
     # Weights first, with float activations (the activation quantizers pass
     # through until calibrated), so AdaRound sees each layer's true inputs.
     reference_layers = dict(reference.named_modules())
-    # Unfolded, AdaRound reconstructs each conv's BatchNorm output, not the raw conv output
-    # (an untraceable model has no pairs: its convs' raw outputs, then).
-    following_bn = dict(conv_bn_pairs(model)) if cfg.algorithm == "adaround" and not cfg.bn_fold else {}
     for name, wrapper in quant_layers(quantized):
-        spec = _weight_spec(cfg, wrapper, weight_bits)
         weight = wrapper.layer.weight
         if cfg.algorithm == "adaround":
             target_module = reference_layers[following_bn.get(name, name)]
             after = target_module if name in following_bn else None
             inputs = capture(quantized, wrapper, calibration, output=False)
             targets = capture(reference, target_module, calibration, output=True)
-            new_weight = adaround_layer(wrapper.layer, inputs, targets, spec, cfg.adaround_settings(seed), after=after)
+            new_weight = adaround_layer(wrapper.layer, inputs, targets, specs[name], cfg.adaround_settings(seed),
+                                        after=after)
         else:
-            new_weight = quantize_weight(weight.detach(), spec)
+            new_weight = quantize_weight(weight.detach(), specs[name])
         with torch.no_grad():
             weight.copy_(new_weight)
-
-    if cfg.bn_reestimate:
-        reestimate_bn(quantized, bn_batches, cfg.bn_batches)
-    if not cfg.float_activations:
-        _calibrate_activations(quantized, calibration)
-    return quantized.eval()
 
 
 @torch.no_grad()

@@ -40,6 +40,7 @@ __all__ = [
     "Handler",
     "register_method",
     "calibration_images",
+    "calibration_set",
 ]
 
 #: ``act_bits`` value meaning "activations stay in float" (weights-only quantization).
@@ -187,9 +188,15 @@ class FineTuneConfig(MethodConfig):
 
 def calibration_images(data: DataSplits, count: int, seed: int) -> Tensor:
     """A fixed, seeded subset of the training set (never the validation set), stacked."""
+    return calibration_set(data, count, seed)[0]
+
+
+def calibration_set(data: DataSplits, count: int, seed: int) -> tuple[Tensor, Tensor]:
+    """:func:`calibration_images` and their labels (the same images, in the same order)."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(data.train), generator=generator)[: min(count, len(data.train))]
-    return torch.stack([data.train[int(i)][0] for i in order])
+    samples = [data.train[int(i)] for i in order]
+    return torch.stack([x for x, _ in samples]), torch.as_tensor([int(y) for _, y in samples])
 
 
 @dataclass
@@ -208,6 +215,10 @@ class DownstreamContext:
 
     def calibration_images(self, count: int) -> Tensor:
         return calibration_images(self.data, count, self.seed)
+
+    def calibration_set(self, count: int) -> tuple[Tensor, Tensor]:
+        """The images of :meth:`calibration_images` and their labels."""
+        return calibration_set(self.data, count, self.seed)
 
     def fine_tune_loader(self, entry: FineTuneConfig) -> EpochLoader:
         # seed + 1: fine-tuning batches are not the pre-training ones replayed.
