@@ -53,6 +53,18 @@ def grad_scale(p: Tensor, factor: float) -> Tensor:
     return p.detach() + (scaled - scaled.detach())
 
 
+def clamp_inclusive(v: Tensor, low: float, high: float) -> Tensor:
+    """``clamp(v, low, high)`` whose gradient passes at the bounds too (``low <= v <= high``).
+
+    torch's clamp passes it strictly inside only, so a value exactly on the grid's
+    end (a ReLU output of exactly 0 on an unsigned grid) would get none, against
+    LSQ's rule; torch's own learnable fake-quantize kernel passes it too
+    (tests/test_quant_second_opinion.py).
+    """
+    inside = (v >= low) & (v <= high)
+    return torch.where(inside, v, v.clamp(low, high).detach())
+
+
 def floor_ste(v: Tensor, minimum: float) -> Tensor:
     """``max(v, minimum)`` forward, identity gradient backward.
 

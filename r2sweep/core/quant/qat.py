@@ -37,6 +37,7 @@ from r2sweep.core.quant.learned import (
     MSE_SAMPLE,
     LazyQuantizer,
     as_rows,
+    clamp_inclusive,
     compute_dtype,
     floor_ste,
     grad_scale,
@@ -154,11 +155,11 @@ class LsqQuantizer(LazyQuantizer):
         s = grad_scale(self.step, self.grad_scale(x)).to(dtype)
         s = self._broadcast(floor_ste(s, MIN_STEP), x)
         if self.binary:
-            u = torch.clamp(v / s, -1.0, 1.0)
+            u = clamp_inclusive(v / s, -1.0, 1.0)
             # u >= 0 exactly when x >= 0 (s > 0): sign(0) = +1, never a third level.
             q = ste((u >= 0).to(dtype) * 2 - 1, u)
         else:
-            u = torch.clamp(v / s, -self.qn, self.qp)
+            u = clamp_inclusive(v / s, -self.qn, self.qp)
             q = ste(torch.round(u), u)
         return (q * s).to(x.dtype)
 
