@@ -18,6 +18,7 @@ from r2sweep.core.config.sweep import load_sweep_spec
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import paper_effect  # noqa: E402
 import qat_recipe  # noqa: E402
+import reconstruction  # noqa: E402
 import search_finds_it  # noqa: E402
 
 
@@ -127,3 +128,14 @@ def test_qat_recipe_measures_init_and_fine_tuning_as_a_trial_does_and_reports_di
     assert lines[0] == "| algorithm | W/A bits | top-1 after init | top-1 after 1 epochs |" and len(lines) == 4
     assert lines[2] == f"| ewgs | W2A2 | {row['initialized']:.1f} | {row['fine_tuned']:.1f} |"
     assert lines[3] == f"| lsq | W2A2 | {diverged['initialized']:.1f} | diverged (non-finite loss in qat fine-tuning, epoch 0) |"
+
+
+@pytest.mark.parametrize("setting", reconstruction.SETTINGS)
+def test_the_reconstruction_benchmark_runs_every_algorithm_on_one_pre_trained_model(setting: str) -> None:
+    from r2sweep.core.config.trial import load_trial_config
+
+    _, knobs, bit_pairs = reconstruction.SETTINGS[setting]
+    config = load_trial_config(reconstruction.trial_config(setting, 2, argparse.Namespace(iters=300, round_lr=0.01)))
+    assert config.seed == 2 and (config.train.lr, config.train.weight_decay) == (knobs["lr"], knobs["weight_decay"])
+    assert config.result_names() == [f"ptq_{a}_w{w}a{b}" for w, b in bit_pairs for a in reconstruction.ALGORITHMS]
+    assert {(e.adaround_iters, e.adaround_lr, e.bn_reestimate) for e in config.downstream} == {(300, 0.01, True)}

@@ -1,0 +1,110 @@
+"""Block reconstruction against layer-wise AdaRound (issue 25): BRECQ and QDrop on the paper_effect models.
+
+For each setting and seed, one trial: the setting's model pre-trained once without R2,
+at the tuned baseline's training knobs recorded in benchmarks/RESULTS.md, then every
+PTQ algorithm on that same pre-trained model, each result with its accuracy and its
+cost (the trial's ``time/<result>_s``). The settings are the study files' models and
+data (``search_spaces/studies/``): MobileNet-V2 at W2A8 and W2A4, ResNet-18 at W2A4,
+MobileNet-V1 at W2A2.
+
+    .venv/bin/python benchmarks/reconstruction.py --settings mbv2 --seeds 1 2 3
+    .venv/bin/python benchmarks/reconstruction.py --settings r18 --round-lr 1e-2   # every algorithm's rounding lr
+    .venv/bin/python benchmarks/reconstruction.py --table                          # the tables from the JSON
+
+Writes ``results/reconstruction.json`` (``--out``): one entry per setting, seed and knobs;
+a re-run skips the entries it holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r2sweep.core.config.strict_yaml import load_file
+from r2sweep.core.config.study import load_study_spec
+from r2sweep.core.config.trial import load_trial_config
+from r2sweep.core.trial import run_trial
+
+ROOT = Path(__file__).resolve().parent.parent
+ALGORITHMS = ("adaround", "brecq", "qdrop")
+# setting: (study file, the tuned no-R2 baseline's training knobs as recorded, (weight, activation) bits)
+SETTINGS: dict[str, tuple[str, dict[str, float], tuple[tuple[int, int], ...]]] = {
+    "mbv2": ("ptq-mbv2", {"lr": 0.027, "weight_decay": 3.0e-4}, ((2, 8), (2, 4))),
+    "r18": ("dkm-r18", {"lr": 0.191, "weight_decay": 2.05e-3}, ((2, 4),)),
+    "mbv1": ("qat-mbv1", {"lr": 0.064, "weight_decay": 3.8e-3}, ((2, 2),)),
+}
+# The PTQ grid every algorithm shares (the ptq-mbv2 study's): per channel, MSE range, BN re-estimated.
+GRID = {"granularity": "channel", "range": "mse", "bn_reestimate": True, "calib_samples": 512}
+
+
+def trial_config(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    study_file, knobs, bit_pairs = SETTINGS[setting]
+    study = load_study_spec(load_file(ROOT / "search_spaces" / "studies" / f"{study_file}.yaml"))
+    base = study.baseline.spec.trial.to_mapping()
+    rounding = {"adaround_iters": args.iters, **({"adaround_lr": args.round_lr} if args.round_lr else {})}
+    downstream = [{"method": "ptq", "algorithm": algorithm, "weight_bits": [w], "act_bits": a, **GRID, **rounding}
+                  for w, a in bit_pairs for algorithm in ALGORITHMS]
+    return {"data": base["data"], "model": base["model"], "seed": seed, "downstream": downstream,
+            "train": {**base["train"], **knobs, "device": "cpu"}}
+
+
+def run(args: argparse.Namespace) -> None:
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    for setting in args.settings:
+        for seed in args.seeds:
+            key = f"{setting}/seed{seed}/iters{args.iters}/lr{args.round_lr or 'default'}"
+            if key in results:
+                continue
+            started = time.perf_counter()
+            final = run_trial(load_trial_config(trial_config(setting, seed, args)),
+                              progress=lambda line: print(f"{key}: {line}", flush=True),
+                              device=torch.device("cpu"))
+            results[key] = {name: value for name, value in final.items() if name.endswith(("/top1", "_s"))}
+            results[key]["wall_s"] = time.perf_counter() - started
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1, sort_keys=True))
+    print(table(results))
+
+
+def table(results: dict[str, dict[str, float]]) -> str:
+    """Per setting and knobs: each result's mean +- sd over seeds, and its mean cost."""
+    groups: dict[str, list[dict[str, float]]] = {}
+    for key, metrics in results.items():
+        setting, _, knobs = key.partition("/seed")
+        groups.setdefault(f"{setting} ({knobs.partition('/')[2]})", []).append(metrics)
+    lines = ["| setting | result | top-1 (mean +- sd) | seeds | cost per result (s) |", "|---|---|---|---|---|"]
+    for group, runs in sorted(groups.items()):
+        names = sorted({k.removesuffix("/top1") for run in runs for k in run if k.startswith("ptq_")})
+        for name in names:
+            values = [run[f"{name}/top1"] for run in runs if f"{name}/top1" in run]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cost = statistics.fmean(run.get(f"time/{name}_s", float("nan")) for run in runs)
+            lines.append(f"| {group} | {name} | {statistics.fmean(values):.1f} +- {spread:.1f} | {len(values)} | {cost:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--iters", type=int, default=1000, help="rounding iterations per layer or block")
+    parser.add_argument("--round-lr", type=float, default=None, help="the rounding's Adam lr (default: the field's)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reconstruction.json")
+    parser.add_argument("--table", action="store_true", help="print the tables from --out; run nothing")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
+    else:
+        run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
