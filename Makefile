@@ -24,18 +24,21 @@ $(STAMP): pyproject.toml
 # Two workers, each taking whole files (module fixtures start Ray or a server once):
 # the suite waits on subprocesses, servers and Ray start-ups much of the time, so two
 # workers overlap well even on two cores. TEST_WORKERS=0 runs it in one process.
+# --no-loadscope-reorder: files are handed out in collection order, the longest first
+# (tests/conftest.py, LONGEST_FIRST); xdist would otherwise hand out the files with
+# the most tests first, which left the two longest single-test files to run last.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	@.ci/system-deps
-	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 # The developers' loop (under 3 minutes on 2 cores): everything but the tests marked
 # slow (long training), ray (a real Ray starts) or server (a real MLflow server or
 # PostgreSQL starts). `make test` still runs them all. The same two workers: one
 # process took 3m15s here, two take 2 minutes.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) -m "not slow and not ray and not server"
+	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) -m "not slow and not ray and not server"
 
 # The quickstart: a real Ray Tune + Optuna sweep on digits, tracked in ./mlflow.db,
 # results under ./r2sweep_results, then its report in ./quickstart-report/index.html
