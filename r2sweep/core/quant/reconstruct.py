@@ -41,7 +41,7 @@ from r2sweep.core.quant.adaround import AdaRoundSettings, AdaRoundWeight, weight
 from r2sweep.core.quant.blocks import Units, reconstruction_units
 from r2sweep.core.quant.fake import ActivationQuantizer, QuantSpec, _safe_scale, binarize, qrange
 from r2sweep.core.quant.layers import QuantLayer, quant_layers
-from r2sweep.core.quant.learned import floor_ste, grad_scale, ste
+from r2sweep.core.quant.learned import clamp_inclusive, floor_ste, grad_scale, ste
 
 __all__ = ["ReconstructionSettings", "capture", "fisher_weights", "reconstruct_model", "reconstruct_unit"]
 
@@ -147,7 +147,7 @@ class _LearnedActivation(nn.Module):
             quantized = binarize(x, self.step.detach().to(x.dtype))
         else:
             step = floor_ste(grad_scale(self.step, 1.0 / math.sqrt(max(1, x[0].numel()) * self.qmax)), _MIN_STEP)
-            u = torch.clamp(x / step, self.qmin, self.qmax)
+            u = clamp_inclusive(x / step, self.qmin, self.qmax)
             quantized = ste(torch.round(u), u) * step
         if self.drop_prob == 0:
             return quantized
