@@ -28,7 +28,6 @@ import torch
 from torch import Tensor, nn
 
 from r2sweep.core.quant.adaround import adaround_layer
-from r2sweep.core.quant.blocks import Units
 from r2sweep.core.quant.fake import ActivationQuantizer, QuantSpec, quantize_weight
 from r2sweep.core.quant.fold import conv_bn_pairs, fold_batchnorm, reestimate_bn
 from r2sweep.core.quant.graph import QUANTIZABLE_TYPES, edge_layers
@@ -111,10 +110,9 @@ def post_training_quantize(
     if cfg.algorithm in RECONSTRUCTIONS:
         if not cfg.float_activations:
             _calibrate_activations(quantized, calibration)
-        units = reconstruct_model(quantized, reference, specs, calibration,
-                                  labels.to(calibration.device) if labels is not None else None,
-                                  cfg.reconstruction_settings(seed), following_bn=following_bn, progress=progress)
-        _note_fallback(units, progress)
+        reconstruct_model(quantized, reference, specs, calibration,
+                          labels.to(calibration.device) if labels is not None else None,
+                          cfg.reconstruction_settings(seed), following_bn=following_bn, progress=progress)
     else:
         _quantize_layer_by_layer(quantized, reference, cfg, specs, calibration, following_bn, seed)
 
@@ -123,11 +121,6 @@ def post_training_quantize(
     if not cfg.float_activations and cfg.algorithm not in RECONSTRUCTIONS:
         _calibrate_activations(quantized, calibration)
     return quantized.eval()
-
-
-def _note_fallback(units: Units, progress: Callable[[str], None] | None) -> None:
-    if units.note and progress is not None:
-        progress(units.note)
 
 
 def _quantize_layer_by_layer(quantized: nn.Module, reference: nn.Module, cfg: PTQConfig, specs: dict[str, QuantSpec],

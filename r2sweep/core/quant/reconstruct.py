@@ -287,7 +287,7 @@ def reconstruct_model(
         specs: every quantized layer's weight grid, by name.
         labels: the calibration images' labels (the Fisher weights' task loss); None without ``settings.fisher``.
         following_bn: a single layer's unfolded BatchNorm, whose output it is compared after.
-        progress: one line per unit.
+        progress: the note on any layer-wise fallback, then one line per unit.
 
     Returns:
         The units, with the note on any layer-wise fallback.
@@ -300,6 +300,8 @@ def reconstruct_model(
     following_bn = following_bn or {}
     wrappers = dict(quant_layers(quantized))
     units = reconstruction_units(reference)
+    if units.note and progress is not None:
+        progress(units.note)
     for number, unit in enumerate(units.units, 1):
         q_module, f_module = quantized.get_submodule(unit.name), reference.get_submodule(unit.name)
         bn = following_bn.get(unit.name) if not unit.is_block else None
