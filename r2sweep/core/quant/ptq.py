@@ -39,7 +39,7 @@ from r2sweep.core.quant.layers import (
     quant_layers,
     wrap_layers,
 )
-from r2sweep.core.quant.reconstruct import capture, reconstruct_model
+from r2sweep.core.quant.reconstruct import _CHUNK, capture, reconstruct_model
 
 if TYPE_CHECKING:  # the configs import this module (their handlers run it)
     from r2sweep.core.quant.methods import MethodConfig, PTQConfig
@@ -49,8 +49,7 @@ __all__ = ["RECONSTRUCTIONS", "post_training_quantize", "round_to_nearest"]
 #: The algorithms that reconstruct block by block (their activations calibrated first).
 RECONSTRUCTIONS = ("brecq", "qdrop")
 
-# Calibration inputs are pushed through the network in chunks of this many samples.
-_CHUNK = 128
+# Calibration inputs go through the network in chunks of reconstruct's size (one place decides it).
 
 
 def _input_quantizer_factory(cfg: PTQConfig, nonnegative: dict[str, bool]):
