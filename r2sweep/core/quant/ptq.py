@@ -39,6 +39,7 @@ from r2sweep.core.quant.layers import (
     quant_layers,
     wrap_layers,
 )
+# _CHUNK: calibration inputs go through the network in chunks of this size, decided in one place.
 from r2sweep.core.quant.reconstruct import _CHUNK, capture, reconstruct_model
 
 if TYPE_CHECKING:  # the configs import this module (their handlers run it)
@@ -48,8 +49,6 @@ __all__ = ["RECONSTRUCTIONS", "post_training_quantize", "round_to_nearest"]
 
 #: The algorithms that reconstruct block by block (their activations calibrated first).
 RECONSTRUCTIONS = ("brecq", "qdrop")
-
-# Calibration inputs go through the network in chunks of reconstruct's size (one place decides it).
 
 
 def _input_quantizer_factory(cfg: PTQConfig, nonnegative: dict[str, bool]):
