@@ -20,7 +20,7 @@ from conftest import tiny_sweep
 from r2sweep.core.config.sweep import load_sweep_spec
 from r2sweep.core.errors import ConfigError
 from r2sweep.tune.experiment_files import ExperimentFolder
-from r2sweep.tune.tuner import run_experiment
+from r2sweep.tune.tuner import _space, check_experiment, run_experiment
 
 
 @pytest.fixture(params=["path", "uri"])
@@ -73,3 +73,25 @@ def test_a_sweep_on_a_storage_uri_is_resumed_only_with_its_own_space(tmp_path: P
         assert len(resumed.finished()) == 2
     finally:
         ray.shutdown()
+
+
+def test_a_sweep_started_before_a_field_was_added_resumes_and_a_changed_value_is_still_refused(tmp_path: Path, named) -> None:
+    """A newer r2sweep adds fields with defaults (PTQ's ``fisher``, ``act_lr``, ``drop_prob``); the
+    space saved by an older one lacks them. Read back through today's loaders it equals the
+    same file's space today, so the resume goes on; a value that really changed is still refused."""
+    spec = load_sweep_spec({**tiny_sweep("older"), "downstream": [
+        {"method": "ptq", "algorithm": "adaround", "weight_bits": [2], "adaround_iters": 20}],
+        "objective": {"metric": "ptq_adaround_w2a8/top1"}})
+    older = _space(spec)
+    for field in ("fisher", "act_lr", "drop_prob"):
+        del older["trial"]["downstream"][0][field]
+    del older["sweep"]["max_failures"]
+    (tmp_path / "older").mkdir()
+    (tmp_path / "older" / "tuner.pkl").write_bytes(b"state")  # what Tune's can_restore looks for
+    ExperimentFolder(named(tmp_path / "older")).save_space(older)
+    check_experiment(spec, named(tmp_path / "older"), resume=True)
+
+    older["trial"]["downstream"][0]["adaround_iters"] = 40
+    ExperimentFolder(named(tmp_path / "older")).save_space(older)
+    with pytest.raises(ConfigError, match=r"downstream=.*was started with .*'adaround_iters': 40"):
+        check_experiment(spec, named(tmp_path / "older"), resume=True)

@@ -21,7 +21,9 @@ from typing import Any
 
 from ray import tune
 
-from r2sweep.core.config.sweep import SweepSpec
+from r2sweep.core.config.sweep import SweepSettings, SweepSpec
+from r2sweep.core.config.trial import load_trial_config
+from r2sweep.core.config.sections import from_dict
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.locations import join
 from r2sweep.core.outcome import FINISHED, decide_outcome
@@ -155,17 +157,39 @@ def _space(spec: SweepSpec) -> dict[str, Any]:
         "trial": spec.trial.to_mapping(),
         "objective": [dataclasses.asdict(o) for o in spec.objectives],
         "search": {p.path: dataclasses.asdict(p) for p in spec.params},
-        # Where pre-trained weights are cached, and where the Optuna study is shown, decide
-        # neither: a resume may change them (the study stays where the sweep started it).
-        "sweep": {k: v for k, v in dataclasses.asdict(spec.settings).items()
-                  if k not in ("pretrain_cache", "optuna_storage")},
+        "sweep": _decisive_settings(spec.settings),
     }, default=str))
+
+
+def _decisive_settings(settings: SweepSettings) -> dict[str, Any]:
+    # Where pre-trained weights are cached, and where the Optuna study is shown, decide
+    # neither: a resume may change them (the study stays where the sweep started it).
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("pretrain_cache", "optuna_storage")}
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, dict):
         return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): value}
+
+
+def _with_todays_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """The saved space with the trial and sweep sections read back through today's loaders.
+
+    A field that a later r2sweep added (with its default) then compares equal, so a sweep
+    started before it can still be resumed; a section that no longer loads is compared as saved.
+    """
+    saved = dict(saved)
+    try:
+        saved["trial"] = json.loads(json.dumps(load_trial_config(saved["trial"]).to_mapping(), default=str))
+    except (ConfigError, KeyError):
+        pass
+    try:
+        saved["sweep"] = json.loads(json.dumps(_decisive_settings(from_dict(SweepSettings, saved["sweep"])),
+                                               default=str))
+    except (ConfigError, KeyError, TypeError):
+        pass
+    return saved
 
 
 def _check_same_space(folder: ExperimentFolder, spec: SweepSpec) -> None:
@@ -177,7 +201,7 @@ def _check_same_space(folder: ExperimentFolder, spec: SweepSpec) -> None:
     saved = folder.saved_space()
     if saved is None:
         return  # a sweep started before the space was recorded
-    saved, now = _flat(saved), _flat(_space(spec))
+    saved, now = _flat(_with_todays_defaults(saved)), _flat(_space(spec))
     for key in sorted(set(saved) | set(now)):
         if saved.get(key) != now.get(key):
             raise ConfigError(
