@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight-decay", type=float, default=9e-4)
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs (the qat-mbv1 setting's)")
     parser.add_argument("--finetune-lr", type=float, default=QATConfig.lr, help="fine-tuning lr (the recipe's default)")
-    parser.add_argument("--algorithms", nargs="+", default=["lsq", "ewgs"], choices=["lsq", "ewgs"])
+    parser.add_argument("--algorithms", nargs="+", default=["lsq", "ewgs"], choices=list(QATConfig.algorithms))
     parser.add_argument("--bits", nargs="+", type=lambda text: tuple(int(b) for b in text.split("/")), default=list(BIT_PAIRS),
                         metavar="W/A", help="weight/activation bit pairs (default 8/8 2/8 8/2 2/2)")
     parser.add_argument("--work", type=Path, default=Path("results/qat_recipe"))

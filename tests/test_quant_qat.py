@@ -1,4 +1,4 @@
-"""QAT fake quantizers (LSQ, EWGS): hand-computed grids and gradients, training, state round-trips."""
+"""QAT fake quantizers (LSQ, EWGS, LSQ+'s weights): hand-computed grids and gradients, training, state round-trips."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from r2sweep.core.errors import ConfigError
+from r2sweep.core.quant.lsq_plus import LsqPlusQuantizer
 from r2sweep.core.quant.qat import DEFAULT_EWGS_DELTA, EwgsQuantizer, LsqQuantizer
 
 BITS = range(1, 9)
@@ -325,6 +326,8 @@ def test_qat_covers_the_mse_range_for_ewgs_activations_only() -> None:
 MAKERS = {
     "lsq": lambda bits, signed, **kw: LsqQuantizer(bits, signed, **kw),
     "ewgs": lambda bits, signed, **kw: EwgsQuantizer(bits, signed, delta=0.1, **kw),
+    # LSQ+'s weight quantizer (signed, no offset); its activation side: tests/test_quant_lsq_plus.py.
+    "lsqplus": lambda bits, signed, **kw: LsqPlusQuantizer(bits, not signed, **kw),
 }
 
 
@@ -354,9 +357,9 @@ def test_a_step_driven_far_below_zero_stays_finite(kind: str) -> None:
     # An optimizer can overshoot a step (or width) to large negative values; the
     # forward uses the smallest step instead and must not divide by an exact zero.
     x = torch.randn(4, 9, requires_grad=True)
-    q = _set(MAKERS[kind](2, True), **({"step": -3.3654} if kind == "lsq" else {"lower": 0.5, "upper": -2.9}))
+    q = _set(MAKERS[kind](2, True), **({"lower": 0.5, "upper": -2.9} if kind == "ewgs" else {"step": -3.3654}))
     out = q(x)
-    floor = 0.0 if kind == "lsq" else 0.5  # every value on the one level left: 0, or EWGS's lower end
+    floor = 0.5 if kind == "ewgs" else 0.0  # every value on the one level left: 0, or EWGS's lower end
     assert torch.isfinite(out).all() and (out - floor).abs().max() < 1e-6
     out.sum().backward()
     assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in q.parameters() if p.grad is not None)

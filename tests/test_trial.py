@@ -84,7 +84,7 @@ def test_round_trip_through_yaml() -> None:
         ({"r2": {"kind": "l2"}}, "r2.kind", "linf"),
         ({"r2": {"kind": "linf", "strength": -1}}, "r2.strength", ""),
         ({"downstream": [{"method": "gptq"}]}, "downstream[0].method", "['ptq', 'qat', 'dkm']"),
-        ({"downstream": [{"method": "qat", "algorithm": "adaround"}]}, "downstream[0].algorithm", "['lsq', 'ewgs']"),
+        ({"downstream": [{"method": "qat", "algorithm": "adaround"}]}, "downstream[0].algorithm", "['lsq', 'lsqplus', 'ewgs']"),
         ({"downstream": [{"method": "ptq", "weight_bits": [9]}]}, "downstream[0].weight_bits", "1 to 8"),
         ({"downstream": [{"method": "ptq", "weight_bits": []}]}, "downstream[0].weight_bits", "non-empty"),
         ({"downstream": [{"method": "ptq", "act_bits": 16}]}, "downstream[0].act_bits", "1 to 8"),

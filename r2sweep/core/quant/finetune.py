@@ -1,4 +1,4 @@
-"""The training-based downstream methods: QAT (LSQ, EWGS) and DKM weight clustering.
+"""The training-based downstream methods: QAT (LSQ, LSQ+, EWGS) and DKM weight clustering.
 
 Both start from a copy of the pre-trained float model, put quantizers on every
 conv (1d/2d/3d) and Linear layer (see :mod:`r2sweep.core.quant.layers`) and fine-tune the whole network
@@ -36,6 +36,7 @@ from r2sweep.core.quant.layers import (
     layer_bits,
     wrap_layers,
 )
+from r2sweep.core.quant.lsq_plus import LsqPlusQuantizer
 from r2sweep.core.quant.qat import EwgsQuantizer, LsqQuantizer
 
 if TYPE_CHECKING:  # the configs import this module (their handlers run it)
@@ -57,6 +58,8 @@ def _qat_factories(cfg: QATConfig, weight_bits: int, nonnegative: dict[str, bool
         channels = _weight_channels(cfg, info)
         if cfg.algorithm == "lsq":
             return LsqQuantizer(bits, True, channels)
+        if cfg.algorithm == "lsqplus":
+            return LsqPlusQuantizer(bits, False, channels)
         return EwgsQuantizer(bits, True, cfg.delta, channels)
 
     def activation(info: LayerInfo) -> nn.Module:
@@ -66,6 +69,8 @@ def _qat_factories(cfg: QATConfig, weight_bits: int, nonnegative: dict[str, bool
         signed = not nonnegative[info.name]
         if cfg.algorithm == "lsq":
             return LsqQuantizer(bits, signed, per_sample=True, field="downstream.act_bits")
+        if cfg.algorithm == "lsqplus":  # an offset whatever the sign: a ReLU output learns to keep it at 0
+            return LsqPlusQuantizer(bits, True, per_sample=True, field="downstream.act_bits")
         return EwgsQuantizer(bits, signed, cfg.delta, field="downstream.act_bits", cover_mse_range=True)
 
     return weight, activation
@@ -156,7 +161,7 @@ def quantization_aware_train(
     """A QAT-fine-tuned, fake-quantized copy of ``model`` (``model`` is not changed), in eval mode.
 
     Args:
-        cfg: a ``method: qat`` entry (``algorithm`` lsq or ewgs).
+        cfg: a ``method: qat`` entry (``algorithm`` lsq, lsqplus or ewgs).
         weight_bits: bits of every layer but the first and last (those get
             ``cfg.keep_first_last_bits`` when set); activations at ``cfg.act_bits``.
         calibration: a batch of training images that initializes the quantizers

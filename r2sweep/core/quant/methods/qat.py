@@ -1,4 +1,4 @@
-"""``method: qat``: quantization-aware fine-tuning with learned steps (LSQ) or EWGS.
+"""``method: qat``: quantization-aware fine-tuning with learned steps (LSQ, LSQ+) or EWGS.
 
 The algorithm is :func:`r2sweep.core.quant.finetune.quantization_aware_train`;
 this module holds its knobs and runs it on a trial's data.
@@ -27,7 +27,7 @@ class QATConfig(FineTuneConfig):
     """A ``method: qat`` entry: the fine-tuning, the quantizers' own lr and EWGS's gradient scaling."""
 
     method: ClassVar[str] = "qat"
-    algorithms: ClassVar[tuple[str, ...]] = ("lsq", "ewgs")
+    algorithms: ClassVar[tuple[str, ...]] = ("lsq", "lsqplus", "ewgs")
     default_algorithm: ClassVar[str] = "lsq"
 
     quant_lr: Optional[float] = None  # None: the same as lr
