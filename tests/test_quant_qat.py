@@ -326,8 +326,8 @@ def test_qat_covers_the_mse_range_for_ewgs_activations_only() -> None:
 MAKERS = {
     "lsq": lambda bits, signed, **kw: LsqQuantizer(bits, signed, **kw),
     "ewgs": lambda bits, signed, **kw: EwgsQuantizer(bits, signed, delta=0.1, **kw),
-    # LSQ+'s weight quantizer (signed, no offset); its activation side: tests/test_quant_lsq_plus.py.
-    "lsqplus": lambda bits, signed, **kw: LsqPlusQuantizer(bits, not signed, **kw),
+    # LSQ+ has no signed switch (its offset places the grid); its own checks: tests/test_quant_lsq_plus.py.
+    "lsqplus": lambda bits, signed, **kw: LsqPlusQuantizer(bits, **kw),
 }
 
 
@@ -357,9 +357,11 @@ def test_a_step_driven_far_below_zero_stays_finite(kind: str) -> None:
     # An optimizer can overshoot a step (or width) to large negative values; the
     # forward uses the smallest step instead and must not divide by an exact zero.
     x = torch.randn(4, 9, requires_grad=True)
-    q = _set(MAKERS[kind](2, True), **({"lower": 0.5, "upper": -2.9} if kind == "ewgs" else {"step": -3.3654}))
+    far_below = {"lsq": {"step": -3.3654}, "ewgs": {"lower": 0.5, "upper": -2.9},
+                 "lsqplus": {"log_step": -300.0, "offset": 0.0}}  # exp(-300) is an exact 0 in float32
+    q = _set(MAKERS[kind](2, True), **far_below[kind])
     out = q(x)
-    floor = 0.5 if kind == "ewgs" else 0.0  # every value on the one level left: 0, or EWGS's lower end
+    floor = 0.5 if kind == "ewgs" else 0.0  # LSQ+: its offset  # every value on the one level left: 0, or EWGS's lower end
     assert torch.isfinite(out).all() and (out - floor).abs().max() < 1e-6
     out.sum().backward()
     assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in q.parameters() if p.grad is not None)

@@ -12,7 +12,8 @@ Where r2sweep's grid differs from torch's by design, the test says so and compar
 the arithmetic on r2sweep's parameters: torch's symmetric observers divide the range
 by ``(qmax - qmin) / 2`` (1.5 levels at 2 bits); r2sweep's by ``qmax``, so that the
 largest weight lands on a level (R2LOSS.md: the range is what R2 restricts).
-The DKM check against coremltools is ``tests/test_quant_dkm.py``.
+The DKM check against coremltools is ``tests/test_quant_dkm.py``; AdaRound's, against
+Brevitas's learned rounding, is ``tests/test_quant_adaround_second_opinion.py``.
 """
 
 from __future__ import annotations

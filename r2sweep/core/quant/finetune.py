@@ -59,7 +59,7 @@ def _qat_factories(cfg: QATConfig, weight_bits: int, nonnegative: dict[str, bool
         if cfg.algorithm == "lsq":
             return LsqQuantizer(bits, True, channels)
         if cfg.algorithm == "lsqplus":
-            return LsqPlusQuantizer(bits, False, channels)
+            return LsqPlusQuantizer(bits, channels)
         return EwgsQuantizer(bits, True, cfg.delta, channels)
 
     def activation(info: LayerInfo) -> nn.Module:
@@ -69,8 +69,8 @@ def _qat_factories(cfg: QATConfig, weight_bits: int, nonnegative: dict[str, bool
         signed = not nonnegative[info.name]
         if cfg.algorithm == "lsq":
             return LsqQuantizer(bits, signed, per_sample=True, field="downstream.act_bits")
-        if cfg.algorithm == "lsqplus":  # an offset whatever the sign: a ReLU output learns to keep it at 0
-            return LsqPlusQuantizer(bits, True, per_sample=True, field="downstream.act_bits")
+        if cfg.algorithm == "lsqplus":  # an offset whatever the sign: a ReLU output starts with it at 0
+            return LsqPlusQuantizer(bits, per_sample=True, field="downstream.act_bits")
         return EwgsQuantizer(bits, signed, cfg.delta, field="downstream.act_bits", cover_mse_range=True)
 
     return weight, activation

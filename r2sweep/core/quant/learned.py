@@ -15,9 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from r2sweep.core.errors import ConfigError
+from r2sweep.core.quant.fake import QuantSpec, qrange, weight_qparams
 from r2sweep.core.validate import require_int
 
-__all__ = ["LazyQuantizer", "MIN_STEP", "MSE_SAMPLE", "ste", "grad_scale", "floor_ste", "compute_dtype", "as_rows", "sibling",
+__all__ = ["LazyQuantizer", "MIN_STEP", "MSE_SAMPLE", "mse_interval", "ste", "grad_scale", "floor_ste", "compute_dtype", "as_rows", "sibling",
            "validate_common"]
 
 
@@ -88,6 +89,22 @@ def as_rows(x: Tensor, channels: int | None) -> Tensor:
     if channels is None:
         return x.reshape(1, -1)
     return x.reshape(channels, -1)
+
+
+def mse_interval(rows: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """Per row of ``rows`` ``(G, N)``, the ends ``[l, u]`` of the MSE-optimal uniform grid at ``bits``.
+
+    The PTQ range search (:func:`r2sweep.core.quant.fake.weight_qparams`) on at most
+    :data:`MSE_SAMPLE` values per call: symmetric, ``-2^(b-1) s .. (2^(b-1) - 1) s``;
+    else affine, ``(0 - z) s .. (2^b - 1 - z) s`` (``z = 0`` for non-negative data).
+    """
+    if rows.shape[1] > MSE_SAMPLE:  # a calibration batch of activations: a fixed subsample is as good and fast
+        generator = torch.Generator().manual_seed(0)
+        rows = rows[:, torch.randperm(rows.shape[1], generator=generator)[:MSE_SAMPLE].to(rows.device)]
+    scale, zero_point = weight_qparams(rows, QuantSpec(bits, symmetric=symmetric, granularity="channel", range="mse"))
+    scale, zero_point = scale.reshape(-1), zero_point.reshape(-1)
+    qmin, qmax = qrange(bits, symmetric)
+    return (qmin - zero_point) * scale, (qmax - zero_point) * scale
 
 
 def sibling(field: str, name: str) -> str:

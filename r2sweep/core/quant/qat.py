@@ -31,16 +31,15 @@ import torch
 from torch import Tensor, nn
 
 from r2sweep.core.precision import full_precision
-from r2sweep.core.quant.fake import QuantSpec, weight_qparams
 from r2sweep.core.quant.learned import (
     MIN_STEP,
-    MSE_SAMPLE,
     LazyQuantizer,
     as_rows,
     clamp_inclusive,
     compute_dtype,
     floor_ste,
     grad_scale,
+    mse_interval,
     sibling,
     ste,
     validate_common,
@@ -278,21 +277,11 @@ class EwgsQuantizer(LazyQuantizer):
             else:
                 lower = torch.zeros_like(upper)
             if self.cover_mse_range:
-                mse_lower, mse_upper = self._mse_interval(rows)
+                # The MSE grid of EWGS's own levels: symmetric when signed, from 0 when not.
+                mse_lower, mse_upper = mse_interval(rows, self.bits, self.signed)
                 lower, upper = torch.minimum(lower, mse_lower), torch.maximum(upper, mse_upper)
         self.lower.copy_(lower.reshape(self.lower.shape))
         self.upper.copy_(upper.reshape(self.upper.shape))
-
-    def _mse_interval(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """Per row, ``[l, u]`` of the MSE-optimal uniform grid at ``self.bits`` (EWGS's levels then coincide with it)."""
-        if rows.shape[1] > MSE_SAMPLE:  # a calibration batch of activations: a fixed subsample is as good and fast
-            generator = torch.Generator().manual_seed(0)
-            rows = rows[:, torch.randperm(rows.shape[1], generator=generator)[:MSE_SAMPLE].to(rows.device)]
-        scale, _ = weight_qparams(rows, QuantSpec(self.bits, symmetric=self.signed, granularity="channel", range="mse"))
-        scale = scale.reshape(-1)
-        if self.signed:  # the symmetric grid -2^(b-1) s .. (2^(b-1) - 1) s
-            return -(2 ** (self.bits - 1)) * scale, (2 ** (self.bits - 1) - 1) * scale
-        return torch.zeros_like(scale), (self.levels - 1) * scale  # unsigned: 0 .. (2^b - 1) s
 
     def forward(self, x: Tensor) -> Tensor:
         # Autocast off: the interval (and the MSE range search of its init) stays float32.
