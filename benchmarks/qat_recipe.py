@@ -11,6 +11,7 @@ apart, to say which one breaks.
     .venv/bin/python benchmarks/qat_recipe.py                              # ~8 min on 2 cores
     .venv/bin/python benchmarks/qat_recipe.py --finetune-lr 0.001 --out qat_lr.json
     .venv/bin/python benchmarks/qat_recipe.py --checkpoint run/pretrained.pt --bits 2/2   # any trial's model
+    .venv/bin/python benchmarks/qat_recipe.py --seed 1 --algorithms lsqplus ewgs --bits 2/2   # another pre-trained model
 
 Writes ``results/qat_recipe.json`` (``--out``) and prints a markdown table.
 """
@@ -40,15 +41,16 @@ BIT_PAIRS = ((8, 8), (2, 8), (8, 2), (2, 2))
 
 
 def pretrained_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """``--checkpoint``, else the qat-mbv1 base model trained once without R2 (seed 0)."""
+    """``--checkpoint``, else the qat-mbv1 base model trained once without R2 (``--seed``)."""
     study = load_study_spec(load_file(Path(__file__).resolve().parent.parent / "search_spaces" / "studies" / "qat-mbv1.yaml"))
     base = study.baseline.spec.trial.to_mapping()
     base["train"]["device"] = "cpu"
     base.pop("proxy", None)  # the study's proxy names its QAT result, which this script's pre-training drops
     if args.checkpoint is None:
-        out = args.work / "pretrained-none"
+        out = args.work / ("pretrained-none" if args.seed == 0 else f"pretrained-none-seed{args.seed}")
         if not (out / "pretrained.pt").is_file():
-            config = {**base, "downstream": [], "train": {**base["train"], "lr": args.lr, "weight_decay": args.weight_decay}}
+            config = {**base, "seed": args.seed, "downstream": [],
+                      "train": {**base["train"], "lr": args.lr, "weight_decay": args.weight_decay}}
             print(f"pre-training {config['model']} without R2 (lr {args.lr}, wd {args.weight_decay}) ...", flush=True)
             run_trial(load_trial_config(config), out_dir=out)
         args.checkpoint = out / "pretrained.pt"
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, help="a trial's pretrained.pt (default: train the qat-mbv1 model once)")
     parser.add_argument("--lr", type=float, default=0.0229, help="pre-training lr when no checkpoint (the no-R2 sweep's first trial)")
     parser.add_argument("--weight-decay", type=float, default=9e-4)
+    parser.add_argument("--seed", type=int, default=0, help="the pre-training's seed when no checkpoint")
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs (the qat-mbv1 setting's)")
     parser.add_argument("--finetune-lr", type=float, default=QATConfig.lr, help="fine-tuning lr (the recipe's default)")
     parser.add_argument("--algorithms", nargs="+", default=["lsq", "ewgs"], choices=list(QATConfig.algorithms))
