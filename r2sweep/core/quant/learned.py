@@ -18,7 +18,7 @@ from r2sweep.core.errors import ConfigError
 from r2sweep.core.quant.fake import QuantSpec, qrange, weight_qparams
 from r2sweep.core.validate import require_int
 
-__all__ = ["LazyQuantizer", "MIN_STEP", "MSE_SAMPLE", "mse_interval", "ste", "grad_scale", "floor_ste", "compute_dtype", "as_rows", "sibling",
+__all__ = ["LazyQuantizer", "MIN_STEP", "MSE_SAMPLE", "elements_per_step", "mse_interval", "ste", "grad_scale", "floor_ste", "compute_dtype", "as_rows", "sibling",
            "validate_common"]
 
 
@@ -105,6 +105,14 @@ def mse_interval(rows: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tens
     scale, zero_point = scale.reshape(-1), zero_point.reshape(-1)
     qmin, qmax = qrange(bits, symmetric)
     return (qmin - zero_point) * scale, (qmax - zero_point) * scale
+
+
+def elements_per_step(x: Tensor, per_sample: bool, num_channels: int | None) -> int:
+    """LSQ's ``N``, the values one step serves: one sample's features for activations
+    (the batch repeats them rather than adding new ones), else the elements per channel."""
+    if per_sample:
+        return max(1, x[0].numel()) if x.dim() > 0 and x.shape[0] > 0 else 1
+    return max(1, x.numel() // (num_channels or 1))
 
 
 def sibling(field: str, name: str) -> str:

@@ -41,6 +41,7 @@ from r2sweep.core.quant.learned import (
     as_rows,
     clamp_inclusive,
     compute_dtype,
+    elements_per_step,
     floor_ste,
     grad_scale,
     mse_interval,
@@ -99,11 +100,7 @@ class LsqPlusQuantizer(LazyQuantizer):
 
     def grad_scale(self, x: Tensor) -> float:
         """LSQ's ``g = 1 / sqrt(N * Qp)`` for an input shaped like ``x``."""
-        if self.per_sample:
-            n = max(1, x[0].numel()) if x.dim() > 0 and x.shape[0] > 0 else 1
-        else:
-            n = max(1, x.numel() // (self.num_channels or 1))
-        return 1.0 / math.sqrt(n * self.qp)
+        return 1.0 / math.sqrt(elements_per_step(x, self.per_sample, self.num_channels) * self.qp)
 
     def _initialize(self, x: Tensor) -> None:
         rows = as_rows(x.to(self._stats_dtype(x)), self.num_channels)

@@ -37,6 +37,7 @@ from r2sweep.core.quant.learned import (
     as_rows,
     clamp_inclusive,
     compute_dtype,
+    elements_per_step,
     floor_ste,
     grad_scale,
     mse_interval,
@@ -126,14 +127,9 @@ class LsqQuantizer(LazyQuantizer):
         shape = () if num_channels is None else (num_channels,)
         self.step = nn.Parameter(torch.ones(shape))
 
-    def _elements_per_step(self, x: Tensor) -> int:
-        if self.per_sample:
-            return max(1, x[0].numel()) if x.dim() > 0 and x.shape[0] > 0 else 1
-        return max(1, x.numel() // (self.num_channels or 1))
-
     def grad_scale(self, x: Tensor) -> float:
         """The factor ``g`` on the step's gradient for an input shaped like ``x``."""
-        n = self._elements_per_step(x)
+        n = elements_per_step(x, self.per_sample, self.num_channels)
         return 1.0 / math.sqrt(n * (1 if self.binary else self.qp))
 
     def _initialize(self, x: Tensor) -> None:
