@@ -153,12 +153,18 @@ def run_experiment(
 
 def _space(spec: SweepSpec) -> dict[str, Any]:
     """Everything that decides which trials a sweep runs and how they are judged."""
-    return json.loads(json.dumps({
+    return _as_json({
         "trial": spec.trial.to_mapping(),
         "objective": [dataclasses.asdict(o) for o in spec.objectives],
         "search": {p.path: dataclasses.asdict(p) for p in spec.params},
         "sweep": _decisive_settings(spec.settings),
-    }, default=str))
+    })
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as its JSON file holds it (tuples as lists, anything else as text), so that
+    a space computed now compares with one read back from disk."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def _decisive_settings(settings: SweepSettings) -> dict[str, Any]:
@@ -181,12 +187,11 @@ def _with_todays_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     """
     saved = dict(saved)
     try:
-        saved["trial"] = json.loads(json.dumps(load_trial_config(saved["trial"]).to_mapping(), default=str))
+        saved["trial"] = _as_json(load_trial_config(saved["trial"]).to_mapping())
     except (ConfigError, KeyError):
         pass
     try:
-        saved["sweep"] = json.loads(json.dumps(_decisive_settings(from_dict(SweepSettings, saved["sweep"])),
-                                               default=str))
+        saved["sweep"] = _as_json(_decisive_settings(from_dict(SweepSettings, saved["sweep"])))
     except (ConfigError, KeyError, TypeError):
         pass
     return saved

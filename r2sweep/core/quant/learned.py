@@ -18,8 +18,8 @@ from r2sweep.core.errors import ConfigError
 from r2sweep.core.quant.fake import QuantSpec, qrange, weight_qparams
 from r2sweep.core.validate import require_int
 
-__all__ = ["LazyQuantizer", "MIN_STEP", "MSE_SAMPLE", "elements_per_step", "mse_interval", "ste", "grad_scale", "floor_ste", "compute_dtype", "as_rows", "sibling",
-           "validate_common"]
+__all__ = ["LazyQuantizer", "MIN_STEP", "MSE_SAMPLE", "elements_per_step", "mse_interval", "ste", "grad_scale",
+           "floor_ste", "compute_dtype", "as_rows", "sibling", "validate_common"]
 
 
 # Smallest step (LSQ) or interval width (EWGS) used in the forward pass: the

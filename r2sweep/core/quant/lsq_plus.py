@@ -22,8 +22,8 @@ the logarithm every update is relative to the step, and a step cannot change sig
 
 Weights get the same grid, per channel, as EWGS's weights have (an interval that need
 not be centred on zero). LSQ+ keeps LSQ's symmetric signed grid for weights; measured on
-MobileNet-V1 at W2A2 (benchmarks/RESULTS.md, LSQ+), that grid trained to 10.1 (LSQ's
-start) and 45.4 (the zero-centred grid started on the data's range), this one to 52.1.
+MobileNet-V1 at W2A2 (benchmarks/RESULTS.md, LSQ+), that grid stayed at chance (10.1), a
+grid centred on zero without a zero level trained to 45.4, and this one to 52.1.
 Both sides start from the first tensor's range (:meth:`LsqPlusQuantizer._initialize`).
 """
 
@@ -52,7 +52,7 @@ from r2sweep.core.validate import check
 
 __all__ = ["LsqPlusQuantizer"]
 
-#: Every range starts at most at ``mean +- STDS * std``, cut to the data's own range.
+#: Ranges start at ``mean +- STDS * std`` cut to the data's own range (activations: at least the MSE grid's).
 STDS = 3.0
 
 
