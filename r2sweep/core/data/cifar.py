@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision import transforms
 
 from r2sweep.core.data.registry import (
     DataSplits,
@@ -25,6 +24,9 @@ from r2sweep.core.data.registry import (
     stratified_split,
 )
 from r2sweep.core.errors import ConfigError, DataNotFoundError
+
+if TYPE_CHECKING:
+    from torchvision import transforms
 
 __all__ = ["CIFAR_SPECS", "CifarArrays", "read_cifar", "load_cifar10", "load_cifar100"]
 
@@ -158,6 +160,10 @@ def read_cifar(root: str | Path, name: str, split: str) -> tuple[torch.Tensor, t
 
 
 def _transforms(name: str, augment: bool) -> tuple[transforms.Compose, transforms.Compose]:
+    # Imported here: torchvision's import pulls in torch._dynamo (seconds), and most
+    # processes (a CLI call, a worker training on digits) never build a transform.
+    from torchvision import transforms
+
     spec = CIFAR_SPECS[name]
     to_float = transforms.ConvertImageDtype(torch.float32)
     normalize = transforms.Normalize(spec["mean"], spec["std"])

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-from torchvision import datasets, transforms
+from typing import TYPE_CHECKING
 
 from r2sweep.core.data.registry import (
     DataSplits,
@@ -15,6 +14,9 @@ from r2sweep.core.data.registry import (
 )
 from r2sweep.core.errors import ConfigError, DataNotFoundError
 from r2sweep.core.validate import require_int
+
+if TYPE_CHECKING:
+    from torchvision import datasets
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "load_imagefolder"]
 
@@ -33,8 +35,10 @@ def _scan(folder: Path, root: Path) -> datasets.ImageFolder:
             f"extract the dataset there first."
         )
     try:
+        from torchvision.datasets import ImageFolder  # here, not at the top: see cifar._transforms
+
         # No transform: images stay PIL so each split can apply its own.
-        return datasets.ImageFolder(str(folder))
+        return ImageFolder(str(folder))
     except FileNotFoundError as exc:
         raise DataNotFoundError(
             f"data.root={str(root)!r}: no usable images under {str(folder)!r} ({exc})"
@@ -69,6 +73,8 @@ def load_imagefolder(
     if not isinstance(augment, bool):
         raise ConfigError("data.augment", augment, "true or false")
     path = require_root(root, "imagefolder")
+    from torchvision import transforms  # here, not at the top: see cifar._transforms
+
     normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     val_tf = transforms.Compose(
         [transforms.Resize(int(input_size / _CROP_FRACTION)), transforms.CenterCrop(input_size), *normalize]

@@ -7,7 +7,6 @@ why both MobileNets are in the zoo.
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 from r2sweep.core.models.registry import init_conv_bn_, register_builtin, scale_channels
@@ -110,7 +109,11 @@ def build_mobilenet_v2(
     The small stem only sets the first conv's stride to 1 (total stride 16), so
     the module names stay torchvision's.
     """
-    model = torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=width)
+    # Imported here: torchvision's import pulls in torch._dynamo (seconds), which a
+    # process that never builds this model should not pay.
+    from torchvision.models import mobilenet_v2
+
+    model = mobilenet_v2(num_classes=num_classes, width_mult=width)
     first: nn.Conv2d = model.features[0][0]
     if in_channels != first.in_channels:
         replacement = nn.Conv2d(

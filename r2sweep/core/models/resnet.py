@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, conv1x1
 
 from r2sweep.core.models.registry import init_conv_bn_, register_builtin, scale_channels
 
@@ -59,12 +58,16 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(planes[2], layers[2], stride=2)
         self.layer4 = self._make_layer(planes[3], layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(planes[3] * BasicBlock.expansion, num_classes)
+        self.fc = nn.Linear(self.inplanes, num_classes)  # the last stage's output channels
 
         # torchvision's initialisation, so width-1.0 models start where torchvision's do.
         init_conv_bn_(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        # Imported here: torchvision's import pulls in torch._dynamo (seconds), which a
+        # process that never builds a ResNet should not pay.
+        from torchvision.models.resnet import BasicBlock, conv1x1
+
         downsample = None
         if stride != 1 or self.inplanes != planes * BasicBlock.expansion:
             downsample = nn.Sequential(
