@@ -9,7 +9,7 @@ STAMP := $(VENV)/.r2sweep-installed
 # pick another build while resolving the rest). Elsewhere: make test TORCH_PACKAGES="torch torchvision"
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test test-fast sweep install clean
+.PHONY: test test-fast sweep cluster-check install clean
 
 install: $(STAMP)
 
@@ -46,6 +46,12 @@ test-fast: $(STAMP)
 sweep: $(STAMP)
 	$(VENV)/bin/r2sweep sweep search_spaces/quickstart.yaml
 	$(VENV)/bin/r2sweep report quickstart --out quickstart-report
+
+# The cluster kit for real (needs a Docker engine with Compose v2): build the images, bring
+# docker/compose.yaml up, run a shrunk quickstart sweep in it and as a Ray job, check it
+# through the MLflow server, tear it down. One line per stage with its time.
+cluster-check: $(STAMP)
+	$(PY) docker/cluster_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -37,16 +37,16 @@ def _compose_command() -> list[str]:
 def compose_dir(tmp_path: Path) -> Path:
     """docker/ plus the repository files the build context names, with env files from the examples."""
     copy = tmp_path / "repo"
-    shutil.copytree(DOCKER, copy / "docker")
+    shutil.copytree(DOCKER, copy / "docker", ignore=shutil.ignore_patterns("wheelhouse"))  # GBs once filled
     for name in ("server", "client"):
         shutil.copy(copy / "docker" / f"{name}.env.example", copy / "docker" / f"{name}.env")
     return copy / "docker"
 
 
-def _config(compose_dir: Path, *files: str) -> dict:
+def _config(compose_dir: Path, *files: str, env: dict[str, str] | None = None) -> dict:
     args = [a for f in files for a in ("-f", str(compose_dir / f))]
     done = subprocess.run([*_compose_command(), *args, "config", "--format", "json"],
-                          capture_output=True, text=True, cwd=compose_dir)
+                          capture_output=True, text=True, cwd=compose_dir, env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -76,6 +76,33 @@ def test_compose_file_validates_with_the_whole_local_cluster(compose_dir: Path) 
                for line in (compose_dir / name).read_text().splitlines() if "PASSWORD=" in line]
     assert secrets and not any(secret in (DOCKER / "compose.yaml").read_text() for secret in secrets)
     assert services["ray-head"]["environment"]["MLFLOW_TRACKING_PASSWORD"] == secrets[-1]
+
+
+def test_base_images_ca_secret_and_offline_build_come_from_the_environment(compose_dir: Path, tmp_path: Path) -> None:
+    default = _config(compose_dir, "compose.yaml")
+    assert default["services"]["postgres"]["image"] == "postgres:16.6-bookworm"
+    assert default["services"]["ray-head"]["build"]["args"]["PYTHON_IMAGE"] == "python:3.11.11-slim-bookworm"
+    assert default["services"]["ray-head"]["build"]["args"]["OFFLINE"] == "0"
+    assert default["secrets"]["ca_bundle"]["file"] == "/dev/null"  # no CA given: an empty secret
+    # While the image creates its database, its server answers on the Unix socket only: a
+    # socket check would pass before the real server listens; the check goes over TCP.
+    assert "-h 127.0.0.1" in " ".join(default["services"]["postgres"]["healthcheck"]["test"])
+
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
+    (tmp_path / "server.env").write_text((compose_dir / "server.env").read_text())
+    (tmp_path / "client.env").write_text((compose_dir / "client.env").read_text().replace("change-me-mlflow", "other"))
+    config = _config(compose_dir, "compose.yaml", env={
+        "PYTHON_IMAGE": "local/python:3.11", "POSTGRES_IMAGE": "local/postgres:15", "R2SWEEP_OFFLINE": "1",
+        "R2SWEEP_CA_BUNDLE": str(tmp_path / "ca.pem"), "R2SWEEP_ENV_DIR": str(tmp_path)})
+    services = config["services"]
+    assert services["postgres"]["image"] == "local/postgres:15"
+    for name in ("mlflow", "ray-head", "ray-worker"):
+        build = services[name]["build"]
+        assert build["args"]["PYTHON_IMAGE"] == "local/python:3.11" and build["args"]["OFFLINE"] == "1"
+        assert [s["source"] for s in build["secrets"]] == ["ca_bundle"]
+    assert config["secrets"]["ca_bundle"]["file"] == str(tmp_path / "ca.pem")
+    # R2SWEEP_ENV_DIR: the credentials from another folder (docker/cluster_check.py's own).
+    assert services["ray-head"]["environment"]["MLFLOW_TRACKING_PASSWORD"] == "other"
 
 
 def test_compose_gpu_overlay_gives_each_worker_a_gpu(compose_dir: Path) -> None:
@@ -127,4 +154,14 @@ def test_dockerfile_pins_its_base_runs_as_a_user_and_builds_both_variants() -> N
     assert re.search(r"^ARG VARIANT=cpu$", text, re.M) and "VARIANT must be cpu or cuda" in text
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1] != "root"
-    assert 'pip install ".[cluster]"' in text
+    assert '/build/pip-install ".[cluster]"' in text
+    # pip runs only through docker/pip-install, with the CA secret and the build folder
+    # mounted for the step alone: no COPY or ADD brings a certificate or a wheel into a layer.
+    pip_steps = re.findall(r"^RUN (.*?)(?=^\S|\Z)", text, re.M | re.S)
+    for step in (s for s in pip_steps if "pip-install" in s):
+        assert "--mount=type=secret,id=ca_bundle" in step and "--mount=type=bind,source=docker,target=/build" in step
+    assert not any("pip install" in s for s in pip_steps)
+    copied = re.findall(r"^(?:COPY|ADD) (.*)$", text, re.M)
+    assert not any(re.search(r"wheelhouse|\.pem|\.crt|ca_bundle|^docker( |/$)", c) for c in copied), copied
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and "docker/server.env" in ignored and "docker/client.env" in ignored
