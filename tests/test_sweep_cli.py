@@ -172,6 +172,7 @@ def test_the_same_sweep_against_a_real_mlflow_server(mlflow_server: str, tmp_pat
     done = _r2sweep("sweep", "served.yaml", "--tracking-uri", mlflow_server, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert not (tmp_path / "mlflow.db").exists()  # everything went to the server
+    assert "View run" not in done.stdout + done.stderr  # MLflow's per-run URL lines stay out of the progress
     client = mlflow.tracking.MlflowClient(tracking_uri=mlflow_server)
     experiment = client.get_experiment_by_name("served")
     runs = client.search_runs([experiment.experiment_id])

@@ -176,6 +176,9 @@ class Tracker:
     ) -> None:
         self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
         self.registry_uri = registry_uri or self.tracking_uri
+        # Against a server MLflow prints "View run ... at: URL" for every run it ends: two
+        # lines per trial between r2sweep's progress lines. The report links the runs.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.artifact_location = artifact_location
         self._client: MlflowClient | None = None
 
