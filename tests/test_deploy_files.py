@@ -87,6 +87,10 @@ def test_base_images_ca_secret_and_offline_build_come_from_the_environment(compo
     # While the image creates its database, its server answers on the Unix socket only: a
     # socket check would pass before the real server listens; the check goes over TCP.
     assert "-h 127.0.0.1" in " ".join(default["services"]["postgres"]["healthcheck"]["test"])
+    # A worker is healthy once its raylet has joined (the node agent asks the head), not
+    # while a raylet process merely runs; a start period covers a slow first start.
+    worker_check = default["services"]["ray-worker"]["healthcheck"]
+    assert "/api/local_raylet_healthz" in " ".join(worker_check["test"]) and worker_check["start_period"]
 
     (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n")
     (tmp_path / "server.env").write_text((compose_dir / "server.env").read_text())
