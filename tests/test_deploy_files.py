@@ -1,8 +1,10 @@
 """The deployment files: docker/compose.yaml validated by Docker Compose itself,
 the KubeRay manifest and the Dockerfile checked for what the README promises.
 
-No Docker engine or Kubernetes cluster runs here, so images are not built and
-manifests are not applied; ``docker compose config`` needs neither.
+The suite needs no Docker engine: ``docker compose config`` validates the files, and the
+Dockerfile is checked as text. The images are built and the cluster run for real by
+``make cluster-check`` (docker/cluster_check.py), a release step. No Kubernetes runs here:
+the KubeRay manifests are validated, not applied.
 """
 
 from __future__ import annotations
