@@ -13,7 +13,6 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,15 +22,10 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
+from conftest import _free_port
 
 ENTRYPOINT = Path(__file__).resolve().parent.parent / "docker" / "base" / "postgres-entrypoint.sh"
 pytestmark = pytest.mark.server
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
