@@ -1,4 +1,4 @@
-"""What a process pays before it does anything: the CLI and a trial on digits never import torchvision.
+"""What a process pays before it does anything: the CLI and a trial on digits never import torchvision or scikit-learn.
 
 torchvision's import pulls in torch._dynamo (about 2.4 s here), paid by every CLI call and
 every Ray worker that imports it. r2sweep imports it only where a torchvision model,
@@ -32,3 +32,12 @@ def test_torchvision_is_imported_when_its_model_is_built(model: str) -> None:
     body = (f"from r2sweep.core.models import create_model; "
             f"create_model({model!r}, num_classes=10, in_channels=1, input_size=8, width=0.25)")
     assert "'torchvision'" in _modules_after(body)
+
+
+def test_the_built_in_datasets_split_and_load_without_sklearn() -> None:
+    # scikit-learn's import is about 2 s of CPU; the split is numpy's and digits is read
+    # from the file scikit-learn ships (tests/test_data_split.py checks both against it).
+    body = ("from r2sweep.core.data import create_data; "
+            "[create_data(name, seed=0) for name in ('digits', 'synthetic')]; "
+            "create_data('distorted_digits', seed=0, train_variants=1, val_variants=1, size=8)")
+    assert _modules_after(body) == "[]"

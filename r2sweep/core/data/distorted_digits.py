@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from r2sweep.core.data.digits import digits_arrays
 from r2sweep.core.data.registry import DataSplits, register_dataset, stratified_split
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.validate import require_int
@@ -144,10 +145,8 @@ def _render_split(sources: Tensor, size: int, variants: int, gen: torch.Generato
 
 def source_split(val_fraction: float | None, data_seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices into sklearn's 1797 digits: the training sources and the disjoint validation sources."""
-    from sklearn.datasets import load_digits
-
     fraction = _DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
-    return stratified_split(load_digits().target, fraction, data_seed)
+    return stratified_split(digits_arrays()[1], fraction, data_seed)
 
 
 @register_dataset("distorted_digits")
@@ -186,11 +185,9 @@ def make_distorted_digits(
     data_seed = require_int("data.data_seed", data_seed, 0)
     if isinstance(severity, bool) or not isinstance(severity, Real) or not 0 <= severity <= 2:
         raise ConfigError("data.severity", severity, "a number from 0 to 2")
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    sources = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
+    pixels, targets = digits_arrays()
+    sources = torch.as_tensor(pixels, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.as_tensor(targets, dtype=torch.int64)
     train_idx, val_idx = source_split(val_fraction, data_seed)
     gen = torch.Generator().manual_seed(data_seed)
     train_x = _render_split(sources[train_idx], size, train_variants, gen, float(severity))

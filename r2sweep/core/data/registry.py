@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
+from r2sweep.core.data.split import stratified_split
 from r2sweep.core.data.splits import DataSplits, as_splits
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.factories import call_factory, check_options, factory_signature
@@ -145,33 +146,6 @@ def require_root(root: str | None, dataset: str) -> Path:
             f"dataset {dataset!r} reads files from disk: set data.root to the directory holding them",
         )
     return Path(root).expanduser()
-
-
-def stratified_split(
-    labels: Sequence[int] | np.ndarray, val_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded, class-stratified ``(train_indices, val_indices)``, each sorted.
-
-    Raises:
-        ConfigError: (``data.val_fraction``) the split would leave a side with
-            fewer samples than classes, which stratification cannot do.
-    """
-    from sklearn.model_selection import train_test_split  # sklearn is slow to import; only pay when splitting
-
-    labels = np.asarray(labels)
-    indices = np.arange(len(labels))
-    try:
-        train_idx, val_idx = train_test_split(
-            indices, test_size=val_fraction, stratify=labels, random_state=seed
-        )
-    except ValueError as exc:
-        raise ConfigError(
-            "data.val_fraction", val_fraction,
-            f"a fraction that leaves every class on both sides of a stratified split of "
-            f"{len(labels)} samples ({exc})",
-        ) from None
-    # Sorted so the split is a set: its order carries no information the loader has to preserve.
-    return np.sort(train_idx), np.sort(val_idx)
 
 
 class TransformSubset(Dataset):
