@@ -97,6 +97,41 @@ def _ray_temp_dir() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
+_EMPTY_MLFLOW_STORE: list[Path] = []  # made on first use, once per worker (below)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _empty_mlflow_store_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    _EMPTY_MLFLOW_STORE[:] = [tmp_path_factory.mktemp("mlflow-empty") / "mlflow.db"]
+    yield
+    _EMPTY_MLFLOW_STORE.clear()
+
+
+def new_mlflow_store(path: Path) -> str:
+    """Put a new, empty MLflow SQLite store at ``path``; return its ``sqlite:///`` URI.
+
+    A fresh store costs 4-8 s of CPU: MLflow builds its tables by running every alembic
+    migration. Here MLflow does that once per worker, into a file with every table and
+    no experiment (the first client to open a copy adds the Default experiment, with its
+    own artifact root); each store is a copy. The stores stay real MLflow stores; the
+    tests that check a store's creation itself (``test_tracking.py``) leave it to MLflow.
+    """
+    (empty,) = _EMPTY_MLFLOW_STORE
+    if not empty.is_file():
+        import sqlalchemy
+        from mlflow.store.db.utils import _initialize_tables
+
+        engine = sqlalchemy.create_engine(f"sqlite:///{empty.with_suffix('.part')}")
+        _initialize_tables(engine)
+        engine.dispose()
+        empty.with_suffix(".part").rename(empty)
+    if path.exists():
+        raise FileExistsError(f"{path}: a store is there already")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(empty, path)
+    return f"sqlite:///{path}"
+
+
 SERVER_START_TIMEOUT_S = 90.0
 
 
@@ -114,7 +149,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     when the server does not answer ``/health`` in time, and shows its log.
     """
     root = tmp_path_factory.mktemp("mlflow-server")
-    with serve_mlflow(root, f"sqlite:///{root / 'db.sqlite'}") as url:
+    with serve_mlflow(root, new_mlflow_store(root / "db.sqlite")) as url:
         yield url
 
 
@@ -188,10 +223,11 @@ def run_tracked_sweeps(root: Path, *specs: dict) -> Path:
     import r2sweep
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    uri = new_mlflow_store(root / "mlflow.db")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for data in specs:
-            r2sweep.run_sweep(data, tracking_uri=f"sqlite:///{root / 'mlflow.db'}", storage=root / "results",
+            r2sweep.run_sweep(data, tracking_uri=uri, storage=root / "results",
                               progress=False, register=False)
     finally:
         ray.shutdown()

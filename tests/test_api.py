@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import new_mlflow_store
 
 import r2sweep
 from r2sweep.core.errors import ConfigError, FileConfigError
@@ -39,6 +40,7 @@ def tour(tmp_path_factory: pytest.TempPathFactory):
     work = tmp_path_factory.mktemp("tour")
     (work / "search_spaces").symlink_to(REPO / "search_spaces")
     (work / "tour.py").write_text(_tour())
+    new_mlflow_store(work / "mlflow.db")  # the tour's default store, sqlite:///mlflow.db
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     cwd = Path.cwd()
     os.chdir(work)

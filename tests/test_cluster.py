@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import ray
 from ray.cluster_utils import Cluster
+from conftest import new_mlflow_store
 
 import r2sweep
 from r2sweep.core.config.sweep import load_sweep_spec
@@ -59,7 +60,7 @@ def cluster():
 def test_trials_run_on_both_workers_and_all_reach_mlflow(cluster, tmp_path: Path) -> None:
     _, worker_ids, head_id = cluster
     spec = load_sweep_spec(SPEC)
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker = Tracker(new_mlflow_store(tmp_path / "mlflow.db"))
     result = r2sweep.run_sweep(SPEC, tracking_uri=tracker.tracking_uri, storage=tmp_path / "results",
                                progress=False, register=False)
     outcome = ExperimentOutcome(spec.name, result.path, result.tune_results, spec)
@@ -134,7 +135,7 @@ def test_a_user_module_reaches_both_workers_through_the_runtime_env(cluster, tmp
     spec["sweep"]["runtime_env"] = {"py_modules": [str(module)]}
     ray.shutdown()
     try:
-        result = r2sweep.run_sweep(spec, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", storage=tmp_path / "results",
+        result = r2sweep.run_sweep(spec, tracking_uri=new_mlflow_store(tmp_path / "mlflow.db"), storage=tmp_path / "results",
                                    address=cluster[0].address, progress=False, register=False)
     finally:
         sys.modules.pop(MODULE, None)

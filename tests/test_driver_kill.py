@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import kill_group_when
+from conftest import kill_group_when, new_mlflow_store
 from mlflow import MlflowClient
 
 from r2sweep.tracking.store import TAG_ROLE, TAG_TRIAL_ID
@@ -64,7 +64,7 @@ def _kill_after(process: subprocess.Popen, client: MlflowClient, finished: int, 
 
 def test_driver_killed_twice_then_resumed_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPEC))
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(new_mlflow_store(tmp_path / "mlflow.db"))
     experiment = tmp_path / "r2sweep_results" / "killed"
     journal = experiment / "tracking" / "journal.jsonl"  # exists once the first trial started
 

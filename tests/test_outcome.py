@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import ray
+from conftest import new_mlflow_store
 
 import r2sweep
 from r2sweep.analysis.compare import compare_sweeps
@@ -91,7 +92,7 @@ SPEC = {
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("outcome")
-    tracker = Tracker(f"sqlite:///{root / 'mlflow.db'}")
+    tracker = Tracker(new_mlflow_store(root / "mlflow.db"))
     lines: list[str] = []
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -15,6 +15,7 @@ import pytest
 import ray
 import torch
 import yaml
+from conftest import new_mlflow_store
 
 import r2sweep
 from r2sweep.core.config.sweep import load_sweep_spec
@@ -61,6 +62,7 @@ def _trial_runs(tracking_uri: str, name: str) -> list:
 def test_a_yaml_sweep_of_a_module_in_the_working_directory(tmp_path: Path) -> None:
     write_user_module(tmp_path)
     (tmp_path / "own.yaml").write_text(yaml.safe_dump(SPEC, sort_keys=False))
+    new_mlflow_store(tmp_path / "mlflow.db")  # the command's default store
     done = _r2sweep("sweep", "own.yaml", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     runs = _trial_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "own-model")
@@ -124,7 +126,7 @@ def test_a_python_sweep_with_callables_and_a_checkpoint(tmp_path: Path) -> None:
     if ray.is_initialized():
         ray.shutdown()
     try:
-        result = r2sweep.run_sweep(spec, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", storage=tmp_path / "results",
+        result = r2sweep.run_sweep(spec, tracking_uri=new_mlflow_store(tmp_path / "mlflow.db"), storage=tmp_path / "results",
                                    progress=False)
     except BaseException:
         ray.shutdown()

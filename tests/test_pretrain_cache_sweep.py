@@ -11,6 +11,7 @@ import mlflow
 import pytest
 import ray
 import torch
+from conftest import new_mlflow_store
 
 import r2sweep
 from r2sweep.core.config.sweep import PRETRAIN_CACHE_FOLDER
@@ -78,7 +79,7 @@ def _by_config(runs: list) -> dict[tuple, dict]:
 
 
 def test_downstream_sweeps_pretrain_once_and_match_the_cache_off_trials(tmp_path: Path) -> None:
-    markers, storage, uri = tmp_path / "markers", tmp_path / "results", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    markers, storage, uri = tmp_path / "markers", tmp_path / "results", new_mlflow_store(tmp_path / "mlflow.db")
     if ray.is_initialized():
         ray.shutdown()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

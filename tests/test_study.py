@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import kill_group_when
+from conftest import kill_group_when, new_mlflow_store
 from mlflow import MlflowClient
 
 import r2sweep
@@ -73,7 +73,7 @@ def _direct(client: MlflowClient, experiment: str, tags: dict[str, str], metric:
 
 def test_a_study_killed_mid_sweep_resumes_and_its_table_is_mlflows(tmp_path: Path) -> None:
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(STUDY))
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(new_mlflow_store(tmp_path / "mlflow.db"))
     kill_group_when(_start(tmp_path), lambda: _ended(client, "tiny-linf") >= 1)  # inside the second sweep
     assert _runs(client, "tiny-margin", "trial") == []  # killed inside the second sweep
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import new_mlflow_store
 
 from r2sweep.analysis.study_table import Gain, OverSeeds, Reruns, StudyRow, StudyTable
 from r2sweep.cli.app import main
@@ -59,9 +60,10 @@ def test_a_changed_file_under_a_studys_name_is_refused_in_one_line(tmp_path: Pat
     from r2sweep.tracking.studies import open_study
 
     monkeypatch.chdir(tmp_path)
+    new_mlflow_store(tmp_path / "mlflow.db")
     open_study(Tracker("sqlite:///mlflow.db"), "tiny", yaml.safe_dump(STUDY))
     (tmp_path / "study.yaml").write_text(yaml.safe_dump({**STUDY, "baseline": {**STUDY["baseline"], "trials": 3}}))
-    capsys.readouterr()  # MLflow's lines on creating the store
+    capsys.readouterr()
     assert main(["study", "study.yaml"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
@@ -82,9 +84,7 @@ def test_bad_input_to_the_study_command_is_one_line_and_writes_nothing(tmp_path,
     monkeypatch.chdir(tmp_path)
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(STUDY))
     if "--report-only" in argv:
-        from r2sweep.tracking.store import Tracker
-
-        Tracker("sqlite:///mlflow.db").experiment_names()  # an existing, empty store
+        new_mlflow_store(tmp_path / "mlflow.db")  # an existing, empty store
     before = sorted(p.name for p in tmp_path.iterdir())
     capsys.readouterr()
     assert main(argv) == 2
@@ -137,7 +137,7 @@ def _fake_study_store(uri: str) -> None:
 def test_the_answer_is_read_from_mlflow_and_a_kind_without_a_winner_is_shown_not_fatal(tmp_path: Path) -> None:
     import r2sweep
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_mlflow_store(tmp_path / "mlflow.db")
     _fake_study_store(uri)
     result = r2sweep.load_study("fake", tracking_uri=uri, out=tmp_path / "page")
     table = result.table

@@ -10,6 +10,7 @@ import numpy as np
 import optuna
 import pytest
 import ray
+from conftest import new_mlflow_store
 
 from r2sweep.core.config.sweep import load_sweep_spec
 
@@ -175,7 +176,7 @@ def test_a_diverging_trial_is_failed_in_mlflow_pruned_in_optuna_and_never_best(l
 
     data = {**TINY, "name": "diverging", "search": {"train.lr": {"choice": [0.05, 1.0e6]}},
             "sweep": {"num_samples": 4, "max_concurrent": 2, "seed": 1, "sampler": "random", "scheduler": "none"}}
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker = Tracker(new_mlflow_store(tmp_path / "mlflow.db"))
     result = r2sweep.run_sweep(data, tracking_uri=tracker.tracking_uri, storage=tmp_path / "results",
                                progress=False, register=False)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from conftest import new_mlflow_store
 
 pytestmark = pytest.mark.ray
 
@@ -41,6 +42,7 @@ def _r2sweep(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedP
 def finished_sweep(tmp_path_factory: pytest.TempPathFactory):
     work = tmp_path_factory.mktemp("sweep-cli")
     (work / "tiny.yaml").write_text(yaml.safe_dump(SPEC))
+    new_mlflow_store(work / "mlflow.db")  # the command's default store
     done = _r2sweep("sweep", "tiny.yaml", cwd=work)
     assert done.returncode == 0, done.stderr[-3000:]
     return work, done

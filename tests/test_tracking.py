@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from conftest import ForwardingHandler, _free_port
+from conftest import ForwardingHandler, _free_port, new_mlflow_store
 from mlflow import MlflowClient
 from torch import nn
 
@@ -50,7 +50,7 @@ SPEC = "name: {name}\nmetric: ptq_adaround_w2a8/top1\nsearch_space:\n  r2.streng
 @pytest.fixture(scope="module")
 def sqlite_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     # One database for the module: creating one runs MLflow's schema migrations (~5 s).
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow-sqlite') / 'mlflow.db'}"
+    return new_mlflow_store(tmp_path_factory.mktemp("mlflow-sqlite") / "mlflow.db")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
+from conftest import new_mlflow_store
 
 from r2sweep.analysis.select import select_best
 from r2sweep.core.config.trial import load_trial_config
@@ -53,7 +54,7 @@ def _finished_trial(sweep: SweepRun, trial_id: str, objective: float, pretrained
 
 
 def test_the_champion_is_registered_again_only_when_a_better_trial_appears(tmp_path: Path, pretrained: Path) -> None:
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_location=str(tmp_path / "artifacts"))
+    tracker = Tracker(new_mlflow_store(tmp_path / "mlflow.db"), artifact_location=str(tmp_path / "artifacts"))
     sweep = tracker.start_sweep(NAME, yaml.safe_dump(SPEC))
     first = _finished_trial(sweep, "t0", 50.0, pretrained)
     client = MlflowClient(tracker.tracking_uri)

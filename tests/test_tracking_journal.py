@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import ForwardingHandler
+from conftest import ForwardingHandler, new_mlflow_store
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST, INVALID_PARAMETER_VALUE
@@ -30,7 +30,7 @@ from r2sweep.tracking.store import SweepRun, Tracker, TrackingError
 @pytest.fixture(scope="module")
 def sqlite_tracker(tmp_path_factory: pytest.TempPathFactory) -> Tracker:
     root = tmp_path_factory.mktemp("journal-sqlite")
-    return Tracker(f"sqlite:///{root / 'mlflow.db'}", artifact_location=str(root / "artifacts"))
+    return Tracker(new_mlflow_store(root / "mlflow.db"), artifact_location=str(root / "artifacts"))
 
 
 def _applier(sweep: SweepRun) -> Any:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import _free_port, serve_mlflow
+from conftest import _free_port, new_mlflow_store, serve_mlflow
 from mlflow import MlflowClient
 
 from r2sweep.tracking.store import TAG_ROLE
@@ -70,7 +70,7 @@ def _journal_ops(tmp_path: Path) -> list[str]:
 def test_an_outage_over_the_rest_of_the_sweep_loses_and_doubles_nothing(tmp_path: Path) -> None:
     server_root = tmp_path / "server"
     server_root.mkdir()
-    backend = f"sqlite:///{server_root / 'db.sqlite'}"
+    backend = new_mlflow_store(server_root / "db.sqlite")
     port = _free_port()
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(SPEC))
     # Each MLflow request gives up after a few seconds, so the journal's own
