@@ -32,6 +32,7 @@ from r2sweep.core.config.strict_yaml import load_file
 from r2sweep.core.config.study import load_study_spec
 from r2sweep.core.config.trial import load_trial_config
 from r2sweep.core.pretrain_cache import PretrainCache
+from r2sweep.core.pretraining import HIT
 from r2sweep.core.trial import run_trial
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,9 +75,10 @@ def run(args: argparse.Namespace) -> None:
                     continue
                 final = run_trial(config, progress=lambda line: print(f"{key} {result}: {line}", flush=True),
                                   device=torch.device("cpu"), cache=cache, cache_label=key)
-                for name, value in final.items():  # the first trial's pre-training time, not a cache hit's
-                    if name.endswith(("/top1", "_s")):
-                        done.setdefault(name, value)
+                done.update({name: value for name, value in final.items()
+                             if name.endswith("/top1") or name == f"time/{result}_s"})
+                if final["pretrain_cache"] != HIT:  # the pre-training's own cost, not a cache hit's
+                    done["time/pretrain_s"] = final["time/pretrain_s"]
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(results, indent=1, sort_keys=True))
     print(table(results))
