@@ -74,3 +74,18 @@ def test_digits_are_sklearns_digits() -> None:
     assert np.array_equal(images, bunch.images)
     images[0, 0, 0] = -1.0  # a copy: the next caller is not affected
     assert digits_arrays()[0][0, 0, 0] == bunch.images[0, 0, 0]
+
+
+def test_digits_come_from_load_digits_when_the_shipped_file_is_not_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from r2sweep.core.data import digits
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    digits._digits_file.cache_clear()
+    try:
+        images, labels = digits_arrays()
+    finally:
+        digits._digits_file.cache_clear()
+    bunch = load_digits()
+    assert np.array_equal(images, bunch.images) and np.array_equal(labels, bunch.target)
