@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from r2sweep.core.data.digits import digits_arrays
-from r2sweep.core.data.split import stratified_split
+from r2sweep.core.data.stratified import stratified_split
 from r2sweep.core.errors import ConfigError
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from r2sweep.core.data.split import stratified_split
+from r2sweep.core.data.stratified import stratified_split
 from r2sweep.core.data.splits import DataSplits, as_splits
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.factories import call_factory, check_options, factory_signature
