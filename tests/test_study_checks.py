@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import new_mlflow_store
 
-from r2sweep.analysis.study_table import Gain, OverSeeds, Reruns, StudyRow, StudyTable
+from r2sweep.analysis.study_table import FRAGILE_FP_SPAN, Gain, OverSeeds, Reruns, StudyRow, StudyTable
 from r2sweep.cli.app import main
 
 STUDY = {
@@ -55,6 +55,31 @@ def test_the_best_mean_is_recommended_and_a_tie_keeps_the_baseline() -> None:
     assert tied.verdict().startswith("ship the tuned baseline without R2: no R2 kind beat its m/top1 61.0 +- 1.4")
 
 
+def test_a_winner_whose_pre_training_fails_on_some_seeds_is_called_fragile(tmp_path: Path) -> None:
+    # The ptq-mbv2 re-run's baseline winner: FP 37.2, 88.3, 35.7 over seeds 1-3.
+    base, linf = _row("none", (13.8, 66.0, 18.1)), _row("linf", (80.6, 80.8, 81.9))
+    base.fp, linf.fp = OverSeeds((37.2, 88.3, 35.7)), OverSeeds((90.4, 89.7, 90.0))
+    linf.gain = Gain.of(linf.objective, base.objective, 1)
+    table = StudyTable("s", "m/top1", "max", (1, 2, 3), [base, linf], recommended=linf)
+    (warning,) = table.warnings()
+    assert warning.startswith("none (tuned baseline): its winner t-none is fragile: FP 35.7 to 88.3 over the seeds")
+    assert "every gain here is measured against it" in warning and "confirm.top" in warning
+    # A spread of FRAGILE_FP_SPAN points is still a working recipe; a kind's winner is checked too.
+    base.fp = OverSeeds((80.0, 80.0 + FRAGILE_FP_SPAN))
+    assert table.warnings() == []
+    linf.fp = OverSeeds((30.0, 90.0))
+    assert [w.split(":")[0] for w in table.warnings()] == ["linf"]
+    # Shown where the answer is: table.md and the page.
+    from r2sweep.analysis.study_page import write_study_page
+    from r2sweep.core.config.study import load_study_spec
+    from r2sweep.tracking.store import Tracker
+
+    page = write_study_page(Tracker(new_mlflow_store(tmp_path / "mlflow.db")), load_study_spec(STUDY), table,
+                            tmp_path / "page")
+    assert f"warning: {table.warnings()[0]}" in (tmp_path / "page" / "table.md").read_text()
+    assert "Warning: linf: its winner t-linf is fragile" in page.page.read_text()
+
+
 def test_a_changed_file_under_a_studys_name_is_refused_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
     from r2sweep.tracking.store import Tracker
     from r2sweep.tracking.studies import open_study
@@ -93,7 +118,7 @@ def test_bad_input_to_the_study_command_is_one_line_and_writes_nothing(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-def _fake_study_store(uri: str) -> None:
+def _fake_study_store(uri: str, baseline: tuple[float, float] = (60.0, 64.0)) -> None:
     """A study as MLflow would hold it, written with the tracking layer alone (no Ray, no training):
     the baseline and L-inf confirmed with controls; every Margin trial diverged; Soft-Min-Max not run."""
     from r2sweep.analysis.confirm import TAG_CONFIRM_OF, TAG_CONFIRMED_BEST
@@ -121,7 +146,7 @@ def _fake_study_store(uri: str) -> None:
             if not confirm:
                 return
 
-    for sweep_spec, values in zip(study.sweeps[:3], ((60.0, 64.0), (70.0, 72.0), None)):
+    for sweep_spec, values in zip(study.sweeps[:3], (baseline, (70.0, 72.0), None)):
         sweep = tracker.start_sweep(sweep_spec.name, yaml.safe_dump(dict(sweep_spec.mapping)))
         if values is None:  # every trial diverged: nothing to confirm
             runs(sweep, "t0", [None], {}, confirm=False, outcome="diverged")
@@ -155,3 +180,13 @@ def test_the_answer_is_read_from_mlflow_and_a_kind_without_a_winner_is_shown_not
     assert result.page.page.read_text().count("data:image/png;base64,") == 1 + 3  # bits; three sweeps' histories
     assert result.page.notes == ["Weight histograms: the winner of fake-baseline has no pretrained.pt artifact.",
                                  "Weight histograms: the winner of fake-linf has no pretrained.pt artifact."]
+
+
+def test_the_command_prints_a_fragile_winner_under_the_answer(tmp_path: Path, monkeypatch, capsys) -> None:
+    uri = new_mlflow_store(tmp_path / "mlflow.db")
+    _fake_study_store(uri, baseline=(20.0, 64.0))  # FP 40 and 84: the baseline's pre-training failed on seed 1
+    monkeypatch.chdir(tmp_path)
+    assert main(["study", "fake", "--report-only", "--tracking-uri", uri, "--out", "page"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    answer = next(i for i, line in enumerate(lines) if line.startswith("answer: "))
+    assert lines[answer + 1].startswith("warning: none (tuned baseline): its winner t1 is fragile: FP 40.0 to 84.0")

@@ -37,7 +37,7 @@ th { background: #f3f5f8; } td.num { text-align: right; font-variant-numeric: ta
 tr.best td { background: #eef7ee; }
 figure { margin: 18px 0; } figure img { max-width: 100%; border: 1px solid #e4e7ed; }
 figcaption { color: #3d4556; font-size: 0.9em; max-width: 900px; }
-.notes li { color: #6b4e00; } code { background: #f3f5f8; padding: 0 3px; }
+.notes li, .warning { color: #6b4e00; } code { background: #f3f5f8; padding: 0 3px; }
 """
 
 _CAPTIONS = {

@@ -36,6 +36,10 @@ __all__ = ["OverSeeds", "Gain", "StudyRow", "StudyTable", "read_study_table", "C
 
 CONTROL_R2_OFF = "r2_off"  # the kind's winner, R2 switched off: what R2 itself adds at those knobs
 CONTROL_ON_BASELINE = "r2_on_baseline"  # the tuned baseline, the winner's R2 added: what R2 adds to my recipe
+#: A winner whose FP top-1 spans more points than this over the seeds has a pre-training that
+#: fails on some seeds. Working recipes spread by a few points here (the recorded studies' FP
+#: sd was at most 3); the ptq-mbv2 re-run's baseline winner spanned 35.7 to 88.3.
+FRAGILE_FP_SPAN = 10.0
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,19 @@ class StudyTable:
         fp = f"; FP {pick.fp_change:+.1f}" if pick.fp_change is not None else ""
         return (f"ship R2 {pick.kind}: {self.objective} {pick.objective.text()} over {seeds}, "
                 f"{pick.gain.text().removesuffix(' (clear)')} over the tuned baseline ({sure}){fp}")
+
+    def warnings(self) -> list[str]:
+        """What makes the answer weaker than its numbers say: a winner whose pre-training fails
+        on some seeds (its FP spans more than :data:`FRAGILE_FP_SPAN` points over them)."""
+        found = []
+        for row in self.rows:
+            if row.missing or row.fp.n < 2 or max(row.fp.values) - min(row.fp.values) <= FRAGILE_FP_SPAN:
+                continue
+            against = "every gain here is measured against it" if row.kind == "none" else "its gains rest on the seeds where it trained"
+            found.append(f"{row.label}: its winner {row.trial_id} is fragile: FP {min(row.fp.values):.1f} to "
+                         f"{max(row.fp.values):.1f} over the seeds (its pre-training fails on some), and {against}; "
+                         "re-run more of each sweep's best (confirm.top) so a steadier configuration can win")
+        return found
 
     def markdown(self) -> str:
         """The table as Markdown (the study page and the command line show the same)."""

@@ -37,6 +37,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     table = result.table
     print(table.markdown())
     print(f"answer: {table.verdict()}")
+    for warning in table.warnings():
+        print(f"warning: {warning}")
     if result.recommended_path is not None:
         print(f"recommended config: {result.recommended_path}   (re-run: r2sweep trial {result.recommended_path} "
               "--out runs/recommended)")
