@@ -156,7 +156,8 @@ class StudyTable:
         for row in self.rows:
             if row.missing or row.fp.n < 2 or max(row.fp.values) - min(row.fp.values) <= FRAGILE_FP_SPAN:
                 continue
-            against = "every gain here is measured against it" if row.kind == "none" else "its gains rest on the seeds where it trained"
+            against = ("every gain here is measured against it" if row.kind == "none"
+                       else "its gains rest on the seeds where it trained")
             found.append(f"{row.label}: its winner {row.trial_id} is fragile: FP {min(row.fp.values):.1f} to "
                          f"{max(row.fp.values):.1f} over the seeds (its pre-training fails on some), and {against}; "
                          "re-run more of each sweep's best (confirm.top) so a steadier configuration can win")
