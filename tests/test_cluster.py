@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 from conftest import new_mlflow_store
+from ray.cluster_utils import Cluster
 
 import r2sweep
 from r2sweep.core.config.sweep import load_sweep_spec

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow import MlflowClient
 from conftest import new_mlflow_store
+from mlflow import MlflowClient
 
 from r2sweep.analysis.select import select_best
 from r2sweep.core.config.trial import load_trial_config
@@ -70,3 +70,20 @@ def test_the_champion_is_registered_again_only_when_a_better_trial_appears(tmp_p
     champion = client.get_model_version_by_alias(MODEL, "champion")
     assert str(champion.version) == "2" and champion.run_id == better
     assert sorted(str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")) == ["1", "2"]
+
+
+def test_the_champion_takes_any_batch_size(tmp_path: Path, pretrained: Path, monkeypatch, caplog) -> None:
+    import mlflow
+    import torch
+
+    tracker = Tracker(new_mlflow_store(tmp_path / "mlflow.db"), artifact_location=str(tmp_path / "artifacts"))
+    sweep = tracker.start_sweep(NAME, yaml.safe_dump(SPEC))
+    _finished_trial(sweep, "t0", 50.0, pretrained)
+    with caplog.at_level("WARNING"):
+        select_best(tracker, NAME)
+    # torch.export kept the batch dimension dynamic: nothing was specialized to the example's size.
+    assert not [r.getMessage() for r in caplog.records if "specialized" in r.getMessage()]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.tracking_uri)
+    champion = mlflow.pytorch.load_model(f"models:/{MODEL}@champion")
+    for batch in (1, 3):
+        assert tuple(champion(torch.zeros(batch, 1, 8, 8)).shape) == (batch, 10)

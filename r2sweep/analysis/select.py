@@ -172,7 +172,9 @@ def register_champion(sweep: SweepRun, run_id: str, model_name: str) -> tuple[st
         with tempfile.TemporaryDirectory() as tmp:
             model, args = load_pretrained(sweep.client.download_artifacts(run_id, PRETRAINED, tmp))
         shape = args.get("input_shape") or [args["in_channels"], args["input_size"], args["input_size"]]
-        example = np.zeros((1, *shape), dtype=np.float32)
+        # A batch of 2: torch.export specializes a dimension whose example size is 1, which
+        # made the logged model refuse every batch but 1.
+        example = np.zeros((2, *shape), dtype=np.float32)
         try:
             uri = sweep.log_model(run_id, model, example)
         except TrackingError:
