@@ -155,8 +155,9 @@ def write_study_page(tracker: Tracker, study: StudySpec, table: StudyTable, out:
                                                      "objective in start order, and the best so far.")
                                                for p in histories)))
         figures = [p for p in (bits, weights, *histories) if p is not None]
-        warnings = "".join(f"\nwarning: {w}\n" for w in table.warnings())
-        (scratch / TABLE_FILE).write_text(f"{table.verdict()}\n{warnings}\n{table.markdown()}\n", encoding="utf-8")
+        warnings = table.warnings()
+        warning_lines = "".join(f"\nwarning: {w}\n" for w in warnings)
+        (scratch / TABLE_FILE).write_text(f"{table.verdict()}\n{warning_lines}\n{table.markdown()}\n", encoding="utf-8")
         generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         notes_html = "".join(f"<li>{escape(n)}</li>" for n in notes)
         html = f"""<!DOCTYPE html>
@@ -168,7 +169,7 @@ def write_study_page(tracker: Tracker, study: StudySpec, table: StudyTable, out:
 <p class="cards"><span class="card"><span class="value">{escape(table.recommended.label)}</span><br>
 <span class="what">recommended</span></span></p>
 <p><b>{escape(table.verdict())}.</b></p>
-{''.join(f'<p class="warning">Warning: {escape(w)}.</p>' for w in table.warnings())}
+{''.join(f'<p class="warning">Warning: {escape(w)}.</p>' for w in warnings)}
 <h2 id="table">Per sweep</h2>
 {_table_html(table)}
 <p class="meta">Gains are differences of means over the seeds +- the standard error of the difference; "clear" means
