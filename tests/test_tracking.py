@@ -282,6 +282,33 @@ def test_weight_histograms_png(tmp_path: Path) -> None:
         weight_histograms(nn.ReLU(), tmp_path / "none.png")
 
 
+@pytest.mark.parametrize("layers, models", [(1, 1), (3, 1), (4, 1), (4, 3)])
+def test_histogram_labels_stay_inside_the_figure_and_clear_of_each_other(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layers: int, models: int) -> None:
+    # The histogram grid has fixed margins (no layout engine; each trial draws one):
+    # every axes with its tick labels, axis labels and title must fit, and not overlap.
+    import r2sweep.core.plots as plots
+
+    drawn = []
+    save = plots.save_png
+    monkeypatch.setattr(plots, "save_png", lambda figure, path: (drawn.append(figure), save(figure, path))[1])
+    if models == 1:
+        weight_histograms(_tiny_cnn(), tmp_path / "w.png", layers=layers)
+    else:
+        compare_weight_histograms({f"model {i}": _tiny_cnn(i) for i in range(models)}, tmp_path / "w.png", layers=layers)
+    (figure,) = drawn
+    renderer = figure.canvas.get_renderer()
+    page = figure.bbox
+    boxes = [ax.get_tightbbox(renderer) for ax in figure.axes if ax.get_visible()]
+    title = figure._suptitle.get_window_extent(renderer)
+    assert len(boxes) == layers
+    for box in [*boxes, title]:
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, (box, page)
+    for i, box in enumerate(boxes):
+        assert not box.overlaps(title)
+        assert not any(box.overlaps(other) for other in boxes[i + 1:])
+
+
 def test_passwords_in_uris_are_masked_wherever_a_tracker_shows_its_uri(monkeypatch: pytest.MonkeyPatch) -> None:
     from r2sweep.tracking.store import redact_uri
 
