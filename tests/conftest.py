@@ -333,3 +333,20 @@ def kill_group_when(process: subprocess.Popen, ready: Callable[[], bool], timeou
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
     wait_group_gone(process.pid)
+
+
+def cli_main(*args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch,
+             capsys: pytest.CaptureFixture[str]) -> subprocess.CompletedProcess:
+    """An ``r2sweep`` command through the CLI's ``main`` in this process: its exit status and
+    its (stdout, stderr), without the seconds a fresh interpreter spends importing torch,
+    Ray and MLflow. For refusals and reads; each test file still runs the real
+    ``python -m r2sweep.cli`` in its own process where a process's behaviour is the point."""
+    from r2sweep.cli.app import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # main() puts the working directory on it
+    capsys.readouterr()
+    status = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["r2sweep", *args], status, out, err)
+

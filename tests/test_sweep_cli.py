@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import new_mlflow_store
+from conftest import cli_main, new_mlflow_store
 
 pytestmark = pytest.mark.ray
 
@@ -104,9 +104,10 @@ def test_best_config_reruns_to_the_same_accuracy_and_is_the_champion(finished_sw
     assert len(client.search_model_versions("name='r2sweep-cli-tiny'")) == 1
 
 
-def test_resume_continues_the_same_sweep_without_duplicate_runs(finished_sweep) -> None:
+def test_resume_continues_the_same_sweep_without_duplicate_runs(finished_sweep, monkeypatch, capsys) -> None:
     work, _ = finished_sweep
-    again = _r2sweep("sweep", "tiny.yaml", cwd=work)
+    here = {"cwd": work, "monkeypatch": monkeypatch, "capsys": capsys}
+    again = _r2sweep("sweep", "tiny.yaml", cwd=work)  # a real process: its exit status and its stderr alone
     assert again.returncode == 2 and "add --resume" in again.stderr
     assert again.stderr.strip().count("\n") == 0, again.stderr  # the refusal alone: refused before the start line
     resumed = _r2sweep("sweep", "tiny.yaml", "--resume", cwd=work)
@@ -117,23 +118,25 @@ def test_resume_continues_the_same_sweep_without_duplicate_runs(finished_sweep) 
     assert len([r for r in runs if r.data.tags.get("r2sweep.role") == "sweep"]) == 1
     assert len([r for r in runs if r.data.tags.get("r2sweep.role") == "trial"]) == SPEC["sweep"]["num_samples"]
     assert not [r for r in runs if r.info.status == "RUNNING"]
-    missing = _r2sweep("sweep", "tiny.yaml", "--resume", "--name", "never-ran", cwd=work)
+    # The other refusals through the CLI's main in this process (no Ray starts before a refusal).
+    missing = cli_main("sweep", "tiny.yaml", "--resume", "--name", "never-ran", **here)
     assert missing.returncode == 2 and "no sweep to resume" in missing.stderr
-    unknown = _r2sweep("best", "never-ran", cwd=work)
+    unknown = cli_main("best", "never-ran", **here)
     assert unknown.returncode == 2 and "no sweep named 'never-ran'" in unknown.stderr
-    changed = _r2sweep("sweep", "tiny.yaml", "--resume", "--set", "train.epochs=7", cwd=work)
+    changed = cli_main("sweep", "tiny.yaml", "--resume", "--set", "train.epochs=7", **here)
     assert changed.returncode == 2, changed.stderr[-2000:]
     (line,) = [l for l in changed.stderr.splitlines() if l.startswith("r2sweep: error:")]
     assert "train.epochs=7" in line and "was started with" in line and "--name" in line
     # Tune resumes with the tracker the sweep started with: another store is refused, not half-used.
-    elsewhere = _r2sweep("sweep", "tiny.yaml", "--resume", "--tracking-uri", "sqlite:///other.db", cwd=work)
+    elsewhere = cli_main("sweep", "tiny.yaml", "--resume", "--tracking-uri", "sqlite:///other.db", **here)
     assert elsewhere.returncode == 2, elsewhere.stderr[-2000:]
     (line,) = [l for l in elsewhere.stderr.splitlines() if l.startswith("r2sweep: error:")]
     assert "--tracking-uri" in line and f"resume it with --tracking-uri sqlite:///{work.resolve() / 'mlflow.db'}" in line
     assert not (work / "other.db").exists()
 
 
-def test_a_name_whose_tune_state_is_gone_is_refused_not_merged(finished_sweep, tmp_path: Path) -> None:
+def test_a_name_whose_tune_state_is_gone_is_refused_not_merged(finished_sweep, tmp_path: Path, monkeypatch,
+                                                               capsys) -> None:
     """The sweep's store without its results folder (deleted, or on another machine): running
     the same name again used to log the new trials as children of the old parent run."""
     work, _ = finished_sweep
@@ -145,7 +148,7 @@ def test_a_name_whose_tune_state_is_gone_is_refused_not_merged(finished_sweep, t
         return sorted(r.info.run_id for r in client.search_runs([client.get_experiment_by_name("cli-tiny").experiment_id]))
 
     before = runs()
-    again = _r2sweep("sweep", "tiny.yaml", cwd=tmp_path, timeout=120)
+    again = cli_main("sweep", "tiny.yaml", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert again.returncode == 2, again.stderr[-2000:]
     (line,) = again.stderr.strip().splitlines()
     assert line.startswith("r2sweep: error: --name='cli-tiny' is not valid: a new sweep name: ")
@@ -154,16 +157,17 @@ def test_a_name_whose_tune_state_is_gone_is_refused_not_merged(finished_sweep, t
     assert runs() == before
 
 
-def test_bad_spec_exits_2_and_creates_nothing(tmp_path: Path) -> None:
+def test_bad_spec_exits_2_and_creates_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
     bad = dict(SPEC, objective={"metric": "ptq_adaround_w2a8/top1", "mode": "max"})
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     done = _r2sweep("sweep", "bad.yaml", cwd=tmp_path, timeout=120)
     assert done.returncode == 2 and "objective.metric" in done.stderr and "Traceback" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
-    done = _r2sweep("sweep", "bad.yaml", "--set", "objective.metric=ptq_rtn_w2a8/top1", "--num-samples", "0", cwd=tmp_path, timeout=120)
+    here = {"cwd": tmp_path, "monkeypatch": monkeypatch, "capsys": capsys}
+    done = cli_main("sweep", "bad.yaml", "--set", "objective.metric=ptq_rtn_w2a8/top1", "--num-samples", "0", **here)
     assert done.returncode == 2 and "sweep.num_samples" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
-    done = _r2sweep("best", "nothing-here", cwd=tmp_path, timeout=120)
+    done = cli_main("best", "nothing-here", **here)
     assert done.returncode == 2 and "no MLflow store at mlflow.db" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # reading never creates a store
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import cli_main
 
-from r2sweep.cli.app import main
 from r2sweep.core.checkpoint import load_checkpoint
 from r2sweep.core.config.overrides import apply_overrides, parse_override
 from r2sweep.core.config.trial import load_trial_config, read_yaml
@@ -193,20 +193,9 @@ DIGITS_TRIAL = (REPO / "search_spaces" / "trial_digits.yaml").read_text()
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """The real ``python -m r2sweep.cli`` in its own process (what a user's shell sees, import-time output included)."""
+    """The real ``python -m r2sweep.cli`` in its own process (what a user's shell sees, import-time output
+    included): once per test; the rest go through ``cli_main`` in this process."""
     return subprocess.run([sys.executable, "-m", "r2sweep.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
-
-
-def _main(*args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    """The same command through the CLI's ``main`` in this process: its exit status and its
-    (stdout, stderr), without the seconds a fresh interpreter spends importing torch.
-    ``_cli`` above proves the separate process once per test; the rest go through here."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "path", list(sys.path))  # main() puts the working directory on it
-    capsys.readouterr()
-    status = main(list(args))
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(["r2sweep", *args], status, out, err)
 
 
 def test_cli_trial_on_digits_writes_every_result(tmp_path: Path) -> None:
@@ -235,7 +224,7 @@ def test_cli_bad_file_exits_2_with_one_line_and_writes_nothing(
     assert done.stderr.strip().count("\n") == 0 and "train.epochs='ten'" in done.stderr
     assert not (tmp_path / "out").exists()
     (tmp_path / "bad.yaml").write_text("downstream:\n  - {method: ptq, weight_bits: [2], tua: 1}\n")
-    done = _main("trial", "bad.yaml", "--out", "out", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    done = cli_main("trial", "bad.yaml", "--out", "out", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert done.stderr.strip().count("\n") == 0, done.stderr
     assert done.returncode == 2 and "downstream[0].tua" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
@@ -261,8 +250,8 @@ def test_an_output_folder_resumes_its_own_config_and_refuses_another(
     # The CLI says so in one line, exit 2.
     (tmp_path / "trial.yaml").write_text(yaml.safe_dump(mapping))
     cli = {"cwd": tmp_path, "monkeypatch": monkeypatch, "capsys": capsys}
-    assert _main("trial", "trial.yaml", "--out", "run", **cli).returncode == 0
+    assert cli_main("trial", "trial.yaml", "--out", "run", **cli).returncode == 0
     kept = (tmp_path / "run" / "config.yaml").read_text()
-    done = _main("trial", "trial.yaml", "--out", "run", "--set", "train.lr=0.2", **cli)
+    done = cli_main("trial", "trial.yaml", "--out", "run", "--set", "train.lr=0.2", **cli)
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "different trial config" in done.stderr
     assert (tmp_path / "run" / "config.yaml").read_text() == kept  # refused before anything was written
