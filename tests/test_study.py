@@ -91,6 +91,8 @@ def test_a_study_killed_mid_sweep_resumes_and_its_table_is_mlflows(tmp_path: Pat
         assert all(r.info.status == "FINISHED" for r in trials)
     confirm = [r for s in SWEEPS for r in _runs(client, s, "confirm")]
     assert len(confirm) == 3 * 2 + 2 * 2 * 2 == len({r.data.tags["r2sweep.trial_id"] for r in confirm})
+    # Re-runs share the sweeps' pre-training cache (a re-run killed after its pre-training finds it there).
+    assert {r.data.tags["r2sweep.pretrain_cache"] for r in confirm} <= {"stored", "hit"}
     # Grouped under the study; each sweep with its own recorded sampler seed.
     for sweep in SWEEPS:
         (parent,) = _runs(client, sweep, "sweep")

@@ -28,6 +28,8 @@ from r2sweep.analysis.select import TRIAL_CONFIG_ARTIFACT, read_sweep, pareto_fr
 from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import R2SweepError
 from r2sweep.core.outcome import DIVERGED, FAILED, FINISHED, RUN_STATUS, TAG_OUTCOME, decide_outcome, finished_runs, run_outcome
+from r2sweep.core.trial import TEXT_RESULTS
+from r2sweep.tracking.names import TAG_TEXT_PREFIX
 from r2sweep.tracking.store import TAG_TRIAL_ID, SweepRun, Tracker
 from r2sweep.tune.cluster import connect
 from r2sweep.tune.runtime_env import runtime_env_for, shipped_callables
@@ -63,19 +65,23 @@ def _rerun_id(trial_id: str, seed: int) -> str:
 
 
 @ray.remote
-def _run_trial(mapping: dict[str, Any], threads: int, callables: dict[str, Any]) -> dict[str, float]:
+def _run_trial(mapping: dict[str, Any], threads: int, callables: dict[str, Any], cache_dir: str | None = None,
+               cache_label: str = "") -> dict[str, float]:
     import torch
 
     from r2sweep.core.config.trial import load_trial_config
     from r2sweep.core.errors import TrialDiverged
     from r2sweep.core.factories import install_callables
+    from r2sweep.core.pretraining import PretrainCache
     from r2sweep.core.trial import run_trial
 
     torch.set_num_threads(threads)
     install_callables(callables)  # factories given from Python in this driver, as a sweep ships them
+    cache = PretrainCache(cache_dir, user=cache_label.split("/")[0]) if cache_dir else None
     try:
-        final = run_trial(load_trial_config(mapping))
-        return {k: float(v) for k, v in final.items() if isinstance(v, (int, float))}  # not the notes text
+        final = run_trial(load_trial_config(mapping), cache=cache, cache_label=cache_label)
+        texts = {key: str(final[key]) for key in TEXT_RESULTS if final.get(key)}  # tagged, as a trial's are
+        return {**{k: float(v) for k, v in final.items() if isinstance(v, (int, float))}, **texts}
     except TrialDiverged as error:
         return {"diverged": 1.0, "error": str(error)[:200]}  # type: ignore[dict-item]
 
@@ -115,13 +121,17 @@ class Rerun:
 def run_reruns(sweep: SweepRun, spec: SweepSpec, reruns: Sequence[Rerun], seeds: Sequence[int], *,
                address: str | None = None, num_cpus: int | None = None, label: str = "",
                what: str = "configurations", progress: Callable[[str], None] = print,
-               ) -> dict[str, dict[int, dict[str, float]]]:
+               storage: str | None = None) -> dict[str, dict[int, dict[str, float]]]:
     """Train each of ``reruns`` on each of ``seeds`` as Ray tasks; ``{key: {seed: final metrics}}``.
 
     A re-run that finished or diverged in MLflow is not run again (training is
     deterministic per seed); one that failed or was interrupted is. A crashed worker
-    fails its re-run only.
+    fails its re-run only. ``storage``: the sweeps' storage, whose pre-training cache
+    the re-runs share as the sweep's trials do (a configuration re-run on a seed it
+    already pre-trained on, say for another downstream method, does not pre-train
+    again); None: no cache.
     """
+    cache_dir = spec.settings.pretrain_cache_dir(storage) if storage is not None else None
     done = {r.data.tags.get(TAG_TRIAL_ID): r for r in sweep.confirm_runs()
             if run_outcome(r, spec.objective_metrics) in (FINISHED, DIVERGED)}
     resources = spec.settings.resources_per_trial
@@ -143,7 +153,8 @@ def run_reruns(sweep: SweepRun, spec: SweepSpec, reruns: Sequence[Rerun], seeds:
             run_id = sweep.trial_run(_rerun_id(rerun.key, seed), {**rerun.params, "seed": seed}, confirm=True)
             sweep.set_tags(run_id, dict(rerun.tags))
             task = _run_trial.options(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0)).remote(
-                {**config, "seed": seed}, threads, shipped_callables(spec))
+                {**config, "seed": seed}, threads, shipped_callables(spec), cache_dir,
+                f"{sweep.name}/{_rerun_id(rerun.key, seed)}")
             pending[task] = (rerun.key, run_id, seed)
 
     total = len(pending)
@@ -160,9 +171,10 @@ def run_reruns(sweep: SweepRun, spec: SweepSpec, reruns: Sequence[Rerun], seeds:
             sweep.end_trial(run_id, RUN_STATUS[FAILED])
             progress(f"[{total - len(pending)}/{total}] {what.rstrip('s')} {key} seed {seed}: failed ({type(error).__name__})")
             continue
+        texts = {TAG_TEXT_PREFIX + key: final.pop(key)[:4000] for key in TEXT_RESULTS if key in final}
         sweep.log_metrics(run_id, final)
         outcome = decide_outcome(final, spec.objective_metrics)
-        sweep.set_tags(run_id, {TAG_OUTCOME: outcome})
+        sweep.set_tags(run_id, {**texts, TAG_OUTCOME: outcome})
         sweep.end_trial(run_id, RUN_STATUS[outcome])
         results[key][seed] = final
         value = final.get(objective)
@@ -181,10 +193,12 @@ def confirm_top(
     address: str | None = None,
     num_cpus: int | None = None,
     progress: Callable[[str], None] = print,
+    storage: str | None = None,
 ) -> list[Confirmation]:
     """Re-run the ``top`` trials of sweep ``name`` on ``seeds``; best mean first.
 
     ``out``: where to write the winner's trial config (its sweep seed kept).
+    ``storage``: the sweep's storage, for its pre-training cache (see :func:`run_reruns`).
 
     Raises:
         R2SweepError: ``top`` below 1, no seed, no such sweep or no finished trial.
@@ -200,7 +214,7 @@ def confirm_top(
     reruns = [Rerun(key=ids[run.info.run_id], config=lambda run_id=run.info.run_id: logged_trial_config(sweep, run_id),
                     params=dict(run.data.params), tags={TAG_CONFIRM_OF: ids[run.info.run_id]}) for run in trials]
     results = run_reruns(sweep, spec, reruns, seeds, address=address, num_cpus=num_cpus, label=f"confirm {name}",
-                         what="trials", progress=progress)
+                         what="trials", progress=progress, storage=storage)
 
     confirmations = []
     for run in trials:

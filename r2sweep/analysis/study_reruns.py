@@ -29,7 +29,7 @@ __all__ = ["confirm_winners", "run_controls"]
 
 
 def confirm_winners(tracker: Tracker, study: StudySpec, *, address: str | None, num_cpus: int | None,
-                    progress: Callable[[str], None]) -> None:
+                    progress: Callable[[str], None], storage: str | None = None) -> None:
     """Re-run each sweep's ``confirm.top`` best trials on the study's seeds; the best mean becomes its winner.
 
     A kind's sweep without a finished trial (every one diverged) is left out of the answer, with a line.
@@ -39,7 +39,7 @@ def confirm_winners(tracker: Tracker, study: StudySpec, *, address: str | None, 
             progress(f"{sweep.name}: no finished trial to confirm; this kind is left out of the answer")
             continue
         confirm_top(tracker, sweep.name, top=study.confirm_top, seeds=study.seeds, address=address,
-                    num_cpus=num_cpus, progress=progress)
+                    num_cpus=num_cpus, progress=progress, storage=storage)
 
 
 def _has_finished_trial(tracker: Tracker, name: str) -> bool:
@@ -59,7 +59,7 @@ def _winner(tracker: Tracker, name: str) -> tuple[SweepRun, str, dict[str, str],
 
 
 def run_controls(tracker: Tracker, study: StudySpec, *, address: str | None, num_cpus: int | None,
-                 progress: Callable[[str], None]) -> None:
+                 progress: Callable[[str], None], storage: str | None = None) -> None:
     """For each kind: its winner with R2 off, and the baseline's winner with its R2, on the study's seeds."""
     base = _winner(tracker, study.baseline.name)
     if base is None:
@@ -90,4 +90,4 @@ def run_controls(tracker: Tracker, study: StudySpec, *, address: str | None, num
                   tags={**tags, TAG_CONTROL: CONTROL_ON_BASELINE}),
         ]
         run_reruns(sweep, spec, reruns, study.seeds, address=address, num_cpus=num_cpus,
-                   label=f"controls {kind.name}", what="controls", progress=progress)
+                   label=f"controls {kind.name}", what="controls", progress=progress, storage=storage)

@@ -58,13 +58,17 @@ def compare(names: Sequence[str], *, tracking_uri: str | None = None, metrics: S
 
 def confirm(name: str, *, top: int = 3, seeds: Sequence[int] = (1, 2, 3), tracking_uri: str | None = None,
             out: str | os.PathLike[str] | None = None, address: str | None = None,
+            storage: str | os.PathLike[str] | None = None,
             progress: Callable[[str], None] | None = None, option_names: Mapping[str, str] = {}) -> list[Any]:
     """Re-run the ``top`` trials of sweep ``name`` on fresh ``seeds`` (on Ray) and rank them on the mean.
 
     Returns :class:`~r2sweep.analysis.confirm.Confirmation` rows, best mean first; the
-    winner's trial config goes to ``out`` (default ``NAME-confirmed.yaml``).
+    winner's trial config goes to ``out`` (default ``NAME-confirmed.yaml``). ``storage``:
+    the sweep's storage (default ``r2sweep_results``), whose pre-training cache the
+    re-runs share, unless the sweep turned it off.
     """
     from r2sweep.analysis.confirm import confirm_top
+    from r2sweep.tune.tuner import DEFAULT_STORAGE
 
     named = option_names.get
     check.sweep_to_read(name, named("sweep", "name"))
@@ -73,8 +77,11 @@ def confirm(name: str, *, top: int = 3, seeds: Sequence[int] = (1, 2, 3), tracki
     target = check.output_file(f"{name}-confirmed.yaml" if out is None else out, named("out", "out"),
                                example=f"{name}-confirmed.yaml")
     check.ray_address(address, named("address", "address"))
-    return confirm_top(open_store(tracking_uri, named("tracking_uri", "tracking_uri")), name, top=top, seeds=list(seeds), out=target, address=address,
-                       progress=progress or (lambda line: None))
+    storage_text = None if storage is None else os.fspath(storage)
+    check.storage(storage_text, named("storage", "storage"))
+    return confirm_top(open_store(tracking_uri, named("tracking_uri", "tracking_uri")), name, top=top,
+                       seeds=list(seeds), out=target, address=address, progress=progress or (lambda line: None),
+                       storage=storage_text or DEFAULT_STORAGE)
 
 
 def report(name: str, out: str | os.PathLike[str], *, tracking_uri: str | None = None, log_to_run: bool = True,

@@ -221,12 +221,13 @@ def run_study(
             existing.log_text(existing.parent_run_id, text, STUDY_ARTIFACT)
             stage(f"confirm: {started_with.get('confirm')} -> {resolved.get('confirm')}; the sweeps are kept")
     record = existing or open_study(tracker, spec.name, text)
-    _run_sweeps(tracker, spec, storage_text or DEFAULT_STORAGE, tracking_uri=tracking_uri, address=address,
+    storage_text = storage_text or DEFAULT_STORAGE
+    _run_sweeps(tracker, spec, storage_text, tracking_uri=tracking_uri, address=address,
                 num_cpus=num_cpus, stage=stage, say=say)
     stage(f"confirming each sweep's best {spec.confirm_top} on seeds {list(spec.seeds)}")
-    confirm_winners(tracker, spec, address=address, num_cpus=num_cpus, progress=say)
+    confirm_winners(tracker, spec, address=address, num_cpus=num_cpus, progress=say, storage=storage_text)
     stage("the controls: R2 off at each winner's knobs, and its R2 on the baseline's knobs")
-    run_controls(tracker, spec, address=address, num_cpus=num_cpus, progress=say)
+    run_controls(tracker, spec, address=address, num_cpus=num_cpus, progress=say, storage=storage_text)
     result = _answer(tracker, spec, record, folder, text, register=register)
     stage(f"answered: {result.table.verdict()}")
     record.end("FINISHED")

@@ -62,7 +62,7 @@ SWEEP_FLAGS = {"storage": "--storage", "tracking_uri": "--tracking-uri", "addres
                "overrides": "--set", "start_from": "--start-from", "start_top": "--top"}
 READER_FLAGS = {"sweep": "sweep name", "tracking_uri": "--tracking-uri", "out": "--out", "by": "--by",
                 "metrics": "--metric", "top": "--top", "seeds": "--seeds", "address": "--address", "out_dir": "--out",
-                "overrides": "--set", "pretrain_cache": "--pretrain-cache"}
+                "overrides": "--set", "pretrain_cache": "--pretrain-cache", "storage": "--storage"}
 
 
 def _progress(started: float):
@@ -236,7 +236,7 @@ def _cmd_confirm(args: argparse.Namespace) -> int:
     out = f"{args.name}-confirmed.yaml" if args.out is None else args.out
     confirmations, status = _reading(lambda: confirm(
         args.name, top=args.top, seeds=args.seeds, tracking_uri=args.tracking_uri, out=out, address=args.address,
-        progress=lambda line: print(line, file=sys.stderr, flush=True), option_names=READER_FLAGS))
+        storage=args.storage, progress=lambda line: print(line, file=sys.stderr, flush=True), option_names=READER_FLAGS))
     if status:
         return status
     objective = confirmations[0].objective
@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     confirm.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db)")
     confirm.add_argument("--out", help="the winner's trial config (default NAME-confirmed.yaml)")
     confirm.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    confirm.add_argument("--storage", help="the sweep's storage path or URI, whose pre-training cache the re-runs "
+                                           "share (default ./r2sweep_results)")
     confirm.set_defaults(run=_cmd_confirm)
     report = commands.add_parser("report", help="a sweep as an HTML page with figures, read from MLflow")
     report.add_argument("name", help="sweep name")
