@@ -11,6 +11,14 @@ MobileNet-V1 at W2A2.
     .venv/bin/python benchmarks/reconstruction.py --settings r18 --round-lr 1e-2   # every algorithm's rounding lr
     .venv/bin/python benchmarks/reconstruction.py --table                          # the tables from the JSON
 
+With ``--study NAME`` the models are instead a finished ``r2sweep study``'s confirmed
+winners (the tuned baseline and each R2 kind, read from MLflow), on the study's seeds,
+at its W bits and A8, pre-trained through the study storage's pre-training cache (the
+study's re-runs stored them there): does R2 still pay when the PTQ is the strongest?
+
+    .venv/bin/python benchmarks/reconstruction.py --study ptq-mbv2-linf --tracking-uri sqlite:///mlflow.db \
+        --storage r2sweep_results --algorithms brecq qdrop --iters 500 --round-lr 1e-2
+
 Writes ``results/reconstruction.json`` (``--out``): one entry per setting, seed and knobs,
 filled one result at a time; a re-run skips the results it holds. The pre-trained models
 are kept in ``results/reconstruction-cache/`` beside it (a pre-training cache), so other
@@ -51,36 +59,69 @@ def trial_config(setting: str, seed: int, args: argparse.Namespace) -> dict[str,
     study_file, knobs, bit_pairs = SETTINGS[setting]
     study = load_study_spec(load_file(ROOT / "search_spaces" / "studies" / f"{study_file}.yaml"))
     base = study.baseline.spec.trial.to_mapping()
-    rounding = {"adaround_iters": args.iters, **({"adaround_lr": args.round_lr} if args.round_lr else {})}
-    downstream = [{"method": "ptq", "algorithm": algorithm, "weight_bits": [w], "act_bits": a, **GRID, **rounding}
-                  for w, a in bit_pairs for algorithm in ALGORITHMS]
+    downstream = [{"method": "ptq", "algorithm": algorithm, "weight_bits": [w], "act_bits": a, **GRID, **_rounding(args)}
+                  for w, a in bit_pairs for algorithm in args.algorithms]
     return {"data": base["data"], "model": base["model"], "seed": seed, "downstream": downstream,
             "train": {**base["train"], **knobs, "device": "cpu"}}
 
 
-def run(args: argparse.Namespace) -> None:
-    """One trial per (setting, seed, result), so that an interrupted run loses at most one
-    result; the setting's pre-training is paid once per seed, through a pre-training cache."""
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    cache = PretrainCache(args.out.parent / "reconstruction-cache", user="reconstruction")
+def _rounding(args: argparse.Namespace) -> dict[str, Any]:
+    return {"adaround_iters": args.iters, **({"adaround_lr": args.round_lr} if args.round_lr else {})}
+
+
+def setting_trials(args: argparse.Namespace):
+    """(key, trial config mapping) per setting and seed, at the recorded baseline knobs."""
     for setting in args.settings:
         for seed in args.seeds:
-            key = f"{setting}/seed{seed}/iters{args.iters}/lr{args.round_lr or 'default'}"
-            mapping = trial_config(setting, seed, args)
-            for method in mapping["downstream"]:
-                config = load_trial_config({**mapping, "downstream": [method]})
-                (result,) = config.result_names()
-                done = results.setdefault(key, {})
-                if f"{result}/top1" in done:
-                    continue
-                final = run_trial(config, progress=lambda line: print(f"{key} {result}: {line}", flush=True),
-                                  device=torch.device("cpu"), cache=cache, cache_label=key)
-                done.update({name: value for name, value in final.items()
-                             if name.endswith("/top1") or name == f"time/{result}_s"})
-                if final["pretrain_cache"] != HIT:  # the pre-training's own cost, not a cache hit's
-                    done["time/pretrain_s"] = final["time/pretrain_s"]
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(results, indent=1, sort_keys=True))
+            yield f"{setting}/seed{seed}/iters{args.iters}/lr{args.round_lr or 'default'}", trial_config(setting, seed, args)
+
+
+def study_trials(args: argparse.Namespace):
+    """(key, trial config mapping) per confirmed winner of study ``args.study`` and study seed."""
+    import r2sweep
+    from r2sweep.analysis.confirm import logged_trial_config
+    from r2sweep.analysis.select import read_sweep
+    from r2sweep.tracking.store import Tracker
+
+    study = r2sweep.load_study(args.study, tracking_uri=args.tracking_uri)
+    tracker = Tracker(args.tracking_uri)
+    for row in study.table.rows:
+        logged = logged_trial_config(read_sweep(tracker, row.sweep)[0], row.run_id)
+        weight_bits = sorted({bits for method in logged["downstream"] for bits in method.get("weight_bits", [])})
+        downstream = [{"method": "ptq", "algorithm": algorithm, "weight_bits": [weight_bits[0]], "act_bits": 8, **GRID,
+                       **_rounding(args)} for algorithm in args.algorithms]
+        for seed in study.table.seeds:
+            key = (f"study:{args.study}/{row.kind}-{row.trial_id}/seed{seed}/iters{args.iters}/"
+                   f"lr{args.round_lr or 'default'}")
+            yield key, {**logged, "seed": seed, "downstream": downstream}
+
+
+def run(args: argparse.Namespace) -> None:
+    """One trial per (model, seed, result), so that an interrupted run loses at most one
+    result; each model's pre-training is paid once per seed, through a pre-training cache."""
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if args.study:
+        cache = PretrainCache(Path(args.storage) / "pretrain_cache", user="reconstruction")
+        trials = study_trials(args)
+    else:
+        cache = PretrainCache(args.out.parent / "reconstruction-cache", user="reconstruction")
+        trials = setting_trials(args)
+    torch.set_num_threads(args.threads)
+    for key, mapping in trials:
+        for method in mapping["downstream"]:
+            config = load_trial_config({**mapping, "downstream": [method]})
+            (result,) = config.result_names()
+            done = results.setdefault(key, {})
+            if f"{result}/top1" in done:
+                continue
+            final = run_trial(config, progress=lambda line: print(f"{key} {result}: {line}", flush=True),
+                              device=torch.device("cpu"), cache=cache, cache_label=key)
+            done.update({name: value for name, value in final.items()
+                         if name.endswith("/top1") or name == f"time/{result}_s"})
+            if final["pretrain_cache"] != HIT:  # the pre-training's own cost, not a cache hit's
+                done["time/pretrain_s"] = final["time/pretrain_s"]
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1, sort_keys=True))
     print(table(results))
 
 
@@ -108,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=1000, help="rounding iterations per layer or block")
     parser.add_argument("--round-lr", type=float, default=None, help="the rounding's Adam lr (default: the field's)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reconstruction.json")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all)")
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
+    parser.add_argument("--study", help="measure this finished study's confirmed winners instead of --settings")
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="the study's MLflow store")
+    parser.add_argument("--storage", default="r2sweep_results", help="the study's storage (its pre-training cache)")
     parser.add_argument("--table", action="store_true", help="print the tables from --out; run nothing")
     args = parser.parse_args(argv)
     if args.table:
