@@ -90,7 +90,7 @@ def study_trials(args: argparse.Namespace):
         weight_bits = sorted({bits for method in logged["downstream"] for bits in method.get("weight_bits", [])})
         downstream = [{"method": "ptq", "algorithm": algorithm, "weight_bits": [weight_bits[0]], "act_bits": 8, **GRID,
                        **_rounding(args)} for algorithm in args.algorithms]
-        for seed in study.table.seeds:
+        for seed in [s for s in study.table.seeds if s in args.seeds]:  # --seeds splits the work between processes
             key = (f"study:{args.study}/{row.kind}-{row.trial_id}/seed{seed}/iters{args.iters}/"
                    f"lr{args.round_lr or 'default'}")
             yield key, {**logged, "seed": seed, "downstream": downstream}
