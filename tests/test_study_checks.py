@@ -120,7 +120,9 @@ def test_bad_input_to_the_study_command_is_one_line_and_writes_nothing(tmp_path,
 
 def _fake_study_store(uri: str, baseline: tuple[float, float] = (60.0, 64.0)) -> None:
     """A study as MLflow would hold it, written with the tracking layer alone (no Ray, no training):
-    the baseline and L-inf confirmed with controls; every Margin trial diverged; Soft-Min-Max not run."""
+    the baseline and L-inf confirmed with controls; every Margin trial diverged; Soft-Min-Max not run.
+    L-inf also holds an R2-on-baseline control made on an earlier baseline winner (t0), which
+    ``confirm.top`` raised later replaced by t1."""
     from r2sweep.analysis.confirm import TAG_CONFIRM_OF, TAG_CONFIRMED_BEST
     from r2sweep.core.config.study import load_study_spec
     from r2sweep.core.outcome import TAG_OUTCOME
@@ -135,9 +137,10 @@ def _fake_study_store(uri: str, baseline: tuple[float, float] = (60.0, 64.0)) ->
     tracker = Tracker(uri)
     open_study(tracker, "fake", yaml.safe_dump(raw))
 
-    def runs(sweep, key, values, tags, confirm=True, outcome="finished"):
+    def runs(sweep, key, values, tags, confirm=True, outcome="finished", params=None):
         for seed, value in zip((1, 2), values):
-            run_id = sweep.trial_run(f"{key}-seed{seed}" if confirm else key, {"seed": seed}, confirm=confirm)
+            run_id = sweep.trial_run(f"{key}-seed{seed}" if confirm else key, {"seed": seed, **(params or {})},
+                                     confirm=confirm)
             if value is not None:
                 sweep.log_metrics(run_id, {"ptq_rtn_w2a8/top1": value, "ptq_rtn_w4a8/top1": value + 10,
                                            "fp/top1": value + 20})
@@ -156,7 +159,10 @@ def _fake_study_store(uri: str, baseline: tuple[float, float] = (60.0, 64.0)) ->
         runs(sweep, "t1", values, {TAG_CONFIRM_OF: "t1"})
         if sweep_spec.kind == "linf":
             runs(sweep, "r2_off-t1", (65.0, 66.0), {TAG_CONTROL: "r2_off", TAG_CONTROL_OF: "t1"})
-            runs(sweep, "r2_on_baseline-t1", (68.0, 69.0), {TAG_CONTROL: "r2_on_baseline", TAG_CONTROL_OF: "t1"})
+            on_baseline = {TAG_CONTROL: "r2_on_baseline", TAG_CONTROL_OF: "t1"}
+            for key, values, base in (("r2_on_baseline-t1-on-t1", (68.0, 69.0), "t1"),
+                                      ("r2_on_baseline-t1", (20.0, 21.0), "t0")):  # either order must read the same
+                runs(sweep, key, values, on_baseline, params={"baseline_trial": base})
 
 
 def test_the_answer_is_read_from_mlflow_and_a_kind_without_a_winner_is_shown_not_fatal(tmp_path: Path) -> None:
@@ -172,7 +178,7 @@ def test_the_answer_is_read_from_mlflow_and_a_kind_without_a_winner_is_shown_not
     assert linf.gain.delta == pytest.approx(9.0) and linf.gain.se == pytest.approx(math.sqrt(8 / 2 + 2 / 2))
     assert linf.gain.clear and linf.fp_change == pytest.approx(9.0)
     assert linf.gain_over_r2_off.delta == pytest.approx(71.0 - 65.5)
-    assert linf.gain_on_baseline.delta == pytest.approx(68.5 - 62.0)
+    assert linf.gain_on_baseline.delta == pytest.approx(68.5 - 62.0)  # on t1's knobs; t0's control is stale
     lines = table.markdown().splitlines()
     assert lines[4] == "| margin | has no finished trial | - | - | - | - | - | - |"
     assert lines[3].startswith("| linf **recommended** | 71.0 +- 1.4 (n=2) | +9.0 +- 2.2 (clear) | +5.5 +- 1.1 (clear) | +6.5 +- 2.1 (clear) |")
@@ -190,3 +196,18 @@ def test_the_command_prints_a_fragile_winner_under_the_answer(tmp_path: Path, mo
     lines = capsys.readouterr().out.splitlines()
     answer = next(i for i, line in enumerate(lines) if line.startswith("answer: "))
     assert lines[answer + 1].startswith("warning: none (tuned baseline): its winner t1 is fragile: FP 40.0 to 84.0")
+
+
+def test_the_r2_on_baseline_control_is_keyed_by_the_baseline_winner_it_took(tmp_path: Path) -> None:
+    # confirm.top raised after a study answered can change the baseline's winner: the control
+    # must then run again on the new winner's knobs, not count the old winner's runs.
+    from r2sweep.analysis.select import read_sweep
+    from r2sweep.analysis.study_reruns import _on_baseline_key
+    from r2sweep.tracking.store import Tracker
+
+    uri = new_mlflow_store(tmp_path / "mlflow.db")
+    _fake_study_store(uri)
+    sweep, _ = read_sweep(Tracker(uri), "fake-linf")
+    assert _on_baseline_key(sweep, "t1", "t0") == "r2_on_baseline-t1"  # runs before the key held the baseline
+    assert _on_baseline_key(sweep, "t1", "t1") == "r2_on_baseline-t1-on-t1"
+    assert _on_baseline_key(sweep, "t1", "t7") == "r2_on_baseline-t1-on-t7"  # a new winner: new re-runs

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from r2sweep.analysis.confirm import TAG_CONFIRMED_BEST, Rerun, confirm_top, logged_trial_config, run_reruns
 from r2sweep.analysis.select import read_sweep
-from r2sweep.analysis.study_table import CONTROL_ON_BASELINE, CONTROL_R2_OFF
+from r2sweep.analysis.study_table import CONTROL_ON_BASELINE, CONTROL_R2_OFF, PARAM_BASELINE_TRIAL
 from r2sweep.core.config.study import StudySpec
 from r2sweep.core.errors import R2SweepError
 from r2sweep.core.outcome import finished_runs
@@ -58,6 +58,20 @@ def _winner(tracker: Tracker, name: str) -> tuple[SweepRun, str, dict[str, str],
     return sweep, trial_id, dict(run.data.params), run.info.run_id
 
 
+def _on_baseline_key(sweep: SweepRun, trial_id: str, base_id: str) -> str:
+    """The re-run key of ``trial_id``'s R2 on the baseline winner ``base_id``'s knobs.
+
+    The baseline's winner is part of it: raising ``confirm.top`` can change that winner,
+    and the control must then run again on the new one. Studies before this keyed it by
+    the kind's winner alone; their runs made on the same baseline winner still count.
+    """
+    earlier = f"{CONTROL_ON_BASELINE}-{trial_id}"
+    if any(r.data.tags.get(TAG_TRIAL_ID, "").startswith(f"{earlier}-seed")
+           and r.data.params.get(PARAM_BASELINE_TRIAL) == base_id for r in sweep.confirm_runs()):
+        return earlier
+    return f"{earlier}-on-{base_id}"
+
+
 def run_controls(tracker: Tracker, study: StudySpec, *, address: str | None, num_cpus: int | None,
                  progress: Callable[[str], None], storage: str | None = None) -> None:
     """For each kind: its winner with R2 off, and the baseline's winner with its R2, on the study's seeds."""
@@ -85,8 +99,8 @@ def run_controls(tracker: Tracker, study: StudySpec, *, address: str | None, num
             Rerun(key=f"{CONTROL_R2_OFF}-{trial_id}", config=r2_off,
                   params={**{k: v for k, v in params.items() if not k.startswith("r2.")}, "r2.kind": "none"},
                   tags={**tags, TAG_CONTROL: CONTROL_R2_OFF}),
-            Rerun(key=f"{CONTROL_ON_BASELINE}-{trial_id}", config=on_baseline,
-                  params={**base_params, **r2_params, "r2.kind": kind.kind, "baseline_trial": base_id},
+            Rerun(key=_on_baseline_key(sweep, trial_id, base_id), config=on_baseline,
+                  params={**base_params, **r2_params, "r2.kind": kind.kind, PARAM_BASELINE_TRIAL: base_id},
                   tags={**tags, TAG_CONTROL: CONTROL_ON_BASELINE}),
         ]
         run_reruns(sweep, spec, reruns, study.seeds, address=address, num_cpus=num_cpus,

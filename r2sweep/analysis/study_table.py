@@ -32,10 +32,12 @@ from r2sweep.core.outcome import DIVERGED, FINISHED, finished_runs, run_outcome
 from r2sweep.tracking.names import TAG_CONTROL, TAG_CONTROL_OF, TAG_TRIAL_ID
 from r2sweep.tracking.store import Tracker
 
-__all__ = ["OverSeeds", "Gain", "StudyRow", "StudyTable", "read_study_table", "CONTROL_R2_OFF", "CONTROL_ON_BASELINE"]
+__all__ = ["OverSeeds", "Gain", "StudyRow", "StudyTable", "read_study_table", "CONTROL_R2_OFF", "CONTROL_ON_BASELINE",
+           "PARAM_BASELINE_TRIAL"]
 
 CONTROL_R2_OFF = "r2_off"  # the kind's winner, R2 switched off: what R2 itself adds at those knobs
 CONTROL_ON_BASELINE = "r2_on_baseline"  # the tuned baseline, the winner's R2 added: what R2 adds to my recipe
+PARAM_BASELINE_TRIAL = "baseline_trial"  # on an r2_on_baseline control: the baseline winner whose knobs it took
 #: A winner whose FP top-1 spans more points than this over the seeds has a pre-training that
 #: fails on some seeds. Working recipes spread by a few points here (the recorded studies' FP
 #: sd was at most 3); the ptq-mbv2 re-run's baseline winner spanned 35.7 to 88.3.
@@ -203,8 +205,11 @@ def _by_seed(runs: Iterable[Any], objectives: Sequence[str], seeds: Sequence[int
     return Reruns(chosen)
 
 
-def _row(tracker: Tracker, name: str, kind: str, seeds: Sequence[int]) -> StudyRow:
-    """The sweep's row; a kind without a winner gets an empty row saying why (the baseline must have one)."""
+def _row(tracker: Tracker, name: str, kind: str, seeds: Sequence[int], baseline_trial: str = "") -> StudyRow:
+    """The sweep's row; a kind without a winner gets an empty row saying why (the baseline must have one).
+
+    ``baseline_trial``: the baseline's winner; an r2_on_baseline control counts only if it took
+    that winner's knobs (an earlier winner's, before ``confirm.top`` was raised, does not)."""
     def missing(why: str) -> StudyRow:
         if kind == "none":
             raise R2SweepError(f"the study's baseline sweep {name!r} {why}: the study has no answer yet "
@@ -231,7 +236,8 @@ def _row(tracker: Tracker, name: str, kind: str, seeds: Sequence[int]) -> StudyR
                                    seeds))
     for control in (CONTROL_R2_OFF, CONTROL_ON_BASELINE):
         runs = [r for r in confirm_runs
-                if r.data.tags.get(TAG_CONTROL) == control and r.data.tags.get(TAG_CONTROL_OF) == winner]
+                if r.data.tags.get(TAG_CONTROL) == control and r.data.tags.get(TAG_CONTROL_OF) == winner
+                and (control != CONTROL_ON_BASELINE or r.data.params.get(PARAM_BASELINE_TRIAL) == baseline_trial)]
         if runs:
             row.controls[control] = _by_seed(runs, objectives, seeds)
     row.objective = row.reruns.over_seeds(spec.objective.metric)
@@ -249,8 +255,8 @@ def read_study_table(tracker: Tracker, study: StudySpec) -> StudyTable:
     """
     objective = study.baseline.spec.objective
     sign = 1 if objective.mode == "max" else -1
-    rows = [_row(tracker, s.name, s.kind, study.seeds) for s in study.sweeps]
-    base = rows[0]
+    base = _row(tracker, study.baseline.name, "none", study.seeds)
+    rows = [base, *(_row(tracker, s.name, s.kind, study.seeds, base.trial_id) for s in study.kinds)]
     for row in rows[1:]:
         row.gain = Gain.of(row.objective, base.objective, sign)
         if base.fp.values and row.fp.values:
