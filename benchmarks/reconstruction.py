@@ -109,8 +109,11 @@ def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     for key, mapping in trials:
         for method in mapping["downstream"]:
-            config = load_trial_config({**mapping, "downstream": [method]})
-            (result,) = config.result_names()
+            # A study's trial config names its own result as the per-epoch proxy: this result
+            # takes its place (the same grid, so the pre-training cache key is the same).
+            (result,) = load_trial_config({**mapping, "downstream": [method], "proxy": {"result": "fp"}}).result_names()
+            proxy = {"proxy": {**mapping["proxy"], "result": result}} if "proxy" in mapping else {}
+            config = load_trial_config({**mapping, "downstream": [method], **proxy})
             done = results.setdefault(key, {})
             if f"{result}/top1" in done:
                 continue
