@@ -56,8 +56,7 @@ def test_confirm_reruns_the_top_trials_logs_them_and_resumes(store: Path, tmp_pa
 
     lines: list[str] = []
     out = tmp_path / "confirmed.yaml"
-    confirmations = confirm_top(tracker, "confirm-me", top=2, seeds=[0, 1], out=out, progress=lines.append,
-                                storage=str(store / "results"))
+    confirmations = confirm_top(tracker, "confirm-me", top=2, seeds=[0, 1], out=out, progress=lines.append)
 
     # The two best trials, each re-run on both seeds: seed 0 is the sweep's own seed,
     # so its re-run reproduces the trial exactly (CPU, one thread).
@@ -79,8 +78,8 @@ def test_confirm_reruns_the_top_trials_logs_them_and_resumes(store: Path, tmp_pa
         c = next(c for c in confirmations if c.trial_id == r.data.tags[TAG_CONFIRM_OF])
         seed = int(r.data.params["seed"])
         assert r.data.metrics[OBJECTIVE] == pytest.approx(c.values[seed])
-        # The sweep's pre-training cache is shared: the sweep's own seed was pre-trained by the
-        # trial (a hit, reproducing it exactly, checked above); a new seed pre-trains and stores.
+        # The pre-training cache of the storage the sweep ran in is shared: the sweep's own seed was
+        # pre-trained by the trial (a hit, reproducing it exactly, checked above); a new seed stores.
         assert r.data.tags["r2sweep.pretrain_cache"] == ("hit" if seed == 0 else "stored"), (seed, r.data.tags)
     assert len(sweep.trial_runs()) == len(trials)
     assert compare_sweeps(tracker, ["confirm-me"])[0].finished == before[0].finished

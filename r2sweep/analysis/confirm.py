@@ -14,6 +14,7 @@ confirmation resumes. With the sweep's own seed a re-run reproduces the trial
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import R2SweepError
 from r2sweep.core.outcome import DIVERGED, FAILED, FINISHED, RUN_STATUS, TAG_OUTCOME, decide_outcome, finished_runs, run_outcome
 from r2sweep.core.trial import TEXT_RESULTS
-from r2sweep.tracking.names import TAG_TEXT_PREFIX
+from r2sweep.tracking.names import TAG_EXPERIMENT_PATH, TAG_TEXT_PREFIX
 from r2sweep.tracking.store import TAG_TRIAL_ID, SweepRun, Tracker
 from r2sweep.tune.cluster import connect
 from r2sweep.tune.runtime_env import runtime_env_for, shipped_callables
@@ -198,7 +199,8 @@ def confirm_top(
     """Re-run the ``top`` trials of sweep ``name`` on ``seeds``; best mean first.
 
     ``out``: where to write the winner's trial config (its sweep seed kept).
-    ``storage``: the sweep's storage, for its pre-training cache (see :func:`run_reruns`).
+    ``storage``: the sweep's storage, for its pre-training cache (see :func:`run_reruns`);
+    None: the storage the sweep ran in, as its parent run recorded it.
 
     Raises:
         R2SweepError: ``top`` below 1, no seed, no such sweep or no finished trial.
@@ -208,6 +210,9 @@ def confirm_top(
     if not seeds or len(set(seeds)) != len(seeds):
         raise R2SweepError(f"--seeds {list(seeds)}: give one or more distinct seeds, e.g. --seeds 1 2 3")
     sweep, spec = read_sweep(tracker, name)
+    if storage is None:
+        recorded = tracker.client.get_run(sweep.parent_run_id).data.tags.get(TAG_EXPERIMENT_PATH)
+        storage = os.path.dirname(recorded.rstrip("/")) if recorded else None  # the experiment is <storage>/<name>
     objective = spec.objective.metric
     trials = _top_trials(sweep, spec, top)
     ids = {run.info.run_id: run.data.tags.get(TAG_TRIAL_ID, run.info.run_id) for run in trials}

@@ -64,11 +64,10 @@ def confirm(name: str, *, top: int = 3, seeds: Sequence[int] = (1, 2, 3), tracki
 
     Returns :class:`~r2sweep.analysis.confirm.Confirmation` rows, best mean first; the
     winner's trial config goes to ``out`` (default ``NAME-confirmed.yaml``). ``storage``:
-    the sweep's storage (default ``r2sweep_results``), whose pre-training cache the
-    re-runs share, unless the sweep turned it off.
+    the sweep's storage (default: where the sweep ran, as MLflow recorded it), whose
+    pre-training cache the re-runs share, unless the sweep turned it off.
     """
     from r2sweep.analysis.confirm import confirm_top
-    from r2sweep.tune.tuner import DEFAULT_STORAGE
 
     named = option_names.get
     check.sweep_to_read(name, named("sweep", "name"))
@@ -81,7 +80,7 @@ def confirm(name: str, *, top: int = 3, seeds: Sequence[int] = (1, 2, 3), tracki
     check.storage(storage_text, named("storage", "storage"))
     return confirm_top(open_store(tracking_uri, named("tracking_uri", "tracking_uri")), name, top=top,
                        seeds=list(seeds), out=target, address=address, progress=progress or (lambda line: None),
-                       storage=storage_text or DEFAULT_STORAGE)
+                       storage=storage_text)
 
 
 def report(name: str, out: str | os.PathLike[str], *, tracking_uri: str | None = None, log_to_run: bool = True,

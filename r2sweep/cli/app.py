@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     confirm.add_argument("--out", help="the winner's trial config (default NAME-confirmed.yaml)")
     confirm.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     confirm.add_argument("--storage", help="the sweep's storage path or URI, whose pre-training cache the re-runs "
-                                           "share (default ./r2sweep_results)")
+                                           "share (default: where the sweep ran, as MLflow recorded it)")
     confirm.set_defaults(run=_cmd_confirm)
     report = commands.add_parser("report", help="a sweep as an HTML page with figures, read from MLflow")
     report.add_argument("name", help="sweep name")
