@@ -135,7 +135,8 @@ def test_the_reconstruction_benchmark_runs_every_algorithm_on_one_pre_trained_mo
     from r2sweep.core.config.trial import load_trial_config
 
     _, knobs, bit_pairs = reconstruction.SETTINGS[setting]
-    config = load_trial_config(reconstruction.trial_config(setting, 2, argparse.Namespace(iters=300, round_lr=0.01)))
+    config = load_trial_config(reconstruction.trial_config(setting, 2, argparse.Namespace(
+        iters=300, round_lr=0.01, algorithms=list(reconstruction.ALGORITHMS))))
     assert config.seed == 2 and (config.train.lr, config.train.weight_decay) == (knobs["lr"], knobs["weight_decay"])
     assert config.result_names() == [f"ptq_{a}_w{w}a{b}" for w, b in bit_pairs for a in reconstruction.ALGORITHMS]
     assert {(e.adaround_iters, e.adaround_lr, e.bn_reestimate) for e in config.downstream} == {(300, 0.01, True)}
