@@ -67,7 +67,8 @@ def _rerun_id(trial_id: str, seed: int) -> str:
 
 @ray.remote
 def _run_trial(mapping: dict[str, Any], threads: int, callables: dict[str, Any], cache_dir: str | None = None,
-               cache_label: str = "") -> dict[str, float]:
+               cache_label: str = "") -> dict[str, Any]:
+    """One re-run in a Ray worker: its final metrics, and its text results (``TEXT_RESULTS``) as strings."""
     import torch
 
     from r2sweep.core.config.trial import load_trial_config
