@@ -61,9 +61,10 @@ def _summary(w: np.ndarray) -> str:
     return f"max|w|={np.abs(w).max():.3g}, kurt={excess_kurtosis(torch.from_numpy(w)):.1f}"
 
 
-def new_figure(width: float, height: float) -> Figure:
-    """A figure on its own Agg canvas (inches), laid out so labels never overlap."""
-    figure = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+def new_figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
+    """A figure on its own Agg canvas (inches), laid out so labels never overlap (``layout=None``:
+    the caller places the axes itself)."""
+    figure = Figure(figsize=(width, height), dpi=_DPI, layout=layout)
     FigureCanvasAgg(figure)
     return figure
 
@@ -86,8 +87,7 @@ def _grid(count: int, title: str, title_lines: int = 2) -> tuple[Figure, list]:
     height = rows * cell_h + top
     axes_w = (width - left - right - (columns - 1) * gap_x) / columns
     axes_h = (height - top - bottom - (rows - 1) * gap_y) / rows
-    figure = Figure(figsize=(width, height), dpi=_DPI)
-    FigureCanvasAgg(figure)
+    figure = new_figure(width, height, layout=None)
     axes = figure.subplots(rows, columns, squeeze=False, gridspec_kw={
         "left": left / width, "right": 1 - right / width, "bottom": bottom / height, "top": 1 - top / height,
         "wspace": gap_x / axes_w, "hspace": gap_y / axes_h}).ravel().tolist()
