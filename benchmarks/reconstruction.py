@@ -9,7 +9,7 @@ MobileNet-V1 at W2A2.
 
     .venv/bin/python benchmarks/reconstruction.py --settings mbv2 --seeds 1 2 3
     .venv/bin/python benchmarks/reconstruction.py --settings r18 --round-lr 1e-2   # every algorithm's rounding lr
-    .venv/bin/python benchmarks/reconstruction.py --table                          # the tables from the JSON
+    .venv/bin/python benchmarks/reconstruction.py --table results/reconstruction_*.json --plot out.png
 
 With ``--study NAME`` the models are instead a finished ``r2sweep study``'s confirmed
 winners (the tuned baseline and each R2 kind, read from MLflow), on the study's seeds,
@@ -128,21 +128,62 @@ def run(args: argparse.Namespace) -> None:
     print(table(results))
 
 
-def table(results: dict[str, dict[str, float]]) -> str:
-    """Per setting and knobs: each result's mean +- sd over seeds, and its mean cost."""
+def summary(results: dict[str, dict[str, float]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(group, result name) -> the seeds' values, mean, sd and mean cost; a group is one
+    setting (or study winner) at one set of knobs, gathered over its seeds."""
     groups: dict[str, list[dict[str, float]]] = {}
     for key, metrics in results.items():
         setting, _, knobs = key.partition("/seed")
         groups.setdefault(f"{setting} ({knobs.partition('/')[2]})", []).append(metrics)
-    lines = ["| setting | result | top-1 (mean +- sd) | seeds | cost per result (s) |", "|---|---|---|---|---|"]
+    rows = {}
     for group, runs in sorted(groups.items()):
-        names = sorted({k.removesuffix("/top1") for run in runs for k in run if k.startswith("ptq_")})
-        for name in names:
+        for name in sorted({k.removesuffix("/top1") for run in runs for k in run if k.startswith("ptq_")}):
             values = [run[f"{name}/top1"] for run in runs if f"{name}/top1" in run]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cost = statistics.fmean(run.get(f"time/{name}_s", float("nan")) for run in runs)
-            lines.append(f"| {group} | {name} | {statistics.fmean(values):.1f} +- {spread:.1f} | {len(values)} | {cost:.0f} |")
+            rows[group, name] = {
+                "values": values, "mean": statistics.fmean(values),
+                "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "cost": statistics.fmean(run.get(f"time/{name}_s", float("nan")) for run in runs)}
+    return rows
+
+
+def table(results: dict[str, dict[str, float]]) -> str:
+    """Per setting and knobs: each result's mean +- sd over seeds, and its mean cost."""
+    lines = ["| setting | result | top-1 (mean +- sd) | seeds | cost per result (s) |", "|---|---|---|---|---|"]
+    for (group, name), row in summary(results).items():
+        lines.append(f"| {group} | {name} | {row['mean']:.1f} +- {row['sd']:.1f} | {len(row['values'])} | {row['cost']:.0f} |")
     return "\n".join(lines)
+
+
+def panels(results: dict[str, dict[str, float]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The figure's panels: one per setting, knobs and bit widths, each {algorithm: its summary row}."""
+    by_panel: dict[str, dict[str, dict[str, Any]]] = {}
+    for (group, name), row in summary(results).items():
+        _, algorithm, bits = name.split("_", 2)  # ptq_<algorithm>_w<W>a<A>
+        setting, _, knobs = group.removeprefix("study:").partition(" (")
+        by_panel.setdefault(f"{setting}\n{bits.upper()} ({knobs.rstrip(')')})", {})[algorithm] = row
+    return dict(sorted(by_panel.items()))
+
+
+def plot(results: dict[str, dict[str, float]], path: Path) -> Path:
+    """One panel per setting and bit widths: each algorithm's top-1, mean +- sd as a bar, each seed as a dot."""
+    from r2sweep.core.plots import new_figure, save_png
+
+    by_panel = panels(results)
+    figure = new_figure(3.2 * len(by_panel), 3.6)
+    for i, (title, rows) in enumerate(by_panel.items()):
+        ax = figure.add_subplot(1, len(by_panel), i + 1)
+        for x, algorithm in enumerate(a for a in ALGORITHMS if a in rows):
+            row = rows[algorithm]
+            ax.bar(x, row["mean"], yerr=row["sd"], color=f"C{ALGORITHMS.index(algorithm)}", alpha=0.8, capsize=4)
+            ax.plot([x] * len(row["values"]), row["values"], "k.", markersize=4)
+            ax.text(x, row["mean"] / 2, f"{row['mean']:.1f}", ha="center", fontsize=8)
+        ax.set_xticks(range(len(rows)), [a for a in ALGORITHMS if a in rows])
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(0, 100)
+        if i == 0:
+            ax.set_ylabel("top-1 % (bar: mean +- sd; dots: seeds)")
+    figure.suptitle("Layer-wise AdaRound against block reconstruction (BRECQ, QDrop)", fontsize=10)
+    return save_png(figure, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,10 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study", help="measure this finished study's confirmed winners instead of --settings")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="the study's MLflow store")
     parser.add_argument("--storage", default="r2sweep_results", help="the study's storage (its pre-training cache)")
-    parser.add_argument("--table", action="store_true", help="print the tables from --out; run nothing")
+    parser.add_argument("--table", nargs="+", type=Path, metavar="JSON",
+                        help="print the table of these results files (merged); run nothing")
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="with --table: draw the results as bars into PNG")
     args = parser.parse_args(argv)
+    if args.plot and not args.table:
+        parser.error("--plot draws results files: name them with --table JSON [JSON ...]")
     if args.table:
-        print(table(json.loads(args.out.read_text())))
+        results = {key: value for path in args.table for key, value in json.loads(path.read_text()).items()}
+        print(table(results))
+        if args.plot:
+            print(f"figure: {plot(results, args.plot)}")
     else:
         run(args)
     return 0

@@ -140,3 +140,23 @@ def test_the_reconstruction_benchmark_runs_every_algorithm_on_one_pre_trained_mo
     assert config.seed == 2 and (config.train.lr, config.train.weight_decay) == (knobs["lr"], knobs["weight_decay"])
     assert config.result_names() == [f"ptq_{a}_w{w}a{b}" for w, b in bit_pairs for a in reconstruction.ALGORITHMS]
     assert {(e.adaround_iters, e.adaround_lr, e.bn_reestimate) for e in config.downstream} == {(300, 0.01, True)}
+
+
+def test_the_reconstruction_summary_groups_seeds_and_draws_a_panel_per_setting_and_bits(tmp_path) -> None:
+    knobs = "iters500/lr0.01"
+    results = {
+        f"mbv2/seed{seed}/{knobs}": {"ptq_adaround_w2a8/top1": a8, "ptq_brecq_w2a8/top1": b8, "ptq_brecq_w2a4/top1": b4,
+                                      "time/ptq_brecq_w2a8_s": 200.0 + seed}
+        for seed, a8, b8, b4 in ((1, 70.0, 80.0, 50.0), (2, 74.0, 84.0, 52.0))}
+    results[f"r18/seed1/{knobs}"] = {"ptq_qdrop_w2a4/top1": 60.0}
+    rows = reconstruction.summary(results)
+    brecq = rows[f"mbv2 ({knobs})", "ptq_brecq_w2a8"]
+    assert brecq["values"] == [80.0, 84.0] and brecq["mean"] == 82.0 and brecq["cost"] == 201.5
+    assert brecq["sd"] == pytest.approx(2 ** 0.5 * 2)
+    assert rows[f"r18 ({knobs})", "ptq_qdrop_w2a4"]["sd"] == 0.0  # one seed: no spread
+    by_panel = reconstruction.panels(results)
+    assert list(by_panel) == [f"mbv2\nW2A4 ({knobs})", f"mbv2\nW2A8 ({knobs})", f"r18\nW2A4 ({knobs})"]
+    assert set(by_panel[f"mbv2\nW2A8 ({knobs})"]) == {"adaround", "brecq"}
+    assert "| mbv2 (iters500/lr0.01) | ptq_adaround_w2a8 | 72.0 +- 2.8 | 2 | nan |" in reconstruction.table(results)
+    png = reconstruction.plot(results, tmp_path / "bars.png")
+    assert png.read_bytes().startswith(b"\x89PNG")
