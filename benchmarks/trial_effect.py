@@ -57,7 +57,7 @@ def trial_config(args: argparse.Namespace, r2: dict, seed: int) -> dict:
         if entry.get("bn_reestimate"):
             entry["bn_batches"] = 8  # 8 x 64 = 512 training images
         if entry["algorithm"] == "adaround":
-            entry["adaround_iters"] = args.adaround_iters
+            entry.update(adaround_iters=args.adaround_iters, **({"adaround_lr": args.adaround_lr} if args.adaround_lr else {}))
         if entry["method"] == "qat":
             entry.update(epochs=args.qat_epochs, lr=args.qat_lr)
         downstream.append(entry)
@@ -92,6 +92,8 @@ def main() -> int:
         default=["naive", "naive_nofold", "rtn_mse_bn", "adaround_channel_bn", "lsq"],
     )
     parser.add_argument("--adaround-iters", type=int, default=500)
+    parser.add_argument("--adaround-lr", type=float, default=None,
+                        help="AdaRound's rounding lr (default: the field's; the recorded figures used 1e-3)")
     parser.add_argument("--qat-epochs", type=int, default=3)
     parser.add_argument("--qat-lr", type=float, default=0.005)
     parser.add_argument("--threads", type=int, default=2)

@@ -46,9 +46,9 @@ class PTQConfig(MethodConfig):
     bn_fold: Optional[bool] = None  # None: fold unless bn_reestimate
     bn_reestimate: bool = False
     bn_batches: int = 8
-    adaround_iters: int = 1000
-    adaround_lambda: float = 0.01
-    adaround_lr: float = 1e-3
+    adaround_iters: int = AdaRoundSettings.iterations
+    adaround_lambda: float = AdaRoundSettings.lambda_r
+    adaround_lr: float = AdaRoundSettings.lr
     # BRECQ and QDrop (the rounding is AdaRound's, with the adaround_* knobs above).
     fisher: bool = True
     act_lr: float = 4e-5
