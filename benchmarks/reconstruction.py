@@ -60,7 +60,7 @@ def trial_config(setting: str, seed: int, args: argparse.Namespace) -> dict[str,
     study = load_study_spec(load_file(ROOT / "search_spaces" / "studies" / f"{study_file}.yaml"))
     base = study.baseline.spec.trial.to_mapping()
     downstream = [{"method": "ptq", "algorithm": algorithm, "weight_bits": [w], "act_bits": a, **GRID, **_rounding(args)}
-                  for w, a in bit_pairs for algorithm in args.algorithms]
+                  for w, a in bit_pairs if not args.bits or f"{w}/{a}" in args.bits for algorithm in args.algorithms]
     return {"data": base["data"], "model": base["model"], "seed": seed, "downstream": downstream,
             "train": {**base["train"], **knobs, "device": "cpu"}}
 
@@ -154,13 +154,46 @@ def table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def paired(results: dict[str, dict[str, float]], reference: str = "adaround") -> dict[tuple[str, str], list[float]]:
+    """(group, result name) -> per seed, the result minus ``reference``'s at the same bits
+    on the same pre-trained model: the comparison the seeds' spread does not blur."""
+    differences: dict[tuple[str, str], list[float]] = {}
+    for key, metrics in sorted(results.items()):
+        setting, _, knobs = key.partition("/seed")
+        group = f"{setting} ({knobs.partition('/')[2]})"
+        for name in sorted(k.removesuffix("/top1") for k in metrics if k.startswith("ptq_")):
+            _, algorithm, bits = name.split("_", 2)
+            against = metrics.get(f"ptq_{reference}_{bits}/top1")
+            if algorithm != reference and against is not None:
+                differences.setdefault((group, name), []).append(metrics[f"{name}/top1"] - against)
+    return differences
+
+
+def paired_table(results: dict[str, dict[str, float]], reference: str = "adaround") -> str:
+    lines = [f"| setting | result | minus {reference} (mean +- sd) | each seed |", "|---|---|---|---|"]
+    for (group, name), values in paired(results, reference).items():
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        lines.append(f"| {group} | {name} | {statistics.fmean(values):+.1f} +- {sd:.1f} | "
+                     + ", ".join(f"{v:+.1f}" for v in values) + " |")
+    return "\n".join(lines)
+
+
 def panels(results: dict[str, dict[str, float]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """The figure's panels: one per setting, knobs and bit widths, each {algorithm: its summary row}."""
+    """The figure's panels: one per setting, knobs and bit widths, each {algorithm: its summary row},
+    and under "fp" the float model's top-1 over the same seeds where the results hold it."""
+    fp: dict[str, list[float]] = {}
+    for key, metrics in results.items():
+        setting, _, knobs = key.partition("/seed")
+        if "fp/top1" in metrics:
+            fp.setdefault(f"{setting} ({knobs.partition('/')[2]})", []).append(metrics["fp/top1"])
     by_panel: dict[str, dict[str, dict[str, Any]]] = {}
     for (group, name), row in summary(results).items():
         _, algorithm, bits = name.split("_", 2)  # ptq_<algorithm>_w<W>a<A>
         setting, _, knobs = group.removeprefix("study:").partition(" (")
-        by_panel.setdefault(f"{setting}\n{bits.upper()} ({knobs.rstrip(')')})", {})[algorithm] = row
+        panel = by_panel.setdefault(f"{setting}\n{bits.upper()} ({knobs.rstrip(')')})", {})
+        panel[algorithm] = row
+        if group in fp:  # the float model the panel's results start from
+            panel["fp"] = {"values": fp[group], "mean": statistics.fmean(fp[group])}
     return dict(sorted(by_panel.items()))
 
 
@@ -177,7 +210,12 @@ def plot(results: dict[str, dict[str, float]], path: Path) -> Path:
             ax.bar(x, row["mean"], yerr=row["sd"], color=f"C{ALGORITHMS.index(algorithm)}", alpha=0.8, capsize=4)
             ax.plot([x] * len(row["values"]), row["values"], "k.", markersize=4)
             ax.text(x, row["mean"] / 2, f"{row['mean']:.1f}", ha="center", fontsize=8)
-        ax.set_xticks(range(len(rows)), [a for a in ALGORITHMS if a in rows])
+        if "fp" in rows:
+            ax.axhline(rows["fp"]["mean"], color="grey", linestyle="--", linewidth=1, label="float (mean)")
+            if i == 0:
+                ax.legend(loc="center right", fontsize=7)
+        shown = [a for a in ALGORITHMS if a in rows]
+        ax.set_xticks(range(len(shown)), shown)
         ax.set_title(title, fontsize=9)
         ax.set_ylim(0, 100)
         if i == 0:
@@ -194,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round-lr", type=float, default=None, help="the rounding's Adam lr (default: the field's)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reconstruction.json")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all)")
+    parser.add_argument("--bits", nargs="+", metavar="W/A",
+                        help="only these of each setting's weight/activation bits, e.g. 2/8 (default: all)")
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     parser.add_argument("--study", help="measure this finished study's confirmed winners instead of --settings")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="the study's MLflow store")
@@ -207,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         results = {key: value for path in args.table for key, value in json.loads(path.read_text()).items()}
         print(table(results))
+        print(paired_table(results))
         if args.plot:
             print(f"figure: {plot(results, args.plot)}")
     else:

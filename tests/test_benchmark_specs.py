@@ -136,10 +136,14 @@ def test_the_reconstruction_benchmark_runs_every_algorithm_on_one_pre_trained_mo
 
     _, knobs, bit_pairs = reconstruction.SETTINGS[setting]
     config = load_trial_config(reconstruction.trial_config(setting, 2, argparse.Namespace(
-        iters=300, round_lr=0.01, algorithms=list(reconstruction.ALGORITHMS))))
+        iters=300, round_lr=0.01, algorithms=list(reconstruction.ALGORITHMS), bits=None)))
     assert config.seed == 2 and (config.train.lr, config.train.weight_decay) == (knobs["lr"], knobs["weight_decay"])
     assert config.result_names() == [f"ptq_{a}_w{w}a{b}" for w, b in bit_pairs for a in reconstruction.ALGORITHMS]
     assert {(e.adaround_iters, e.adaround_lr, e.bn_reestimate) for e in config.downstream} == {(300, 0.01, True)}
+    w, a = bit_pairs[0]  # --bits keeps only the pairs named
+    only = load_trial_config(reconstruction.trial_config(setting, 2, argparse.Namespace(
+        iters=300, round_lr=0.01, algorithms=["brecq"], bits=[f"{w}/{a}"])))
+    assert only.result_names() == [f"ptq_brecq_w{w}a{a}"]
 
 
 def test_the_reconstruction_summary_groups_seeds_and_draws_a_panel_per_setting_and_bits(tmp_path) -> None:
@@ -148,7 +152,7 @@ def test_the_reconstruction_summary_groups_seeds_and_draws_a_panel_per_setting_a
         f"mbv2/seed{seed}/{knobs}": {"ptq_adaround_w2a8/top1": a8, "ptq_brecq_w2a8/top1": b8, "ptq_brecq_w2a4/top1": b4,
                                       "time/ptq_brecq_w2a8_s": 200.0 + seed}
         for seed, a8, b8, b4 in ((1, 70.0, 80.0, 50.0), (2, 74.0, 84.0, 52.0))}
-    results[f"r18/seed1/{knobs}"] = {"ptq_qdrop_w2a4/top1": 60.0}
+    results[f"r18/seed1/{knobs}"] = {"ptq_qdrop_w2a4/top1": 60.0, "fp/top1": 75.0}
     rows = reconstruction.summary(results)
     brecq = rows[f"mbv2 ({knobs})", "ptq_brecq_w2a8"]
     assert brecq["values"] == [80.0, 84.0] and brecq["mean"] == 82.0 and brecq["cost"] == 201.5
@@ -157,6 +161,10 @@ def test_the_reconstruction_summary_groups_seeds_and_draws_a_panel_per_setting_a
     by_panel = reconstruction.panels(results)
     assert list(by_panel) == [f"mbv2\nW2A4 ({knobs})", f"mbv2\nW2A8 ({knobs})", f"r18\nW2A4 ({knobs})"]
     assert set(by_panel[f"mbv2\nW2A8 ({knobs})"]) == {"adaround", "brecq"}
+    assert by_panel[f"r18\nW2A4 ({knobs})"]["fp"]["mean"] == 75.0  # the float line, where results hold it
     assert "| mbv2 (iters500/lr0.01) | ptq_adaround_w2a8 | 72.0 +- 2.8 | 2 | nan |" in reconstruction.table(results)
+    # Paired: each seed's BRECQ against its own AdaRound at the same bits; W2A4 has no AdaRound to pair with.
+    assert reconstruction.paired(results) == {(f"mbv2 ({knobs})", "ptq_brecq_w2a8"): [10.0, 10.0]}
+    assert "| mbv2 (iters500/lr0.01) | ptq_brecq_w2a8 | +10.0 +- 0.0 | +10.0, +10.0 |" in reconstruction.paired_table(results)
     png = reconstruction.plot(results, tmp_path / "bars.png")
     assert png.read_bytes().startswith(b"\x89PNG")
