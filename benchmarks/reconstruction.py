@@ -139,10 +139,11 @@ def summary(results: dict[str, dict[str, float]]) -> dict[tuple[str, str], dict[
     for group, runs in sorted(groups.items()):
         for name in sorted({k.removesuffix("/top1") for run in runs for k in run if k.startswith("ptq_")}):
             values = [run[f"{name}/top1"] for run in runs if f"{name}/top1" in run]
+            costs = [run[f"time/{name}_s"] for run in runs if f"time/{name}_s" in run]  # the seeds that hold it
             rows[group, name] = {
                 "values": values, "mean": statistics.fmean(values),
                 "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "cost": statistics.fmean(run.get(f"time/{name}_s", float("nan")) for run in runs)}
+                "cost": statistics.fmean(costs) if costs else float("nan")}
     return rows
 
 

@@ -153,16 +153,19 @@ def test_the_reconstruction_summary_groups_seeds_and_draws_a_panel_per_setting_a
                                       "time/ptq_brecq_w2a8_s": 200.0 + seed}
         for seed, a8, b8, b4 in ((1, 70.0, 80.0, 50.0), (2, 74.0, 84.0, 52.0))}
     results[f"r18/seed1/{knobs}"] = {"ptq_qdrop_w2a4/top1": 60.0, "fp/top1": 75.0}
+    results[f"mbv2/seed1/{knobs}"]["time/ptq_adaround_w2a8_s"] = 100.0  # one seed's cost only
     rows = reconstruction.summary(results)
     brecq = rows[f"mbv2 ({knobs})", "ptq_brecq_w2a8"]
     assert brecq["values"] == [80.0, 84.0] and brecq["mean"] == 82.0 and brecq["cost"] == 201.5
     assert brecq["sd"] == pytest.approx(2 ** 0.5 * 2)
     assert rows[f"r18 ({knobs})", "ptq_qdrop_w2a4"]["sd"] == 0.0  # one seed: no spread
+    assert rows[f"mbv2 ({knobs})", "ptq_adaround_w2a8"]["cost"] == 100.0  # over the seeds that hold a cost
+    assert rows[f"mbv2 ({knobs})", "ptq_brecq_w2a4"]["cost"] != rows[f"mbv2 ({knobs})", "ptq_brecq_w2a4"]["cost"]  # none: nan
     by_panel = reconstruction.panels(results)
     assert list(by_panel) == [f"mbv2\nW2A4 ({knobs})", f"mbv2\nW2A8 ({knobs})", f"r18\nW2A4 ({knobs})"]
     assert set(by_panel[f"mbv2\nW2A8 ({knobs})"]) == {"adaround", "brecq"}
     assert by_panel[f"r18\nW2A4 ({knobs})"]["fp"]["mean"] == 75.0  # the float line, where results hold it
-    assert "| mbv2 (iters500/lr0.01) | ptq_adaround_w2a8 | 72.0 +- 2.8 | 2 | nan |" in reconstruction.table(results)
+    assert "| mbv2 (iters500/lr0.01) | ptq_adaround_w2a8 | 72.0 +- 2.8 | 2 | 100 |" in reconstruction.table(results)
     # Paired: each seed's BRECQ against its own AdaRound at the same bits; W2A4 has no AdaRound to pair with.
     assert reconstruction.paired(results) == {(f"mbv2 ({knobs})", "ptq_brecq_w2a8"): [10.0, 10.0]}
     assert "| mbv2 (iters500/lr0.01) | ptq_brecq_w2a8 | +10.0 +- 0.0 | +10.0, +10.0 |" in reconstruction.paired_table(results)
