@@ -128,13 +128,18 @@ def run(args: argparse.Namespace) -> None:
     print(table(results))
 
 
+def _group(key: str) -> str:
+    """A result key's group: its setting (or study winner) and knobs, without the seed."""
+    setting, _, knobs = key.partition("/seed")
+    return f"{setting} ({knobs.partition('/')[2]})"
+
+
 def summary(results: dict[str, dict[str, float]]) -> dict[tuple[str, str], dict[str, Any]]:
     """(group, result name) -> the seeds' values, mean, sd and mean cost; a group is one
     setting (or study winner) at one set of knobs, gathered over its seeds."""
     groups: dict[str, list[dict[str, float]]] = {}
     for key, metrics in results.items():
-        setting, _, knobs = key.partition("/seed")
-        groups.setdefault(f"{setting} ({knobs.partition('/')[2]})", []).append(metrics)
+        groups.setdefault(_group(key), []).append(metrics)
     rows = {}
     for group, runs in sorted(groups.items()):
         for name in sorted({k.removesuffix("/top1") for run in runs for k in run if k.startswith("ptq_")}):
@@ -160,8 +165,7 @@ def paired(results: dict[str, dict[str, float]], reference: str = "adaround") ->
     on the same pre-trained model: the comparison the seeds' spread does not blur."""
     differences: dict[tuple[str, str], list[float]] = {}
     for key, metrics in sorted(results.items()):
-        setting, _, knobs = key.partition("/seed")
-        group = f"{setting} ({knobs.partition('/')[2]})"
+        group = _group(key)
         for name in sorted(k.removesuffix("/top1") for k in metrics if k.startswith("ptq_")):
             _, algorithm, bits = name.split("_", 2)
             against = metrics.get(f"ptq_{reference}_{bits}/top1")
@@ -184,9 +188,8 @@ def panels(results: dict[str, dict[str, float]]) -> dict[str, dict[str, dict[str
     and under "fp" the float model's top-1 over the same seeds where the results hold it."""
     fp: dict[str, list[float]] = {}
     for key, metrics in results.items():
-        setting, _, knobs = key.partition("/seed")
         if "fp/top1" in metrics:
-            fp.setdefault(f"{setting} ({knobs.partition('/')[2]})", []).append(metrics["fp/top1"])
+            fp.setdefault(_group(key), []).append(metrics["fp/top1"])
     by_panel: dict[str, dict[str, dict[str, Any]]] = {}
     for (group, name), row in summary(results).items():
         _, algorithm, bits = name.split("_", 2)  # ptq_<algorithm>_w<W>a<A>
