@@ -35,7 +35,8 @@ from r2sweep.core.errors import TrialDiverged  # noqa: E402
 from r2sweep.core.quant.finetune import quantization_aware_train  # noqa: E402
 from r2sweep.core.quant.methods import QATConfig, calibration_images  # noqa: E402
 from r2sweep.core.train import evaluate  # noqa: E402
-from r2sweep.core.trial import load_pretrained, run_trial  # noqa: E402
+from r2sweep.core.build import model_from_pretrained  # noqa: E402
+from r2sweep.core.trial import run_trial  # noqa: E402
 
 BIT_PAIRS = ((8, 8), (2, 8), (8, 2), (2, 2))
 
@@ -54,7 +55,7 @@ def pretrained_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[st
             print(f"pre-training {config['model']} without R2 (lr {args.lr}, wd {args.weight_decay}) ...", flush=True)
             run_trial(load_trial_config(config), out_dir=out)
         args.checkpoint = out / "pretrained.pt"
-    model, _ = load_pretrained(args.checkpoint)
+    model = model_from_pretrained(load_trial_config({**base, "downstream": []}), args.checkpoint)
     return model, base
 
 

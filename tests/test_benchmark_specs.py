@@ -90,15 +90,19 @@ def test_search_finds_it_scores_sweeps_against_the_grid_target(tmp_path: Path) -
 def test_qat_recipe_measures_init_and_fine_tuning_as_a_trial_does_and_reports_divergence(tmp_path: Path) -> None:
     from r2sweep.core.config.trial import load_trial_config
     from r2sweep.core.data import create_data
-    from r2sweep.core.trial import load_pretrained, run_trial
+    from r2sweep.core.build import model_from_pretrained
+    from r2sweep.core.trial import run_trial
 
     data_options = {"num_samples": 128, "input_size": 8}
 
-    def trial(downstream: list[dict], out: Path | None = None) -> dict[str, float]:
-        return run_trial(load_trial_config({
+    def config(downstream: list[dict]):
+        return load_trial_config({
             "seed": 0, "data": {"name": "synthetic", **data_options}, "model": {"name": "small_cnn", "width": 0.25},
             "train": {"epochs": 1, "batch_size": 32, "device": "cpu"}, "r2": {"kind": "none"}, "downstream": downstream,
-        }), out_dir=out)
+        })
+
+    def trial(downstream: list[dict], out: Path | None = None) -> dict[str, float]:
+        return run_trial(config(downstream), out_dir=out)
 
     # The same recipes as trials run them. lr 1e30: the first step overflows the quantizers'
     # steps and the loss turns non-finite, which the trial reports as <result>/diverged.
@@ -108,7 +112,7 @@ def test_qat_recipe_measures_init_and_fine_tuning_as_a_trial_does_and_reports_di
     # The same pre-training (seeded), then no fine-tuning: the accuracy right after initialization.
     initialized = trial([{**qat, "algorithm": "ewgs", "epochs": 0}, {**qat, "algorithm": "lsq", "epochs": 0}])
 
-    model, _ = load_pretrained(tmp_path / "trial" / "pretrained.pt")
+    model = model_from_pretrained(config([]), tmp_path / "trial" / "pretrained.pt")
     before = {name: p.clone() for name, p in model.state_dict().items()}
     data = create_data("synthetic", seed=0, **data_options)
     row = qat_recipe.one_recipe(model, "ewgs", 2, 2, data, argparse.Namespace(epochs=1, finetune_lr=0.1))

@@ -19,12 +19,14 @@ import torchvision
 import yaml
 
 import r2sweep
-from r2sweep.core.build import build_trial_data, build_trial_model, check_inputs
+from r2sweep.core.build import build_trial_data, build_trial_model, check_inputs, model_from_pretrained
 from r2sweep.core.config.trial import load_trial_config
 from r2sweep.core.data import DATASETS
+from r2sweep.core.environment import resolve_inputs
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.models import MODELS, create_model
-from r2sweep.core.trial import config_fingerprint, load_pretrained
+from r2sweep.core.pretrained_file import load_pretrained
+from r2sweep.core.trial import config_fingerprint
 from r2sweep.core.warm_start import load_weights
 from user_code import MODULE, write_user_module
 
@@ -52,15 +54,17 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_a_factory_section_loads_with_its_options_checked_against_its_signature(user_module: Path) -> None:
-    config = load_trial_config(USER_TRIAL)
+    loaded = load_trial_config(USER_TRIAL)  # pure: the text checked, the module not imported
+    assert MODULE not in sys.modules and loaded.model.options == {"channels": 16}
+    config = resolve_inputs(loaded)
     assert config.model.to_mapping() == {"factory": "user_net:build", "channels": 16, "record_to": None}
     assert config.data.to_mapping() == {"factory": "user_net:load", "samples": 400, "val_share": 0.25}  # defaults filled in
     assert load_trial_config(config.to_mapping()) == config  # the mapping reads back as the same config
     with pytest.raises(ConfigError, match=r"model\.chanels=16 .*did you mean 'channels'") as info:
-        load_trial_config({**USER_TRIAL, "model": {"factory": "user_net:build", "chanels": 16}})
+        resolve_inputs(load_trial_config({**USER_TRIAL, "model": {"factory": "user_net:build", "chanels": 16}}))
     assert info.value.field == "model.chanels"
     with pytest.raises(ConfigError, match=r"data\.root='/x' .*user_net:load takes no root"):
-        load_trial_config({**USER_TRIAL, "data": {"factory": "user_net:load", "root": "/x"}})
+        resolve_inputs(load_trial_config({**USER_TRIAL, "data": {"factory": "user_net:load", "root": "/x"}}))
 
 
 @pytest.mark.parametrize(("model", "field", "message"), [
@@ -73,10 +77,10 @@ def test_a_factory_section_loads_with_its_options_checked_against_its_signature(
 ])
 def test_a_bad_factory_reference_is_one_error_naming_the_field(user_module: Path, model, field, message) -> None:
     if message is None:
-        load_trial_config({**USER_TRIAL, "model": model})
+        resolve_inputs(load_trial_config({**USER_TRIAL, "model": model}))
         return
     with pytest.raises(ConfigError) as info:
-        load_trial_config({**USER_TRIAL, "model": model})
+        resolve_inputs(load_trial_config({**USER_TRIAL, "model": model}))
     assert info.value.field == field and message in str(info.value)
 
 
@@ -111,9 +115,11 @@ def test_a_trial_of_the_user_model_and_data_runs_every_downstream_method(user_mo
     for name in ("ptq_adaround_w2a8", "qat_lsq_w2a8", "dkm_w1"):
         assert 0 <= metrics[f"{name}/top1"] <= 100
     assert "notes" not in metrics
-    model, args = load_pretrained(tmp_path / "run" / "pretrained.pt")  # rebuilt from the factory, no data needed
-    assert args["factory"] == "user_net:build" and args["input_shape"] == [1, 8, 8]
+    saved = load_pretrained(tmp_path / "run" / "pretrained.pt")  # tensors and plain data: no code named
+    assert saved.input_shape == [1, 8, 8] and saved.num_classes == 10 and saved.layers
+    model = model_from_pretrained(load_trial_config(USER_TRIAL), tmp_path / "run" / "pretrained.pt")  # our own config
     assert type(model).__name__ == "UserNet"
+    assert (tmp_path / "run" / "pretrained.pt2").is_file()  # the exported model, what a champion registers
 
 
 def test_callables_from_python_are_the_same_contract(user_module: Path) -> None:
@@ -157,7 +163,7 @@ def test_an_installed_plugin_joins_the_registries_and_the_list(tmp_path: Path, m
         assert "user_net: plugin user-nets (user_net:build)" in out and "user_digits: plugin user-nets" in out
         assert "broken_data (not usable): plugin user-nets (no_such_module:load) failed to import" in out
         with pytest.raises(ConfigError, match="No module named 'no_such_module'"):
-            load_trial_config({**USER_TRIAL, "data": {"name": "broken_data"}})
+            resolve_inputs(load_trial_config({**USER_TRIAL, "data": {"name": "broken_data"}}))
     finally:
         for registry, name in ((MODELS, "user_net"), (DATASETS, "user_digits")):
             registry.unregister(name)
@@ -210,14 +216,14 @@ def test_a_checkpoint_is_strict_names_its_mismatches_and_is_part_of_the_config(t
     pinned = strict.to_mapping()
     torch.save(create_model("small_cnn", num_classes=5, in_channels=1, input_size=8).state_dict(), head5)  # new bytes
     with pytest.raises(ConfigError, match="it changed"):
-        load_trial_config(pinned)
+        resolve_inputs(load_trial_config(pinned))
     # Not a checkpoint at all.
     text = tmp_path / "notes.txt"
     text.write_text("not weights")
     with pytest.raises(ConfigError, match=r"model\.init_from=.*a checkpoint torch\.load reads"):
         check_inputs(load_trial_config(_digits_trial(model={"name": "small_cnn", "init_from": str(text)})))
     with pytest.raises(ConfigError, match="an existing checkpoint file"):
-        load_trial_config(_digits_trial(model={"name": "small_cnn", "init_from": str(tmp_path / "absent.pt")}))
+        resolve_inputs(load_trial_config(_digits_trial(model={"name": "small_cnn", "init_from": str(tmp_path / "absent.pt")})))
 
 
 def test_a_torchvision_checkpoint_loads_strictly_into_the_same_architecture(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ from r2sweep.core.data import create_data, make_loader
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.quant.ptq import round_to_nearest
 from r2sweep.core.train import evaluate
-from r2sweep.core.trial import PRETRAINED, load_pretrained, run_trial
+from r2sweep.core.build import model_from_pretrained
+from r2sweep.core.trial import PRETRAINED, run_trial
 
 MIXED = {
     "data": {"name": "synthetic", "num_samples": 160},
@@ -66,7 +67,7 @@ def test_the_reported_proxy_is_rtn_on_the_objective_entry_s_grid(tmp_path: Path)
     run_trial(config, lambda m: epochs.append(dict(m)) if "epoch" in m else None, out_dir=tmp_path)
     assert len(epochs) == 2 and all("proxy/top1" in m for m in epochs)
 
-    model, _ = load_pretrained(tmp_path / PRETRAINED)
+    model = model_from_pretrained(config, tmp_path / PRETRAINED)
     data = create_data("synthetic", seed=config.seed, num_samples=160)
     val = make_loader(data.val, 256, shuffle=False, seed=config.seed)
     entry = config.downstream[0]

@@ -33,6 +33,7 @@ from torch import nn
 
 from r2sweep import __version__
 from r2sweep.core.plots import compare_weight_histograms, outlier_layers, weight_histograms
+from r2sweep.core.pretrained_file import export_archive
 from r2sweep.tracking.store import (
     SPEC_ARTIFACT,
     TAG_PARENT_RUN,
@@ -191,7 +192,8 @@ def test_sweep_run_pickles_and_keys_are_sanitized(sqlite_tracker: Tracker) -> No
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("server", marks=pytest.mark.server)])
-def test_log_model_and_champion_alias(backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_log_model_and_champion_alias(backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+                                      tmp_path: Path) -> None:
     tracker = request.getfixturevalue("sqlite_tracker") if backend == "sqlite" else Tracker(request.getfixturevalue("mlflow_server"))
     sweep = tracker.start_sweep("models", "x: 1\n")
     example = np.random.default_rng(0).standard_normal((2, 6)).astype(np.float32)
@@ -200,7 +202,9 @@ def test_log_model_and_champion_alias(backend: str, request: pytest.FixtureReque
         torch.manual_seed(index)
         model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
         run_id = sweep.trial_run(f"t{index}", {"r2.strength": index})
-        model_uri = sweep.log_model(run_id, model, example)
+        archive = tmp_path / f"model{index}.pt2"
+        assert export_archive(model, torch.from_numpy(example), archive) is None
+        model_uri = sweep.log_model(run_id, archive, input_shape=[6], num_classes=3)
         assert model_uri.startswith("models:/")
         version = sweep.register_champion(run_id, "r2sweep-test-champion", model_uri)
         champion = MlflowClient(tracker.tracking_uri).get_model_version_by_alias("r2sweep-test-champion", "champion")

@@ -2,7 +2,7 @@
 
 A real tracked sweep without Ray: the parent run and trial runs written through
 Tracker/SweepRun as the sweep's callback writes them, each trial with a real
-``pretrained.pt`` (from a one-epoch trial), in a SQLite store.
+``pretrained.pt`` and ``pretrained.pt2`` (from a one-epoch trial), in a SQLite store.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from r2sweep.analysis.select import select_best
 from r2sweep.core.config.trial import load_trial_config
-from r2sweep.core.trial import PRETRAINED, run_trial
+from r2sweep.core.trial import MODEL_ARCHIVE, PRETRAINED, run_trial
 from r2sweep.tracking.store import TAG_OUTCOME, SweepRun, Tracker
 
 NAME = "champion-once"
@@ -48,6 +48,7 @@ def _finished_trial(sweep: SweepRun, trial_id: str, objective: float, pretrained
     run_id = sweep.trial_run(trial_id, {"train.lr": 0.05})
     sweep.log_metrics(run_id, {OBJECTIVE: objective, "fp/top1": 90.0})
     sweep.log_artifact(run_id, pretrained)
+    sweep.log_artifact(run_id, pretrained.with_name(MODEL_ARCHIVE))  # the exported model the trial wrote
     sweep.set_tags(run_id, {TAG_OUTCOME: "finished"})
     sweep.end_trial(run_id, "FINISHED")
     return run_id

@@ -27,6 +27,8 @@ import yaml
 
 from r2sweep.analysis.select import TRIAL_CONFIG_ARTIFACT, read_sweep, pareto_front
 from r2sweep.core.config.sweep import SweepSpec
+from r2sweep.core.config.trial import load_trial_config
+from r2sweep.core.environment import code_named_by
 from r2sweep.core.errors import R2SweepError
 from r2sweep.core.outcome import DIVERGED, FAILED, FINISHED, RUN_STATUS, TAG_OUTCOME, decide_outcome, finished_runs, run_outcome
 from r2sweep.core.trial import TEXT_RESULTS
@@ -141,6 +143,7 @@ def run_reruns(sweep: SweepRun, spec: SweepSpec, reruns: Sequence[Rerun], seeds:
     objective = spec.objective.metric
     pending: dict[Any, tuple[str, str, int]] = {}  # task -> (key, run id, seed)
     results: dict[str, dict[int, dict[str, float]]] = {}
+    to_run: list[tuple[Rerun, dict[str, Any], int]] = []
     for rerun in reruns:
         results[rerun.key] = {}
         config = None
@@ -149,15 +152,21 @@ def run_reruns(sweep: SweepRun, spec: SweepSpec, reruns: Sequence[Rerun], seeds:
             if previous is not None:
                 results[rerun.key][seed] = dict(previous.data.metrics)
                 continue
-            if config is None:
-                config = rerun.config()
-                connect(address, num_cpus, runtime_env_for(spec))  # the user's code, shipped as the sweep shipped it
-            run_id = sweep.trial_run(_rerun_id(rerun.key, seed), {**rerun.params, "seed": seed}, confirm=True)
-            sweep.set_tags(run_id, dict(rerun.tags))
-            task = _run_trial.options(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0)).remote(
-                {**config, "seed": seed}, threads, shipped_callables(spec), cache_dir,
-                f"{sweep.name}/{_rerun_id(rerun.key, seed)}")
-            pending[task] = (rerun.key, run_id, seed)
+            config = config if config is not None else rerun.config()
+            to_run.append((rerun, config, seed))
+    if to_run:
+        # Re-running executes what the stored configs name: say which code, and from where, first.
+        named = sorted({text for _, config, _ in to_run for text in code_named_by(load_trial_config(config))})
+        progress(f"{label or sweep.name}: the re-runs import " + (", ".join(named) if named else "r2sweep's own models and "
+                 "datasets only") + f", as the configs stored in {sweep.tracker.display_uri} name them")
+        connect(address, num_cpus, runtime_env_for(spec))  # the user's code, shipped as the sweep shipped it
+    for rerun, config, seed in to_run:
+        run_id = sweep.trial_run(_rerun_id(rerun.key, seed), {**rerun.params, "seed": seed}, confirm=True)
+        sweep.set_tags(run_id, dict(rerun.tags))
+        task = _run_trial.options(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0)).remote(
+            {**config, "seed": seed}, threads, shipped_callables(spec), cache_dir,
+            f"{sweep.name}/{_rerun_id(rerun.key, seed)}")
+        pending[task] = (rerun.key, run_id, seed)
 
     total = len(pending)
     if total:

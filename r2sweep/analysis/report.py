@@ -44,13 +44,12 @@ from r2sweep.analysis.figures import (
 )
 from r2sweep.analysis.report_html import ReportPage, render_page
 from r2sweep.analysis.select import pareto_front, read_sweep
-from r2sweep.analysis.trials import logged_value
+from r2sweep.analysis.trials import layer_weights, logged_value
 from r2sweep.core.config.search import SearchParam
 from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import R2SweepError
 from r2sweep.core.outcome import finished_runs, run_outcome
 from r2sweep.core.plots import compare_weight_histograms, weight_histograms
-from r2sweep.core.trial import PRETRAINED, load_pretrained
 from r2sweep.tracking.store import TAG_TRIAL_ID, SweepRun, Tracker, sanitize_key
 
 __all__ = ["Report", "build_report", "history_points", "prepare_out", "REPORT_ARTIFACT_DIR", "PAGE"]
@@ -219,14 +218,12 @@ def _bits_panels(best_by_kind: dict[str, Any], spec: SweepSpec) -> list[tuple[st
 def _weight_figure(sweep: SweepRun, best_no_r2: Any, best_r2: Any, spec: SweepSpec, path: Path) -> tuple[Path | None, list[str]]:
     chosen = [r for r in (best_no_r2, best_r2) if r is not None]
     models, notes = {}, []
-    with tempfile.TemporaryDirectory() as tmp:
-        for run in chosen:
-            try:
-                local = sweep.client.download_artifacts(run.info.run_id, PRETRAINED, tmp + "/" + run.info.run_id)
-            except Exception:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
-                notes.append(f"Weight histograms: {_label(run, spec)} has no {PRETRAINED} artifact.")
-                continue
-            models[_label(run, spec)] = load_pretrained(local)[0]
+    for run in chosen:
+        weights, note = layer_weights(sweep.client, run.info.run_id, _label(run, spec))
+        if weights is None:
+            notes.append(note)
+        else:
+            models[_label(run, spec)] = weights
     if not models:
         return None, notes
     if len(models) == 1:

@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 from mlflow.exceptions import MlflowException
 
 from r2sweep.core.config.sweep import SweepSpec, load_sweep_spec
 from r2sweep.core.errors import R2SweepError
 from r2sweep.core.outcome import finished_runs
-from r2sweep.core.trial import PRETRAINED, load_pretrained
-from r2sweep.tracking.store import SPEC_ARTIFACT, TAG_TRIAL_ID, SweepRun, Tracker, TrackingError
+from r2sweep.core.pretrained_file import MODEL_ARCHIVE, PRETRAINED, load_pretrained
+from r2sweep.tracking.names import TAG_NOTES
+from r2sweep.tracking.store import SPEC_ARTIFACT, TAG_TRIAL_ID, SweepRun, Tracker
 
 __all__ = ["BestTrial", "read_sweep", "pick_best", "best_trial", "select_best", "register_champion", "pareto_front", "TAG_BEST_RUN", "TAG_BEST_TRIAL"]
 
@@ -56,6 +56,7 @@ class BestTrial:
     front: list[str] = field(default_factory=list)  # run ids on the Pareto front (multi-objective), else [run_id]
     model_uri: str | None = None  # models:/r2sweep-<sweep>/<version>, once registered
     config_text: str = field(default="", repr=False)  # the artifact as stored: what best.yaml gets, byte for byte
+    notes: list[str] = field(default_factory=list)  # what could not be done for it (a champion not registered)
 
 
 def _dominates(a: dict[str, float], b: dict[str, float], spec: SweepSpec) -> bool:
@@ -156,30 +157,38 @@ def select_best(
         best.config_path.write_text(best.config_text)
     sweep.set_tags(sweep.parent_run_id, {TAG_BEST_RUN: run_id, TAG_BEST_TRIAL: best.trial_id})
     if register:
-        best.model_version, best.model_uri = register_champion(sweep, run_id, f"r2sweep-{name}")
+        try:
+            best.model_version, best.model_uri = register_champion(sweep, run_id, f"r2sweep-{name}")
+        except R2SweepError as error:  # the pick stands; only the registration has nothing to take
+            best.notes.append(f"champion not registered: {error}")
     return best
 
 
 def register_champion(sweep: SweepRun, run_id: str, model_name: str) -> tuple[str, str]:
-    """Register the pre-trained model of ``run_id`` (a trial of ``sweep``) as ``model_name``'s champion;
-    ``(version, models:/NAME/VERSION)``. A champion that is that run already is kept as it is."""
+    """Register the model the trial of ``run_id`` logged (its torch.export archive) as ``model_name``'s
+    champion; ``(version, models:/NAME/VERSION)``. A champion that is that run already is kept as it is.
+
+    Nothing the run holds is loaded as code: the archive is registered as it was logged, and the
+    shapes for its signature come from the trial's ``pretrained.pt`` (tensors and numbers).
+
+    Raises:
+        R2SweepError: the run has no archive (its model could not be exported: its notes say why).
+    """
     champion = sweep.champion(model_name)
     if champion is not None and champion.run_id == run_id:
         # The champion did not change: registering it again would add a copy
         # (a new model and a new version) of the same weights at every call.
-        version = str(champion.version)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            model, args = load_pretrained(sweep.client.download_artifacts(run_id, PRETRAINED, tmp))
-        shape = args.get("input_shape") or [args["in_channels"], args["input_size"], args["input_size"]]
-        # A batch of 2: torch.export specializes a dimension whose example size is 1, which
-        # made the logged model refuse every batch but 1.
-        example = np.zeros((2, *shape), dtype=np.float32)
+        return str(champion.version), f"models:/{model_name}/{champion.version}"
+    with tempfile.TemporaryDirectory() as tmp:
         try:
-            uri = sweep.log_model(run_id, model, example)
-        except TrackingError:
-            raise
-        except Exception:  # noqa: BLE001 - torch.export cannot trace every model (data-dependent control flow)
-            uri = sweep.log_model(run_id, model, example, serialization_format="pickle")
-        version = str(sweep.register_champion(run_id, model_name, uri).version)
+            archive = sweep.client.download_artifacts(run_id, MODEL_ARCHIVE, tmp)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise R2SweepError(f"the best trial's run {run_id} has no {MODEL_ARCHIVE}: its model could not be exported "
+                               f"with torch.export (its {TAG_NOTES} tag says why), so there is no model to register; "
+                               "its weights are in its pretrained.pt") from None
+        saved = load_pretrained(sweep.client.download_artifacts(run_id, PRETRAINED, tmp))
+        uri = sweep.log_model(run_id, archive, input_shape=saved.input_shape, num_classes=saved.num_classes)
+    version = str(sweep.register_champion(run_id, model_name, uri).version)
     return version, f"models:/{model_name}/{version}"

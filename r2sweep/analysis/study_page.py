@@ -24,9 +24,9 @@ from r2sweep.analysis.report import history_points, prepare_out
 from r2sweep.analysis.report_html import PAGE_CSS
 from r2sweep.analysis.select import read_sweep
 from r2sweep.analysis.study_table import CONTROL_ON_BASELINE, CONTROL_R2_OFF, Reruns, StudyRow, StudyTable
+from r2sweep.analysis.trials import layer_weights
 from r2sweep.core.config.study import StudySpec
 from r2sweep.core.plots import compare_weight_histograms
-from r2sweep.core.trial import PRETRAINED, load_pretrained
 from r2sweep.tracking.store import Tracker
 
 __all__ = ["StudyPage", "write_study_page", "STUDY_PAGE", "TABLE_FILE"]
@@ -89,15 +89,13 @@ def _weights_figure(tracker: Tracker, table: StudyTable, path: Path, notes: list
     compared = _compared_kind(table)
     rows = [table.baseline, *([compared] if compared is not None else [])]
     models, colors = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for row in rows:
-            try:
-                local = tracker.client.download_artifacts(row.run_id, PRETRAINED, f"{tmp}/{row.run_id}")
-            except Exception:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
-                notes.append(f"Weight histograms: the winner of {row.sweep} has no {PRETRAINED} artifact.")
-                continue
-            label = f"{row.label} ({row.trial_id}, sweep seed)"
-            models[label], colors[label] = load_pretrained(local)[0], kind_color(row.kind)
+    for row in rows:
+        weights, note = layer_weights(tracker.client, row.run_id, f"the winner of {row.sweep}")
+        if weights is None:
+            notes.append(note)
+            continue
+        label = f"{row.label} ({row.trial_id}, sweep seed)"
+        models[label], colors[label] = weights, kind_color(row.kind)
     if not models:
         return None
     title = "The tuned baseline's winner against the R2 winner: the layers with the most outlying weights without R2"

@@ -8,6 +8,7 @@ MLflow as text and are turned back into what the search sampled.
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
 import pandas as pd
@@ -15,10 +16,11 @@ import pandas as pd
 from r2sweep.core.config.search import SearchParam
 from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.outcome import run_outcome
+from r2sweep.core.pretrained_file import PRETRAINED, load_pretrained
 from r2sweep.tracking.names import TAG_PRETRAIN_CACHE
 from r2sweep.tracking.store import TAG_TRIAL_ID
 
-__all__ = ["trials_frame", "logged_value", "CONFIG_PREFIX"]
+__all__ = ["trials_frame", "logged_value", "layer_weights", "CONFIG_PREFIX"]
 
 #: Columns of sampled values are ``config/<path>``, as in Ray Tune's dataframe.
 CONFIG_PREFIX = "config/"
@@ -32,6 +34,20 @@ def logged_value(param: SearchParam, text: str) -> Any:
         return int(text) if param.kind == "int" else float(text)
     except ValueError:
         return None
+
+
+def layer_weights(client: Any, run_id: str, label: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The Conv/Linear weights of a trial's logged ``pretrained.pt``, by layer (tensors read with
+    ``weights_only``: no model is built, no code it names runs); or None and why, for a figure's notes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, PRETRAINED, tmp)
+        except Exception:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
+            return None, f"Weight histograms: {label} has no {PRETRAINED} artifact."
+        try:
+            return load_pretrained(local).layers, None
+        except Exception as error:  # noqa: BLE001 - a damaged or foreign file is a note, not a failed report
+            return None, f"Weight histograms: {label}'s {PRETRAINED} is not readable ({error})."
 
 
 def trials_frame(runs: list[Any], spec: SweepSpec) -> pd.DataFrame:

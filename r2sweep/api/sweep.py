@@ -33,6 +33,7 @@ from r2sweep.core.config.inputs import with_references
 from r2sweep.core.config.overrides import PYTHON_LABEL, Overrides, apply_overrides, override_pairs
 from r2sweep.core.config.strict_yaml import load_file
 from r2sweep.core.config.sweep import SweepSpec, load_sweep_spec
+from r2sweep.core.environment import check_sweep_environment
 from r2sweep.core.errors import ConfigError, FileConfigError, R2SweepError
 from r2sweep.core.locations import is_uri
 
@@ -120,11 +121,10 @@ def prepare_sweep(
     loaded, text = _load(spec, overrides, option_names.get("overrides", PYTHON_LABEL))
     cluster = address or os.environ.get("RAY_ADDRESS")
     try:
-        if not cluster:
-            _check_local_data_roots(loaded, option_names["address"])  # on a cluster: its workers, once joined
         if name is None:
             check.sweep_name(loaded.name, uri_storage=is_uri(storage_text), in_file=True)
-        _check_outside_code(loaded, local=not cluster)
+        loaded = check_sweep_environment(loaded, local=not cluster, address_option=option_names["address"])
+        text = _record(text, loaded)
         if isinstance(loaded.settings.pretrain_cache, str):  # a folder the user named: usable, or said so now
             check.output_folder(loaded.settings.pretrain_cache, "sweep.pretrain_cache", what="the pre-training cache")
     except ConfigError as error:
@@ -244,20 +244,7 @@ def _is_file(spec: Any) -> bool:
     return isinstance(spec, (str, os.PathLike))
 
 
-def _check_outside_code(spec: SweepSpec, *, local: bool) -> None:
-    """The user's factories and checkpoint, built and run on one batch here, before anything starts
-    (the package's own models and datasets are pinned by its tests). On a cluster whose data only
-    the workers hold, the data is not built here; the factories still import and the model still loads."""
-    from r2sweep.core.build import check_inputs, uses_outside_code
-
-    if not uses_outside_code(spec.trial):
-        return
-    if local or not spec.data_roots():
-        check_inputs(spec.trial)
-
-
-def _check_local_data_roots(spec: SweepSpec, address_option: str) -> None:
-    for root in spec.data_roots():
-        if not Path(root).exists():
-            raise ConfigError("data.root", root, "an existing folder on this machine (r2sweep never downloads); "
-                              f"on a cluster whose workers hold it, pass {address_option}")
+def _record(text: str, spec: SweepSpec) -> str:
+    """The sweep's record as MLflow keeps it: the file as given (with overrides), its trial sections in
+    their resolved form (defaults filled in, ``init_from`` pinned), so a reader needs none of its code."""
+    return yaml.safe_dump({**yaml.safe_load(text), **dict(spec.base)}, sort_keys=False)

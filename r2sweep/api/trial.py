@@ -59,12 +59,11 @@ def run_trial(
     out = None if out_dir is None else check.output_folder(
         out_dir, option_names.get("out_dir", "out_dir"), what="the trial's metrics.json, config.yaml and checkpoints")
     trial = load_trial_config(config, overrides, label=option_names.get("overrides", PYTHON_LABEL))
-    from r2sweep.core.build import check_inputs, uses_outside_code  # torch and the models: only for a config that loaded
+    from r2sweep.core.environment import check_trial_environment  # torch and the models: only for a config that loaded
     from r2sweep.core.trial import check_out_dir
     from r2sweep.core.trial import run_trial as run_one
 
-    if uses_outside_code(trial):
-        check_inputs(trial)  # the user's factory or checkpoint: one line before anything is written
+    check_trial_environment(trial)  # the user's factory or checkpoint: one line before anything is written
 
     cache = None
     if pretrain_cache is not None:

@@ -144,7 +144,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                       "nothing to select", status=1)
     print(f"best: {spec.objective.metric} = {best.metrics[spec.objective.metric]:.2f} (trial {best.trial_id}, "
           f"fp/top1 {best.metrics.get('fp/top1', float('nan')):.2f}); "
-          + (f"champion model version {best.model_version}" if best.model_version else "not registered (--no-register)"))
+          + (f"champion model version {best.model_version}" if best.model_version
+             else "; ".join(best.notes) or "not registered (--no-register)"))
     print(f"best config: {best.config_path}   (re-run: r2sweep trial {best.config_path} --out runs/best)")
     uri = "" if args.tracking_uri is None else f" --tracking-uri {tracker.display_uri}"
     print(f"report: r2sweep report {name}{uri} --out {name}-report   (figures and an HTML page)")
@@ -209,6 +210,8 @@ def _cmd_best(args: argparse.Namespace) -> int:
         print(f"config: {best.config_path}")
     if best.model_version:
         print(f"champion: models:/r2sweep-{args.name}@champion (version {best.model_version})")
+    for note in best.notes:
+        print(f"note: {note}")
     return 0
 
 

@@ -24,10 +24,11 @@ from r2sweep.core.data.registry import build_data
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.factories import resolve_reference
 from r2sweep.core.models import MODELS, build_model
+from r2sweep.core.pretrained_file import load_pretrained
 from r2sweep.core.quant.graph import graph_notes
 from r2sweep.core.warm_start import load_weights
 
-__all__ = ["build_trial_data", "build_trial_model", "check_inputs", "check_output", "model_args", "model_field", "rebuild_model",
+__all__ = ["build_trial_data", "build_trial_model", "check_inputs", "check_output", "model_field", "model_from_pretrained",
            "uses_outside_code"]
 
 _PROBE_BATCH = 4  # samples in the driver's one forward pass: enough for BatchNorm, cheap for any model
@@ -71,23 +72,17 @@ def build_trial_model(config: TrialConfig, data: DataSplits) -> tuple[nn.Module,
     return model, notes
 
 
-def model_args(config: TrialConfig, data: DataSplits) -> dict[str, Any]:
-    """What rebuilds this trial's model without its data (saved beside the weights in ``pretrained.pt``)."""
-    source = {"factory": config.model.factory} if config.model.factory else {"name": config.model.name}
-    return {**source, "num_classes": data.num_classes, "in_channels": data.in_channels,
-            "input_size": data.input_size, "input_shape": list(data.train[0][0].shape),
-            "options": dict(config.model.options)}
-
-
-def rebuild_model(args: dict[str, Any]) -> nn.Module:
-    """A freshly initialised model from :func:`model_args` (or the older ``name, width, stem`` form)."""
-    options = dict(args.get("options") or {k: args[k] for k in ("width", "stem") if k in args})
-    if args.get("factory"):
-        field, factory, reference = "model.factory", resolve_reference("model.factory", args["factory"]), args["factory"]
-    else:
-        field, factory, reference = "model.name", MODELS.get(args["name"]), args["name"]
-    return build_model(factory, field=field, reference=reference, num_classes=args["num_classes"],
-                       in_channels=args["in_channels"], input_size=args["input_size"], options=options)
+def model_from_pretrained(config: TrialConfig, path: str | Path) -> nn.Module:
+    """The model of ``config``, the caller's own config (its factory is imported here), with the weights
+    of a trial's ``pretrained.pt`` (eval mode, CPU). The file's shapes and class count size the model."""
+    saved = load_pretrained(path)
+    config.model.resolve()
+    field, factory = _model_source(config)
+    shape = saved.input_shape
+    model = build_model(factory, field=field, reference=config.model.reference, num_classes=saved.num_classes,
+                        in_channels=shape[0], input_size=shape[-1], options=config.model.options)
+    model.load_state_dict(saved.state)
+    return model.eval()
 
 
 def uses_outside_code(config: TrialConfig) -> bool:
@@ -134,6 +129,8 @@ def check_inputs(config: TrialConfig) -> list[str]:
             fails on a batch of this data or does not return ``(batch, num_classes)`` logits.
         DataNotFoundError: a dataset's files are missing.
     """
+    config.data.resolve()  # the factories' options against their signatures, init_from hashed
+    config.model.resolve()
     data = build_trial_data(config)
     model, notes = build_trial_model(config, data)
     check_output(model, data, model_field(config), config.model.reference)

@@ -19,6 +19,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import torch
@@ -36,9 +37,15 @@ _DPI = 120
 _COLUMNS = 2
 
 
-def _weights(model: nn.Module) -> dict[str, np.ndarray]:
+#: What the figures draw: a model, or its Conv/Linear weights by layer name (a read-back ``pretrained.pt``'s
+#: ``layers``, so a report draws them without building the model).
+Weights = Union[nn.Module, Mapping[str, torch.Tensor]]
+
+
+def _weights(source: Weights) -> dict[str, np.ndarray]:
     """Flattened float64 weights of every Conv/Linear layer, by module name."""
-    return {name: weight.detach().cpu().double().reshape(-1).numpy() for name, weight in regularized_layers(model)}
+    layers = regularized_layers(source) if isinstance(source, nn.Module) else source.items()
+    return {name: weight.detach().cpu().double().reshape(-1).numpy() for name, weight in layers}
 
 
 def _outlier_score(w: np.ndarray) -> float:
@@ -50,9 +57,12 @@ def _outlier_score(w: np.ndarray) -> float:
     return math.inf if peak > 0 and w.size > 1 else 0.0
 
 
-def outlier_layers(model: nn.Module, count: int = 4) -> list[str]:
+def outlier_layers(model: Weights, count: int = 4) -> list[str]:
     """Names of the ``count`` Conv/Linear layers with the largest ``max|w| / std``, worst first."""
-    weights = _weights(model)
+    return _ranked(_weights(model), count)
+
+
+def _ranked(weights: Mapping[str, np.ndarray], count: int) -> list[str]:
     ranked = sorted(weights, key=lambda name: _outlier_score(weights[name]), reverse=True)
     return ranked[: max(count, 0)]
 
@@ -117,7 +127,7 @@ def save_png(figure: Figure, path: str | os.PathLike[str]) -> Path:
 
 
 def weight_histograms(
-    model: nn.Module,
+    model: Weights,
     path: str | os.PathLike[str],
     *,
     layers: int = 4,
@@ -133,7 +143,7 @@ def weight_histograms(
         ValueError: the model has no Conv/Linear layer.
     """
     weights = _weights(model)
-    names = outlier_layers(model, layers)
+    names = _ranked(weights, layers)
     if not names:
         raise ValueError(f"{type(model).__name__} has no Conv/Linear layer to plot")
     figure, axes = _grid(len(names), title or f"Weights of the {len(names)} layers with the largest max|w|/std")
@@ -148,7 +158,7 @@ def weight_histograms(
 
 
 def compare_weight_histograms(
-    models: Mapping[str, nn.Module],
+    models: Mapping[str, Weights],
     path: str | os.PathLike[str],
     *,
     layers: int = 4,
@@ -175,7 +185,7 @@ def compare_weight_histograms(
     if reference not in models:
         raise ValueError(f"reference={reference!r} is not valid: one of {', '.join(map(repr, labels))}")
     weights = {label: _weights(model) for label, model in models.items()}
-    names = outlier_layers(models[reference], layers)
+    names = _ranked(weights[reference], layers)
     if not names:
         raise ValueError(f"model {reference!r} has no Conv/Linear layer to plot")
     figure, axes = _grid(

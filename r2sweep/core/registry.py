@@ -84,6 +84,13 @@ class Registry(Generic[T]):
                 raise ConfigError(self.field, name, f"a usable entry: {self._broken[name]}") from None
             raise ConfigError(self.field, name, f"choose one of {self.names()}") from None
 
+    def own(self, name: object) -> T | None:
+        """The entry of ``name`` when it is the package's own or was registered from Python in this
+        process; None otherwise (a plugin's, or unknown). Loads no plugin: what parsing a config may ask."""
+        if not isinstance(name, str) or name in self._origins:
+            return None
+        return self._entries.get(name)
+
     def names(self) -> list[str]:
         self.load_plugins()
         return sorted(self._entries)

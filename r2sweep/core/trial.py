@@ -29,16 +29,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from r2sweep.core.checkpoint import load_checkpoint, save_atomic
 from r2sweep.core.config.trial import TrialConfig
-from r2sweep.core.build import build_trial_data, build_trial_model, check_output, model_args, model_field, rebuild_model
+from r2sweep.core.build import build_trial_data, build_trial_model, check_output, model_field
+from r2sweep.core.environment import resolve_inputs
 from r2sweep.core.data import make_loader
 from r2sweep.core.errors import ConfigError, TrialDiverged
 from r2sweep.core.plots import weight_histograms
 from r2sweep.core.precision import check_precision
 from r2sweep.core.pretrain_cache import PretrainCache
+from r2sweep.core.pretrained_file import MODEL_ARCHIVE, PRETRAINED, export_archive, save_pretrained
 from r2sweep.core.pretraining import HIT, MISS, OFF, PretrainJob, run_pretraining
 from r2sweep.core.quant.graph import graph_notes
 from r2sweep.core.quant.layers import bake_weights
@@ -47,7 +48,8 @@ from r2sweep.core.quant.ptq import round_to_nearest
 from r2sweep.core.stats import weight_stats
 from r2sweep.core.train import evaluate, resolve_device
 
-__all__ = ["TEXT_RESULTS", "run_trial", "check_out_dir", "config_fingerprint", "load_pretrained", "Reporter", "Progress", "PRETRAIN_CHECKPOINT", "PRETRAINED", "HISTOGRAMS"]
+__all__ = ["TEXT_RESULTS", "run_trial", "check_out_dir", "config_fingerprint", "Reporter", "Progress", "PRETRAIN_CHECKPOINT", "PRETRAINED",
+           "MODEL_ARCHIVE", "HISTOGRAMS", "TRIAL_FILES"]
 
 #: Receives a flat ``{metric: number}`` dict; see the module docstring.
 Reporter = Callable[[dict[str, Any]], None]
@@ -61,10 +63,10 @@ Progress = Callable[[str], None]
 TEXT_RESULTS = ("notes", "pretrain_cache", "pretrain_key", "pretrain_source")
 
 PRETRAIN_CHECKPOINT = "pretrain_state.pt"
-#: The pre-trained weights (and the model's constructor arguments).
-PRETRAINED = "pretrained.pt"
 #: Weight histograms of the pre-trained model's worst-outlier layers.
 HISTOGRAMS = "weights.png"
+#: What a trial leaves for its tracked run: the weights as data, the exported model, the figure.
+TRIAL_FILES = (PRETRAINED, MODEL_ARCHIVE, HISTOGRAMS)
 # Evaluation batches are large: no gradients, and fewer Python round-trips.
 _EVAL_BATCH = 256
 
@@ -131,6 +133,7 @@ def run_trial(
     """
     report = report or (lambda metrics: None)
     progress = progress or (lambda line: None)
+    resolve_inputs(config)  # a config loaded from text names its code; import it here, where it runs
     device = device or resolve_device(config.train.device)
     check_precision(config.train.precision, device)  # fp16 off a GPU: refused before anything is built
     out = Path(out_dir) if out_dir is not None else None
@@ -205,10 +208,16 @@ def run_trial(
     # The scheduler compares trials on the proxy at every report, the final one included.
     final.update(last_proxy)
     if out is not None:
-        # The model's constructor arguments travel with its weights, so whoever
-        # loads it (the sweep driver logging the champion) needs no dataset.
-        save_atomic({"model": model.state_dict(), "model_args": model_args(config, data)}, out / PRETRAINED)
+        # Tensors and plain data only: whoever reads them (a report, the champion's registration)
+        # runs none of the model's code.
+        sample = data.train[0][0]
+        save_pretrained(model, list(sample.shape), data.num_classes, out / PRETRAINED)
         weight_histograms(model.cpu(), out / HISTOGRAMS, title=f"pre-trained weights, R2 {config.r2.kind}")
+        # Two samples: torch.export specializes a dimension whose example size is 1.
+        why = export_archive(model, torch.stack([sample, data.train[1][0]]), out / MODEL_ARCHIVE)
+        if why is not None:
+            notes.append(f"no {MODEL_ARCHIVE} (the champion's format): torch.export could not trace the model: {why}")
+            progress(f"note: {notes[-1]}")
         model.to(device)
 
     context = DownstreamContext(data, config.seed, device, config.train.batch_size, config.train.num_workers, progress,
@@ -239,15 +248,6 @@ def run_trial(
         final["notes"] = "; ".join(notes)  # text, not a metric: the sweep tags the trial's run with it
     report(dict(final))
     return final
-
-
-def load_pretrained(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The pre-trained model a trial saved as ``pretrained.pt`` (eval mode, CPU) and its constructor arguments."""
-    state = load_checkpoint(path)
-    args = dict(state["model_args"])
-    model = rebuild_model(args)
-    model.load_state_dict(state["model"])
-    return model.eval(), args
 
 
 def summarize(metrics: dict[str, Any], config: TrialConfig) -> list[str]:

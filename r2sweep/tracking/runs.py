@@ -14,20 +14,17 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import mlflow
-import mlflow.pytorch
-import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelOutput, Metric, Param, Run, RunStatus, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
-from torch import nn
 
+from r2sweep.tracking.model_dir import write_model_dir
 from r2sweep.tracking.names import (
     _END_STATUSES,
     _PAGE,
@@ -268,23 +265,16 @@ class SweepRun:
     def log_model(
         self,
         run_id: str,
-        model: nn.Module,
-        input_example: np.ndarray,
+        archive: str | os.PathLike[str],
         *,
+        input_shape: Sequence[int],
+        num_classes: int,
         name: str = "model",
         step: int = 0,
-        serialization_format: str = "pt2",
     ) -> str:
-        """Log ``model`` as an MLflow 3 LoggedModel of the run; return its ``models:/<id>`` URI.
-
-        ``input_example`` (an array of the model's input shape, e.g. one batch)
-        is required: the default ``pt2`` format traces the model with it
-        (``torch.export``), and it also gives the model a signature. Use
-        ``serialization_format="pickle"`` for a model ``torch.export`` cannot trace.
-
-        ``mlflow.pytorch.log_model`` is not used: it resolves the *global*
-        tracking URI. The same steps are taken with this tracker's client.
-        """
+        """Log a trial's torch.export ``archive`` as an MLflow 3 LoggedModel of the run; return its
+        ``models:/<id>`` URI. The archive is copied as it is (:mod:`r2sweep.tracking.model_dir`):
+        nothing in it is loaded or run here. ``input_shape`` is one sample's shape."""
         with self._failing(f"log model {name!r} to run {run_id}"):
             run = self.client.get_run(run_id)
             logged = self.client.create_logged_model(
@@ -297,21 +287,9 @@ class SweepRun:
                 self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
                 with tempfile.TemporaryDirectory(prefix="r2sweep-model-") as tmp:
                     local = os.path.join(tmp, "model")
-                    mlflow.pytorch.save_model(
-                        model,
-                        local,
-                        mlflow_model=Model(
-                            artifact_path=logged.artifact_location,
-                            model_uuid=logged.model_id,
-                            run_id=run_id,
-                            model_id=logged.model_id,
-                        ),
-                        input_example=input_example,
-                        serialization_format=serialization_format,
-                        # Explicit requirements skip MLflow's inference, which loads the
-                        # model again in a fresh Python process (seconds per model).
-                        pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
-                    )
+                    mlflow_model = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id,
+                                         run_id=run_id, model_id=logged.model_id)
+                    write_model_dir(archive, local, mlflow_model, input_shape=input_shape, num_classes=num_classes)
                     self.client.log_model_artifacts(logged.model_id, local)
             except BaseException:
                 with contextlib.suppress(Exception):

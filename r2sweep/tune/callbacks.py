@@ -25,10 +25,11 @@ from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.locations import is_uri
 from r2sweep.core.outcome import DIVERGED, FAILED, FINISHED, RUN_STATUS, STOPPED, TAG_OUTCOME, decide_outcome, diverged_result
-from r2sweep.core.trial import PRETRAINED, TEXT_RESULTS
+from r2sweep.core.trial import TEXT_RESULTS
 from r2sweep.tracking.journal import JournalFlusher, TrackingJournal
 from r2sweep.tracking.names import TAG_EXPERIMENT_PATH, TAG_NOTES, TAG_START_FROM, TAG_TEXT_PREFIX
 from r2sweep.tracking.store import SweepRun, Tracker
+from r2sweep.tune.trainable import TRIAL_ARTIFACTS
 
 __all__ = ["TrackingCallback", "ProgressCallback", "EPOCH_METRICS", "TAG_NOTES"]
 
@@ -251,7 +252,7 @@ class TrackingCallback(tune.Callback):
         self._record("tags", trial=trial.trial_id, tags={TAG_OUTCOME: outcome})
         if outcome != STOPPED and trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as directory:
-                files = [p for p in sorted(Path(directory).iterdir()) if p.suffix in (".yaml", ".png") or p.name == PRETRAINED]
+                files = [p for p in sorted(Path(directory).iterdir()) if p.name in TRIAL_ARTIFACTS]
                 if files:
                     self._record("artifacts", trial=trial.trial_id, files=files)
         self._record("end_trial", trial=trial.trial_id, status=status)

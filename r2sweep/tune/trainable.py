@@ -24,13 +24,14 @@ from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import ConfigError, TrialDiverged
 from r2sweep.core.factories import install_callables
 from r2sweep.core.pretrain_cache import PretrainCache
-from r2sweep.core.trial import HISTOGRAMS, PRETRAIN_CHECKPOINT, PRETRAINED, check_out_dir, run_trial
+from r2sweep.core.environment import resolve_inputs
+from r2sweep.core.trial import PRETRAIN_CHECKPOINT, TRIAL_FILES, check_out_dir, run_trial
 
 __all__ = ["trainable", "TRIAL_CONFIG", "TRIAL_ARTIFACTS"]
 
 #: The trial config as a re-runnable YAML file, in a trial's final checkpoint.
 TRIAL_CONFIG = "trial_config.yaml"
-TRIAL_ARTIFACTS = (PRETRAINED, HISTOGRAMS, TRIAL_CONFIG)
+TRIAL_ARTIFACTS = (*TRIAL_FILES, TRIAL_CONFIG)
 
 
 def trainable(config: dict[str, Any], spec: SweepSpec, callables: Mapping[str, Any] | None = None,
@@ -44,7 +45,8 @@ def trainable(config: dict[str, Any], spec: SweepSpec, callables: Mapping[str, A
     install_callables(callables or {})
     cpus = int(max(1, spec.settings.resources_per_trial.get("cpu", 1)))
     torch.set_num_threads(cpus)  # a trial's share of the node, not every core
-    trial_config = spec.trial_config(config)
+    # The one place a trial looks at its node: the factories import here, init_from is hashed here.
+    trial_config = resolve_inputs(spec.trial_config(config))
     work = Path(tune.get_context().get_trial_dir()) / "work"
     work.mkdir(parents=True, exist_ok=True)
     # Resume from what Tune's driver saw, never from the trial's own scratch state:

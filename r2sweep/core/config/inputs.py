@@ -2,12 +2,19 @@
 
 Either section names a registered entry (``name: resnet18``; the package's own,
 or an installed plugin's) or the user's code (``factory: "my_pkg.nets:build"``, or
-from Python the callable itself); every other key is that factory's own option,
-checked against its signature here, when the file is loaded, so a misspelled
-option is an error naming it before anything runs. ``model.init_from`` names a
-checkpoint to start from; its content hash is part of the config, so two
-checkpoints never look like one experiment, and a checkpoint that changes after
-a sweep started is refused instead of silently used.
+from Python the callable itself); every other key is that factory's own option.
+``model.init_from`` names a checkpoint to start from; its content hash is part of
+the config, so two checkpoints never look like one experiment, and a checkpoint
+that changes after a sweep started is refused instead of silently used.
+
+Two steps, kept apart on purpose. Loading a section (``from_mapping``) is pure:
+it checks the text and, for the package's own models and datasets, their options
+against the package's own signatures; it imports no user code or plugin and
+reads no file, so a stored record of a sweep can be read on any machine.
+:meth:`resolve` is the step that looks at this machine: it imports the factory
+or plugin, checks the options against its signature and fills in its defaults,
+and hashes ``init_from``. It runs only where something will execute
+(:func:`r2sweep.core.environment.check_environment`).
 """
 
 from __future__ import annotations
@@ -43,14 +50,28 @@ def with_references(sections: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _entry(section: str, name: str | None, factory: str | None, registry: Any, default: str) -> tuple[str, str, Any]:
-    """(the field errors name, the reference shown, the callable) of a section's name or factory."""
+def _source(section: str, name: str | None, factory: str | None, registry: Any, default: str) -> tuple[str, str, Any]:
+    """(the field errors name, the reference shown, the callable when it is the package's own, else None).
+
+    Pure: a factory or a name the package does not define is looked up only by :func:`_entry`."""
     if name is not None and factory is not None:
         raise ConfigError(f"{section}.factory", factory, f"either {section}.name (a registered {section}) or "
                           f"{section}.factory (your own code), not both: drop {section}.name")
     if factory is not None:
-        return f"{section}.factory", factory, resolve_reference(f"{section}.factory", factory)
+        return f"{section}.factory", factory, None
     name = default if name is None else name
+    check(isinstance(name, str) and name.strip() != "", f"{section}.name", name,
+          f"a registered {section}'s name (r2sweep list {section}), or {section}.factory: 'module:function'")
+    return f"{section}.name", name, registry.own(name)
+
+
+def _entry(section: str, name: str | None, factory: str | None, registry: Any, default: str) -> tuple[str, str, Any]:
+    """(the field errors name, the reference shown, the callable) of a section's name or factory: imports it."""
+    where, reference, builder = _source(section, name, factory, registry, default)
+    if builder is not None:
+        return where, reference, builder
+    if factory is not None:
+        return where, factory, resolve_reference(where, factory)
     if isinstance(name, str) and name in registry.problems():
         registry.get(name)  # a plugin that failed to import: its own error, with the import's message
     check(isinstance(name, str) and name in registry, f"{section}.name", name,
@@ -111,10 +132,47 @@ class _FactorySection:
     name: str | None
     factory: str | None
 
+    options: dict[str, Any]
+    #: Whether the options were checked against the builder's signature (at load for the package's
+    #: own entries, by :meth:`resolve` for the user's code and plugins).
+    resolved: bool
+
     @property
     def reference(self) -> str:
         """The name or ``module:function`` this section builds with."""
         return self.factory or self.name or self.default_name
+
+    def _parse(self, registry: Any, provided: tuple[str, ...]) -> None:
+        """The pure half: the reference's form, and a package entry's options."""
+        section = self.section
+        if self.factory is not None:
+            self.factory = reference_of(f"{section}.factory", self.factory)
+        where, reference, builder = _source(section, self.name, self.factory, registry, self.default_name)
+        if self.factory is None:
+            self.name = reference
+        self.resolved = False
+        if builder is not None:
+            self._check_options(where, reference, builder, provided)
+
+    def _check_options(self, where: str, reference: str, builder: Any, provided: tuple[str, ...]) -> None:
+        signature = factory_signature(where, builder)
+        keys = [where.split(".")[1], *self.section_keys(signature)]
+        check_options(self.section, reference, signature, provided, self.options, keys)
+        self.options = _with_defaults(signature, provided, self.options)
+        self.check_signature_keys(reference, signature)
+        self.resolved = True
+
+    def _resolve(self, registry: Any, provided: tuple[str, ...]) -> None:
+        if not self.resolved:
+            where, reference, builder = _entry(self.section, self.name, self.factory, registry, self.default_name)
+            self._check_options(where, reference, builder, provided)
+
+    def section_keys(self, signature: Signature) -> list[str]:
+        """The section's own keys an options error lists beside the builder's options."""
+        raise NotImplementedError
+
+    def check_signature_keys(self, reference: str, signature: Signature) -> None:
+        """Checks of the section's own keys that need the builder's signature."""
 
     @classmethod
     def from_mapping(cls, data: Any) -> Any:
@@ -142,22 +200,24 @@ class DataConfig(_FactorySection):
     root: Optional[str] = None
     val_fraction: Optional[float] = None
     options: dict[str, Any] = field(default_factory=dict)
+    resolved: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.factory is not None:
-            self.factory = reference_of("data.factory", self.factory)
-        where, reference, builder = _entry("data", self.name, self.factory, DATASETS, self.default_name)
-        if self.factory is None:
-            self.name = reference
-        signature = factory_signature(where, builder)
-        keys = [where.split(".")[1], *(key for key in ("root", "val_fraction") if key in signature.names)]
-        check_options("data", reference, signature, DATA_PROVIDED, self.options, keys)
-        self.options = _with_defaults(signature, DATA_PROVIDED, self.options)
+        if self.val_fraction is not None:
+            check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "a number strictly between 0 and 1, or null")
+        self._parse(DATASETS, DATA_PROVIDED)
+
+    def resolve(self) -> None:
+        """Import the dataset's factory (or plugin), check its options and fill in its defaults."""
+        self._resolve(DATASETS, DATA_PROVIDED)
+
+    def section_keys(self, signature: Signature) -> list[str]:
+        return [key for key in ("root", "val_fraction") if key in signature.names]
+
+    def check_signature_keys(self, reference: str, signature: Signature) -> None:
         for key in ("root", "val_fraction"):
             if getattr(self, key) is not None and key not in signature.names:
                 raise ConfigError(f"data.{key}", getattr(self, key), f"null: {reference} takes no {key}")
-        if self.val_fraction is not None:
-            check(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "a number strictly between 0 and 1, or null")
 
     def to_mapping(self) -> dict[str, Any]:
         out: dict[str, Any] = {"factory": self.factory} if self.factory else {"name": self.name}
@@ -187,22 +247,36 @@ class ModelConfig(_FactorySection):
     # Filled in from the file when loaded; a value given is checked against the file (a pin).
     init_from_sha256: Optional[str] = None
     options: dict[str, Any] = field(default_factory=dict)
+    resolved: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.factory is not None:
-            self.factory = reference_of("model.factory", self.factory)
-        where, reference, builder = _entry("model", self.name, self.factory, MODELS, self.default_name)
-        if self.factory is None:
-            self.name = reference
-        signature = factory_signature(where, builder)
-        keys = [where.split(".")[1], *self.own_keys[2:]]
-        check_options("model", reference, signature, MODEL_PROVIDED, self.options, keys)
-        self.options = _with_defaults(signature, MODEL_PROVIDED, self.options)
-        if self.factory is None and MODELS.origin(self.name) is None:  # the package's own: width and stem
+        self._check_init_from()
+        self._parse(MODELS, MODEL_PROVIDED)
+        if self.resolved and self.factory is None:  # the package's own: width and stem
             width, stem = self.options.get("width"), self.options.get("stem")
             check(isinstance(width, float) and width > 0, "model.width", width, "a number > 0")
             check(stem in STEMS, "model.stem", stem, f"one of {list(STEMS)}")
-        self._check_init_from()
+
+    def section_keys(self, signature: Signature) -> list[str]:
+        return list(self.own_keys[2:])
+
+    def resolve(self) -> None:
+        """Import the model's factory (or plugin), check its options and fill in its defaults; read and
+        hash ``init_from`` (a hash given is a pin: a file that changed since is refused)."""
+        self._resolve(MODELS, MODEL_PROVIDED)
+        if self.init_from is None:
+            return
+        from r2sweep.core.warm_start import file_sha256  # torch: only for a config that starts from weights
+
+        check(os.path.isfile(self.init_from), "model.init_from", self.init_from, "an existing checkpoint file (a state "
+              "dict, a torchvision .pth or an r2sweep pretrained.pt); the driver reads it to check and hash it")
+        path = self.init_from
+        digest = file_sha256(path)
+        if self.init_from_sha256 is not None and self.init_from_sha256 != digest:
+            raise ConfigError("model.init_from", path, f"the checkpoint this config was made with (sha256 "
+                              f"{self.init_from_sha256[:12]}...); the file now holds {digest[:12]}...: it changed, so "
+                              "results would mix two starting points; restore it, or start a new sweep")
+        self.init_from_sha256 = digest
 
     def _check_init_from(self) -> None:
         check(isinstance(self.init_from_strict, bool), "model.init_from_strict", self.init_from_strict, "true or false")
@@ -210,21 +284,11 @@ class ModelConfig(_FactorySection):
             check(self.init_from_sha256 is None, "model.init_from_sha256", self.init_from_sha256,
                   "null without model.init_from (it pins that checkpoint's content)")
             return
-        from r2sweep.core.warm_start import file_sha256  # torch: only for a config that starts from weights
-
         path = self.init_from
         check(isinstance(path, str) and path.strip() != "" and not is_uri(path), "model.init_from", path,
               "a checkpoint file's path (on a file system every node mounts, for a cluster)")
-        path = os.path.abspath(os.path.expanduser(path))  # trials run in other folders, and on other nodes
-        check(os.path.isfile(path), "model.init_from", self.init_from, "an existing checkpoint file (a state dict, a "
-              "torchvision .pth or an r2sweep pretrained.pt); the driver reads it to check and hash it")
-        self.init_from = path
-        digest = file_sha256(path)
-        if self.init_from_sha256 is not None and self.init_from_sha256 != digest:
-            raise ConfigError("model.init_from", path, f"the checkpoint this config was made with (sha256 "
-                              f"{self.init_from_sha256[:12]}...); the file now holds {digest[:12]}...: it changed, so "
-                              "results would mix two starting points; restore it, or start a new sweep")
-        self.init_from_sha256 = digest
+        # Absolute now: trials run in other folders, and on other nodes. The file itself is read by resolve().
+        self.init_from = os.path.abspath(os.path.expanduser(path))
 
     def to_mapping(self) -> dict[str, Any]:
         out: dict[str, Any] = {"factory": self.factory} if self.factory else {"name": self.name}

@@ -365,10 +365,6 @@ def _load_sweep_spec(data: Any, *, default_name: str) -> SweepSpec:
     if isinstance(base.get("data"), Mapping) and "root" in base["data"]:
         base["data"] = {**base["data"], "root": _absolute_root(base["data"]["root"])}
     trial = load_trial_config(base)
-    search_paths = set((data.get("search") or {}) if isinstance(data.get("search"), Mapping) else ())
-    if trial.model.init_from is not None and "model.init_from" not in search_paths:
-        # Every trial starts from the bytes the driver checked: a file changed mid-sweep is refused on the worker.
-        base["model"] = {**base["model"], "init_from": trial.model.init_from, "init_from_sha256": trial.model.init_from_sha256}
     objectives = _load_objectives(data.get("objective"), trial)
     base, trial = _proxy_for_objective(base, trial, objectives[0])
     search = mapping_at(data.get("search") or {}, "search", "{r2.strength: {loguniform: [1.0e-4, 1.0]}}")

@@ -129,6 +129,9 @@ def pretrain_key(config: TrialConfig, device: torch.device) -> CacheKey:
     Raises:
         NotCacheable: a factory's identity cannot be established; the trial pre-trains without the cache.
     """
+    # What the trial will run: its factories' defaults filled in, init_from's content hashed.
+    config.data.resolve()
+    config.model.resolve()
     unused = config.unused_fields()
     model = config.model.to_mapping()
     model.pop("init_from", None)  # the content hash (kept) identifies the checkpoint, not where it lies
