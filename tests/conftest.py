@@ -26,7 +26,7 @@ import torch
 # `make test` hands whole files to two workers in collection order; collected last, one of
 # these ran alone for the suite's last minutes. First, they overlap with the many short files.
 LONGEST_FIRST = ("test_study.py", "test_driver_kill.py", "test_tracking_outage.py", "test_tracking_postgres.py",
-                 "test_pretrain_cache_sweep.py", "test_own_model_sweeps.py")
+                 "test_pretrain_cache_sweep.py", "test_own_model_sweeps.py", "test_store_is_data.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,6 +1,7 @@
-"""Real sweeps of the user's own model and data: from a YAML file through the ``r2sweep`` command,
-and from Python with callables and a checkpoint; both with PTQ, QAT and DKM results in MLflow.
-(The same module on a multi-node cluster, shipped by the runtime environment: tests/test_cluster.py.)"""
+"""Real sweeps of the user's own model and data from Python, with callables and a checkpoint, and
+with PTQ, QAT and DKM results in MLflow. (From a YAML file through the ``r2sweep`` command, and read
+where its code is not: tests/test_store_is_data.py; the same module on a multi-node cluster, shipped
+by the runtime environment: tests/test_cluster.py.)"""
 
 from __future__ import annotations
 
@@ -57,21 +58,6 @@ def _trial_runs(tracking_uri: str, name: str) -> list:
     client = mlflow.tracking.MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name(name)
     return client.search_runs([experiment.experiment_id], filter_string=f"tags.`{TAG_ROLE}` = 'trial'")
-
-
-def test_a_yaml_sweep_of_a_module_in_the_working_directory(tmp_path: Path) -> None:
-    write_user_module(tmp_path)
-    (tmp_path / "own.yaml").write_text(yaml.safe_dump(SPEC, sort_keys=False))
-    new_mlflow_store(tmp_path / "mlflow.db")  # the command's default store
-    done = _r2sweep("sweep", "own.yaml", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    runs = _trial_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "own-model")
-    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-    for run in runs:
-        assert all(0 <= run.data.metrics[m] <= 100 for m in RESULTS), run.data.metrics
-        assert run.data.metrics["fp/top1"] > 30
-        assert run.data.params["model.factory"] == "user_net:build" and run.data.params["data.factory"] == "user_net:load"
-    assert (tmp_path / "r2sweep_results" / "own-model" / "best.yaml").is_file()
 
 
 @pytest.mark.parametrize("problem", ["wrong_architecture", "not_a_checkpoint"])

@@ -1,7 +1,8 @@
 """What a sweep leaves in the tracking store is data: read anywhere, executing nothing.
 
 One real sweep (the ``r2sweep`` command, local Ray, a SQLite store) of a model
-defined in a module of its own folder, started from a checkpoint there. Then:
+and a dataset defined in a module of its own folder, started from a checkpoint
+there, with PTQ, QAT and DKM results. Then:
 
 * read from another folder, by another process whose ``sys.path`` lacks the module
   and where the checkpoint is gone: ``best``, ``compare``, ``report`` and
@@ -41,12 +42,17 @@ SPEC = {
     "data": {"factory": f"{MODULE}:load", "samples": 200},
     "model": {"factory": f"{MODULE}:build", "channels": 8, "init_from": "start.pt"},
     "train": {"epochs": 1, "batch_size": 32, "optimizer": "adam", "lr": 0.01},
-    "downstream": [{"method": "ptq", "algorithm": "rtn", "weight_bits": [4]}],
-    "objective": {"metric": "ptq_rtn_w4a8/top1", "mode": "max"},
+    "downstream": [
+        {"method": "ptq", "algorithm": "adaround", "weight_bits": [2], "adaround_iters": 5, "calib_samples": 32},
+        {"method": "qat", "algorithm": "lsq", "weight_bits": [2], "epochs": 1, "batch_size": 32},
+        {"method": "dkm", "weight_bits": [1], "epochs": 1, "batch_size": 32},
+    ],
+    "objective": {"metric": "ptq_adaround_w2a8/top1", "mode": "max"},
     "search": {"r2.kind": {"choice": ["none", "linf"]},
                "r2.strength": {"loguniform": [1e-3, 1e-1], "when": {"r2.kind": ["linf"]}}},
     "sweep": {"num_samples": 3, "max_concurrent": 2, "seed": 0, "scheduler": "none", "resources_per_trial": {"cpu": 1}},
 }
+RESULTS = ("ptq_adaround_w2a8/top1", "qat_lsq_w2a8/top1", "dkm_w1/top1")
 # Imported or called, it leaves a file: what the tampered store names.
 EVIL = '''
 from pathlib import Path
@@ -109,6 +115,15 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> Path:
     new_mlflow_store(work / "mlflow.db")
     done = _r2sweep("sweep", "own.yaml", cwd=work)
     assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(NAME).experiment_id],
+                              filter_string=f"tags.`{TAG_ROLE}` = 'trial'")
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:  # the user's model through every method
+        assert all(0 <= run.data.metrics[m] <= 100 for m in RESULTS), run.data.metrics
+        assert run.data.metrics["fp/top1"] > 30
+        assert run.data.params["model.factory"] == "user_net:build" and run.data.params["data.factory"] == "user_net:load"
+    assert (work / "r2sweep_results" / NAME / "best.yaml").is_file()
     return work
 
 

@@ -22,6 +22,7 @@ from r2sweep.analysis.select import read_sweep
 from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import R2SweepError
 from r2sweep.core.outcome import DIVERGED, FAILED, STOPPED, finished_runs, run_outcome
+from r2sweep.core.ranking import best_of
 from r2sweep.tracking.store import SweepRun, Tracker
 
 __all__ = ["ComparisonRow", "compare_sweeps", "summarize_runs", "render", "r2_kind", "FORMATS"]
@@ -100,7 +101,7 @@ def summarize_runs(
     rows = []
     for group, members in sorted(groups.items()):
         done = finished_runs(members, spec.objective_metrics)
-        best = max(done, key=lambda r: spec.ranking(r.data.metrics)) if done else None
+        best = best_of(done, spec)
         value = best.data.metrics[objective] if best else None
         outcomes = [run_outcome(r, spec.objective_metrics) for r in members]
         rows.append(ComparisonRow(

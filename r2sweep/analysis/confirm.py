@@ -25,11 +25,12 @@ from typing import Any
 import ray
 import yaml
 
-from r2sweep.analysis.select import TRIAL_CONFIG_ARTIFACT, read_sweep, pareto_front
+from r2sweep.analysis.select import TRIAL_CONFIG_ARTIFACT, read_sweep
 from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.config.trial import load_trial_config
 from r2sweep.core.environment import code_named_by
 from r2sweep.core.errors import R2SweepError
+from r2sweep.core.ranking import top as top_trials
 from r2sweep.core.outcome import DIVERGED, FAILED, FINISHED, RUN_STATUS, TAG_OUTCOME, decide_outcome, finished_runs, run_outcome
 from r2sweep.core.trial import TEXT_RESULTS
 from r2sweep.tracking.names import TAG_EXPERIMENT_PATH, TAG_TEXT_PREFIX
@@ -101,11 +102,7 @@ def _top_trials(sweep: SweepRun, spec: SweepSpec, top: int) -> list[Any]:
     finished = finished_runs(sweep.trial_runs(), spec.objective_metrics)
     if not finished:
         raise R2SweepError(f"sweep {sweep.name!r} has no finished trial with {spec.objective.metric} yet")
-    # As for `best`: in a multi-objective sweep only the Pareto front are candidates
-    # (a trial another one beats on every objective is not worth re-running), ranked
-    # by the objectives in order; the winner is then the best mean of the first.
-    candidates = pareto_front(finished, spec) if spec.multi_objective else finished
-    return sorted(candidates, key=lambda r: spec.ranking(r.data.metrics), reverse=True)[:top]
+    return top_trials(finished, spec, top)  # the winner is then the best mean of the first objective
 
 
 @dataclass(frozen=True)

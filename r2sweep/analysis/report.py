@@ -43,12 +43,13 @@ from r2sweep.analysis.figures import (
     pareto_front_plot,
 )
 from r2sweep.analysis.report_html import ReportPage, render_page
-from r2sweep.analysis.select import pareto_front, read_sweep
+from r2sweep.analysis.select import read_sweep
 from r2sweep.analysis.trials import layer_weights, logged_value
 from r2sweep.core.config.search import SearchParam
 from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import R2SweepError
 from r2sweep.core.outcome import finished_runs, run_outcome
+from r2sweep.core.ranking import best_of, pareto_front
 from r2sweep.core.plots import compare_weight_histograms, weight_histograms
 from r2sweep.tracking.store import TAG_TRIAL_ID, SweepRun, Tracker, sanitize_key
 
@@ -77,10 +78,6 @@ class Report:
 def _label(run: Any, spec: SweepSpec) -> str:
     kind = r2_kind(run, spec)
     return f"{'no R2' if kind == 'none' else 'R2 ' + kind} (trial {run.data.tags.get(TAG_TRIAL_ID, run.info.run_id[:8])})"
-
-
-def _best(runs: Sequence[Any], spec: SweepSpec) -> Any | None:
-    return max(runs, key=lambda r: spec.ranking(r.data.metrics)) if runs else None
 
 
 # -- advice ------------------------------------------------------------------------
@@ -240,7 +237,7 @@ def _weight_figure(sweep: SweepRun, best_no_r2: Any, best_r2: Any, spec: SweepSp
 def _pareto_figure(finished: Sequence[Any], spec: SweepSpec, path: Path) -> Path:
     y_metric, x_metric = spec.objectives[0].metric, spec.objectives[1].metric
     front = pareto_front(list(finished), spec)
-    chosen = _best(front, spec)
+    chosen = best_of(front, spec)
     return pareto_front_plot(
         [(r.data.metrics[x_metric], r.data.metrics[y_metric], r2_kind(r, spec)) for r in finished],
         [(r.data.metrics[x_metric], r.data.metrics[y_metric]) for r in front],
@@ -281,12 +278,12 @@ def build_report(tracker: Tracker, name: str, out: str | os.PathLike[str], *, lo
 
     best_by_kind: dict[str, Any] = {}
     for kind in sorted({r2_kind(r, spec) for r in finished}, key=lambda k: (k != "none", k)):
-        best_by_kind[kind] = _best([r for r in finished if r2_kind(r, spec) == kind], spec)
+        best_by_kind[kind] = best_of([r for r in finished if r2_kind(r, spec) == kind], spec)
     best_no_r2 = best_by_kind.get("none")
-    best_r2 = _best([r for k, r in best_by_kind.items() if k != "none"], spec)
+    best_r2 = best_of([r for k, r in best_by_kind.items() if k != "none"], spec)
 
     notes: list[str] = []
-    best = _best(pareto_front(finished, spec) if spec.multi_objective else finished, spec)
+    best = best_of(finished, spec)
     advice = range_edge_advice(
         [("the best trial", best)] + ([("the best trial without R2", best_no_r2)]
                                       if best_no_r2 is not None and best_no_r2 is not best else []), spec)

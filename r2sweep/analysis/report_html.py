@@ -18,6 +18,7 @@ from typing import Any
 from r2sweep.analysis.compare import ComparisonRow
 from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.outcome import finished_runs, run_outcome
+from r2sweep.core.ranking import ranked as ranked_trials
 from r2sweep.tracking.store import TAG_TRIAL_ID, sanitize_key
 
 __all__ = ["ReportPage", "render_page", "PAGE_CSS"]
@@ -152,10 +153,11 @@ def _trials_table(page: ReportPage) -> str:
     numbered = list(enumerate(page.runs, start=1))
     finished = {run.info.run_id for run in finished_runs(page.runs, page.spec.objective_metrics)}
     done = [item for item in numbered if item[1].info.run_id in finished]
-    ranked = sorted(done, key=lambda item: page.spec.ranking(item[1].data.metrics), reverse=True)
-    ranked += [item for item in numbered if item not in done]
+    by_run = {id(run): (number, run) for number, run in done}
+    ordered = [by_run[id(run)] for run in ranked_trials([run for _, run in done], page.spec)]
+    ordered += [item for item in numbered if item not in done]
     body = []
-    for number, run in ranked:
+    for number, run in ordered:
         outcome = run_outcome(run, page.spec.objective_metrics)
         css = ' class="best"' if run.info.run_id == page.best.info.run_id else ""
         cells = [str(number), escape(run.data.tags.get(TAG_TRIAL_ID, "")), escape(outcome)]

@@ -21,16 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from mlflow.exceptions import MlflowException
 
 from r2sweep.core.config.sweep import SweepSpec, load_sweep_spec
 from r2sweep.core.errors import R2SweepError
 from r2sweep.core.outcome import finished_runs
+from r2sweep.core.ranking import best_of, pareto_front
 from r2sweep.core.pretrained_file import MODEL_ARCHIVE, PRETRAINED, load_pretrained
+from r2sweep.tracking.errors import is_missing
 from r2sweep.tracking.names import TAG_NOTES
 from r2sweep.tracking.store import SPEC_ARTIFACT, TAG_TRIAL_ID, SweepRun, Tracker
 
-__all__ = ["BestTrial", "read_sweep", "pick_best", "best_trial", "select_best", "register_champion", "pareto_front", "TAG_BEST_RUN", "TAG_BEST_TRIAL"]
+__all__ = ["BestTrial", "read_sweep", "pick_best", "best_trial", "select_best", "register_champion", "TAG_BEST_RUN", "TAG_BEST_TRIAL"]
 
 TAG_BEST_RUN = "r2sweep.best_run_id"
 TAG_BEST_TRIAL = "r2sweep.best_trial_id"
@@ -57,22 +58,6 @@ class BestTrial:
     model_uri: str | None = None  # models:/r2sweep-<sweep>/<version>, once registered
     config_text: str = field(default="", repr=False)  # the artifact as stored: what best.yaml gets, byte for byte
     notes: list[str] = field(default_factory=list)  # what could not be done for it (a champion not registered)
-
-
-def _dominates(a: dict[str, float], b: dict[str, float], spec: SweepSpec) -> bool:
-    better_somewhere = False
-    for objective in spec.objectives:
-        sign = 1 if objective.mode == "max" else -1
-        x, y = sign * a[objective.metric], sign * b[objective.metric]
-        if x < y:
-            return False
-        better_somewhere |= x > y
-    return better_somewhere
-
-
-def pareto_front(runs: list[Any], spec: SweepSpec) -> list[Any]:
-    """The runs no other run dominates on every objective."""
-    return [r for r in runs if not any(_dominates(o.data.metrics, r.data.metrics, spec) for o in runs if o is not r)]
 
 
 def read_sweep(tracker: Tracker, name: str) -> tuple[SweepRun, SweepSpec]:
@@ -108,7 +93,7 @@ def best_trial(tracker: Tracker, sweep: SweepRun, spec: SweepSpec) -> BestTrial:
     if not finished:
         raise R2SweepError(f"sweep {sweep.name!r} has no finished trial with {spec.objectives[0].metric} yet")
     front = pareto_front(finished, spec) if spec.multi_objective else finished
-    best = max(front, key=lambda run: spec.ranking(run.data.metrics))
+    best = best_of(finished, spec)
     run_id = best.info.run_id
     text = _trial_config_text(tracker, run_id)
     return BestTrial(
@@ -127,8 +112,8 @@ def _trial_config_text(tracker: Tracker, run_id: str) -> str | None:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             return Path(tracker.client.download_artifacts(run_id, TRIAL_CONFIG_ARTIFACT, tmp)).read_text()
-        except MlflowException as error:
-            if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+        except Exception as error:  # noqa: BLE001 - MLflow's own kinds; only "no such artifact" is an answer
+            if is_missing(error):
                 return None
             raise
 
@@ -182,8 +167,8 @@ def register_champion(sweep: SweepRun, run_id: str, model_name: str) -> tuple[st
     with tempfile.TemporaryDirectory() as tmp:
         try:
             archive = sweep.client.download_artifacts(run_id, MODEL_ARCHIVE, tmp)
-        except MlflowException as error:
-            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+        except Exception as error:  # noqa: BLE001 - MLflow's own kinds; only "no such artifact" is an answer
+            if not is_missing(error):
                 raise
             raise R2SweepError(f"the best trial's run {run_id} has no {MODEL_ARCHIVE}: its model could not be exported "
                                f"with torch.export (its {TAG_NOTES} tag says why), so there is no model to register; "

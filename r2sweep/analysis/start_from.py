@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from r2sweep.analysis.select import pareto_front, read_sweep
+from r2sweep.analysis.select import read_sweep
 from r2sweep.analysis.trials import logged_value
 from r2sweep.core.config.search import SearchParam, load_start_points
 from r2sweep.core.config.start_from import HistoryTrial, StartFrom
 from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import ConfigError, R2SweepError
 from r2sweep.core.outcome import DIVERGED, FINISHED, STOPPED, finished_runs, run_outcome
+from r2sweep.core.ranking import top as top_trials
 from r2sweep.tracking.store import TAG_TRIAL_ID, Tracker
 
 __all__ = ["start_from"]
@@ -54,8 +55,7 @@ def start_from(tracker: Tracker, earlier_name: str, spec: SweepSpec, top: int, *
     finished = finished_runs(runs, earlier.objective_metrics)
     if not finished:
         raise ConfigError(field, earlier_name, "a sweep with a finished trial (it has none yet)")
-    candidates = pareto_front(finished, earlier) if earlier.multi_objective else finished
-    ranked = sorted(candidates, key=lambda r: earlier.ranking(r.data.metrics), reverse=True)
+    ranked = top_trials(finished, earlier, len(finished))
     room = spec.settings.num_samples - len(spec.settings.start_points) - (1 if spec.baseline_point else 0)
     notes: list[str] = []
     left_out = sorted(set(theirs) - set(searched))

@@ -15,7 +15,7 @@ import re
 import requests
 from mlflow.exceptions import MlflowException
 
-__all__ = ["is_permanent"]
+__all__ = ["is_permanent", "is_missing"]
 
 # 4xx statuses that mean "not now", not "not this": a request timeout (408), a
 # client-side cancel (499), rate limiting (429). 401/403 are here too, on purpose:
@@ -67,3 +67,8 @@ def is_permanent(error: BaseException) -> bool:
             return _permanent_status(current.response.status_code)
         current = current.__cause__
     return False
+
+
+def is_missing(error: BaseException) -> bool:
+    """Whether MLflow said the thing asked for does not exist (an artifact a run never logged)."""
+    return isinstance(error, MlflowException) and error.error_code == "RESOURCE_DOES_NOT_EXIST"

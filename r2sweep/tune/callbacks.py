@@ -180,7 +180,7 @@ class TrackingCallback(tune.Callback):
                     == self.experiment_path
                 )
             tags = {TAG_EXPERIMENT_PATH: self.experiment_path}
-            lent = getattr(self.spec, "start_from", None)  # (a spec pickled by an older r2sweep has none)
+            lent = self.spec.start_from
             if lent is not None:
                 tags[TAG_START_FROM] = f"{lent.source} (top {lent.top}: {len(lent.points)} tried first, "\
                                        f"{len(lent.history)} as history)"
@@ -229,8 +229,7 @@ class TrackingCallback(tune.Callback):
             self._record("tags", trial=trial.trial_id, tags={TAG_NODE_ID: node, TAG_NODE_HOST: result.get("hostname", "")})
         # Text results are tags; tagged when they change (pretrain_cache comes with every epoch).
         texts = {TAG_TEXT_PREFIX + key: str(result[key])[:4000] for key in TEXT_RESULTS if result.get(key)}
-        # (setdefault on __dict__: a callback pickled by an older r2sweep, restored on --resume, has no _texts)
-        known = self.__dict__.setdefault("_texts", {}).setdefault(trial.trial_id, {})
+        known = self._texts.setdefault(trial.trial_id, {})
         changed = {tag: value for tag, value in texts.items() if known.get(tag) != value}
         if changed:
             known.update(changed)

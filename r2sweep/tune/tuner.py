@@ -27,6 +27,7 @@ from r2sweep.core.config.sections import from_dict
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.locations import join
 from r2sweep.core.outcome import FINISHED, decide_outcome
+from r2sweep.core.ranking import best_of
 from r2sweep.tune.cluster import check_data_roots, check_resources, connect, trial_nodes
 from r2sweep.tune.experiment_files import ExperimentFolder
 from r2sweep.tune.runtime_env import check_imports, runtime_env_for, shipped_callables
@@ -55,8 +56,7 @@ class ExperimentOutcome:
 
     def best(self) -> Any | None:
         """The best finished result by :meth:`SweepSpec.ranking`."""
-        finished = self.finished()
-        return max(finished, key=lambda r: self.spec.ranking(r.metrics)) if finished else None
+        return best_of(self.finished(), self.spec)
 
 
 def experiment_path(storage: str | os.PathLike[str], name: str) -> str:
