@@ -68,7 +68,10 @@ def test_confirm_reruns_the_top_trials_logs_them_and_resumes(store: Path, tmp_pa
         assert c.fp[0] == pytest.approx(trial.data.metrics["fp/top1"])
         assert c.mean == pytest.approx(statistics.fmean(c.values.values()))
     assert confirmations[0].mean >= confirmations[1].mean  # best mean first
-    assert len(lines) == 1 + 4 and lines[0].startswith("confirm confirm-me: 4 re-runs")
+    # First what the re-runs will import (the stored configs name it), then the plan, then one line per re-run.
+    assert lines[0].startswith("confirm confirm-me: the re-runs import r2sweep's own models and datasets only, "
+                               "as the configs stored in sqlite:")
+    assert len(lines) == 2 + 4 and lines[1].startswith("confirm confirm-me: 4 re-runs")
 
     # In MLflow: four finished re-runs under the sweep, tagged with the trial they re-run,
     # never counted as trials (compare's numbers are unchanged).
@@ -92,7 +95,7 @@ def test_confirm_reruns_the_top_trials_logs_them_and_resumes(store: Path, tmp_pa
     # Again, with one more seed: only the new seed runs; the rest comes from MLflow.
     lines.clear()
     again = confirm_top(tracker, "confirm-me", top=2, seeds=[0, 1, 2], progress=lines.append)
-    assert lines[0].startswith("confirm confirm-me: 2 re-runs") and len(sweep.confirm_runs()) == 6
+    assert lines[1].startswith("confirm confirm-me: 2 re-runs") and len(sweep.confirm_runs()) == 6
     assert {c.trial_id: (c.values[0], c.values[1]) for c in again} == {c.trial_id: (c.values[0], c.values[1])
                                                                        for c in confirmations}
 
@@ -131,7 +134,7 @@ def test_any_configuration_reruns_on_seeds_under_its_own_key_and_resumes(store: 
                     tags={"r2sweep.control": "r2_off"})
     lines: list[str] = []
     first = run_reruns(sweep, spec, [control], [0, 1], label="control", progress=lines.append)
-    assert set(first[control.key]) == {0, 1} and lines[0].startswith("control: 2 re-runs")
+    assert set(first[control.key]) == {0, 1} and lines[1].startswith("control: 2 re-runs")
     runs = [r for r in sweep.confirm_runs() if r.data.tags.get("r2sweep.control") == "r2_off"]
     assert sorted(r.data.tags[TAG_TRIAL_ID] for r in runs) == [f"{control.key}-seed0", f"{control.key}-seed1"]
     assert all(r.data.params["r2.kind"] == "none" and "r2.strength" not in r.data.params for r in runs)

@@ -9,7 +9,6 @@ files are tested in test_state_repairs.py.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -17,10 +16,11 @@ import ray
 import yaml
 from conftest import tiny_sweep
 
+from r2sweep.core.config.record import read_record, sweep_mapping, sweep_record
 from r2sweep.core.config.sweep import load_sweep_spec
 from r2sweep.core.errors import ConfigError
 from r2sweep.tune.experiment_files import ExperimentFolder
-from r2sweep.tune.tuner import _space, check_experiment, run_experiment
+from r2sweep.tune.tuner import check_experiment, run_experiment
 
 
 @pytest.fixture(params=["path", "uri"])
@@ -29,14 +29,15 @@ def named(request):
     return (lambda path: str(path)) if request.param == "path" else (lambda path: Path(path).as_uri())
 
 
-def test_the_space_is_written_whole(tmp_path: Path, named) -> None:
+def test_the_record_is_written_whole(tmp_path: Path, named) -> None:
     folder = ExperimentFolder(named(tmp_path / "sweep"))
     (tmp_path / "sweep").mkdir()
     (tmp_path / "sweep" / "tuner.pkl").write_bytes(b"state")
-    folder.save_space({"trial": {"seed": 0}})
-    assert folder.saved_space() == {"trial": {"seed": 0}}
-    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["r2sweep_space.json", "tuner.pkl"]
-    assert ExperimentFolder(named(tmp_path / "elsewhere")).saved_space() is None
+    text = sweep_record(load_sweep_spec(SPEC))
+    folder.save_record(text)
+    assert folder.saved_record() == text and sweep_record(read_record(text)) == text  # read back as it is
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["sweep.yaml", "tuner.pkl"]
+    assert ExperimentFolder(named(tmp_path / "elsewhere")).saved_record() is None
 
 
 def test_children_and_copy_tree_work_on_the_folder_s_file_system(tmp_path: Path, named) -> None:
@@ -62,12 +63,12 @@ def test_a_sweep_on_a_storage_uri_is_resumed_only_with_its_own_space(tmp_path: P
         outcome = run_experiment(spec, storage=storage, num_cpus=2)
         assert len(outcome.finished()) == 2
         assert outcome.path == f"{storage}/on-uri"
-        saved = json.loads((tmp_path / "shared" / "on-uri" / "r2sweep_space.json").read_text())
-        assert saved["search"]["train.lr"]["values"] == [0.01, 0.1]
+        saved = yaml.safe_load((tmp_path / "shared" / "on-uri" / "sweep.yaml").read_text())
+        assert saved["search"]["train.lr"]["loguniform"] == [0.01, 0.1]
         assert (tmp_path / "shared" / "on-uri" / "r2sweep_tuner.pkl").is_file()
 
         other = load_sweep_spec(yaml.safe_load(yaml.safe_dump({**SPEC, "search": {"train.lr": {"loguniform": [0.01, 0.2]}}})))
-        with pytest.raises(ConfigError, match=r"search\.train\.lr\.values=.* the sweep at file://.* was started with \[0\.01, 0\.1\]"):
+        with pytest.raises(ConfigError, match=r"search\.train\.lr\.loguniform=.* the sweep at file://.* was started with \[0\.01, 0\.1\]"):
             run_experiment(other, storage=storage, resume=True)
         resumed = run_experiment(spec, storage=storage, resume=True)  # the same space: Tune's state is read back
         assert len(resumed.finished()) == 2
@@ -75,23 +76,25 @@ def test_a_sweep_on_a_storage_uri_is_resumed_only_with_its_own_space(tmp_path: P
         ray.shutdown()
 
 
-def test_a_sweep_started_before_a_field_was_added_resumes_and_a_changed_value_is_still_refused(tmp_path: Path, named) -> None:
-    """A newer r2sweep adds fields with defaults (PTQ's ``fisher``, ``act_lr``, ``drop_prob``); the
-    space saved by an older one lacks them. Read back through today's loaders it equals the
-    same file's space today, so the resume goes on; a value that really changed is still refused."""
+def test_a_record_without_a_later_field_resumes_and_a_changed_value_is_still_refused(tmp_path: Path, named) -> None:
+    """A later r2sweep adds fields with defaults (PTQ's ``fisher``, ``act_lr``, ``drop_prob``); a record
+    written before lacks them. Read back, it is the same spec, so the resume goes on; a value that
+    really changed is still refused, and a folder with no record at all is refused with the fix."""
     spec = load_sweep_spec({**tiny_sweep("older"), "downstream": [
         {"method": "ptq", "algorithm": "adaround", "weight_bits": [2], "adaround_iters": 20}],
         "objective": {"metric": "ptq_adaround_w2a8/top1"}})
-    older = _space(spec)
+    older = sweep_mapping(spec)
     for field in ("fisher", "act_lr", "drop_prob"):
-        del older["trial"]["downstream"][0][field]
+        del older["downstream"][0][field]
     del older["sweep"]["max_failures"]
     (tmp_path / "older").mkdir()
     (tmp_path / "older" / "tuner.pkl").write_bytes(b"state")  # what Tune's can_restore looks for
-    ExperimentFolder(named(tmp_path / "older")).save_space(older)
+    with pytest.raises(ConfigError, match="the folder has no sweep.yaml"):
+        check_experiment(spec, named(tmp_path / "older"), resume=True)
+    ExperimentFolder(named(tmp_path / "older")).save_record(yaml.safe_dump(older))
     check_experiment(spec, named(tmp_path / "older"), resume=True)
 
-    older["trial"]["downstream"][0]["adaround_iters"] = 40
-    ExperimentFolder(named(tmp_path / "older")).save_space(older)
+    older["downstream"][0]["adaround_iters"] = 40
+    ExperimentFolder(named(tmp_path / "older")).save_record(yaml.safe_dump(older))
     with pytest.raises(ConfigError, match=r"downstream=.*was started with .*'adaround_iters': 40"):
         check_experiment(spec, named(tmp_path / "older"), resume=True)

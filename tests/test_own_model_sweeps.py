@@ -124,8 +124,12 @@ def test_a_python_sweep_with_callables_and_a_checkpoint(tmp_path: Path) -> None:
     assert {r.data.params["model.init_from_sha256"] for r in runs} == {file_sha256(checkpoint)}
     assert all("<locals>.grouped_net" in r.data.params["model.factory"] for r in runs)
     assert "init_from_sha256" in result.best.config["model"]
-    # torch.export cannot trace it either: the champion is registered in MLflow's pickle format instead.
-    assert result.best.model_version == "1" and result.best.model_uri == "models:/r2sweep-own-callables/1"
+    # torch.export cannot trace it either, so the trials exported no model: nothing is registered (a pickled
+    # model would be code a reader runs), and the pick and every trial's run say why.
+    assert result.best.model_version is None and result.best.model_uri is None
+    assert "champion not registered" in result.best.notes[0] and "pretrained.pt2" in result.best.notes[0]
+    assert all("no pretrained.pt2" in r.data.tags[TAG_NOTES] and "GuardOnDataDependent" in r.data.tags[TAG_NOTES]
+               for r in runs)
     # Untraceable: quantized by module order with BatchNorm unfolded, and every trial's run says so.
     assert all("not torch.fx-traceable" in r.data.tags[TAG_NOTES] for r in runs)
     # A re-run on a fresh seed is a Ray task of its own: the callables travel with it too.

@@ -24,13 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from r2sweep.api import options as check
 from r2sweep.api.results import SweepResult
 from r2sweep.api.stores import quiet_mlflow
 from r2sweep.core.config.inputs import with_references
-from r2sweep.core.config.overrides import PYTHON_LABEL, Overrides, apply_overrides, override_pairs
+from r2sweep.core.config.overrides import PYTHON_LABEL, Overrides, override_pairs
+from r2sweep.core.config.record import sweep_record
 from r2sweep.core.config.strict_yaml import load_file
 from r2sweep.core.config.sweep import SweepSpec, load_sweep_spec
 from r2sweep.core.environment import check_sweep_environment
@@ -118,13 +117,13 @@ def prepare_sweep(
     check.sweep_name(name, option_names["name"], uri_storage=is_uri(storage_text))
     check.start_from(start_from, start_top, resume, option_names.get("start_from", "start_from"),
                      option_names.get("start_top", "start_top"))
-    loaded, text = _load(spec, overrides, option_names.get("overrides", PYTHON_LABEL))
+    loaded = _load(spec, overrides, option_names.get("overrides", PYTHON_LABEL))
     cluster = address or os.environ.get("RAY_ADDRESS")
     try:
         if name is None:
             check.sweep_name(loaded.name, uri_storage=is_uri(storage_text), in_file=True)
         loaded = check_sweep_environment(loaded, local=not cluster, address_option=option_names["address"])
-        text = _record(text, loaded)
+        text = sweep_record(loaded)  # what MLflow and Tune's folder keep, and every reader reads
         if isinstance(loaded.settings.pretrain_cache, str):  # a folder the user named: usable, or said so now
             check.output_folder(loaded.settings.pretrain_cache, "sweep.pretrain_cache", what="the pre-training cache")
     except ConfigError as error:
@@ -223,12 +222,12 @@ def _writer(progress: bool | Callable[[str], None]) -> Callable[[str], None] | N
     return (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
 
 
-def _load(spec: Any, overrides: Overrides, label: str) -> tuple[SweepSpec, str]:
-    """(the validated spec, the YAML text the parent run keeps: the file as resolved with overrides)."""
+def _load(spec: Any, overrides: Overrides, label: str) -> SweepSpec:
+    """The file (or mapping) with its overrides written in, loaded (pure: nothing it names is imported)."""
     if isinstance(spec, SweepSpec):
         raise TypeError("run_sweep takes a search-space file or its mapping, not a SweepSpec "
-                        "(the file's text is what MLflow keeps); pass the path or the dict")
-    try:  # the file is read once: its text is what the parent run keeps
+                        "(its record is made from the file); pass the path or the dict")
+    try:
         raw = load_file(spec) if _is_file(spec) else spec
         if isinstance(raw, Mapping):  # callables given from Python: their references are what a file can hold
             raw = {**raw, **with_references({k: v for k, v in raw.items() if k in ("model", "data")})}
@@ -237,14 +236,8 @@ def _load(spec: Any, overrides: Overrides, label: str) -> tuple[SweepSpec, str]:
                                  default_name=Path(spec).stem if _is_file(spec) else None)
     except ConfigError as error:  # a file's problems (and a --set's) name the file, as the CLI always did
         raise FileConfigError(os.fspath(spec), error) if _is_file(spec) else error from None
-    return loaded, yaml.safe_dump(apply_overrides(raw, pairs) if pairs else raw, sort_keys=False)
+    return loaded
 
 
 def _is_file(spec: Any) -> bool:
     return isinstance(spec, (str, os.PathLike))
-
-
-def _record(text: str, spec: SweepSpec) -> str:
-    """The sweep's record as MLflow keeps it: the file as given (with overrides), its trial sections in
-    their resolved form (defaults filled in, ``init_from`` pinned), so a reader needs none of its code."""
-    return yaml.safe_dump({**yaml.safe_load(text), **dict(spec.base)}, sort_keys=False)

@@ -15,6 +15,8 @@ has none, and the trial's notes say why.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +78,9 @@ def export_archive(model: nn.Module, example: torch.Tensor, path: str | os.PathL
     was_training = model.training
     model.eval()
     try:
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+        # A refusal prints the partial graph to stderr (tens of lines per trial); the note says why instead.
+        with contextlib.redirect_stderr(io.StringIO()):
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
         target = Path(path)
         partial = target.with_name(f".{target.name}.partial")
         torch.export.save(program, partial)

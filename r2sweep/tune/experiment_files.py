@@ -4,9 +4,10 @@ A sweep's Tune state lives in ``<storage>/<name>``: a local folder, or a URI
 (``s3://``, ``gs://``, ``file://``, anything pyarrow has a file system for,
 which is what Ray itself uses). Everything r2sweep does there goes through one
 pyarrow file system (:class:`ExperimentFolder`), so a sweep on shared storage
-gets the same guarantees as a local one. r2sweep's own file there is the search
-space it started with (:data:`SPACE_FILE`): a resume with another space is
-refused, naming the first field that differs.
+gets the same guarantees as a local one. r2sweep's own file there is the sweep's
+record (:data:`~r2sweep.core.config.record.RECORD_FILE`, the same text its MLflow
+parent run keeps): a resume with another search space is refused, naming the
+first field that differs.
 
 The repairs of Tune's own files after a driver kill, which use the operations
 here, are in :mod:`r2sweep.tune.state_repairs`.
@@ -14,20 +15,16 @@ here, are in :mod:`r2sweep.tune.state_repairs`.
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
-from typing import Any
 
 import pyarrow.fs as pafs
 
 from r2sweep.core.checkpoint import save_bytes_atomic
+from r2sweep.core.config.record import RECORD_FILE
 from r2sweep.core.locations import is_uri
 
-__all__ = ["SPACE_FILE", "ExperimentFolder"]
-
-#: The space a sweep was started with, beside Tune's state: a resume must use the same one.
-SPACE_FILE = "r2sweep_space.json"
+__all__ = ["ExperimentFolder"]
 
 
 class ExperimentFolder:
@@ -83,12 +80,12 @@ class ExperimentFolder:
             else:
                 self.fs.copy_file(info.path, destination)
 
-    # -- the search space --------------------------------------------------------
+    # -- the sweep's record ------------------------------------------------------
 
-    def save_space(self, space: dict[str, Any]) -> None:
-        self.write(SPACE_FILE, json.dumps(space, indent=1, sort_keys=True).encode())
+    def save_record(self, text: str) -> None:
+        self.write(RECORD_FILE, text.encode())
 
-    def saved_space(self) -> dict[str, Any] | None:
-        """The space the sweep was started with; None for a sweep started before it was recorded."""
-        data = self.read(SPACE_FILE)
-        return json.loads(data) if data is not None else None
+    def saved_record(self) -> str | None:
+        """The record the sweep was started with; None when the folder has none."""
+        data = self.read(RECORD_FILE)
+        return data.decode() if data is not None else None

@@ -11,8 +11,6 @@ and scheduling live in :mod:`r2sweep.tune.search`, the trial in
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,9 +19,8 @@ from typing import Any
 
 from ray import tune
 
-from r2sweep.core.config.sweep import SweepSettings, SweepSpec
-from r2sweep.core.config.trial import load_trial_config
-from r2sweep.core.config.sections import from_dict
+from r2sweep.core.config.record import RECORD_FILE, read_record, sweep_mapping, sweep_record
+from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.locations import join
 from r2sweep.core.outcome import FINISHED, decide_outcome
@@ -144,7 +141,7 @@ def run_experiment(
                 say(line)
         tuner = tune.Tuner.restore(experiment, trainable=function, resume_unfinished=True, resume_errored=True)
     else:
-        folder.save_space(_space(spec))
+        folder.save_record(sweep_record(spec))
         tuner = tune.Tuner(function, tune_config=tune_config(spec), run_config=_run_config(name, experiment, spec, callbacks))
         backup_tuner_state(folder)
     results = tuner.fit()
@@ -152,25 +149,14 @@ def run_experiment(
 
 
 def _space(spec: SweepSpec) -> dict[str, Any]:
-    """Everything that decides which trials a sweep runs and how they are judged."""
-    return _as_json({
-        "trial": spec.trial.to_mapping(),
-        "objective": [dataclasses.asdict(o) for o in spec.objectives],
-        "search": {p.path: dataclasses.asdict(p) for p in spec.params},
-        "sweep": _decisive_settings(spec.settings),
-    })
-
-
-def _as_json(value: Any) -> Any:
-    """``value`` as its JSON file holds it (tuples as lists, anything else as text), so that
-    a space computed now compares with one read back from disk."""
-    return json.loads(json.dumps(value, default=str))
-
-
-def _decisive_settings(settings: SweepSettings) -> dict[str, Any]:
-    # Where pre-trained weights are cached, and where the Optuna study is shown, decide
-    # neither: a resume may change them (the study stays where the sweep started it).
-    return {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("pretrain_cache", "optuna_storage")}
+    """Everything in a sweep's record that decides which trials it runs and how they are judged:
+    not its name, nor where pre-trained weights are cached or the Optuna study is shown (a
+    resume may change those; the study stays where the sweep started it)."""
+    mapping = sweep_mapping(spec)
+    del mapping["name"]
+    for key in ("pretrain_cache", "optuna_storage"):
+        del mapping["sweep"][key]
+    return mapping
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -179,38 +165,22 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
-def _with_todays_defaults(saved: dict[str, Any]) -> dict[str, Any]:
-    """The saved space with the trial and sweep sections read back through today's loaders.
-
-    A field that a later r2sweep added (with its default) then compares equal, so a sweep
-    started before it can still be resumed; a section that no longer loads is compared as saved.
-    """
-    saved = dict(saved)
-    try:
-        saved["trial"] = _as_json(load_trial_config(saved["trial"]).to_mapping())
-    except (ConfigError, KeyError):
-        pass
-    try:
-        saved["sweep"] = _as_json(_decisive_settings(from_dict(SweepSettings, saved["sweep"])))
-    except (ConfigError, KeyError, TypeError):
-        pass
-    return saved
-
-
 def _check_same_space(folder: ExperimentFolder, spec: SweepSpec) -> None:
     """Refuse to resume with a search space other than the one the sweep started with.
 
     Raises:
-        ConfigError: naming the first field that differs, both values, and the fix.
+        ConfigError: naming the first field that differs, both values, and the fix; or a
+            folder without a record (not started by this r2sweep), naming the fix.
     """
-    saved = folder.saved_space()
-    if saved is None:
-        return  # a sweep started before the space was recorded
-    saved, now = _flat(_with_todays_defaults(saved)), _flat(_space(spec))
+    text = folder.saved_record()
+    if text is None:
+        raise ConfigError("resume", folder.experiment, f"a sweep this r2sweep started (the folder has no {RECORD_FILE}); "
+                          "start a new sweep with --name")
+    saved, now = _flat(_space(read_record(text))), _flat(_space(spec))
     for key in sorted(set(saved) | set(now)):
         if saved.get(key) != now.get(key):
             raise ConfigError(
-                key.removeprefix("trial."),
+                key,
                 now.get(key),
                 f"the sweep at {folder.experiment} was started with {saved.get(key)!r}; resume it with the "
                 "same search-space file (and --set overrides), or start a new sweep with --name",

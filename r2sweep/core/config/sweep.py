@@ -178,6 +178,12 @@ class SweepSpec:
     trial: TrialConfig  # the base config, validated
     start_from: StartFrom | None = None  # what an earlier sweep lends (--start-from); not part of the space
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled (Tune's saved callbacks, the trainable shipped to workers) as its one record.
+        from r2sweep.core.config.record import spec_from_record, sweep_record
+
+        return spec_from_record, (sweep_record(self), self.start_from)
+
     @property
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
