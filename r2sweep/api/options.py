@@ -64,7 +64,7 @@ _EXAMPLE_NAME = "e.g. --name r2-linf"
 # -- files and folders --------------------------------------------------------
 
 
-def output_folder(value: str | os.PathLike[str], option: str = "--out", *, what: str = "the output") -> Path:
+def output_folder(value: str | os.PathLike[str], option: str = "out", *, what: str = "the output") -> Path:
     """A folder a command writes into, created if missing.
 
     Refused: an empty value, an existing file, a path below a regular file, a
@@ -80,7 +80,7 @@ def output_folder(value: str | os.PathLike[str], option: str = "--out", *, what:
     return Path(text)
 
 
-def output_file(value: str | os.PathLike[str], option: str = "--out", *, example: str = "best.yaml") -> Path:
+def output_file(value: str | os.PathLike[str], option: str = "out", *, example: str = "best.yaml") -> Path:
     """A file a command writes (replaced if it exists; its folder is created if missing).
 
     Refused: an empty value, a path ending in ``/``, an existing folder, a path
@@ -88,19 +88,19 @@ def output_file(value: str | os.PathLike[str], option: str = "--out", *, example
     """
     text = os.fspath(value)
     if not text.strip():
-        raise OptionError(option, text, f"an empty path; give a file, e.g. {option} {example}")
+        raise OptionError(option, text, f"an empty path; give a file, e.g. {example}")
     with _inspecting(option, text):
         return _output_file(Path(text), text, option, example)
 
 
 def _output_file(path: Path, text: str, option: str, example: str) -> Path:
     if text.endswith(("/", os.sep)) or path.name in ("", ".", ".."):
-        raise OptionError(option, text, f"names a folder; give a file, e.g. {option} {Path(text, example)}")
+        raise OptionError(option, text, f"names a folder; give a file, e.g. {Path(text, example)}")
     problem = _too_long(path)
     if problem:
         raise OptionError(option, text, problem)
     if path.is_dir():
-        raise OptionError(option, text, f"is a folder; give a file, e.g. {option} {path / example}")
+        raise OptionError(option, text, f"is a folder; give a file, e.g. {path / example}")
     if path.exists() and not os.access(path, os.W_OK):
         raise OptionError(option, text, "exists and is not writable by this user; give another file")
     problem = _creatable(path.parent, "file")
@@ -118,7 +118,7 @@ _OFFLINE_SCHEMES = {"gs", "gcs", "abfs", "abfss", "file", "local"}
 _STORAGE_EXAMPLE = "e.g. --storage ./r2sweep_results or --storage s3://BUCKET/r2sweep"
 
 
-def storage(value: str | None, option: str = "--storage") -> str | None:
+def storage(value: str | None, option: str = "storage") -> str | None:
     """Ray Tune's storage path: a local folder, or a URI of a file system every node can reach.
 
     Refused: an empty value; a local path that is a file, lies below a file or
@@ -195,7 +195,7 @@ def _name_problem(value: str, *, uri_storage: bool = False) -> str | None:
     return None
 
 
-def sweep_name(value: str | None, option: str = "--name", *, uri_storage: bool = False, in_file: bool = False) -> str | None:
+def sweep_name(value: str | None, option: str = "name", *, uri_storage: bool = False, in_file: bool = False) -> str | None:
     """The name of a new sweep: its folder in the storage, its MLflow experiment, ``r2sweep-NAME`` in the registry.
 
     Refused: an empty or blank name, control characters, ``/`` or ``\\``, ``.`` and
@@ -233,7 +233,7 @@ def sweep_to_read(value: str, option: str = "sweep name", *, register: bool = Fa
 # -- Ray addresses ------------------------------------------------------------
 
 
-def ray_address(value: str | None, option: str = "--address", *, env: str | None = "RAY_ADDRESS") -> str | None:
+def ray_address(value: str | None, option: str = "address", *, env: str | None = "RAY_ADDRESS") -> str | None:
     """A Ray cluster to join (else ``RAY_ADDRESS``, checked the same way); None: a local Ray.
 
     Refused: what :func:`parse_ray_address` refuses, and ``ray://`` when the Ray
@@ -249,8 +249,8 @@ def ray_address(value: str | None, option: str = "--address", *, env: str | None
     return value
 
 
-def start_from(value: str | None, top: int, resume: bool, option: str = "--start-from",
-               top_option: str = "--top") -> str | None:
+def start_from(value: str | None, top: int, resume: bool, option: str = "start_from",
+               top_option: str = "start_top") -> str | None:
     """An earlier sweep to start from, and how many of its best configurations (at least 1);
     not with a resume, which goes on from its own trials."""
     if value is None:
@@ -274,7 +274,7 @@ def count(value: int, option: str, *, what: str) -> int:
     return value
 
 
-def seeds(values: list[int], option: str = "--seeds") -> list[int]:
+def seeds(values: list[int], option: str = "seeds") -> list[int]:
     """Seeds of re-runs: one or more, distinct, each from 0 to 2**32-1 (NumPy's seed range)."""
     shown = list(values)
     if not values:
@@ -293,5 +293,5 @@ def seeds(values: list[int], option: str = "--seeds") -> list[int]:
 def key(value: str | None, option: str, *, example: str) -> str | None:
     """A parameter or metric name (``compare --by``, ``--metric``): not empty or blank."""
     if value is not None and not value.strip():
-        raise OptionError(option, value, f"an empty name; give one, e.g. {option} {example}")
+        raise OptionError(option, value, f"an empty name; give one, e.g. {example}")
     return value

@@ -1,10 +1,10 @@
 """Reading finished sweeps from Python: each function returns data; the CLI prints it.
 
 Every function checks its arguments first (a bad one is a ConfigError naming
-it, before anything is read or written) and opens the store for reading
+it by its keyword, before anything is read or written; the command line shows
+its flag instead) and opens the store for reading
 (:func:`r2sweep.api.stores.open_store`: a missing local store is an error, an
-unreachable server fails in seconds). ``option_names`` says how an error names
-an argument: its Python keyword by default; the CLI passes its flags.
+unreachable server fails in seconds).
 
 >>> import r2sweep
 >>> chosen = r2sweep.best("quickstart", out="best.yaml")              # doctest: +SKIP
@@ -15,7 +15,7 @@ an argument: its Python keyword by default; the CLI passes its flags.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,40 +26,40 @@ __all__ = ["best", "compare", "confirm", "report"]
 
 
 def best(name: str, *, tracking_uri: str | None = None, out: str | os.PathLike[str] | None = "best.yaml",
-         register: bool = True, option_names: Mapping[str, str] = {}) -> Any:
+         register: bool = True) -> Any:
     """Pick sweep ``name``'s best trial, write its config to ``out``, tag it, register its model as the champion.
 
     Returns a :class:`~r2sweep.analysis.select.BestTrial`. ``out=None`` writes no file.
     """
     from r2sweep.analysis.select import select_best
 
-    check.sweep_to_read(name, option_names.get("sweep", "name"), register=register)
+    check.sweep_to_read(name, "name", register=register)
     if out is not None:
-        check.output_file(out, option_names.get("out", "out"))
-    store = open_store(tracking_uri, option_names.get("tracking_uri", "tracking_uri"))
+        check.output_file(out, "out")
+    store = open_store(tracking_uri, "tracking_uri")
     return select_best(store, name, out=out, register=register)
 
 
 def compare(names: Sequence[str], *, tracking_uri: str | None = None, metrics: Sequence[str] = (),
-            by: str | None = None, option_names: Mapping[str, str] = {}) -> list[Any]:
+            by: str | None = None) -> list[Any]:
     """One :class:`~r2sweep.analysis.compare.ComparisonRow` per sweep (or per sweep and value of ``by``)."""
     from r2sweep.analysis.compare import compare_sweeps
 
     if isinstance(names, str):
         names = [names]
     for name in names:
-        check.sweep_to_read(name, option_names.get("sweep", "names"))
-    check.key(by, option_names.get("by", "by"), example="r2.kind")
+        check.sweep_to_read(name, "names")
+    check.key(by, "by", example="r2.kind")
     for metric in metrics:
-        check.key(metric, option_names.get("metrics", "metrics"), example="ptq_rtn_w2a8/top1")
-    store = open_store(tracking_uri, option_names.get("tracking_uri", "tracking_uri"))
+        check.key(metric, "metrics", example="ptq_rtn_w2a8/top1")
+    store = open_store(tracking_uri, "tracking_uri")
     return compare_sweeps(store, list(names), metrics=list(metrics), by=by)
 
 
 def confirm(name: str, *, top: int = 3, seeds: Sequence[int] = (1, 2, 3), tracking_uri: str | None = None,
             out: str | os.PathLike[str] | None = None, address: str | None = None,
             storage: str | os.PathLike[str] | None = None,
-            progress: Callable[[str], None] | None = None, option_names: Mapping[str, str] = {}) -> list[Any]:
+            progress: Callable[[str], None] | None = None) -> list[Any]:
     """Re-run the ``top`` trials of sweep ``name`` on fresh ``seeds`` (on Ray) and rank them on the mean.
 
     Returns :class:`~r2sweep.analysis.confirm.Confirmation` rows, best mean first; the
@@ -69,29 +69,26 @@ def confirm(name: str, *, top: int = 3, seeds: Sequence[int] = (1, 2, 3), tracki
     """
     from r2sweep.analysis.confirm import confirm_top
 
-    named = option_names.get
-    check.sweep_to_read(name, named("sweep", "name"))
-    check.count(top, named("top", "top"), what="how many of the best trials to re-run")
-    check.seeds(list(seeds), named("seeds", "seeds"))
-    target = check.output_file(f"{name}-confirmed.yaml" if out is None else out, named("out", "out"),
-                               example=f"{name}-confirmed.yaml")
-    check.ray_address(address, named("address", "address"))
+    check.sweep_to_read(name, "name")
+    check.count(top, "top", what="how many of the best trials to re-run")
+    check.seeds(list(seeds), "seeds")
+    target = check.output_file(f"{name}-confirmed.yaml" if out is None else out, "out", example=f"{name}-confirmed.yaml")
+    check.ray_address(address, "address")
     storage_text = None if storage is None else os.fspath(storage)
-    check.storage(storage_text, named("storage", "storage"))
-    return confirm_top(open_store(tracking_uri, named("tracking_uri", "tracking_uri")), name, top=top,
+    check.storage(storage_text, "storage")
+    return confirm_top(open_store(tracking_uri, "tracking_uri"), name, top=top,
                        seeds=list(seeds), out=target, address=address, progress=progress or (lambda line: None),
                        storage=storage_text)
 
 
-def report(name: str, out: str | os.PathLike[str], *, tracking_uri: str | None = None, log_to_run: bool = True,
-           option_names: Mapping[str, str] = {}) -> Any:
+def report(name: str, out: str | os.PathLike[str], *, tracking_uri: str | None = None, log_to_run: bool = True) -> Any:
     """Write sweep ``name``'s HTML page and PNG figures to folder ``out``; log them to its parent run.
 
     Returns a :class:`~r2sweep.analysis.report.Report` (``page``, ``figures``, ``notes``, ``advice``).
     """
     from r2sweep.analysis.report import build_report
 
-    check.sweep_to_read(name, option_names.get("sweep", "name"))
-    folder: Path = check.output_folder(out, option_names.get("out", "out"), what="the report's index.html and figures")
-    return build_report(open_store(tracking_uri, option_names.get("tracking_uri", "tracking_uri")), name, folder,
+    check.sweep_to_read(name, "name")
+    folder: Path = check.output_folder(out, "out", what="the report's index.html and figures")
+    return build_report(open_store(tracking_uri, "tracking_uri"), name, folder,
                         log_to_run=log_to_run)

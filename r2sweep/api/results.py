@@ -8,7 +8,7 @@ while the sweep still runs) are the same thing.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -117,7 +117,7 @@ class SweepResult:
                        tracking_uri=self._tracker.tracking_uri)
 
 
-def load_sweep(name: str, *, tracking_uri: str | None = None, option_names: Mapping[str, str] = {}) -> SweepResult:
+def load_sweep(name: str, *, tracking_uri: str | None = None) -> SweepResult:
     """Open sweep ``name`` from MLflow: the same :class:`SweepResult` :func:`r2sweep.run_sweep` returns.
 
     ``best`` is picked without writing anything (no tag, no export, no registration).
@@ -125,5 +125,5 @@ def load_sweep(name: str, *, tracking_uri: str | None = None, option_names: Mapp
     from r2sweep.api import options as check
     from r2sweep.api.stores import open_store
 
-    check.sweep_to_read(name, option_names.get("sweep", "name"))
-    return SweepResult.of(open_store(tracking_uri, option_names.get("tracking_uri", "tracking_uri")), name)
+    check.sweep_to_read(name, "name")
+    return SweepResult.of(open_store(tracking_uri, "tracking_uri"), name)

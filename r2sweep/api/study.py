@@ -30,15 +30,12 @@ import yaml
 
 from r2sweep.api import options as check
 from r2sweep.api.stores import open_store, quiet_mlflow
-from r2sweep.core.config.overrides import PYTHON_LABEL, Overrides, apply_overrides, override_pairs
+from r2sweep.core.config.overrides import Overrides, apply_overrides, override_pairs
 from r2sweep.core.config.strict_yaml import load_file
 from r2sweep.core.config.study import StudySpec, StudySweep, load_study_spec
 from r2sweep.core.errors import ConfigError, FileConfigError, R2SweepError
 
-__all__ = ["run_study", "load_study", "read_study_file", "StudyResult", "STUDY_PYTHON_OPTIONS", "RECOMMENDED_FILE"]
-
-STUDY_PYTHON_OPTIONS = {"storage": "storage", "tracking_uri": "tracking_uri", "address": "address", "out": "out",
-                        "overrides": PYTHON_LABEL, "study": "name"}
+__all__ = ["run_study", "load_study", "read_study_file", "StudyResult", "RECOMMENDED_FILE"]
 #: The recommended configuration, a trial file (``r2sweep trial FILE`` re-runs it), in the output folder.
 RECOMMENDED_FILE = "recommended.yaml"
 _NEW, _RESUME, _DONE = "new", "resume", "done"
@@ -71,7 +68,7 @@ def _writer(progress: bool | Callable[[str], None]) -> Callable[[str], None]:
     return (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
 
 
-def read_study_file(study: Any, overrides: Overrides, label: str) -> tuple[StudySpec, dict[str, Any]]:
+def read_study_file(study: Any, overrides: Overrides) -> tuple[StudySpec, dict[str, Any]]:
     """(the validated study, the mapping as resolved with the overrides: what MLflow keeps).
 
     Raises:
@@ -80,7 +77,7 @@ def read_study_file(study: Any, overrides: Overrides, label: str) -> tuple[Study
     is_file = isinstance(study, (str, os.PathLike))
     try:
         raw = load_file(study) if is_file else dict(study)
-        pairs = override_pairs(overrides, label)
+        pairs = override_pairs(overrides)
         resolved = apply_overrides(raw, pairs) if pairs else raw
         return load_study_spec(resolved), resolved
     except ConfigError as error:
@@ -169,7 +166,6 @@ def run_study(
     num_cpus: int | None = None,
     register: bool = True,
     progress: bool | Callable[[str], None] = True,
-    option_names: Mapping[str, str] = STUDY_PYTHON_OPTIONS,
 ) -> StudyResult:
     """Run (or go on with) a study and write its answer.
 
@@ -194,11 +190,11 @@ def run_study(
     from r2sweep.tune.tuner import DEFAULT_STORAGE
 
     storage_text = None if storage is None else os.fspath(storage)
-    check.storage(storage_text, option_names["storage"])
-    check.tracking_uri(tracking_uri, option_names["tracking_uri"])
-    check.ray_address(address, option_names["address"])
-    spec, resolved = read_study_file(study, overrides, option_names["overrides"])
-    folder = check.output_folder(out if out is not None else f"{spec.name}-study", option_names["out"],
+    check.storage(storage_text, "storage")
+    check.tracking_uri(tracking_uri, "tracking_uri")
+    check.ray_address(address, "address")
+    spec, resolved = read_study_file(study, overrides)
+    folder = check.output_folder(out if out is not None else f"{spec.name}-study", "out",
                                  what="the study's page and recommended trial file")
     say = _writer(progress)
     started = time.perf_counter()
@@ -261,8 +257,7 @@ def _answer(tracker: Any, spec: StudySpec, record: Any, folder: Path, text: str,
                        recommended_path=recommended, model_uri=model_uri)
 
 
-def load_study(name: str, *, tracking_uri: str | None = None, out: str | os.PathLike[str] | None = None,
-               option_names: Mapping[str, str] = STUDY_PYTHON_OPTIONS) -> StudyResult:
+def load_study(name: str, *, tracking_uri: str | None = None, out: str | os.PathLike[str] | None = None) -> StudyResult:
     """Study ``name``'s answer from MLflow alone (on any machine that reaches the store).
 
     With ``out``, its page is written there too (nothing is logged, registered or run).
@@ -274,9 +269,9 @@ def load_study(name: str, *, tracking_uri: str | None = None, out: str | os.Path
     from r2sweep.analysis.study_table import read_study_table
     from r2sweep.tracking.studies import find_study, study_text
 
-    check.sweep_to_read(name, option_names["study"])
-    folder = None if out is None else check.output_folder(out, option_names["out"], what="the study's page")
-    tracker = open_store(tracking_uri, option_names["tracking_uri"])
+    check.sweep_to_read(name, "name")
+    folder = None if out is None else check.output_folder(out, "out", what="the study's page")
+    tracker = open_store(tracking_uri, "tracking_uri")
     record = find_study(tracker, name)
     if record is None:
         raise R2SweepError(f"no study named {name!r} in {tracker.display_uri}")

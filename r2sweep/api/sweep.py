@@ -28,7 +28,7 @@ from r2sweep.api import options as check
 from r2sweep.api.results import SweepResult
 from r2sweep.api.stores import quiet_mlflow
 from r2sweep.core.config.inputs import with_references
-from r2sweep.core.config.overrides import PYTHON_LABEL, Overrides, override_pairs
+from r2sweep.core.config.overrides import Overrides, override_pairs
 from r2sweep.core.config.record import sweep_record
 from r2sweep.core.config.strict_yaml import load_file
 from r2sweep.core.config.sweep import SweepSpec, load_sweep_spec
@@ -36,11 +36,8 @@ from r2sweep.core.environment import check_sweep_environment
 from r2sweep.core.errors import ConfigError, FileConfigError, R2SweepError
 from r2sweep.core.locations import is_uri
 
-__all__ = ["run_sweep", "prepare_sweep", "PreparedSweep", "PYTHON_OPTIONS"]
+__all__ = ["run_sweep", "prepare_sweep", "PreparedSweep"]
 
-#: How errors name each argument: a Python caller sees ``storage=...``; the CLI passes its flags.
-PYTHON_OPTIONS = {"storage": "storage", "tracking_uri": "tracking_uri", "address": "address", "name": "name",
-                  "overrides": PYTHON_LABEL, "start_from": "start_from", "start_top": "start_top"}
 
 def run_sweep(
     spec: str | os.PathLike[str] | Mapping[str, Any],
@@ -103,26 +100,21 @@ def prepare_sweep(
     address: str | None = None,
     start_from: str | None = None,
     start_top: int = 3,
-    option_names: Mapping[str, str] = PYTHON_OPTIONS,
 ) -> PreparedSweep:
     """Every check of :func:`run_sweep`, in the order a person would fix them; nothing is created.
-
-    Args:
-        option_names: how errors name the arguments (the CLI passes its flags).
-    """
+    An error names the argument by its keyword (the command line shows its flag)."""
     storage_text = None if storage is None else os.fspath(storage)
-    check.storage(storage_text, option_names["storage"])
-    check.tracking_uri(tracking_uri, option_names["tracking_uri"])
-    check.ray_address(address, option_names["address"])
-    check.sweep_name(name, option_names["name"], uri_storage=is_uri(storage_text))
-    check.start_from(start_from, start_top, resume, option_names.get("start_from", "start_from"),
-                     option_names.get("start_top", "start_top"))
-    loaded = _load(spec, overrides, option_names.get("overrides", PYTHON_LABEL))
+    check.storage(storage_text, "storage")
+    check.tracking_uri(tracking_uri, "tracking_uri")
+    check.ray_address(address, "address")
+    check.sweep_name(name, "name", uri_storage=is_uri(storage_text))
+    check.start_from(start_from, start_top, resume, "start_from", "start_top")
+    loaded = _load(spec, overrides)
     cluster = address or os.environ.get("RAY_ADDRESS")
     try:
         if name is None:
             check.sweep_name(loaded.name, uri_storage=is_uri(storage_text), in_file=True)
-        loaded = check_sweep_environment(loaded, local=not cluster, address_option=option_names["address"])
+        loaded = check_sweep_environment(loaded, local=not cluster)
         text = sweep_record(loaded)  # what MLflow and Tune's folder keep, and every reader reads
         if isinstance(loaded.settings.pretrain_cache, str):  # a folder the user named: usable, or said so now
             check.output_folder(loaded.settings.pretrain_cache, "sweep.pretrain_cache", what="the pre-training cache")
@@ -144,7 +136,7 @@ def prepare_sweep(
         from r2sweep.analysis.start_from import start_from as lent_by
 
         loaded = dataclasses.replace(loaded, start_from=lent_by(
-            tracker, start_from, loaded, start_top, field=option_names.get("start_from", "start_from")))
+            tracker, start_from, loaded, start_top, field="start_from"))
     tracking = TrackingCallback(tracker, loaded, text, name=name, experiment_path=experiment)
     if resume:
         tracking.check_resume()
@@ -222,7 +214,7 @@ def _writer(progress: bool | Callable[[str], None]) -> Callable[[str], None] | N
     return (lambda line: print(line, file=sys.stderr, flush=True)) if progress else None
 
 
-def _load(spec: Any, overrides: Overrides, label: str) -> SweepSpec:
+def _load(spec: Any, overrides: Overrides) -> SweepSpec:
     """The file (or mapping) with its overrides written in, loaded (pure: nothing it names is imported)."""
     if isinstance(spec, SweepSpec):
         raise TypeError("run_sweep takes a search-space file or its mapping, not a SweepSpec "
@@ -231,8 +223,7 @@ def _load(spec: Any, overrides: Overrides, label: str) -> SweepSpec:
         raw = load_file(spec) if _is_file(spec) else spec
         if isinstance(raw, Mapping):  # callables given from Python: their references are what a file can hold
             raw = {**raw, **with_references({k: v for k, v in raw.items() if k in ("model", "data")})}
-        pairs = override_pairs(overrides, label)
-        loaded = load_sweep_spec(raw, overrides=pairs, label=label,
+        loaded = load_sweep_spec(raw, overrides=override_pairs(overrides),
                                  default_name=Path(spec).stem if _is_file(spec) else None)
     except ConfigError as error:  # a file's problems (and a --set's) name the file, as the CLI always did
         raise FileConfigError(os.fspath(spec), error) if _is_file(spec) else error from None

@@ -23,7 +23,7 @@ import yaml
 
 from r2sweep.api import options as check
 from r2sweep.core.checkpoint import write_text_atomic
-from r2sweep.core.config.overrides import PYTHON_LABEL, Overrides
+from r2sweep.core.config.overrides import Overrides
 from r2sweep.core.config.trial import TrialConfig, load_trial_config
 
 __all__ = ["run_trial"]
@@ -37,7 +37,6 @@ def run_trial(
     progress: Callable[[str], None] | None = None,
     device: Any = None,
     pretrain_cache: str | os.PathLike[str] | None = None,
-    option_names: Mapping[str, str] = {},
 ) -> dict[str, float]:
     """Pre-train with R2, run every downstream method, return the final metrics.
 
@@ -57,8 +56,8 @@ def run_trial(
         TrialDiverged: the loss became non-finite.
     """
     out = None if out_dir is None else check.output_folder(
-        out_dir, option_names.get("out_dir", "out_dir"), what="the trial's metrics.json, config.yaml and checkpoints")
-    trial = load_trial_config(config, overrides, label=option_names.get("overrides", PYTHON_LABEL))
+        out_dir, "out_dir", what="the trial's metrics.json, config.yaml and checkpoints")
+    trial = load_trial_config(config, overrides)
     from r2sweep.core.environment import check_trial_environment  # torch and the models: only for a config that loaded
     from r2sweep.core.trial import check_out_dir
     from r2sweep.core.trial import run_trial as run_one
@@ -69,7 +68,7 @@ def run_trial(
     if pretrain_cache is not None:
         from r2sweep.core.pretrain_cache import PretrainCache
 
-        folder = check.output_folder(pretrain_cache, option_names.get("pretrain_cache", "pretrain_cache"),
+        folder = check.output_folder(pretrain_cache, "pretrain_cache",
                                      what="the pre-training cache")
         cache = PretrainCache(folder, user="r2sweep trial")
     if out is None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from r2sweep import __version__
 from r2sweep.cli.cache_cmd import add_cache_parser
+from r2sweep.cli.errors import command_line
 from r2sweep.cli.study_cmd import add_study_parser
 
 __all__ = ["main"]
@@ -57,12 +58,8 @@ def _error(message: str, status: int = 2) -> int:
     return status
 
 
-#: How errors name the API's arguments on the command line.
-SWEEP_FLAGS = {"storage": "--storage", "tracking_uri": "--tracking-uri", "address": "--address", "name": "--name",
-               "overrides": "--set", "start_from": "--start-from", "start_top": "--top"}
-READER_FLAGS = {"sweep": "sweep name", "tracking_uri": "--tracking-uri", "out": "--out", "by": "--by",
-                "metrics": "--metric", "top": "--top", "seeds": "--seeds", "address": "--address", "out_dir": "--out",
-                "overrides": "--set", "pretrain_cache": "--pretrain-cache", "storage": "--storage"}
+#: A reader's sweep is its positional argument: errors about it name it so.
+READER_POSITIONAL = {"name": "sweep name", "names": "sweep name"}
 
 
 def _progress(started: float):
@@ -79,19 +76,20 @@ def _cmd_trial(args: argparse.Namespace) -> int:
     overrides = list(args.set)  # parsed by the loader, after run_trial has checked the output folder
     try:
         metrics = run_trial(args.file, overrides=overrides, out_dir=args.out, progress=_progress(time.perf_counter()),
-                            pretrain_cache=args.pretrain_cache, option_names=READER_FLAGS)
+                            pretrain_cache=args.pretrain_cache)
     except FileConfigError as error:
-        return _error(str(error))
+        return _error(command_line(error))
     except DataNotFoundError as error:
         return _error(f"{args.file}: {error}")
     except ConfigError as error:
-        return _error(str(error) if error.field in ("--out", "out_dir") else f"{args.file}: {error}")
+        shown = command_line(error)
+        return _error(shown if error.field in ("out_dir", "pretrain_cache") else f"{args.file}: {shown}")
     except TrialDiverged as error:
         return _error(f"trial diverged: {error}")
     from r2sweep.core.config.trial import load_trial_config
     from r2sweep.core.trial import summarize
 
-    print("\n".join(summarize(metrics, load_trial_config(args.file, overrides, label="--set"))))
+    print("\n".join(summarize(metrics, load_trial_config(args.file, overrides))))
     print(f"metrics: {Path(args.out) / 'metrics.json'}")
     return 0
 
@@ -112,7 +110,7 @@ def _sweep_failure(error: Exception, name: str) -> int:
     from r2sweep.tune.ray_address import ClusterUnreachable
 
     if isinstance(error, (FileNotFoundError, FileExistsError, ConfigError)):
-        return _error(str(error))
+        return _error(command_line(error))
     # A TrackingError can only come once the tracking module is loaded (importing it loads MLflow).
     tracking = sys.modules.get("r2sweep.tracking.store")
     if isinstance(error, ClusterUnreachable) or (tracking is not None and isinstance(error, tracking.TrackingError)):
@@ -126,8 +124,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     try:
         prepared = prepare_sweep(args.file, overrides=_sweep_overrides(args), name=args.name,
                                  tracking_uri=args.tracking_uri, storage=args.storage, resume=args.resume,
-                                 address=args.address, start_from=args.start_from, start_top=args.top,
-                                 option_names=SWEEP_FLAGS)
+                                 address=args.address, start_from=args.start_from, start_top=args.top)
     except Exception as error:  # noqa: BLE001  every refusal is one line
         return _sweep_failure(error, args.name or Path(args.file).stem)
     print(prepared.announcement(), file=sys.stderr)
@@ -158,12 +155,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _print_top(result, spec, count: int = 5) -> None:
+    from r2sweep.core.ranking import ranked
+
     metric = spec.objective.metric
     trials = result.trials
-    finished = trials[trials["outcome"] == "finished"].sort_values(metric, ascending=spec.objective.mode != "max")
+    finished = trials[trials["outcome"] == "finished"].to_dict("records")
     params = [c for c in trials.columns if c.startswith("config/")]
     print(f"{'trial':<10} {metric:>24} {'fp/top1':>8}  params")
-    for _, row in finished.head(count).iterrows():
+    for row in ranked(finished, spec)[:count]:  # the order `best` picks by
         shown = ", ".join(_param(c.removeprefix("config/"), row[c]) for c in params if row[c] is not None and row[c] == row[c])
         print(f"{row['trial_id']:<10} {row[metric]:>24.2f} {row.get('fp/top1', float('nan')):>8.2f}  {shown}")
 
@@ -183,15 +182,14 @@ def _reading(command):
     except (TrackingError, ClusterUnreachable) as error:
         return None, _error(str(error), status=1)
     except R2SweepError as error:
-        return None, _error(str(error))
+        return None, _error(command_line(error, positional=READER_POSITIONAL))
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from r2sweep.analysis.compare import render
     from r2sweep.api.readers import compare
 
-    rows, status = _reading(lambda: compare(args.names, tracking_uri=args.tracking_uri, metrics=args.metric, by=args.by,
-                                            option_names=READER_FLAGS))
+    rows, status = _reading(lambda: compare(args.names, tracking_uri=args.tracking_uri, metrics=args.metric, by=args.by))
     if status:
         return status
     print(render(rows, args.format))
@@ -202,7 +200,7 @@ def _cmd_best(args: argparse.Namespace) -> int:
     from r2sweep.api.readers import best as pick
 
     best, status = _reading(lambda: pick(args.name, tracking_uri=args.tracking_uri, out=args.out,
-                                         register=not args.no_register, option_names=READER_FLAGS))
+                                         register=not args.no_register))
     if status:
         return status
     print(f"best run {best.run_id} (trial {best.trial_id}): " + ", ".join(f"{k}={v:.2f}" for k, v in sorted(best.metrics.items()) if k.endswith("/top1")))
@@ -218,8 +216,7 @@ def _cmd_best(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from r2sweep.api.readers import report as build
 
-    report, status = _reading(lambda: build(args.name, args.out, tracking_uri=args.tracking_uri, log_to_run=not args.no_log,
-                                            option_names=READER_FLAGS))
+    report, status = _reading(lambda: build(args.name, args.out, tracking_uri=args.tracking_uri, log_to_run=not args.no_log))
     if status:
         return status
     for note in report.notes:
@@ -239,7 +236,7 @@ def _cmd_confirm(args: argparse.Namespace) -> int:
     out = f"{args.name}-confirmed.yaml" if args.out is None else args.out
     confirmations, status = _reading(lambda: confirm(
         args.name, top=args.top, seeds=args.seeds, tracking_uri=args.tracking_uri, out=out, address=args.address,
-        storage=args.storage, progress=lambda line: print(line, file=sys.stderr, flush=True), option_names=READER_FLAGS))
+        storage=args.storage, progress=lambda line: print(line, file=sys.stderr, flush=True)))
     if status:
         return status
     objective = confirmations[0].objective

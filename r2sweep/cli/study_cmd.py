@@ -12,8 +12,8 @@ from pathlib import Path
 
 __all__ = ["add_study_parser"]
 
-STUDY_FLAGS = {"storage": "--storage", "tracking_uri": "--tracking-uri", "address": "--address", "out": "--out",
-               "overrides": "--set", "study": "study name"}
+#: ``--report-only``'s study is its positional argument: errors about it name it so.
+STUDY_POSITIONAL = {"name": "study name"}
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
@@ -25,13 +25,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
             if Path(args.study).is_file():  # the file names the study
                 from r2sweep.api.study import read_study_file
 
-                name = read_study_file(args.study, list(args.set), "--set")[0].name
-            result = load_study(name, tracking_uri=args.tracking_uri, out=args.out or f"{name}-study",
-                                option_names=STUDY_FLAGS)
+                name = read_study_file(args.study, list(args.set))[0].name
+            result = load_study(name, tracking_uri=args.tracking_uri, out=args.out or f"{name}-study")
         else:
             result = run_study(args.study, overrides=list(args.set), tracking_uri=args.tracking_uri,
                                storage=args.storage, address=args.address, out=args.out,
-                               register=not args.no_register, option_names=STUDY_FLAGS)
+                               register=not args.no_register)
     except Exception as error:  # noqa: BLE001  every refusal is one line
         return _study_failure(error, args.study)
     table = result.table
@@ -54,11 +53,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
 def _study_failure(error: Exception, study: str) -> int:
     """A study that cannot go on as asked (bad input, another file under its name) exits 2 with its line."""
     from r2sweep.cli.app import _error, _sweep_failure
+    from r2sweep.cli.errors import command_line
     from r2sweep.core.errors import R2SweepError
 
     tracking = sys.modules.get("r2sweep.tracking.store")
     if isinstance(error, R2SweepError) and not (tracking is not None and isinstance(error, tracking.TrackingError)):
-        return _error(str(error))
+        return _error(command_line(error, positional=STUDY_POSITIONAL))
     return _sweep_failure(error, f"study {study}")
 
 

@@ -72,7 +72,7 @@ def check_trial_environment(config: TrialConfig, *, build: bool = True) -> list[
     return check_inputs(config) if build and uses_outside_code(config) else []
 
 
-def check_sweep_environment(spec: SweepSpec, *, local: bool, address_option: str = "address") -> SweepSpec:
+def check_sweep_environment(spec: SweepSpec, *, local: bool) -> SweepSpec:
     """Everything a sweep's trials will need from this machine, checked before anything starts;
     the spec with its inputs resolved (what the sweep's record keeps and its trials receive).
 
@@ -87,7 +87,7 @@ def check_sweep_environment(spec: SweepSpec, *, local: bool, address_option: str
         for root in spec.data_roots():
             if not os.path.exists(root):
                 raise ConfigError("data.root", root, "an existing folder on this machine (r2sweep never "
-                                  f"downloads); on a cluster whose workers hold it, pass {address_option}")
+                                  "downloads); on a cluster whose workers hold it, pass --address")
     trial = resolve_inputs(spec.trial)
     _check_searched_inputs(spec)
     if local or not spec.data_roots():

@@ -78,7 +78,7 @@ def _database_problem(value: str, scheme: str) -> str | None:
     return None
 
 
-def tracking_uri(value: str | None, option: str = "--tracking-uri", *, env: str | None = "MLFLOW_TRACKING_URI") -> str | None:
+def tracking_uri(value: str | None, option: str = "tracking_uri", *, env: str | None = "MLFLOW_TRACKING_URI") -> str | None:
     """The MLflow tracking URI (else ``MLFLOW_TRACKING_URI``, checked the same way).
 
     Refused: an empty value; a scheme MLflow has no store for (``ftp://``); a

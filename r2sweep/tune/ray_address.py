@@ -55,7 +55,7 @@ class RayAddress:
                 "ray://HOST:10001 is its Ray Client port")
 
 
-def parse_ray_address(value: str, option: str = "--address") -> RayAddress:
+def parse_ray_address(value: str, option: str = "address") -> RayAddress:
     """The form of a Ray address (nothing is resolved or contacted).
 
     Accepted: ``auto``, ``local``, ``HOST:PORT`` and ``ray://HOST[:PORT]`` (port

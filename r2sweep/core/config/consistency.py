@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from r2sweep.core.config.overrides import PYTHON_LABEL, override_field, override_word
+from r2sweep.core.config.overrides import override_field
 from r2sweep.core.config.trial import TrialConfig
 from r2sweep.core.errors import ConfigError
 
@@ -96,7 +96,7 @@ def check_consistency(trial: TrialConfig, params: Sequence[Any], settings: Any, 
     _check_start_points(params, settings, baseline)
 
 
-def refuse_ineffective_overrides(overrides: list[tuple[str, Any]], spec: Any, label: str = PYTHON_LABEL) -> None:
+def refuse_ineffective_overrides(overrides: list[tuple[str, Any]], spec: Any) -> None:
     """Refuse a ``--set`` that no trial of the sweep would feel.
 
     A field is without effect in a trial when the search samples it there, or when
@@ -119,9 +119,9 @@ def refuse_ineffective_overrides(overrides: list[tuple[str, Any]], spec: Any, la
         searched = params.get(path)
         if searched is not None and not searched.when:
             raise ConfigError(
-                override_field(path, label), value,
+                override_field(path), value,
                 f"a field the search leaves alone: search.{path} samples it in every trial, so this value is never "
-                f"used; change the distribution instead ({override_field(f'search.{path}.{searched.kind}', label)}"
+                f"used; change the distribution instead ({override_field(f'search.{path}.{searched.kind}')}"
                 f"=...) or take {path} out of search",
             )
         reasons: list[str | None] = []
@@ -132,6 +132,6 @@ def refuse_ineffective_overrides(overrides: list[tuple[str, Any]], spec: Any, la
             why = spec.trial_config(context).unused_fields().get(path)
             reasons.append(f"{why} never reads it" if why else None)
         if all(reasons):
-            raise ConfigError(override_field(path, label), value, f"a field some trial of the sweep reads; no trial it "
-                              f"can draw uses this value ({'; '.join(sorted(set(reasons)))}): drop {override_word(label)}, "
+            raise ConfigError(override_field(path), value, f"a field some trial of the sweep reads; no trial it "
+                              f"can draw uses this value ({'; '.join(sorted(set(reasons)))}): drop the override, "
                               "or change that setting")

@@ -3,6 +3,8 @@
 One normal form, a list of ``(dotted path, value)`` pairs (:func:`override_pairs`),
 that the loaders write in (:func:`apply_overrides`) before they validate. Text is
 read as ``--set`` reads it (:func:`parse_override`): the value as strict YAML.
+An error names an override as Python does, ``overrides['r2.kind']``; the command
+line shows it as ``--set r2.kind`` (``r2sweep.cli.errors``, where it prints).
 """
 
 from __future__ import annotations
@@ -15,28 +17,21 @@ from r2sweep.core.config import strict_yaml
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.validate import check
 
-__all__ = ["Overrides", "override_pairs", "parse_override", "apply_overrides", "override_field", "CLI_LABEL",
-           "PYTHON_LABEL"]
+__all__ = ["Overrides", "override_pairs", "parse_override", "apply_overrides", "override_field", "OVERRIDES"]
 
-#: How an error names an override: ``--set PATH`` on the command line, ``overrides['PATH']`` from Python.
-CLI_LABEL = "--set"
-PYTHON_LABEL = "overrides"
+#: The keyword an error names for the overrides as a whole (``overrides='epochs' is not valid: ...``).
+OVERRIDES = "overrides"
 
 Overrides = Mapping[str, Any] | Iterable["tuple[str, Any] | str"] | None
 
 
-def override_field(path: str, label: str = PYTHON_LABEL) -> str:
-    """The field an error about the override of ``path`` names: ``--set r2.kind`` or ``overrides['r2.kind']``."""
-    return f"{label} {path}" if label.startswith("-") else f"{label}[{path!r}]"
+def override_field(path: str) -> str:
+    """The field an error about the override of ``path`` names: ``overrides['r2.kind']``."""
+    return f"{OVERRIDES}[{path!r}]"
 
 
-def override_word(label: str = PYTHON_LABEL) -> str:
-    """What the fix tells a person to drop: ``the --set`` or ``the override``."""
-    return f"the {label}" if label.startswith("-") else "the override"
-
-
-def override_pairs(overrides: Overrides, label: str = PYTHON_LABEL) -> list[tuple[str, Any]]:
-    """``overrides`` as ``(path, value)`` pairs, in order (``label``: how errors name them).
+def override_pairs(overrides: Overrides) -> list[tuple[str, Any]]:
+    """``overrides`` as ``(path, value)`` pairs, in order.
 
     Raises:
         ConfigError: a text override that is not ``PATH=VALUE`` or whose value is not YAML.
@@ -48,22 +43,22 @@ def override_pairs(overrides: Overrides, label: str = PYTHON_LABEL) -> list[tupl
         return []
     if isinstance(overrides, Mapping):
         return list(overrides.items())
-    return [parse_override(item, label) if isinstance(item, str) else (item[0], item[1]) for item in overrides]
+    return [parse_override(item) if isinstance(item, str) else (item[0], item[1]) for item in overrides]
 
 
-def parse_override(text: str, label: str = CLI_LABEL) -> tuple[str, Any]:
+def parse_override(text: str) -> tuple[str, Any]:
     """``"train.lr=0.1"`` -> ``("train.lr", 0.1)``; the value is read as strict YAML (``[2, 4]``, ``1e-3``, ``true``)."""
     path, sep, raw = text.partition("=")
     path = path.strip()
     if not sep or not path:
-        raise ConfigError(label, text, "PATH=VALUE, e.g. train.lr=0.1 or downstream.0.weight_bits=[2,4]")
+        raise ConfigError(OVERRIDES, text, "PATH=VALUE, e.g. train.lr=0.1 or downstream.0.weight_bits=[2,4]")
     try:
         value = strict_yaml.loads(raw, source=raw, root=path) if raw.strip() else None
     except ConfigError as error:  # the value is not in the file: name the --set, not the file
         if error.field == "file":
-            raise ConfigError(override_field(path, label), raw, f"a YAML value (a number, a string, [a, list], true/false); "
+            raise ConfigError(override_field(path), raw, f"a YAML value (a number, a string, [a, list], true/false); "
                               f"{error.allowed.removeprefix('valid YAML; ')}") from None
-        raise ConfigError(override_field(error.field, label), error.value, error.allowed) from None
+        raise ConfigError(override_field(error.field), error.value, error.allowed) from None
     return path, value
 
 

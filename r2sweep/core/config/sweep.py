@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Union
 
 from r2sweep.core.config.inputs import with_references
 from r2sweep.core.config.consistency import check_consistency, max_epochs, refuse_ineffective_overrides
-from r2sweep.core.config.overrides import PYTHON_LABEL, Overrides, apply_overrides, override_pairs
+from r2sweep.core.config.overrides import Overrides, apply_overrides, override_pairs
 from r2sweep.core.config.search import SearchParam, load_param, load_start_points, mapping_at, validate_values
 from r2sweep.core.config.sections import from_dict
 from r2sweep.core.config.start_from import StartFrom
@@ -321,7 +321,6 @@ def load_sweep_spec(
     *,
     overrides: Overrides = None,
     default_name: str | None = None,
-    label: str = PYTHON_LABEL,
 ) -> SweepSpec:
     """Validate a search-space file (a path, or its parsed mapping) in full and return the :class:`SweepSpec`.
 
@@ -329,7 +328,6 @@ def load_sweep_spec(
         source: a YAML file, read strictly, or the mapping it holds.
         overrides: ``{dotted path: value}``, pairs or ``"PATH=VALUE"`` texts, written in
             before validation (what ``--set`` does); one no trial of the sweep would feel is refused.
-        label: how an error names an override (``overrides['train.lr']``; the CLI passes ``--set``).
         default_name: the sweep's name when the file has no ``name`` (default: the
             file's stem, or ``"sweep"`` for a mapping).
 
@@ -345,18 +343,18 @@ def load_sweep_spec(
     if isinstance(source, (str, os.PathLike)):
         try:
             return load_sweep_spec(read_yaml(source), overrides=overrides,
-                                   default_name=default_name or Path(source).stem, label=label)
+                                   default_name=default_name or Path(source).stem)
         except FileConfigError:
             raise
         except ConfigError as error:
             raise FileConfigError(str(source), error) from None
-    pairs = override_pairs(overrides, label)
+    pairs = override_pairs(overrides)
     data = source
     if pairs:
         data = apply_overrides(data if isinstance(data, Mapping) else {}, pairs)  # a non-mapping is named below
     spec = _load_sweep_spec(data, default_name=default_name or "sweep")
     if pairs:
-        refuse_ineffective_overrides(pairs, spec, label)
+        refuse_ineffective_overrides(pairs, spec)
     return spec
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from r2sweep.core.config import strict_yaml
-from r2sweep.core.config.overrides import PYTHON_LABEL, Overrides, apply_overrides, override_field, override_pairs, override_word
+from r2sweep.core.config.overrides import Overrides, apply_overrides, override_field, override_pairs
 from r2sweep.core.config.inputs import DataConfig, ModelConfig
 from r2sweep.core.config.sections import R2Config, TrainConfig, from_dict, to_dict
 from r2sweep.core.errors import ConfigError, FileConfigError
@@ -129,12 +129,12 @@ TRIAL_SECTIONS = ("seed", "data", "model", "train", "r2", "downstream", "proxy")
 
 
 def load_trial_config(source: str | os.PathLike[str] | Mapping[str, Any] | TrialConfig | None,
-                      overrides: Overrides = None, *, label: str = PYTHON_LABEL) -> TrialConfig:
+                      overrides: Overrides = None) -> TrialConfig:
     """A :class:`TrialConfig` from a trial YAML file, its mapping or a TrialConfig, loaded strictly.
 
     ``overrides`` (``{path: value}``, pairs or ``"PATH=VALUE"`` texts, as ``--set``) are
     written in first; one no trial would read (``r2.strength`` with ``r2.kind: none``) is refused.
-    ``label``: how an error names an override (``overrides['r2.kind']``; the CLI passes ``--set``).
+    An error names an override ``overrides['r2.kind']`` (the command line shows ``--set r2.kind``).
 
     Raises:
         ConfigError: naming the first bad field; a :class:`FileConfigError` naming the file
@@ -145,16 +145,16 @@ def load_trial_config(source: str | os.PathLike[str] | Mapping[str, Any] | Trial
     """
     if isinstance(source, (str, os.PathLike)):
         try:
-            return load_trial_config(read_yaml(source), overrides, label=label)
+            return load_trial_config(read_yaml(source), overrides)
         except FileConfigError:
             raise
         except ConfigError as error:
             raise FileConfigError(os.fspath(source), error) from None
     if isinstance(source, TrialConfig):
         source = source.to_mapping()
-    pairs = override_pairs(overrides, label)
+    pairs = override_pairs(overrides)
     config = _load_trial_config(apply_overrides(source, pairs) if pairs else source)
-    refuse_unused_overrides(pairs, [config], label)
+    refuse_unused_overrides(pairs, [config])
     return config
 
 
@@ -194,7 +194,7 @@ def read_yaml(path: str | Path) -> Any:
 
 
 def refuse_unused_overrides(overrides: list[tuple[str, Any]], configs: Sequence[TrialConfig],
-                            label: str = PYTHON_LABEL) -> None:
+) -> None:
     """Refuse a ``--set`` that no trial would read: its field is unused in every one of ``configs``
     (one trial's config, or a config per value a sweep's switches can take).
 
@@ -204,5 +204,5 @@ def refuse_unused_overrides(overrides: list[tuple[str, Any]], configs: Sequence[
     for path, value in overrides:
         reasons = [config.unused_fields().get(path) for config in configs]
         if reasons and all(reasons):
-            raise ConfigError(override_field(path, label), value, f"a field the trial reads: {reasons[0]} never "
-                              f"reads it; drop {override_word(label)}, or change that setting")
+            raise ConfigError(override_field(path), value, f"a field the trial reads: {reasons[0]} never "
+                              f"reads it; drop the override, or change that setting")
