@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from r2sweep.core.config.sweep import load_sweep_spec
 from r2sweep.core.errors import ConfigError
+from r2sweep.core.sweep_files import SweepFiles
 from r2sweep.tune.optuna_mirror import ATTR_MLFLOW_RUN, ATTR_OUTCOME, ATTR_TUNE_TRIAL, OptunaMirror, check_storage
 
 SPEC = load_sweep_spec({
@@ -165,5 +166,5 @@ SPEC_RAW = {k: v for k, v in {
 
 def test_the_default_study_lives_beside_the_sweep_and_a_uri_storage_has_none(tmp_path) -> None:
     settings = SPEC.settings
-    assert settings.optuna_storage_url(str(tmp_path / "mirrored")) == f"sqlite:///{tmp_path}/mirrored/optuna.db"
-    assert settings.optuna_storage_url("s3://bucket/sweeps/mirrored") is None
+    assert SweepFiles(str(tmp_path), "mirrored", settings).optuna_url == f"sqlite:///{tmp_path}/mirrored/optuna.db"
+    assert SweepFiles("s3://bucket/sweeps", "mirrored", settings).optuna_url is None

@@ -21,6 +21,7 @@ from r2sweep.core.config.trial import load_trial_config
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.pretrain_cache import PretrainCache, pretrain_key
 from r2sweep.core.pretrain_cache.lock import try_claim
+from r2sweep.core.sweep_files import SweepFiles
 from r2sweep.core.trial import run_trial
 
 CPU = torch.device("cpu")
@@ -237,11 +238,11 @@ def test_the_sweep_setting_and_where_the_cache_lives(tmp_path: Path) -> None:
     spec = {"objective": {"metric": "fp/top1"}, "search": {"train.lr": {"loguniform": [0.01, 0.1]}}}
     settings = load_sweep_spec(spec).settings
     assert settings.pretrain_cache is True
-    assert settings.pretrain_cache_dir(str(tmp_path)) == str(tmp_path / "pretrain_cache")
-    assert settings.pretrain_cache_dir("s3://bucket/sweeps") is None  # a URI storage: off unless a folder is named
+    assert SweepFiles(str(tmp_path), "s", settings).pretrain_cache == str(tmp_path / "pretrain_cache")
+    assert SweepFiles("s3://bucket/sweeps", "s", settings).pretrain_cache is None  # a URI storage: off unless named
     named = load_sweep_spec({**spec, "sweep": {"pretrain_cache": str(tmp_path / "shared")}}).settings
-    assert named.pretrain_cache_dir("s3://bucket/sweeps") == str(tmp_path / "shared")
-    assert load_sweep_spec({**spec, "sweep": {"pretrain_cache": False}}).settings.pretrain_cache_dir(str(tmp_path)) is None
+    assert SweepFiles("s3://bucket/sweeps", "s", named).pretrain_cache == str(tmp_path / "shared")
+    assert SweepFiles(str(tmp_path), "s", load_sweep_spec({**spec, "sweep": {"pretrain_cache": False}}).settings).pretrain_cache is None
     for bad in ("", "s3://bucket/cache", 3):
         with pytest.raises(ConfigError, match=r"sweep\.pretrain_cache"):
             load_sweep_spec({**spec, "sweep": {"pretrain_cache": bad}})

@@ -5,8 +5,8 @@ and a dataset defined in a module of its own folder, started from a checkpoint
 there, with PTQ, QAT and DKM results. Then:
 
 * read from another folder, by another process whose ``sys.path`` lacks the module
-  and where the checkpoint is gone: ``best``, ``compare``, ``report`` and
-  ``load_sweep`` give the same answers as from the sweep's own folder;
+  and where the checkpoint is gone: ``best``, ``compare``, ``report``, ``load_sweep``
+  and its Optuna view give the same answers as from the sweep's own folder;
 * every place the store names a factory or model arguments (the sweep's record, each
   trial's config, its params, its ``pretrained.pt``, the pre-training cache's entry)
   rewritten to name a module whose import and call leave a mark: no reader, and
@@ -39,9 +39,9 @@ pytestmark = pytest.mark.ray
 NAME = "own-read"
 SPEC = {
     "name": NAME,
-    "data": {"factory": f"{MODULE}:load", "samples": 200},
-    "model": {"factory": f"{MODULE}:build", "channels": 8, "init_from": "start.pt"},
-    "train": {"epochs": 1, "batch_size": 32, "optimizer": "adam", "lr": 0.01},
+    "data": {"factory": f"{MODULE}:load", "samples": 400},
+    "model": {"factory": f"{MODULE}:build", "channels": 16, "init_from": "start.pt"},
+    "train": {"epochs": 2, "batch_size": 32, "optimizer": "adam", "lr": 0.01},
     "downstream": [
         {"method": "ptq", "algorithm": "adaround", "weight_bits": [2], "adaround_iters": 5, "calib_samples": 32},
         {"method": "qat", "algorithm": "lsq", "weight_bits": [2], "epochs": 1, "batch_size": 32},
@@ -80,8 +80,10 @@ LOAD_SWEEP = f"""
 import json, r2sweep
 result = r2sweep.load_sweep({NAME!r}, tracking_uri=URI)
 trials = result.trials
+study = result.optuna_study()  # the Optuna view: its storage holds values and distributions, no code
 print(json.dumps({{"best": result.best.run_id, "metrics": result.best.metrics, "trials": len(trials),
-                  "outcomes": sorted(trials["outcome"]), "params": [p.path for p in result.spec.params]}}, sort_keys=True))
+                  "outcomes": sorted(trials["outcome"]), "params": [p.path for p in result.spec.params],
+                  "optuna": sorted(str(t.params) for t in study.trials)}}, sort_keys=True))
 """
 
 
@@ -107,7 +109,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> Path:
         from user_net import build  # the checkpoint the sweep starts from
 
         torch.manual_seed(0)
-        torch.save(build(num_classes=10, in_channels=1, channels=8).state_dict(), work / "start.pt")
+        torch.save(build(num_classes=10, in_channels=1, channels=16).state_dict(), work / "start.pt")
     finally:
         sys.path.remove(str(work))
         sys.modules.pop(MODULE, None)
@@ -152,7 +154,7 @@ def _tamper(work: Path, marks: Path) -> None:
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(NAME)
     runs = client.search_runs([experiment.experiment_id])
-    evil = {"model": {"factory": "evil:build", "channels": 8}, "data": {"factory": "evil:load"}}
+    evil = {"model": {"factory": "evil:build", "channels": 16}, "data": {"factory": "evil:load"}}
     for run in runs:
         root = Path(run.info.artifact_uri.removeprefix("file://"))
         record = root / SPEC_ARTIFACT

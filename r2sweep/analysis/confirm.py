@@ -14,7 +14,6 @@ confirmation resumes. With the sweep's own seed a re-run reproduces the trial
 
 from __future__ import annotations
 
-import os
 import statistics
 import tempfile
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ from r2sweep.core.config.trial import load_trial_config
 from r2sweep.core.environment import code_named_by
 from r2sweep.core.errors import R2SweepError
 from r2sweep.core.ranking import top as top_trials
+from r2sweep.core.sweep_files import SweepFiles
 from r2sweep.core.outcome import DIVERGED, FAILED, FINISHED, RUN_STATUS, TAG_OUTCOME, decide_outcome, finished_runs, run_outcome
 from r2sweep.core.trial import TEXT_RESULTS
 from r2sweep.tracking.names import TAG_EXPERIMENT_PATH, TAG_TEXT_PREFIX
@@ -132,7 +132,7 @@ def run_reruns(sweep: SweepRun, spec: SweepSpec, reruns: Sequence[Rerun], seeds:
     already pre-trained on, say for another downstream method, does not pre-train
     again); None: no cache.
     """
-    cache_dir = spec.settings.pretrain_cache_dir(storage) if storage is not None else None
+    cache_dir = SweepFiles(storage, sweep.name, spec.settings).pretrain_cache if storage is not None else None
     done = {r.data.tags.get(TAG_TRIAL_ID): r for r in sweep.confirm_runs()
             if run_outcome(r, spec.objective_metrics) in (FINISHED, DIVERGED)}
     resources = spec.settings.resources_per_trial
@@ -219,7 +219,7 @@ def confirm_top(
     sweep, spec = read_sweep(tracker, name)
     if storage is None:
         recorded = tracker.client.get_run(sweep.parent_run_id).data.tags.get(TAG_EXPERIMENT_PATH)
-        storage = os.path.dirname(recorded.rstrip("/")) if recorded else None  # the experiment is <storage>/<name>
+        storage = SweepFiles.of_experiment(recorded, spec.settings).storage if recorded else None
     objective = spec.objective.metric
     trials = _top_trials(sweep, spec, top)
     ids = {run.info.run_id: run.data.tags.get(TAG_TRIAL_ID, run.info.run_id) for run in trials}

@@ -22,11 +22,12 @@ from typing import Any
 
 import yaml
 
-from r2sweep.core.config.sweep import SweepSpec, load_sweep_spec
-from r2sweep.core.errors import R2SweepError
+from r2sweep.core.config.record import read_record
+from r2sweep.core.config.sweep import SweepSpec
+from r2sweep.core.errors import ConfigError, FileConfigError, R2SweepError
 from r2sweep.core.outcome import finished_runs
-from r2sweep.core.ranking import best_of, pareto_front
 from r2sweep.core.pretrained_file import MODEL_ARCHIVE, PRETRAINED, load_pretrained
+from r2sweep.core.ranking import best_of, pareto_front
 from r2sweep.tracking.errors import is_missing
 from r2sweep.tracking.names import TAG_NOTES
 from r2sweep.tracking.store import SPEC_ARTIFACT, TAG_TRIAL_ID, SweepRun, Tracker
@@ -61,10 +62,11 @@ class BestTrial:
 
 
 def read_sweep(tracker: Tracker, name: str) -> tuple[SweepRun, SweepSpec]:
-    """Sweep ``name``'s parent run and the spec it was started with (its artifact).
+    """Sweep ``name``'s parent run and the spec it was started with (its record, read as data).
 
     Raises:
-        R2SweepError: no sweep of that name in the tracking store.
+        R2SweepError: no sweep of that name in the tracking store; a record that does not read
+            (a :class:`FileConfigError` naming the record and the field).
     """
     sweep = tracker.find_sweep(name)
     if sweep is None:
@@ -75,7 +77,10 @@ def read_sweep(tracker: Tracker, name: str) -> tuple[SweepRun, SweepSpec]:
         raise R2SweepError(f"no sweep named {name!r} in {tracker.display_uri}{hint}")
     with tempfile.TemporaryDirectory() as tmp:
         spec_text = Path(tracker.client.download_artifacts(sweep.parent_run_id, SPEC_ARTIFACT, tmp)).read_text()
-    return sweep, load_sweep_spec(yaml.safe_load(spec_text), default_name=name)
+    try:
+        return sweep, read_record(spec_text, name=name)
+    except ConfigError as error:  # a record this r2sweep cannot read (an older one's, or edited): one line
+        raise FileConfigError(f"sweep {name!r}'s record ({SPEC_ARTIFACT} of its MLflow parent run)", error) from None
 
 
 def pick_best(tracker: Tracker, name: str) -> BestTrial:

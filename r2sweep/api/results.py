@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from r2sweep.core.config.sweep import SweepSpec
+from r2sweep.core.sweep_files import SweepFiles
 
 __all__ = ["SweepResult", "load_sweep"]
 
@@ -84,7 +85,7 @@ class SweepResult:
 
             sweep = self._tracker.find_sweep(self.name)
             path = self._tracker.client.get_run(sweep.parent_run_id).data.tags.get(TAG_EXPERIMENT_PATH)
-        return self.spec.settings.optuna_storage_url(path) if path else None
+        return SweepFiles.of_experiment(path, self.spec.settings).optuna_url if path else None
 
     def optuna_study(self) -> Any:
         """The sweep's trials as an ``optuna.Study`` (for ``optuna.visualization``; read-only use).

@@ -113,7 +113,7 @@ def _sweep_state(tracker: Any, sweep: StudySweep, storage: str) -> str:
     """Skip it (MLflow holds it whole), resume it (its Tune state is here), or start it."""
     from ray import tune
 
-    from r2sweep.tune.tuner import experiment_path
+    from r2sweep.core.sweep_files import experiment_path
 
     wanted = sweep.spec.settings.num_samples
     ended, closed = _ended_trials(tracker, sweep.name)

@@ -35,6 +35,7 @@ from r2sweep.core.config.sweep import SweepSpec, load_sweep_spec
 from r2sweep.core.environment import check_sweep_environment
 from r2sweep.core.errors import ConfigError, FileConfigError, R2SweepError
 from r2sweep.core.locations import is_uri
+from r2sweep.core.sweep_files import SweepFiles
 
 __all__ = ["run_sweep", "prepare_sweep", "PreparedSweep"]
 
@@ -124,13 +125,13 @@ def prepare_sweep(
     from r2sweep.tracking.store import Tracker
     from r2sweep.tune.callbacks import TrackingCallback
     from r2sweep.tune.ray_address import reach_ray
-    from r2sweep.tune.tuner import DEFAULT_STORAGE, check_experiment, experiment_path
+    from r2sweep.tune.tuner import DEFAULT_STORAGE, check_experiment
 
     quiet_mlflow()
     name = name or loaded.name
     tracker = Tracker(tracking_uri)
     storage_text = storage_text or DEFAULT_STORAGE
-    experiment = experiment_path(storage_text, name)
+    experiment = SweepFiles(storage_text, name, loaded.settings).experiment
     tracker.check_access()  # a refused password fails here, before Ray starts or anything is logged
     if start_from is not None:
         from r2sweep.analysis.start_from import start_from as lent_by
@@ -188,7 +189,8 @@ class PreparedSweep:
             for line in (lent.summary(), *lent.notes):
                 write(f"{self.name}: {line}")
         tune_callbacks: list[Any] = [self.tracking]
-        optuna_url = self.spec.settings.optuna_storage_url(self.experiment)
+        files = SweepFiles(self.storage, self.name, self.spec.settings)
+        optuna_url = files.optuna_url
         if optuna_url is not None:  # (a resumed sweep keeps the one it was started with, in Tune's state)
             from r2sweep.tune.optuna_mirror import OptunaMirror
 
@@ -198,10 +200,8 @@ class PreparedSweep:
         outcome = run_experiment(self.spec, storage=self.storage, name=self.name, resume=self.resume,
                                  address=self.address, num_cpus=num_cpus,
                                  callbacks=[*tune_callbacks, *callbacks], say=write)
-        # Beside the sweep's results when they are local, else in the working directory.
-        best_path = Path(outcome.path) / "best.yaml" if not is_uri(outcome.path) else Path(f"{self.name}-best.yaml")
         try:
-            best = select_best(self.tracker, self.name, out=best_path, register=register)
+            best = select_best(self.tracker, self.name, out=files.best_config, register=register)
         except R2SweepError:
             best = None  # no trial finished: nothing to select (the result says so)
         return SweepResult.of(self.tracker, self.name, spec=self.spec, best=best, path=outcome.path,

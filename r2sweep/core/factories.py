@@ -2,7 +2,7 @@
 
 A factory is named by a reference ``"module:function"`` (``"my_pkg.nets:build"``,
 ``"kws:make_model"``; a dotted path after the colon reaches a class's method).
-That text is what a YAML file, an MLflow run and a sweep's saved space hold, so a
+That text is what a YAML file, an MLflow run and a sweep's record hold, so a
 trial is always described by strings. From Python a callable can be given
 instead: :func:`reference_of` names it and, when the name would not import back to
 the same object (a lambda, a function defined in a script or a test), keeps it in

@@ -23,8 +23,8 @@ from ray import tune
 from r2sweep.core.checkpoint import write_text_atomic
 from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import ConfigError
-from r2sweep.core.locations import is_uri
 from r2sweep.core.outcome import DIVERGED, FAILED, FINISHED, RUN_STATUS, STOPPED, TAG_OUTCOME, decide_outcome, diverged_result
+from r2sweep.core.sweep_files import SweepFiles
 from r2sweep.core.trial import TEXT_RESULTS
 from r2sweep.tracking.journal import JournalFlusher, TrackingJournal
 from r2sweep.tracking.names import TAG_EXPERIMENT_PATH, TAG_NOTES, TAG_START_FROM, TAG_TEXT_PREFIX
@@ -66,7 +66,7 @@ class TrackingCallback(tune.Callback):
     Args:
         tracker: the MLflow backend.
         spec: the validated spec (its YAML text is the parent's artifact).
-        spec_text: the file as the user wrote it.
+        spec_text: the sweep's record (:func:`~r2sweep.core.config.record.sweep_record`).
         experiment_path: where Tune keeps the sweep (``storage/name``); tagged on
             the parent run, so a resumed sweep continues the same run.
         journal_dir: where the journal lives; default ``<experiment_path>/tracking``
@@ -91,10 +91,7 @@ class TrackingCallback(tune.Callback):
         self.spec_text = spec_text
         self.name = name
         self.experiment_path = experiment_path
-        local = not is_uri(experiment_path)
-        self.journal_dir = journal_dir or (
-            str(Path(experiment_path) / "tracking") if local else str(Path("r2sweep_journal") / name)
-        )
+        self.journal_dir = journal_dir or SweepFiles.of_experiment(experiment_path, spec.settings).journal_dir
         self.flush_timeout_s = flush_timeout_s
         self.sweep: SweepRun | None = None
         self._runs: dict[str, str] = {}

@@ -40,7 +40,7 @@ def trainable(config: dict[str, Any], spec: SweepSpec, callables: Mapping[str, A
 
     ``callables``: the driver's factories given from Python that do not import by name,
     installed before the trial's config is loaded (it resolves them). ``cache_dir``: the
-    pre-training cache's folder (:meth:`SweepSettings.pretrain_cache_dir`), or None.
+    pre-training cache's folder (:attr:`SweepFiles.pretrain_cache`), or None.
     """
     install_callables(callables or {})
     cpus = int(max(1, spec.settings.resources_per_trial.get("cpu", 1)))
@@ -64,8 +64,8 @@ def trainable(config: dict[str, Any], spec: SweepSpec, callables: Mapping[str, A
         try:
             check_out_dir(trial_config, work)
         except ConfigError:
-            # This trial's own folder, so another config's state can only come from an older
-            # r2sweep whose configs read differently (a field added with its default): start over.
+            # This trial's own folder, so another config's state can only come from a config that
+            # reads differently now (the factory's defaults changed since that attempt): start over.
             (work / PRETRAIN_CHECKPOINT).unlink(missing_ok=True)
 
     node_id = ray.get_runtime_context().get_node_id()  # tagged on the trial's MLflow run

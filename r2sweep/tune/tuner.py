@@ -22,9 +22,9 @@ from ray import tune
 from r2sweep.core.config.record import RECORD_FILE, read_record, sweep_mapping, sweep_record
 from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import ConfigError
-from r2sweep.core.locations import join
 from r2sweep.core.outcome import FINISHED, decide_outcome
 from r2sweep.core.ranking import best_of
+from r2sweep.core.sweep_files import SweepFiles, experiment_path
 from r2sweep.tune.cluster import check_data_roots, check_resources, connect, trial_nodes
 from r2sweep.tune.experiment_files import ExperimentFolder
 from r2sweep.tune.runtime_env import check_imports, runtime_env_for, shipped_callables
@@ -54,11 +54,6 @@ class ExperimentOutcome:
     def best(self) -> Any | None:
         """The best finished result by :meth:`SweepSpec.ranking`."""
         return best_of(self.finished(), self.spec)
-
-
-def experiment_path(storage: str | os.PathLike[str], name: str) -> str:
-    """Where Tune keeps sweep ``name``: ``<storage>/<name>`` (a local path made absolute, or a URI)."""
-    return join(storage, name)
 
 
 def check_experiment(spec: SweepSpec, experiment: str, *, resume: bool) -> None:
@@ -133,7 +128,7 @@ def run_experiment(
     check_imports(spec, trial_nodes())
     # Callables given from Python that do not import by name travel with the trainable, by value.
     trial = tune.with_parameters(trainable, spec=spec, callables=shipped_callables(spec),
-                                 cache_dir=spec.settings.pretrain_cache_dir(str(storage)))
+                                 cache_dir=SweepFiles(str(storage), name, spec.settings).pretrain_cache)
     function = tune.with_resources(trial, resources)
     if resume:
         for line in repair_tune_state(folder):

@@ -141,31 +141,6 @@ class SweepSettings:
               "a fraction of one GPU (0-1) or a whole number of GPUs")
 
 
-    def optuna_storage_url(self, experiment: str) -> str | None:
-        """The Optuna storage of a sweep kept in ``experiment`` (a local folder or a URI); None: none.
-
-        The default needs a local (or mounted) storage: under a URI storage there is no
-        study unless ``sweep.optuna_storage`` names a URL.
-        """
-        if self.optuna_storage is False:
-            return None
-        if isinstance(self.optuna_storage, str):
-            return self.optuna_storage
-        return None if is_uri(experiment) else f"sqlite:///{os.path.join(os.path.abspath(experiment), OPTUNA_FILE)}"
-
-    def pretrain_cache_dir(self, storage: str) -> str | None:
-        """Where the pre-training cache lives for a sweep kept in ``storage`` (a local path or a URI); None: off.
-
-        The default needs a local (or mounted) storage: under a URI storage the cache
-        is off unless ``sweep.pretrain_cache`` names a folder.
-        """
-        if self.pretrain_cache is False:
-            return None
-        if isinstance(self.pretrain_cache, str):
-            return os.path.abspath(os.path.expanduser(self.pretrain_cache))
-        return None if is_uri(storage) else os.path.join(os.path.abspath(os.path.expanduser(storage)), PRETRAIN_CACHE_FOLDER)
-
-
 @dataclass(frozen=True)
 class SweepSpec:
     """A validated search-space file."""
