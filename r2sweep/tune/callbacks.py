@@ -24,6 +24,7 @@ from r2sweep.core.checkpoint import write_text_atomic
 from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.outcome import DIVERGED, FAILED, FINISHED, RUN_STATUS, STOPPED, TAG_OUTCOME, decide_outcome, diverged_result
+from r2sweep.core.ranking import best_of
 from r2sweep.core.sweep_files import SweepFiles
 from r2sweep.core.trial import TEXT_RESULTS
 from r2sweep.tracking.journal import JournalFlusher, TrackingJournal
@@ -331,17 +332,16 @@ class ProgressCallback(tune.Callback):
         # Tune calls on_trial_complete while the trial is still RUNNING.
         done = [t for t in trials if t.status in ("TERMINATED", "ERROR") or t is ended]
         counts = {FINISHED: 0, STOPPED: 0, DIVERGED: 0, FAILED: 0}
-        best: float | None = None
-        objective = self.spec.objective
+        finished = []
         for trial in done:
             outcome = self._outcome(trial)
             counts[outcome] += 1
             if outcome == FINISHED:
-                value = trial.last_result[objective.metric]
-                if best is None or (value > best if objective.mode == "max" else value < best):
-                    best = value
+                finished.append(trial.last_result)
+        objective = self.spec.objective
+        best = best_of(finished, self.spec)  # the trial `best` will pick, by the one rule
         running = sum(1 for t in trials if t.status == "RUNNING" and t is not ended)
-        shown = "-" if best is None else f"{best:.2f}"
+        shown = "-" if best is None else f"{best[objective.metric]:.2f}"
         self.write(
             f"[{time.perf_counter() - self.started:7.1f}s] {event}; trials: {counts[FINISHED]} finished, "
             f"{counts[STOPPED]} stopped, {counts[DIVERGED]} diverged, {counts[FAILED]} failed, {running} running of "
