@@ -243,11 +243,19 @@ def edge_layers(model: nn.Module) -> EdgeLayers:
 
 
 def graph_notes(model: nn.Module) -> list[str]:
-    """The lines a trial logs about how ``model``'s graph was handled: one when fx cannot trace it, else none."""
+    """The lines a trial logs about how ``model``'s graph was handled: when fx cannot trace it, and
+    which weights stay float (attention's input projections)."""
+    notes = []
     edges = edge_layers(model)
-    if edges.traced:
-        return []
-    return [f"model is not torch.fx-traceable ({edges.reason}): first/last layers by module order, BatchNorm left unfolded"]
+    if not edges.traced:
+        notes.append(f"model is not torch.fx-traceable ({edges.reason}): first/last layers by module order, "
+                     "BatchNorm left unfolded")
+    attention = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if attention:
+        notes.append(f"{len(attention)} nn.MultiheadAttention layer(s) ({attention[0]}{', ...' if len(attention) > 1 else ''}): "
+                     "their input projections (in_proj_weight, bare Parameters) stay float, neither quantized nor "
+                     "restricted by R2; their out_proj weights are quantized, its inputs stay float")
+    return notes
 
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:

@@ -89,6 +89,17 @@ class QuantLayer(nn.Module):
     def quantized_weight(self) -> Tensor:
         return self.weight_quantizer(self.layer.weight)
 
+    # A parent that reads its child's parameters instead of calling it (nn.MultiheadAttention passes
+    # out_proj.weight and .bias to its functional form) gets the weight as this layer uses it. Its
+    # input then bypasses input_quantizer: that activation stays float.
+    @property
+    def weight(self) -> Tensor:
+        return self.quantized_weight()
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.layer.bias
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.input_quantizer(x)
         weight = self.quantized_weight()

@@ -40,7 +40,7 @@ from r2sweep.core.quant.layers import (
     wrap_layers,
 )
 # _CHUNK: calibration inputs go through the network in chunks of this size, decided in one place.
-from r2sweep.core.quant.reconstruct import _CHUNK, capture, reconstruct_model
+from r2sweep.core.quant.reconstruct import _CHUNK, NotCalled, capture, reconstruct_model
 
 if TYPE_CHECKING:  # the configs import this module (their handlers run it)
     from r2sweep.core.quant.methods import MethodConfig, PTQConfig
@@ -128,14 +128,19 @@ def _quantize_layer_by_layer(quantized: nn.Module, reference: nn.Module, cfg: PT
     reference_layers = dict(reference.named_modules())
     for name, wrapper in quant_layers(quantized):
         weight = wrapper.layer.weight
+        new_weight = None
         if cfg.algorithm == "adaround":
             target_module = reference_layers[following_bn.get(name, name)]
             after = target_module if name in following_bn else None
-            inputs = capture(quantized, wrapper, calibration, output=False)
-            targets = capture(reference, target_module, calibration, output=True)
-            new_weight = adaround_layer(wrapper.layer, inputs, targets, specs[name], cfg.adaround_settings(seed),
-                                        after=after)
-        else:
+            try:
+                inputs = capture(quantized, wrapper, calibration, output=False)
+                targets = capture(reference, target_module, calibration, output=True)
+            except NotCalled:
+                pass  # its parent reads its weight (attention's out_proj): rounded to nearest below
+            else:
+                new_weight = adaround_layer(wrapper.layer, inputs, targets, specs[name], cfg.adaround_settings(seed),
+                                            after=after)
+        if new_weight is None:
             new_weight = quantize_weight(weight.detach(), specs[name])
         with torch.no_grad():
             weight.copy_(new_weight)

@@ -43,7 +43,7 @@ from r2sweep.core.quant.fake import ActivationQuantizer, QuantSpec, _safe_scale,
 from r2sweep.core.quant.layers import QuantLayer, quant_layers
 from r2sweep.core.quant.learned import clamp_inclusive, floor_ste, grad_scale, ste
 
-__all__ = ["ReconstructionSettings", "capture", "fisher_weights", "reconstruct_model", "reconstruct_unit"]
+__all__ = ["NotCalled", "ReconstructionSettings", "capture", "fisher_weights", "reconstruct_model", "reconstruct_unit"]
 
 # Calibration inputs go through the network in chunks of this many samples.
 _CHUNK = 128
@@ -65,6 +65,11 @@ class _Captured(Exception):
     """Raised by a capture hook: nothing after the captured module needs computing."""
 
 
+class NotCalled(Exception):
+    """The module is never called on the way through the model: its parent reads its weight
+    instead (``nn.MultiheadAttention``'s ``out_proj``), so it has no inputs to reconstruct from."""
+
+
 @torch.no_grad()
 def capture(model: nn.Module, module: nn.Module, inputs: Tensor, *, output: bool) -> Tensor:
     """``module``'s first input (or its output) when ``model`` runs on ``inputs``, stacked over all samples."""
@@ -83,6 +88,8 @@ def capture(model: nn.Module, module: nn.Module, inputs: Tensor, *, output: bool
                 pass
     finally:
         handle.remove()
+    if not pieces:
+        raise NotCalled(type(module).__name__)
     return torch.cat(pieces)
 
 

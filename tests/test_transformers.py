@@ -1,0 +1,49 @@
+"""Transformers from torchvision's zoo through the factory contract and every downstream method.
+
+Attention modules read their projections' weights instead of calling them
+(``nn.MultiheadAttention`` passes ``out_proj.weight`` to its functional form; Swin's
+window attention does the same with ``qkv`` and ``proj``): a quantized layer must
+still answer ``.weight``, and a layer-wise reconstruction must not need that
+layer's inputs. Tiny sizes on synthetic 3-channel 8x8 images: seconds each.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import r2sweep
+
+DOWNSTREAM = [
+    {"method": "ptq", "algorithm": "rtn", "weight_bits": [4]},
+    {"method": "ptq", "algorithm": "adaround", "weight_bits": [2], "adaround_iters": 5, "calib_samples": 16},
+    {"method": "ptq", "algorithm": "brecq", "weight_bits": [2], "adaround_iters": 5, "calib_samples": 16},
+    {"method": "ptq", "algorithm": "qdrop", "weight_bits": [2], "adaround_iters": 5, "calib_samples": 16},
+    {"method": "qat", "algorithm": "lsq", "weight_bits": [4], "epochs": 1},
+    {"method": "qat", "algorithm": "lsqplus", "weight_bits": [4], "epochs": 1},
+    {"method": "qat", "algorithm": "ewgs", "weight_bits": [4], "epochs": 1},
+    {"method": "dkm", "weight_bits": [2], "epochs": 1},
+]
+MODELS = {
+    "vit": {"factory": "torchvision.models.vision_transformer:VisionTransformer", "image_size": 8, "patch_size": 4,
+            "num_layers": 1, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32},
+    "swin": {"factory": "torchvision.models.swin_transformer:SwinTransformer", "patch_size": [2, 2], "embed_dim": 8,
+             "depths": [1, 1], "num_heads": [1, 2], "window_size": [2, 2], "stochastic_depth_prob": 0.0},
+}
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_a_zoo_transformer_goes_through_every_method_with_finite_results(model: str) -> None:
+    metrics = r2sweep.run_trial({
+        "data": {"name": "synthetic", "num_samples": 64, "channels": 3, "input_size": 8},
+        "model": MODELS[model],
+        "train": {"epochs": 1, "batch_size": 32, "optimizer": "adam", "lr": 0.001},
+        "r2": {"kind": "linf", "strength": 0.01},
+        "downstream": DOWNSTREAM,
+    })
+    results = [key for key in metrics if key.endswith("/top1") and key not in ("fp/top1", "proxy/top1")]
+    assert len(results) == len(DOWNSTREAM) and not [k for k in metrics if k.endswith("/diverged")]
+    assert all(math.isfinite(metrics[key]) and 0 <= metrics[key] <= 100 for key in results), metrics
+    if model == "vit":  # what stays float is said, not hidden
+        assert "in_proj_weight" in metrics["notes"] and "stay float" in metrics["notes"]
