@@ -12,6 +12,7 @@ line before Ray starts, not a stack trace from a worker.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +96,8 @@ def uses_outside_code(config: TrialConfig) -> bool:
 
 @torch.no_grad()
 def check_output(model: nn.Module, data: DataSplits, field: str, reference: str) -> None:
-    """One batch of validation samples through ``model`` (eval mode): it must run and return
-    ``(batch, num_classes)`` logits.
+    """One batch of validation samples through ``model``: in eval mode it must run and return
+    ``(batch, num_classes)`` logits, and in train mode (on a copy) return a tensor, not extra heads.
 
     Raises:
         ConfigError: naming ``field`` (``model.factory`` or ``model.name``), the batch's shape and what came back.
@@ -118,6 +119,19 @@ def check_output(model: nn.Module, data: DataSplits, field: str, reference: str)
         raise ConfigError(field, reference, f"a model that returns (batch, num_classes) = {wanted} logits "
                           f"for a batch of shape {tuple(batch.shape)}; it returned {shape} (the data has "
                           f"{data.num_classes} classes: a factory receives num_classes when its signature names it)")
+    # Training calls it in train mode, where some models return more (auxiliary heads). On a copy (a
+    # train-mode forward moves BatchNorm's running statistics) and with the RNG put back (dropout draws),
+    # so the trial trains as it would without this check. A train-mode failure is training's to report.
+    devices = [batch.device] if batch.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            out = copy.deepcopy(model).train()(batch)
+        except Exception:  # noqa: BLE001 - e.g. BatchNorm on a batch of one: not what this check is about
+            return
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(field, reference, f"a model that returns its logits in training mode too; in training "
+                          f"mode it returned {type(out).__name__} (a model with auxiliary heads: turn them off, "
+                          "for torchvision's googlenet and inception_v3 with aux_logits: false)")
 
 
 def check_inputs(config: TrialConfig) -> list[str]:

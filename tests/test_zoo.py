@@ -1,10 +1,13 @@
-"""Transformers from torchvision's zoo through the factory contract and every downstream method.
+"""Networks from torchvision's zoo through the factory contract and every downstream method.
 
 Attention modules read their projections' weights instead of calling them
 (``nn.MultiheadAttention`` passes ``out_proj.weight`` to its functional form; Swin's
 window attention does the same with ``qkv`` and ``proj``): a quantized layer must
 still answer ``.weight``, and a layer-wise reconstruction must not need that
-layer's inputs. Tiny sizes on synthetic 3-channel 8x8 images: seconds each.
+layer's inputs. A model with auxiliary heads (googlenet) returns more than logits
+in training mode: refused before training, naming the option. Tiny sizes on
+synthetic 3-channel images: seconds each. (The test generated from the whole zoo
+is issue 41's next step.)
 """
 
 from __future__ import annotations
@@ -47,3 +50,16 @@ def test_a_zoo_transformer_goes_through_every_method_with_finite_results(model: 
     assert all(math.isfinite(metrics[key]) and 0 <= metrics[key] <= 100 for key in results), metrics
     if model == "vit":  # what stays float is said, not hidden
         assert "in_proj_weight" in metrics["notes"] and "stay float" in metrics["notes"]
+
+
+def test_a_model_with_auxiliary_heads_is_refused_before_training_naming_the_option(tmp_path) -> None:
+    from r2sweep.core.errors import ConfigError
+
+    trial = {"data": {"name": "synthetic", "num_samples": 64, "channels": 3, "input_size": 32},
+             "model": {"factory": "torchvision.models:googlenet", "num_classes": 10, "init_weights": True},
+             "train": {"epochs": 1, "batch_size": 32}}
+    with pytest.raises(ConfigError, match=r"model\.factory=.*in training mode it returned GoogLeNetOutputs.*aux_logits: false"):
+        r2sweep.run_trial(trial, out_dir=tmp_path / "refused")
+    assert not (tmp_path / "refused" / "config.yaml").exists()  # refused before anything is written
+    metrics = r2sweep.run_trial({**trial, "model": {**trial["model"], "aux_logits": False}})
+    assert 0 <= metrics["fp/top1"] <= 100
