@@ -63,3 +63,20 @@ def test_a_model_with_auxiliary_heads_is_refused_before_training_naming_the_opti
     assert not (tmp_path / "refused" / "config.yaml").exists()  # refused before anything is written
     metrics = r2sweep.run_trial({**trial, "model": {**trial["model"], "aux_logits": False}})
     assert 0 <= metrics["fp/top1"] <= 100
+
+
+def test_a_net_that_pools_to_one_pixel_before_batchnorm_trains_when_the_split_leaves_one_sample() -> None:
+    from r2sweep.core.build import build_trial_data
+    from r2sweep.core.config.trial import load_trial_config
+    from r2sweep.core.data import make_loader
+
+    trial = {"data": {"name": "synthetic", "num_samples": 48, "num_classes": 4, "channels": 3, "input_size": 32},
+             "model": {"factory": "torchvision.models:shufflenet_v2_x0_5", "num_classes": 4},
+             "downstream": [{"method": "qat", "algorithm": "lsq", "weight_bits": [4], "epochs": 1}]}
+    train = build_trial_data(load_trial_config(trial)).train
+    batch = len(train) - 1  # the epoch would end on a batch of one sample
+    assert [len(y) for _, y in make_loader(train, batch, shuffle=True, seed=0)] == [batch]
+    assert [len(y) for _, y in make_loader(train, batch, shuffle=False, seed=0)] == [batch, 1]  # evaluation sees all
+    metrics = r2sweep.run_trial({**trial, "train": {"epochs": 1, "batch_size": batch},
+                                 "downstream": [{**trial["downstream"][0], "batch_size": batch}]})
+    assert 0 <= metrics["qat_lsq_w4a8/top1"] <= 100

@@ -186,7 +186,9 @@ class EpochLoader:
         shuffle: permute the samples each epoch.
         seed: base seed of the per-epoch permutations.
         num_workers: DataLoader worker processes (file datasets only).
-        drop_last: drop the final incomplete batch.
+        drop_last: drop the final incomplete batch. A shuffled loader (training's) always drops a
+            final batch of one sample: BatchNorm cannot train on one value per channel, which a net
+            that pools to 1x1 before a BatchNorm (most of torchvision's zoo) would give it.
         pin_memory: page-locked batches (set it when the model is on CUDA; workers only).
         prefetch_factor: batches each worker loads ahead (workers only).
     """
@@ -217,6 +219,8 @@ class EpochLoader:
         self._num_samples = (
             len(self._tensors[1]) if self._tensors is not None else len(dataset)  # type: ignore[arg-type]
         )
+        if self.shuffle and self._num_samples > 1 and self._num_samples % self.batch_size == 1:
+            self.drop_last = True
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next iteration yields (epochs count from 0)."""
