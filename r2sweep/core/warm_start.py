@@ -5,7 +5,7 @@ checkpoint can never run code:
 
 * a plain state dict (``torch.save(model.state_dict(), path)``), a torchvision
   ``.pth`` among them (r2sweep's ResNet-18 and MobileNet-V2 keep torchvision's names);
-* a ``pretrained.pt`` that r2sweep wrote (``{"model": state_dict, "model_args": ...}``);
+* a ``pretrained.pt`` that r2sweep wrote (``{"model": state_dict, "layers": ..., ...}``, :mod:`r2sweep.core.pretrained_file`);
 * a training checkpoint holding its weights under ``"state_dict"`` (Lightning and others).
 
 A ``module.`` prefix on every key (``nn.DataParallel``) is dropped. Loading is
