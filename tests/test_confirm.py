@@ -144,3 +144,22 @@ def test_any_configuration_reruns_on_seeds_under_its_own_key_and_resumes(store: 
     again = run_reruns(sweep, spec, [control], [0, 1], progress=lines.append)
     assert asked == ["config"] and {s: m[OBJECTIVE] for s, m in again[control.key].items()} == \
         {s: m[OBJECTIVE] for s, m in first[control.key].items()}
+
+
+def test_a_stored_config_whose_code_does_not_import_is_refused_before_any_rerun(store: Path) -> None:
+    # What the store names is imported only by a command that runs it, and checked before it starts.
+    from r2sweep.analysis.confirm import Rerun, logged_trial_config, run_reruns
+    from r2sweep.core.errors import ConfigError
+
+    tracker = Tracker(f"sqlite:///{store / 'mlflow.db'}")
+    sweep, spec = read_sweep(tracker, "confirm-me")
+    best = max(sweep.trial_runs(), key=lambda r: spec.ranking(r.data.metrics))
+    stored = logged_trial_config(sweep, best.info.run_id)
+    moved = Rerun(key="moved", config=lambda: {**stored, "model": {"factory": "gone_module:build"}}, params={}, tags={})
+    before = len(sweep.confirm_runs())
+    lines: list[str] = []
+    with pytest.raises(ConfigError, match=r"model\.factory='gone_module:build'.*No module named 'gone_module'"):
+        run_reruns(sweep, spec, [moved], [0], label="moved", progress=lines.append)
+    assert lines == [f"moved: the re-runs import model.factory 'gone_module:build', as the configs stored in "
+                     f"{tracker.display_uri} name them"]
+    assert len(sweep.confirm_runs()) == before  # no run was created, no Ray started

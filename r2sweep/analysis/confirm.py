@@ -27,7 +27,7 @@ import yaml
 from r2sweep.analysis.select import TRIAL_CONFIG_ARTIFACT, read_sweep
 from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.config.trial import load_trial_config
-from r2sweep.core.environment import code_named_by
+from r2sweep.core.environment import code_named_by, resolve_inputs
 from r2sweep.core.errors import R2SweepError
 from r2sweep.core.ranking import top as top_trials
 from r2sweep.core.sweep_files import SweepFiles
@@ -152,10 +152,15 @@ def run_reruns(sweep: SweepRun, spec: SweepSpec, reruns: Sequence[Rerun], seeds:
             config = config if config is not None else rerun.config()
             to_run.append((rerun, config, seed))
     if to_run:
-        # Re-running executes what the stored configs name: say which code, and from where, first.
-        named = sorted({text for _, config, _ in to_run for text in code_named_by(load_trial_config(config))})
+        # Re-running executes what the stored configs name: say which code, and from where, first;
+        # then check it here, as a sweep's start does, so a factory that does not import is one
+        # line before any re-run exists instead of a failed task per seed.
+        configs = {id(config): load_trial_config(config) for _, config, _ in to_run}
+        named = sorted({text for config in configs.values() for text in code_named_by(config)})
         progress(f"{label or sweep.name}: the re-runs import " + (", ".join(named) if named else "r2sweep's own models and "
                  "datasets only") + f", as the configs stored in {sweep.tracker.display_uri} name them")
+        for config in configs.values():
+            resolve_inputs(config)
         connect(address, num_cpus, runtime_env_for(spec))  # the user's code, shipped as the sweep shipped it
     for rerun, config, seed in to_run:
         run_id = sweep.trial_run(_rerun_id(rerun.key, seed), {**rerun.params, "seed": seed}, confirm=True)
