@@ -187,7 +187,7 @@ def run_study(
     from r2sweep.tracking.names import STUDY_ARTIFACT
     from r2sweep.tracking.store import Tracker
     from r2sweep.tracking.studies import find_study, open_study, study_text
-    from r2sweep.tune.tuner import DEFAULT_STORAGE
+    from r2sweep.core.sweep_files import DEFAULT_STORAGE
 
     storage_text = None if storage is None else os.fspath(storage)
     check.storage(storage_text, "storage")

@@ -35,7 +35,7 @@ from r2sweep.core.config.sweep import SweepSpec, load_sweep_spec
 from r2sweep.core.environment import check_sweep_environment
 from r2sweep.core.errors import ConfigError, FileConfigError, R2SweepError
 from r2sweep.core.locations import is_uri
-from r2sweep.core.sweep_files import SweepFiles
+from r2sweep.core.sweep_files import DEFAULT_STORAGE, SweepFiles
 
 __all__ = ["run_sweep", "prepare_sweep", "PreparedSweep"]
 
@@ -125,7 +125,7 @@ def prepare_sweep(
     from r2sweep.tracking.store import Tracker
     from r2sweep.tune.callbacks import TrackingCallback
     from r2sweep.tune.ray_address import reach_ray
-    from r2sweep.tune.tuner import DEFAULT_STORAGE, check_experiment
+    from r2sweep.tune.tuner import check_experiment
 
     quiet_mlflow()
     name = name or loaded.name

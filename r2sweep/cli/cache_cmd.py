@@ -57,11 +57,14 @@ def _age(seconds: float) -> str:
 
 
 def _folder(args: argparse.Namespace) -> Path | None:
-    from r2sweep.core.config.sweep import PRETRAIN_CACHE_FOLDER
+    from r2sweep.core.config.sweep import PRETRAIN_CACHE_FOLDER, SweepSettings
+    from r2sweep.core.sweep_files import DEFAULT_STORAGE, SweepFiles
 
-    folder = Path(args.cache) if args.cache else Path(args.storage or "r2sweep_results") / PRETRAIN_CACHE_FOLDER
-    if not folder.is_dir():
-        print(f"r2sweep: error: --cache={folder} is not valid: no pre-training cache there (a sweep makes "
+    # A sweep's default cache, where SweepFiles puts it (the cache is shared by every sweep of a storage).
+    default = SweepFiles(args.storage or DEFAULT_STORAGE, "", SweepSettings()).pretrain_cache
+    folder = Path(args.cache) if args.cache else Path(default) if default else None
+    if folder is None or not folder.is_dir():
+        print(f"r2sweep: error: --cache={folder or args.storage} is not valid: no pre-training cache there (a sweep makes "
               f"<storage>/{PRETRAIN_CACHE_FOLDER}); give the folder with --cache, or the sweep storage with --storage",
               file=sys.stderr)
         return None

@@ -21,7 +21,10 @@ from pathlib import Path
 from r2sweep.core.config.sweep import OPTUNA_FILE, PRETRAIN_CACHE_FOLDER, SweepSettings
 from r2sweep.core.locations import is_uri, join
 
-__all__ = ["SweepFiles", "experiment_path"]
+__all__ = ["DEFAULT_STORAGE", "SweepFiles", "experiment_path"]
+
+#: Where sweeps keep their files when no storage is given (relative to the working folder).
+DEFAULT_STORAGE = "r2sweep_results"
 
 
 def experiment_path(storage: str | os.PathLike[str], name: str) -> str:

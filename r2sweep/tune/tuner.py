@@ -24,7 +24,7 @@ from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.outcome import FINISHED, decide_outcome
 from r2sweep.core.ranking import best_of
-from r2sweep.core.sweep_files import SweepFiles, experiment_path
+from r2sweep.core.sweep_files import DEFAULT_STORAGE, SweepFiles, experiment_path
 from r2sweep.tune.cluster import check_data_roots, check_resources, connect, trial_nodes
 from r2sweep.tune.experiment_files import ExperimentFolder
 from r2sweep.tune.runtime_env import check_imports, runtime_env_for, shipped_callables
@@ -34,7 +34,6 @@ from r2sweep.tune.trainable import trainable
 
 __all__ = ["run_experiment", "check_experiment", "experiment_path", "ExperimentOutcome", "DEFAULT_STORAGE"]
 
-DEFAULT_STORAGE = "r2sweep_results"
 
 
 @dataclass
