@@ -22,6 +22,7 @@ from torch import nn
 from r2sweep.core.config.trial import TrialConfig
 from r2sweep.core.data import DATASETS, DataSplits
 from r2sweep.core.data.registry import build_data
+from r2sweep.core.environment import resolve_inputs
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.factories import resolve_reference
 from r2sweep.core.models import MODELS, build_model
@@ -96,8 +97,8 @@ def uses_outside_code(config: TrialConfig) -> bool:
 
 @torch.no_grad()
 def check_output(model: nn.Module, data: DataSplits, field: str, reference: str) -> None:
-    """One batch of validation samples through ``model``: in eval mode it must run and return
-    ``(batch, num_classes)`` logits, and in train mode (on a copy) return a tensor, not extra heads.
+    """One batch of validation samples through ``model`` (eval mode): it must run and return
+    ``(batch, num_classes)`` logits.
 
     Raises:
         ConfigError: naming ``field`` (``model.factory`` or ``model.name``), the batch's shape and what came back.
@@ -119,13 +120,17 @@ def check_output(model: nn.Module, data: DataSplits, field: str, reference: str)
         raise ConfigError(field, reference, f"a model that returns (batch, num_classes) = {wanted} logits "
                           f"for a batch of shape {tuple(batch.shape)}; it returned {shape} (the data has "
                           f"{data.num_classes} classes: a factory receives num_classes when its signature names it)")
-    # Training calls it in train mode, where some models return more (auxiliary heads). On a copy (a
-    # train-mode forward moves BatchNorm's running statistics) and with the RNG put back (dropout draws),
-    # so the trial trains as it would without this check. A train-mode failure is training's to report.
-    devices = [batch.device] if batch.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+
+
+@torch.no_grad()
+def _check_train_output(model: nn.Module, data: DataSplits, field: str, reference: str) -> None:
+    """Training calls the model in train mode, where some return more than logits (auxiliary heads).
+    Run on a copy (a train-mode forward moves BatchNorm's statistics) with the RNG put back (dropout
+    draws); a train-mode failure is training's to report, not this check's."""
+    batch = torch.stack([data.val[i][0] for i in range(min(_PROBE_BATCH, len(data.val)))])
+    with torch.random.fork_rng(devices=[]):
         try:
-            out = copy.deepcopy(model).train()(batch)
+            out = copy.deepcopy(model).cpu().train()(batch)
         except Exception:  # noqa: BLE001 - e.g. BatchNorm on a batch of one: not what this check is about
             return
     if not isinstance(out, torch.Tensor):
@@ -140,12 +145,13 @@ def check_inputs(config: TrialConfig) -> list[str]:
     Raises:
         ConfigError: naming the field: a factory that does not import or build or
             returns the wrong thing; a checkpoint that does not fit; a model that
-            fails on a batch of this data or does not return ``(batch, num_classes)`` logits.
+            fails on a batch of this data or does not return ``(batch, num_classes)`` logits
+            (in train mode: a tensor, not auxiliary heads).
         DataNotFoundError: a dataset's files are missing.
     """
-    config.data.resolve()  # the factories' options against their signatures, init_from hashed
-    config.model.resolve()
+    resolve_inputs(config)  # the factories' options against their signatures, init_from hashed
     data = build_trial_data(config)
     model, notes = build_trial_model(config, data)
     check_output(model, data, model_field(config), config.model.reference)
+    _check_train_output(model, data, model_field(config), config.model.reference)
     return notes + graph_notes(model)

@@ -22,10 +22,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from r2sweep.core.config.overrides import apply_overrides
-from r2sweep.core.config.consistency import representative
+from r2sweep.core.config.search import validate_values
 from r2sweep.core.config.sweep import SweepSpec
-from r2sweep.core.config.trial import TRIAL_SECTIONS, TrialConfig, load_trial_config
+from r2sweep.core.config.trial import TrialConfig
 from r2sweep.core.errors import ConfigError
 
 __all__ = ["check_trial_environment", "check_sweep_environment", "resolve_inputs", "code_named_by"]
@@ -89,28 +88,11 @@ def check_sweep_environment(spec: SweepSpec, *, local: bool) -> SweepSpec:
                 raise ConfigError("data.root", root, "an existing folder on this machine (r2sweep never "
                                   "downloads); on a cluster whose workers hold it, pass --address")
     trial = resolve_inputs(spec.trial)
-    _check_searched_inputs(spec)
+    # Every value the search can draw for a model or data field, resolved in a trial config of its own.
+    validate_values(spec.base, {p.path: p for p in spec.params}, sections=_OUTSIDE_SECTIONS, then=resolve_inputs)
     if local or not spec.data_roots():
         check_trial_environment(trial)
     return dataclasses.replace(spec, base=_resolved_base(spec, trial), trial=trial)
-
-
-def _check_searched_inputs(spec: SweepSpec) -> None:
-    """Every value the search can draw for a model or data field, resolved in a trial config of its own."""
-    params = {p.path: p for p in spec.params}
-    for param in spec.params:
-        if param.path.split(".")[0] not in _OUTSIDE_SECTIONS:
-            continue
-        context = representative(param, params)
-        for value in param.edge_values():
-            value = int(value) if param.kind == "int" else value
-            config = load_trial_config(apply_overrides(spec.base, [*context.items(), (param.path, value)]))
-            try:
-                resolve_inputs(config)
-            except ConfigError as error:
-                if error.field.split("[")[0].split(".")[0] in TRIAL_SECTIONS:
-                    raise ConfigError(f"search.{param.path}", value, f"{error.field}: {error.allowed}") from None
-                raise
 
 
 def _resolved_base(spec: SweepSpec, trial: TrialConfig) -> Mapping[str, Any]:

@@ -14,7 +14,7 @@ reads no file, so a stored record of a sweep can be read on any machine.
 :meth:`resolve` is the step that looks at this machine: it imports the factory
 or plugin, checks the options against its signature and fills in its defaults,
 and hashes ``init_from``. It runs only where something will execute
-(:func:`r2sweep.core.environment.check_environment`).
+(:mod:`r2sweep.core.environment`).
 """
 
 from __future__ import annotations
@@ -248,6 +248,9 @@ class ModelConfig(_FactorySection):
     init_from_sha256: Optional[str] = None
     options: dict[str, Any] = field(default_factory=dict)
     resolved: bool = field(default=False, repr=False, compare=False)
+    # The init_from this object has read and hashed: a trial resolves its config at several steps
+    # (the driver's check, the trial, the cache key), and a large checkpoint is hashed once.
+    hashed: Optional[str] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._check_init_from()
@@ -264,7 +267,7 @@ class ModelConfig(_FactorySection):
         """Import the model's factory (or plugin), check its options and fill in its defaults; read and
         hash ``init_from`` (a hash given is a pin: a file that changed since is refused)."""
         self._resolve(MODELS, MODEL_PROVIDED)
-        if self.init_from is None:
+        if self.init_from is None or self.hashed == self.init_from:
             return
         from r2sweep.core.warm_start import file_sha256  # torch: only for a config that starts from weights
 
@@ -277,6 +280,7 @@ class ModelConfig(_FactorySection):
                               f"{self.init_from_sha256[:12]}...); the file now holds {digest[:12]}...: it changed, so "
                               "results would mix two starting points; restore it, or start a new sweep")
         self.init_from_sha256 = digest
+        self.hashed = path
 
     def _check_init_from(self) -> None:
         check(isinstance(self.init_from_strict, bool), "model.init_from_strict", self.init_from_strict, "true or false")

@@ -45,14 +45,13 @@ def _param(param: SearchParam) -> dict[str, Any]:
 
 def sweep_mapping(spec: SweepSpec) -> dict[str, Any]:
     """The record as a mapping (see the module docstring)."""
-    searched = {p.path for p in spec.params}
     trial = spec.trial.to_mapping()
     mapping: dict[str, Any] = {"name": spec.name}
     for section in TRIAL_SECTIONS:
-        # A section whose builder or checkpoint the search changes keeps the base as written:
-        # the base's own builder's defaults (or checkpoint hash) would not fit the others.
-        varies = {f"{section}.name", f"{section}.factory", f"{section}.init_from"} & searched
-        mapping[section] = spec.base.get(section) if varies and section in spec.base else trial[section]
+        # model: and data: as the base holds them: the sweep's start resolved them there, except
+        # where the search changes the builder or the checkpoint (r2sweep.core.environment).
+        own = section in ("model", "data") and section in spec.base
+        mapping[section] = spec.base[section] if own else trial[section]
     objectives = [dataclasses.asdict(o) for o in spec.objectives]
     mapping["objective"] = objectives if spec.multi_objective else objectives[0]
     mapping["search"] = {p.path: _param(p) for p in spec.params}

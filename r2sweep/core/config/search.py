@@ -10,7 +10,7 @@ written in, so a bad path or value fails with the field's own message. The
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,18 +99,23 @@ def load_param(path: Any, data: Any, earlier: Mapping[str, SearchParam]) -> Sear
     return SearchParam(path, kind, values, tuple(when))
 
 
-def validate_values(base: Mapping[str, Any], params: Mapping[str, SearchParam]) -> None:
-    # Each value a parameter can take is written into the base config together
-    # with the values its conditions require, and the result loaded as a trial
-    # config: a path that does not exist, or a value its field refuses, fails
-    # here with the field's own message.
+def validate_values(base: Mapping[str, Any], params: Mapping[str, SearchParam], *,
+                    sections: tuple[str, ...] | None = None, then: Callable[[Any], Any] | None = None) -> None:
+    """Each value a parameter can take, written into the base config together with the values its
+    conditions require, and the result loaded as a trial config (and given to ``then``): a path that
+    does not exist, or a value its field refuses, fails with the field's own message, as
+    ``search.PATH``. ``sections``: only the parameters of these trial sections."""
     for param in params.values():
+        if sections is not None and param.path.split(".")[0] not in sections:
+            continue
         context = representative(param, params)
         for value in param.edge_values():
             if param.kind == "int":
                 value = int(value)
             try:
-                load_trial_config(apply_overrides(base, [*context.items(), (param.path, value)]))
+                config = load_trial_config(apply_overrides(base, [*context.items(), (param.path, value)]))
+                if then is not None:
+                    then(config)
             except ConfigError as error:
                 if error.field.split("[")[0].split(".")[0] in TRIAL_SECTIONS:
                     raise ConfigError(f"search.{param.path}", value, f"{error.field}: {error.allowed}") from None

@@ -193,8 +193,7 @@ def read_yaml(path: str | Path) -> Any:
     return strict_yaml.load_file(path)
 
 
-def refuse_unused_overrides(overrides: list[tuple[str, Any]], configs: Sequence[TrialConfig],
-) -> None:
+def refuse_unused_overrides(overrides: list[tuple[str, Any]], configs: Sequence[TrialConfig]) -> None:
     """Refuse a ``--set`` that no trial would read: its field is unused in every one of ``configs``
     (one trial's config, or a config per value a sweep's switches can take).
 

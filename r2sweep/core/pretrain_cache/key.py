@@ -31,6 +31,7 @@ from r2sweep import __version__
 from r2sweep.core.config.sections import to_dict
 from r2sweep.core.config.trial import TrialConfig
 from r2sweep.core.data import DATASETS
+from r2sweep.core.environment import resolve_inputs
 from r2sweep.core.factories import is_installed, module_source, resolve_reference
 from r2sweep.core.models import MODELS
 
@@ -129,9 +130,7 @@ def pretrain_key(config: TrialConfig, device: torch.device) -> CacheKey:
     Raises:
         NotCacheable: a factory's identity cannot be established; the trial pre-trains without the cache.
     """
-    # What the trial will run: its factories' defaults filled in, init_from's content hashed.
-    config.data.resolve()
-    config.model.resolve()
+    resolve_inputs(config)  # what the trial will run: its factories' defaults filled in, init_from hashed
     unused = config.unused_fields()
     model = config.model.to_mapping()
     model.pop("init_from", None)  # the content hash (kept) identifies the checkpoint, not where it lies
