@@ -9,7 +9,7 @@ STAMP := $(VENV)/.r2sweep-installed
 # pick another build while resolving the rest). Elsewhere: make test TORCH_PACKAGES="torch torchvision"
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test test-fast sweep cluster-check install clean
+.PHONY: test test-fast test-zoo sweep cluster-check install clean
 
 install: $(STAMP)
 
@@ -39,6 +39,10 @@ test: $(STAMP)
 # process took 3m15s here, two take 2 minutes.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) -m "not slow and not ray and not server"
+
+# Every torchvision builder, the large ones included (an hour or more on 2 cores; docs/zoo.md).
+test-zoo: $(STAMP)
+	$(PY) -m pytest -q -n $(if $(filter 0,$(TEST_WORKERS)),1,$(TEST_WORKERS)) --dist load tests/test_zoo_generated.py -m "slow or not slow"
 
 # The quickstart: a real Ray Tune + Optuna sweep on digits, tracked in ./mlflow.db,
 # results under ./r2sweep_results, then its report in ./quickstart-report/index.html

@@ -71,7 +71,9 @@ def one_recipe(model: torch.nn.Module, algorithm: str, weight_bits: int, act_bit
     row: dict[str, Any] = {"algorithm": algorithm, "weight_bits": weight_bits, "act_bits": act_bits,
                            "initialized": evaluate(initial, val, torch.device("cpu"))}
     try:
-        tuned = quantization_aware_train(model, cfg, weight_bits, loader, calibration, torch.device("cpu"))
+        # As a trial does: the best epoch on the validation split is kept, the start included.
+        tuned = quantization_aware_train(model, cfg, weight_bits, loader, calibration, torch.device("cpu"),
+                                         score=lambda candidate: evaluate(candidate, val, torch.device("cpu")))
         row["fine_tuned"] = evaluate(tuned, val, torch.device("cpu"))
     except TrialDiverged as error:
         row["diverged"] = str(error)

@@ -301,3 +301,20 @@ def test_matches_coremltools_dkm_palettizer(pretrained, digits, dkm_finetuned) -
     assert [_distinct(layer.weight) for layer in _layers(ours)] == [2] * 4
     # Measured: coremltools ~96%, ours ~97%.
     assert their_top1 > 90 and abs(our_top1 - their_top1) <= 4, (our_top1, their_top1)
+
+
+def test_evaluation_assigns_once_per_weight_and_follows_every_in_place_change() -> None:
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(8, 4, 3, 3))
+    clusterer = DkmClusterer(2).eval()
+    first = clusterer(weight)
+    assert clusterer(weight) is first  # the next batch: the same assignment, not recomputed
+    optimizer = torch.optim.SGD([weight], lr=0.5)
+    weight.grad = torch.randn_like(weight)
+    optimizer.step()  # the weight moved: re-assigned
+    moved = clusterer(weight)
+    assert moved is not first and torch.equal(moved, clusterer.hard(weight))
+    state = copy.deepcopy(clusterer.state_dict())
+    state["centroids"] += 0.25
+    clusterer.load_state_dict(state)  # a new palette: re-assigned too
+    assert torch.equal(clusterer(weight), clusterer.hard(weight)) and not torch.equal(clusterer(weight), moved)

@@ -25,7 +25,7 @@ from r2sweep.core.quant import (
     post_training_quantize,
     quantization_aware_train,
 )
-from r2sweep.core.quant.graph import QUANTIZABLE_TYPES
+from r2sweep.core.graph import QUANTIZABLE_TYPES
 from r2sweep.core.quant.layers import quant_layers, wrap_layers
 from r2sweep.core.quant.ptq import round_to_nearest
 

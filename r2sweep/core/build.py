@@ -27,7 +27,7 @@ from r2sweep.core.errors import ConfigError
 from r2sweep.core.factories import resolve_reference
 from r2sweep.core.models import MODELS, build_model
 from r2sweep.core.pretrained_file import load_pretrained
-from r2sweep.core.quant.graph import graph_notes
+from r2sweep.core.graph import graph_notes
 from r2sweep.core.warm_start import load_weights
 
 __all__ = ["build_trial_data", "build_trial_model", "check_inputs", "check_output", "model_field", "model_from_pretrained",

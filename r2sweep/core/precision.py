@@ -21,6 +21,7 @@ memory-format change, so float32 results are bit-identical.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from contextlib import AbstractContextManager as ContextManager
 from typing import Any
 
@@ -117,13 +118,22 @@ class Precision:
             x = x.to(self.device, non_blocking=True)
         return x, y.to(self.device, non_blocking=True)
 
-    def backward_step(self, loss: Tensor, optimizer: torch.optim.Optimizer) -> None:
-        """Backward and one optimizer step (through the gradient scaler under fp16)."""
+    def backward_step(self, loss: Tensor, optimizer: torch.optim.Optimizer,
+                      clip: Callable[[], object] | None = None) -> None:
+        """Backward and one optimizer step (through the gradient scaler under fp16).
+
+        ``clip`` (gradient clipping, say) runs between the two, on unscaled gradients.
+        """
         if self.scaler is None:
             loss.backward()
+            if clip is not None:
+                clip()
             optimizer.step()
             return
         self.scaler.scale(loss).backward()
+        if clip is not None:
+            self.scaler.unscale_(optimizer)
+            clip()
         self.scaler.step(optimizer)  # skipped when a gradient is inf/NaN
         self.scaler.update()
 

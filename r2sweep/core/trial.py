@@ -41,7 +41,7 @@ from r2sweep.core.precision import check_precision
 from r2sweep.core.pretrain_cache import PretrainCache
 from r2sweep.core.pretrained_file import MODEL_ARCHIVE, PRETRAINED, export_archive, save_pretrained
 from r2sweep.core.pretraining import HIT, MISS, OFF, PretrainJob, run_pretraining
-from r2sweep.core.quant.graph import graph_notes
+from r2sweep.core.graph import graph_notes
 from r2sweep.core.quant.layers import bake_weights
 from r2sweep.core.quant.methods import DOWNSTREAM_METHODS, DownstreamContext
 from r2sweep.core.quant.ptq import round_to_nearest
@@ -221,7 +221,8 @@ def run_trial(
         model.to(device)
 
     context = DownstreamContext(data, config.seed, device, config.train.batch_size, config.train.num_workers, progress,
-                                precision=config.train.precision)
+                                precision=config.train.precision, train_optimizer=config.train.optimizer,
+                                train_lr=config.train.lr, score=lambda candidate: evaluate(candidate, val_loader, device))
     for entry in config.downstream:
         quantize = DOWNSTREAM_METHODS.get(entry.method).quantize
         for bits in entry.weight_bits:
@@ -237,11 +238,13 @@ def run_trial(
                 progress(f"{name}: diverged ({error})")
                 continue
             final[f"{name}/top1"] = evaluate(quantized, val_loader, device)
+            final.update({f"{name}/{fact}": value for fact, value in context.facts.pop(name, {}).items()})
             final[f"time/{name}_s"] = time.perf_counter() - phase_start
             progress(f"{name}: top-1 {final[f'{name}/top1']:.2f}% ({final[f'time/{name}_s']:.1f}s)")
             if out is not None:
                 save_atomic({"model": bake_weights(quantized).state_dict()}, out / f"{name}.pt")
 
+    notes += context.notes
     final["time/total_s"] = time.perf_counter() - started
     final["final"] = 1
     if notes:

@@ -14,16 +14,13 @@ import torch
 from torch import Tensor, nn
 
 from r2sweep.core.errors import ConfigError
+from r2sweep.core.graph import edge_layers, low_bit_layers
 from r2sweep.core.losses.functional import GRANULARITIES, REDUCTIONS
 from r2sweep.core.registry import Registry
 
 __all__ = ["R2Loss", "R2_LOSSES", "register_r2_loss", "make_r2_loss", "list_r2_losses", "regularized_layers"]
 
 R2_LOSSES: Registry[type["R2Loss"]] = Registry("r2.kind")
-
-# Layers whose weights carry the quantization range; depthwise and pointwise
-# convolutions are Conv2d too. Norm layers and biases are left alone (R2LOSS.md 2).
-REGULARIZED_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def register_r2_loss(kind: str):
@@ -41,15 +38,18 @@ def list_r2_losses() -> list[str]:
 
 
 def regularized_layers(model: nn.Module, skip_first_last: bool = False) -> list[tuple[str, nn.Parameter]]:
-    """``(module name, weight)`` of every Conv/Linear layer, in module order."""
-    layers = [
-        (name, module.weight)
-        for name, module in model.named_modules()
-        if isinstance(module, REGULARIZED_TYPES) and isinstance(getattr(module, "weight", None), nn.Parameter)
-    ]
+    """``(module name, weight)`` of every layer R2 restricts, in module order.
+
+    Exactly the layers every downstream method quantizes (:func:`~r2sweep.core.graph.low_bit_layers`,
+    the one rule). ``skip_first_last`` leaves out the layers the quantizers keep at
+    ``keep_first_last_bits``: the first and last on the data flow
+    (:func:`~r2sweep.core.graph.edge_layers`), not in module order.
+    """
+    layers = low_bit_layers(model)
     if skip_first_last:
-        layers = layers[1:-1]
-    return layers
+        edges = edge_layers(model)
+        layers = [(name, module) for name, module in layers if not edges.first_or_last(name)]
+    return [(name, module.weight) for name, module in layers]
 
 
 def _densify_sparse_grad(param: Tensor) -> None:
@@ -77,8 +77,8 @@ class R2Loss(nn.Module):
             Layers are always summed, as in the paper.
         granularity: ``"tensor"`` (one range per layer, the paper's) or ``"channel"``
             (one per output channel).
-        skip_first_last: leave the first and last regularized layers alone (they are
-            often kept at 8 bits).
+        skip_first_last: leave the first and last layers on the data flow alone (those
+            ``keep_first_last_bits`` keeps at 8 bits; see :func:`regularized_layers`).
         start_epoch: the loss is zero until :meth:`set_epoch` reaches this epoch;
             learnable scalars are initialised from the weights at that moment.
     """

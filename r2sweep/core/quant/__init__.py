@@ -27,7 +27,7 @@ from r2sweep.core.quant.fake import (
 )
 from r2sweep.core.quant.finetune import dkm_compress, quantization_aware_train
 from r2sweep.core.quant.fold import conv_bn_pairs, fold_batchnorm, reestimate_bn
-from r2sweep.core.quant.graph import EdgeLayers, edge_layers, graph_notes
+from r2sweep.core.graph import EdgeLayers, edge_layers, graph_notes
 from r2sweep.core.quant.layers import QuantLayer, bake_weights, wrap_layers
 from r2sweep.core.quant.methods import (
     DOWNSTREAM_METHODS,

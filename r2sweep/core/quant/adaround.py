@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from r2sweep.core.quant.fake import QuantSpec, _safe_scale, qrange, weight_qparams
-from r2sweep.core.quant.graph import CONV_TYPES
+from r2sweep.core.graph import CONV_TYPES
 from r2sweep.core.validate import check, is_number, require_int
 
 __all__ = [

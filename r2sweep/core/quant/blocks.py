@@ -16,7 +16,7 @@ that holds at least two quantizable layers (Conv1d/2d/3d, Linear) and
 
 The walk goes from the model down and stops at the first block on each branch,
 so a stage of blocks (``layer1``) is never taken for one. Then the fx graph
-(:func:`~r2sweep.core.quant.graph.layer_calls`) has the last word: a block's
+(:func:`~r2sweep.core.graph.layer_calls`) has the last word: a block's
 layers must each be called once and one after another, with no layer of the
 rest of the network in between; a block that breaks that (a layer shared with
 another part, a branch interleaved with the outside) is reconstructed layer by
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from r2sweep.core.quant.graph import QUANTIZABLE_TYPES, layer_calls
+from r2sweep.core.graph import is_low_bit, layer_calls
 
 __all__ = ["Unit", "Units", "reconstruction_units"]
 
@@ -64,11 +64,11 @@ class Units:
 
 
 def _layer_count(module: nn.Module) -> int:
-    return sum(1 for m in module.modules() if isinstance(m, QUANTIZABLE_TYPES))
+    return sum(1 for m in module.modules() if is_low_bit(m))
 
 
 def _is_block(module: nn.Module) -> bool:
-    if isinstance(module, QUANTIZABLE_TYPES) or _layer_count(module) < 2:
+    if is_low_bit(module) or _layer_count(module) < 2:
         return False
     holders = [child for child in module.children() if _layer_count(child) > 0]
     if all(_layer_count(child) == 1 for child in holders):
@@ -81,7 +81,7 @@ def _candidates(module: nn.Module, prefix: str = "") -> list[tuple[str, bool]]:
     found: list[tuple[str, bool]] = []
     for name, child in module.named_children():
         path = f"{prefix}.{name}" if prefix else name
-        if isinstance(child, QUANTIZABLE_TYPES):
+        if is_low_bit(child):
             found.append((path, False))
         elif _is_block(child):
             found.append((path, True))
@@ -92,7 +92,7 @@ def _candidates(module: nn.Module, prefix: str = "") -> list[tuple[str, bool]]:
 
 def _layers_in(model: nn.Module, path: str) -> list[str]:
     return [f"{path}.{name}" for name, m in model.get_submodule(path).named_modules()
-            if isinstance(m, QUANTIZABLE_TYPES)]
+            if is_low_bit(m)]
 
 
 def reconstruction_units(model: nn.Module) -> Units:
@@ -102,7 +102,7 @@ def reconstruction_units(model: nn.Module) -> Units:
     counts as a block and when the fallback (one unit per layer) applies.
     """
     calls = layer_calls(model)
-    layer_names = [name for name, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES)]
+    layer_names = [name for name, m in model.named_modules() if is_low_bit(m)]
     if calls is None:
         return Units(tuple(Unit(name, (name,)) for name in layer_names),
                      "model is not torch.fx-traceable: reconstructing layer by layer, in module order")

@@ -208,6 +208,7 @@ class DkmClusterer(nn.Module):
         self.register_buffer("centroids", torch.zeros(self.num_clusters, self.cluster_dim))
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("initialized", torch.tensor(False))
+        self._hard_cache: tuple[tuple, Tensor] | None = None
 
     # --- state ------------------------------------------------------------------
 
@@ -314,7 +315,19 @@ class DkmClusterer(nn.Module):
         The layer's own conv/linear still runs at the forward's precision.
         """
         with full_precision(w):
-            return self.soft(w) if self.training else self.hard(w)
+            if self.training:
+                return self.soft(w)
+            # Evaluation calls this once per batch with the same weight: the hard assignment
+            # (every weight's nearest centroid) is computed once per weight and palette. Any
+            # in-place change (an optimizer step, load_state_dict) bumps the version; a
+            # write through ``.data`` would not, and r2sweep makes none.
+            if self._hard_cache is None or self._hard_cache[0] != self._hard_key(w):
+                hard = self.hard(w)  # may initialize the palette first: the key is taken after
+                self._hard_cache = (self._hard_key(w), hard)
+            return self._hard_cache[1]
+
+    def _hard_key(self, w: Tensor) -> tuple:
+        return (w.data_ptr(), w._version, w.shape, w.dtype, self.centroids.data_ptr(), self.centroids._version)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, tau={self.tau}, iterations={self.iterations}, cluster_dim={self.cluster_dim}"

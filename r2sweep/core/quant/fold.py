@@ -17,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from r2sweep.core.errors import ConfigError
-from r2sweep.core.quant.graph import conv_bn_pairs
+from r2sweep.core.graph import conv_bn_pairs
 
 __all__ = ["batch_inputs", "conv_bn_pairs", "fold_batchnorm", "reestimate_bn"]
 
@@ -47,7 +47,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     ``model``'s class and module names; ``model`` itself is not changed. BNs
     without running statistics are left in place. A model ``torch.fx`` cannot
     trace has no pairs: the copy is returned unfolded
-    (:func:`~r2sweep.core.quant.graph.graph_notes` says so).
+    (:func:`~r2sweep.core.graph.graph_notes` says so).
     """
     # The pairs of ``model`` itself (its trace is cached across the per-epoch
     # proxy's calls); the copy has the same module names.

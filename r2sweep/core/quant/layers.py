@@ -11,7 +11,7 @@ of ResNet, without knowing the architecture.
 The quantizers are plain modules (``nn.Identity`` when a side stays in float),
 so one wrapper serves round-to-nearest, AdaRound, LSQ, EWGS and DKM alike.
 Which layers are the "first and last" (kept at ``keep_first_last_bits``) is
-decided on the data-flow graph, by :func:`r2sweep.core.quant.graph.edge_layers`.
+decided on the data-flow graph, by :func:`r2sweep.core.graph.edge_layers`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from r2sweep.core.quant.fold import batch_inputs
-from r2sweep.core.quant.graph import (
+from r2sweep.core.graph import (
     CONV_TYPES,
     QUANTIZABLE_TYPES,
     EdgeLayers,
     edge_layers,
+    is_low_bit,
 )
 
 __all__ = [
@@ -47,7 +48,7 @@ __all__ = [
 class LayerInfo:
     """What a quantizer factory knows about the layer it quantizes.
 
-    ``first`` and ``last`` follow the data flow (:func:`~r2sweep.core.quant.graph.edge_layers`),
+    ``first`` and ``last`` follow the data flow (:func:`~r2sweep.core.graph.edge_layers`),
     not ``index``, which is only the layer's position in module order.
     """
 
@@ -78,8 +79,8 @@ class QuantLayer(nn.Module):
 
     def __init__(self, layer: nn.Module, weight_quantizer: nn.Module, input_quantizer: nn.Module) -> None:
         super().__init__()
-        if not isinstance(layer, QUANTIZABLE_TYPES):
-            raise TypeError(f"QuantLayer wraps Conv1d/2d/3d or Linear, got {type(layer).__name__}")
+        if not is_low_bit(layer):
+            raise TypeError(f"QuantLayer wraps a Conv1d/2d/3d or Linear with a weight Parameter of its own, got {type(layer).__name__}")
         self.layer = layer
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
@@ -145,7 +146,7 @@ def wrap_layers(
     """
     if edges is None:
         edges = edge_layers(model)
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES)]
+    layers = [(name, m) for name, m in model.named_modules() if is_low_bit(m)]
     for index, (name, layer) in enumerate(layers):
         info = LayerInfo(name, layer, index, len(layers), name in edges.first, name in edges.last)
         wrapper = QuantLayer(layer, weight_quantizer(info), input_quantizer(info))
@@ -167,7 +168,7 @@ def input_is_nonnegative(model: nn.Module, batches: Iterable[object], num_batche
     (all ``2^b`` levels on ``[0, max]``); the others (the image, linear
     bottlenecks, residual sums) need a signed one.
     """
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES)]
+    layers = [(name, m) for name, m in model.named_modules() if is_low_bit(m)]
     nonnegative = {name: True for name, _ in layers}
     handles = []
     for name, layer in layers:

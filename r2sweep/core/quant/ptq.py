@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from r2sweep.core.quant.adaround import adaround_layer
 from r2sweep.core.quant.fake import ActivationQuantizer, QuantSpec, quantize_weight
 from r2sweep.core.quant.fold import conv_bn_pairs, fold_batchnorm, reestimate_bn
-from r2sweep.core.quant.graph import QUANTIZABLE_TYPES, edge_layers
+from r2sweep.core.graph import edge_layers, is_low_bit
 from r2sweep.core.quant.layers import (
     LayerInfo,
     QuantLayer,
@@ -165,14 +165,14 @@ def round_to_nearest(model: nn.Module, cfg: MethodConfig, weight_bits: int) -> n
     """Weights-only round-to-nearest on ``cfg``'s grid (:meth:`~r2sweep.core.quant.methods.MethodConfig.rounding`:
     BN folded as it says, no re-estimation): the cheap per-epoch proxy, for an entry of any method.
 
-    The first and last layers are :func:`~r2sweep.core.quant.graph.edge_layers`'s, as in
+    The first and last layers are :func:`~r2sweep.core.graph.edge_layers`'s, as in
     :func:`post_training_quantize`, so the proxy and the real PTQ keep the same layers
     at ``keep_first_last_bits``. ``model``'s trace is cached, so calling this every
     epoch traces it once."""
     grid = cfg.rounding()
     edges = edge_layers(model)
     folded = fold_batchnorm(model) if grid.bn_fold else copy.deepcopy(model).eval()
-    layers = [(n, m) for n, m in folded.named_modules() if isinstance(m, QUANTIZABLE_TYPES)]
+    layers = [(n, m) for n, m in folded.named_modules() if is_low_bit(m)]
     with torch.no_grad():
         for name, layer in layers:
             bits = layer_bits(edges.first_or_last(name), weight_bits, grid.keep_first_last_bits)

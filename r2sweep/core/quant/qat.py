@@ -105,6 +105,7 @@ class LsqQuantizer(LazyQuantizer):
         *,
         per_sample: bool = False,
         field: str = "downstream.weight_bits",
+        mse_start: bool = False,
     ) -> None:
         bits, num_channels = validate_common(bits, signed, num_channels, field)
         check(isinstance(per_sample, bool), "per_sample", per_sample, "true or false")
@@ -119,6 +120,7 @@ class LsqQuantizer(LazyQuantizer):
         self.signed = signed
         self.per_sample = per_sample
         self.binary = bits == 1 and signed
+        self.mse_start = mse_start
         if signed:
             self.qn, self.qp = 2 ** (bits - 1), 2 ** (bits - 1) - 1
         else:
@@ -133,8 +135,14 @@ class LsqQuantizer(LazyQuantizer):
         return 1.0 / math.sqrt(n * (1 if self.binary else self.qp))
 
     def _initialize(self, x: Tensor) -> None:
-        mean_abs = as_rows(x.to(self._stats_dtype(x)).abs(), self.num_channels).mean(dim=1)
-        step = mean_abs if self.binary else 2.0 * mean_abs / math.sqrt(self.qp)
+        rows = as_rows(x.to(self._stats_dtype(x)), self.num_channels)
+        if self.mse_start and not self.binary:
+            # PTQ's grid: the MSE search's upper end is Qp steps on either grid (signed
+            # symmetric, or affine from zero for non-negative data).
+            step = mse_interval(rows, self.bits, self.signed)[1] / self.qp
+        else:
+            mean_abs = rows.abs().mean(dim=1)
+            step = mean_abs if self.binary else 2.0 * mean_abs / math.sqrt(self.qp)
         self.step.copy_(step.reshape(self.step.shape))
 
     def forward(self, x: Tensor) -> Tensor:

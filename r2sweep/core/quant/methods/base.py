@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from r2sweep.core.data import DataSplits, make_loader
 from r2sweep.core.data.loader import EpochLoader
 from r2sweep.core.quant.fake import GRANULARITIES
+from r2sweep.core.quant.finetune import FineTuneOutcome, Recipe
 from r2sweep.core.registry import Registry
-from r2sweep.core.validate import check, require_int
+from r2sweep.core.validate import check, is_number, require_int
 
 __all__ = [
     "FLOAT_ACT_BITS",
@@ -165,25 +166,39 @@ class MethodConfig:
 
 @dataclass
 class FineTuneConfig(MethodConfig):
-    """The fine-tuning knobs shared by the training-based methods (QAT, DKM)."""
+    """The fine-tuning knobs shared by the training-based methods (QAT, DKM).
+
+    ``optimizer`` and ``lr`` left unset follow the pre-training (its optimizer, a fifth of
+    its lr: :meth:`recipe`), so a model trained with Adam is not fine-tuned with SGD.
+    """
+
+    optimizers: ClassVar[tuple[str, ...]] = ("sgd", "adam")
 
     epochs: int = 5
-    lr: float = 0.01
+    lr: Optional[float] = None  # None: LR_FROM_PRETRAINING x train.lr
     weight_decay: float = 2.5e-5
     batch_size: int = 64
+    optimizer: Optional[str] = None  # None: train.optimizer
 
     def __post_init__(self) -> None:
         super().__post_init__()
         s = self.section
         require_int(f"{s}.epochs", self.epochs, 0)
         require_int(f"{s}.batch_size", self.batch_size, 1)
-        check(self.lr > 0, f"{s}.lr", self.lr, "a number > 0")
+        check(self.lr is None or (is_number(self.lr) and self.lr > 0), f"{s}.lr", self.lr,
+              "a number > 0 (or null: a fifth of train.lr)")
         check(self.weight_decay >= 0, f"{s}.weight_decay", self.weight_decay, "a number >= 0")
+        check(self.optimizer is None or self.optimizer in self.optimizers, f"{s}.optimizer", self.optimizer,
+              f"one of {list(self.optimizers)} (or null: train.optimizer)")
 
     @property
-    def quantizer_lr(self) -> float:
-        """The lr of the quantizers' own parameters (steps, centroids): the network's unless a method sets one."""
-        return self.lr
+    def quantizer_lr(self) -> Optional[float]:
+        """The lr of the quantizers' own parameters (steps, centroids); None: the network's."""
+        return None
+
+    def recipe(self, pretrain_optimizer: str = "sgd", pretrain_lr: float = 0.05) -> Recipe:
+        """This entry's optimizer and lrs, the unset ones from the pre-training's (``train:``)."""
+        return Recipe.resolve(self.optimizer, self.lr, self.quantizer_lr, pretrain_optimizer, pretrain_lr)
 
 
 def calibration_images(data: DataSplits, count: int, seed: int) -> Tensor:
@@ -212,6 +227,15 @@ class DownstreamContext:
     progress: Callable[[str], None] = lambda line: None
     #: ``train.precision``: QAT/DKM fine-tune at it (the quantizers' statistics stay float32).
     precision: str = "fp32"
+    #: ``train.optimizer`` and ``train.lr``: a fine-tuning that sets neither follows them.
+    train_optimizer: str = "sgd"
+    train_lr: float = 0.05
+    #: The accuracy (%) of a model on the validation split; fine-tunings keep their best epoch by it.
+    score: Optional[Callable[[nn.Module], float]] = None
+    #: Filled by the handlers: ``{result name: {metric: value}}`` beyond ``/top1`` (``start_top1``, ``kept_epoch``).
+    facts: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: Filled by the handlers: lines the trial logs as notes (a result no better than its start).
+    notes: list[str] = field(default_factory=list)
 
     def calibration_images(self, count: int) -> Tensor:
         return calibration_images(self.data, count, self.seed)
@@ -225,14 +249,31 @@ class DownstreamContext:
         return make_loader(self.data.train, entry.batch_size, shuffle=True, seed=self.seed + 1,
                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
 
-    def epoch_progress(self, entry: FineTuneConfig, weight_bits: int) -> Callable[[int, float], None]:
-        """The ``on_epoch`` of a fine-tuning: one progress line per epoch."""
+    def fine_tune_options(self, entry: FineTuneConfig, weight_bits: int) -> dict[str, Any]:
+        """The keyword arguments of a fine-tuning (``quantization_aware_train``, ``dkm_compress``) in this trial:
+        its recipe, precision, score, a progress line per epoch, and where its outcome goes."""
         name = entry.result_name(weight_bits)
+        recipe = entry.recipe(self.train_optimizer, self.train_lr)
+        self.progress(f"  {name}: fine-tuning with {recipe.describe()}")
 
         def on_epoch(epoch: int, loss: float) -> None:
             self.progress(f"  {name}: fine-tune epoch {epoch + 1}/{entry.epochs}, loss {loss:.3f}")
 
-        return on_epoch
+        def on_done(outcome: FineTuneOutcome) -> None:
+            facts = self.facts.setdefault(name, {})
+            if outcome.start_top1 is not None:
+                facts.update(start_top1=outcome.start_top1, kept_epoch=outcome.kept_epoch)
+                self.progress(f"  {name}: start {outcome.start_top1:.1f}%, kept epoch {outcome.kept_epoch} "
+                              f"({outcome.best_top1:.1f}%)")
+            if outcome.remedies:
+                facts["retries"] = len(outcome.remedies)
+            for line in [*(f"{name}: {remedy}" for remedy in outcome.remedies), outcome.note(name)]:
+                if line:
+                    self.notes.append(line)
+                    self.progress(f"note: {line}")
+
+        return {"recipe": recipe, "precision": self.precision, "score": self.score, "on_epoch": on_epoch,
+                "on_done": on_done}
 
 
 #: ``handler(pre-trained model, entry, weight bits, context)`` -> the low-bit copy (the model is not changed).

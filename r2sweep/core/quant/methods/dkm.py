@@ -43,4 +43,4 @@ class DKMConfig(FineTuneConfig):
 def quantize(model: nn.Module, entry: DKMConfig, weight_bits: int, context: DownstreamContext) -> nn.Module:
     """Fine-tune a copy with soft clustering; in eval mode each layer holds at most ``2^bits`` values."""
     return dkm_compress(model, entry, weight_bits, context.fine_tune_loader(entry), context.device,
-                        on_epoch=context.epoch_progress(entry, weight_bits), precision=context.precision)
+                        **context.fine_tune_options(entry, weight_bits))

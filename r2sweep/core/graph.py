@@ -1,6 +1,10 @@
-"""What the quantization pipelines need to know about a model's data flow, decided in one place.
+"""Which layers are low-bit, and what R2 and the quantizers need to know about a model's data flow.
 
-Two facts depend on the graph rather than on how ``__init__`` registered the
+One rule (:func:`low_bit_layers`) says which weights are low-bit: R2 restricts
+exactly those and every downstream method quantizes exactly those, so a weight is
+never restricted without being quantized, or quantized without being restricted.
+
+The other facts depend on the graph rather than on how ``__init__`` registered the
 modules:
 
 * the *edge layers* (:func:`edge_layers`): the quantizable layers that see the
@@ -32,12 +36,39 @@ from typing import NamedTuple
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["CONV_TYPES", "QUANTIZABLE_TYPES", "EdgeLayers", "conv_bn_pairs", "edge_layers", "graph_notes", "layer_calls"]
+__all__ = [
+    "CONV_TYPES",
+    "QUANTIZABLE_TYPES",
+    "EdgeLayers",
+    "conv_bn_pairs",
+    "edge_layers",
+    "graph_notes",
+    "is_low_bit",
+    "layer_calls",
+    "low_bit_layers",
+]
 
 #: Convolutions a :class:`~r2sweep.core.quant.layers.QuantLayer` wraps (``_conv_forward`` handles any dims and groups).
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-#: Layers whose weights every downstream method quantizes.
+#: The layer types whose weights can be low-bit (depthwise and pointwise convolutions are Conv2d too).
 QUANTIZABLE_TYPES = (*CONV_TYPES, nn.Linear)
+
+
+def is_low_bit(module: nn.Module) -> bool:
+    """Whether ``module``'s weight is restricted by R2 and quantized downstream: the one rule.
+
+    A Conv1d/2d/3d or Linear (a subclass too, such as attention's ``out_proj``) whose
+    ``weight`` is a Parameter of its own. A weight computed by a parametrization
+    (``torch.nn.utils.parametrize``: weight norm, spectral norm) is not: R2 would
+    restrict a tensor the optimizer never updates, so the layer stays float, and
+    :func:`graph_notes` says so. Norm layers and biases stay float (R2LOSS.md 2).
+    """
+    return isinstance(module, QUANTIZABLE_TYPES) and isinstance(module._parameters.get("weight"), nn.Parameter)
+
+
+def low_bit_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every low-bit layer of ``model`` (:func:`is_low_bit`), in module order."""
+    return [(name, module) for name, module in model.named_modules() if is_low_bit(module)]
 
 # The BatchNorm that may fold into each conv type: the same number of spatial dims.
 _BN_FOR_CONV = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
@@ -115,7 +146,8 @@ def _reason(error: Exception) -> str:
 
 
 def _quantizable(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    return node.op == "call_module" and isinstance(modules.get(node.target), QUANTIZABLE_TYPES)
+    module = modules.get(node.target)
+    return node.op == "call_module" and module is not None and is_low_bit(module)
 
 
 def _reach(starts: list[fx.Node], step, modules: dict[str, nn.Module]) -> frozenset[str]:
@@ -145,7 +177,7 @@ def _traced_edges(graph: fx.Graph, modules: dict[str, nn.Module]) -> EdgeLayers:
 
 
 def _module_order_edges(modules: dict[str, nn.Module], reason: str) -> EdgeLayers:
-    names = [name for name, m in modules.items() if isinstance(m, QUANTIZABLE_TYPES)]
+    names = [name for name, m in modules.items() if is_low_bit(m)]
     first = frozenset(names[:1])
     last = frozenset(names[-1:])
     return EdgeLayers(first, last, traced=False, reason=reason)
@@ -255,6 +287,11 @@ def graph_notes(model: nn.Module) -> list[str]:
         notes.append(f"{len(attention)} nn.MultiheadAttention layer(s) ({attention[0]}{', ...' if len(attention) > 1 else ''}): "
                      "their input projections (in_proj_weight, bare Parameters) stay float, neither quantized nor "
                      "restricted by R2; their out_proj weights are quantized, its inputs stay float")
+    computed = [name for name, m in model.named_modules() if isinstance(m, QUANTIZABLE_TYPES) and not is_low_bit(m)]
+    if computed:
+        notes.append(f"{len(computed)} layer(s) with a computed weight ({computed[0]}{', ...' if len(computed) > 1 else ''}; "
+                     "a parametrization such as weight or spectral norm): they stay float, neither quantized nor "
+                     "restricted by R2")
     return notes
 
 
