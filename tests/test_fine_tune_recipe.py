@@ -17,7 +17,7 @@ from torch import nn
 import r2sweep
 from r2sweep.core.quant import QATConfig
 from r2sweep.core.quant.fake import QuantSpec, weight_qparams
-from r2sweep.core.quant.finetune import CLIP_NORM, RETRY_LR_FACTOR, Recipe, fine_tune
+from r2sweep.core.quant.fine_tune_loop import CLIP_NORM, RETRY_LR_FACTOR, Recipe, fine_tune
 from r2sweep.core.quant.qat import LsqQuantizer
 
 CPU = torch.device("cpu")

@@ -19,7 +19,7 @@ from r2sweep.core.errors import ConfigError
 from r2sweep.core.models import create_model
 from r2sweep.core.precision import Precision
 from r2sweep.core.quant.dkm import DkmClusterer
-from r2sweep.core.quant.finetune import fine_tune
+from r2sweep.core.quant.fine_tune_loop import fine_tune
 from r2sweep.core.quant.layers import quant_layers
 from r2sweep.core.quant.methods import (
     DOWNSTREAM_METHODS,
