@@ -43,9 +43,9 @@ MODELS = {
     "efficientnet_b0": {"factory": "torchvision.models:efficientnet_b0", "num_classes": 10},
     "mnasnet0_5": {"factory": "torchvision.models:mnasnet0_5", "num_classes": 10},
     "vit": {"factory": "torchvision.models.vision_transformer:VisionTransformer", "image_size": 32, "patch_size": 4,
-            "num_layers": 4, "num_heads": 4, "hidden_dim": 128, "mlp_dim": 256, "num_classes": 10},
+            "num_layers": 4, "num_heads": 4, "hidden_dim": 128, "mlp_dim": 256},
     "swin": {"factory": "torchvision.models.swin_transformer:SwinTransformer", "patch_size": [2, 2], "embed_dim": 48,
-             "depths": [2, 2], "num_heads": [3, 6], "window_size": [4, 4], "num_classes": 10},
+             "depths": [2, 2], "num_heads": [3, 6], "window_size": [4, 4]},
 }
 RESULTS = {  # column -> the trial's result name
     "RTN W4A8": "ptq_rtn_w4a8",

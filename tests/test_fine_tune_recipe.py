@@ -102,3 +102,9 @@ def test_the_default_recipe_fine_tunes_an_adam_model_and_keeps_an_epoch() -> Non
     assert metrics["qat_lsq_w4a8/kept_epoch"] == 1
     assert metrics["qat_lsq_w4a8/top1"] > metrics["qat_lsq_w4a8/start_top1"] > 50
     assert "no fine-tuning epoch beat" not in metrics.get("notes", "")
+
+
+def test_keep_last_keeps_the_last_epoch_and_scores_nothing() -> None:
+    metrics = _trial({"optimizer": "sgd", "lr": 3.0, "keep": "last"})  # the same wreck, kept
+    assert "qat_lsq_w4a8/start_top1" not in metrics and "qat_lsq_w4a8/kept_epoch" not in metrics
+    assert metrics["qat_lsq_w4a8/top1"] < 50

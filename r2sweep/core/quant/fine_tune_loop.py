@@ -224,7 +224,7 @@ def _train_epoch(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], opti
 
 
 class _Best:
-    """The best-scoring weights seen so far (the start first), kept on the CPU side of a copy."""
+    """A copy of the best-scoring weights seen so far (the start first); without a score, none."""
 
     def __init__(self, model: nn.Module, score: Score | None) -> None:
         self.score = score

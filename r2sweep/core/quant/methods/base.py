@@ -173,12 +173,16 @@ class FineTuneConfig(MethodConfig):
     """
 
     optimizers: ClassVar[tuple[str, ...]] = ("sgd", "adam")
+    keeps: ClassVar[tuple[str, ...]] = ("best", "last")
 
     epochs: int = 5
     lr: Optional[float] = None  # None: LR_FROM_PRETRAINING x train.lr
     weight_decay: float = 2.5e-5
     batch_size: int = 64
     optimizer: Optional[str] = None  # None: train.optimizer
+    # "best": the epoch (the start included) with the best validation top-1; "last": the last
+    # epoch, as recorded before 2026-12-07 (the validation split then chooses nothing).
+    keep: str = "best"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -190,6 +194,8 @@ class FineTuneConfig(MethodConfig):
         check(self.weight_decay >= 0, f"{s}.weight_decay", self.weight_decay, "a number >= 0")
         check(self.optimizer is None or self.optimizer in self.optimizers, f"{s}.optimizer", self.optimizer,
               f"one of {list(self.optimizers)} (or null: train.optimizer)")
+        check(self.keep in self.keeps, f"{s}.keep", self.keep,
+              f"one of {list(self.keeps)} (best: the best epoch on the validation split, the start included)")
 
     @property
     def quantizer_lr(self) -> Optional[float]:
@@ -272,8 +278,8 @@ class DownstreamContext:
                     self.notes.append(line)
                     self.progress(f"note: {line}")
 
-        return {"recipe": recipe, "precision": self.precision, "score": self.score, "on_epoch": on_epoch,
-                "on_done": on_done}
+        return {"recipe": recipe, "precision": self.precision, "score": self.score if entry.keep == "best" else None,
+                "on_epoch": on_epoch, "on_done": on_done}
 
 
 #: ``handler(pre-trained model, entry, weight bits, context)`` -> the low-bit copy (the model is not changed).
