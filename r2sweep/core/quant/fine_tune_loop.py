@@ -20,7 +20,7 @@ decay, which would otherwise shrink every step size towards zero.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -162,7 +162,7 @@ def fine_tune(
     clip: float | None = None
     epoch = 0
     while epoch < cfg.epochs:
-        first = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        first = _snapshot(model)
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
         loss = _train_epoch(model, train_loader, optimizer, amp, clip)
@@ -188,6 +188,15 @@ def fine_tune(
     outcome.best_top1, outcome.kept_epoch = best.restore(model)
     model.eval()
     return outcome
+
+
+def _snapshot(model: nn.Module) -> dict[str, Tensor]:
+    """A copy of ``model``'s state that ``load_state_dict`` takes back, with its metadata: a module
+    may read its version from it (torchvision's MNASNet refuses a state without one)."""
+    state = model.state_dict()
+    copied = OrderedDict((key, value.detach().clone()) for key, value in state.items())
+    copied._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
+    return copied
 
 
 def _optimizer(model: nn.Module, cfg: FineTuneConfig, recipe: Recipe) -> torch.optim.Optimizer:
@@ -233,7 +242,7 @@ class _Best:
         self.state: dict[str, Tensor] | None = None
         if score is not None:
             self.top1 = self._scored(model)
-            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.state = _snapshot(model)
 
     def _scored(self, model: nn.Module) -> float:
         was_training = model.training
@@ -250,7 +259,7 @@ class _Best:
         top1 = self._scored(model)
         if top1 > self.top1:  # strictly better: a tie keeps the earlier (fewer changes from the start)
             self.top1, self.epoch = top1, epoch
-            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.state = _snapshot(model)
 
     def restore(self, model: nn.Module) -> tuple[float | None, int]:
         if self.state is not None:
