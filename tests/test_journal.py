@@ -88,3 +88,24 @@ def test_a_refused_operation_is_recorded_once_with_its_files(tmp_path: Path) -> 
     assert TrackingJournal(tmp_path / "j").rejected() == [{"index": 0, "op": op, "reason": "RESOURCE_DOES_NOT_EXIST: no run"}]
     assert Path(op["files"][0]).read_bytes() == b"weights"  # what MLflow refused can still be repaired by hand
     assert journal.pending() == []
+
+
+def test_pending_reads_only_what_is_not_applied_and_an_old_applied_file_still_reads(tmp_path: Path) -> None:
+    journal = TrackingJournal(tmp_path)
+    for n in range(6):
+        journal.append("metrics", trial="t0", n=n)
+    for index, _ in journal.pending()[:4]:
+        journal.mark_applied(index)
+    lines = tmp_path / "journal.jsonl"
+    data = lines.read_bytes()
+    cut = sum(len(line) + 1 for line in data.split(b"\n")[:4])
+    # The applied lines overwritten with bytes no JSON reader takes: pending() never reads them
+    # (opening a journal reads it all once; each flush after that reads what is pending).
+    lines.write_bytes(b"\xff" * (cut - 1) + b"\n" + data[cut:])
+    assert [(i, op["n"]) for i, op in journal.pending()] == [(4, 4), (5, 5)]
+    lines.write_bytes(data)
+    (tmp_path / "applied").write_text("4")  # as written before offsets were kept
+    reopened = TrackingJournal(tmp_path)
+    assert [(i, op["n"]) for i, op in reopened.pending()] == [(4, 4), (5, 5)] and reopened.applied() == 4
+    reopened.mark_applied(4)
+    assert [i for i, _ in TrackingJournal(tmp_path).pending()] == [5]

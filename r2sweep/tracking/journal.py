@@ -21,7 +21,10 @@ before one is created, metrics carry the timestamp they were first logged with
 Layout of the journal folder::
 
     journal.jsonl   one operation per line, fsynced
-    applied         how many lines MLflow already has (written atomically)
+    applied         how many lines MLflow already has, and the byte offset where the next
+                    one starts (written atomically): reading what is pending costs the
+                    pending lines, not the whole journal, so a sweep's tracking cost per
+                    trial stays flat however many trials came before
     files/<n>/      copies of the artifacts of operation n, until it is applied (kept if rejected)
     rejected.jsonl  the operations MLflow refused for good, each with its index and the reason
 """
@@ -55,6 +58,28 @@ def _read_lines(path: Path) -> list[dict[str, Any]]:
             entries.append(json.loads(line))
         except json.JSONDecodeError:
             break
+    return entries
+
+
+def _read_lines_from(path: Path, offset: int) -> list[tuple[dict[str, Any], int]]:
+    """``(entry, offset after its line)`` for each complete JSON line of ``path`` from byte
+    ``offset``, up to the first torn one (a line still being written, or a crash's)."""
+    if not path.exists():
+        return []
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        data = handle.read()
+    entries = []
+    start = 0
+    while True:
+        end = data.find(b"\n", start)
+        if end < 0:
+            break
+        try:
+            entries.append((json.loads(data[start:end]), offset + end + 1))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            break
+        start = end + 1
     return entries
 
 
@@ -96,6 +121,8 @@ class TrackingJournal:
         ops = self._read()
         self._count = len(ops)
         self._once = {op["once"] for op in ops if "once" in op}
+        # Where each line read by pending() ends, so that mark_applied() records it.
+        self._ends: dict[int, int] = {}
 
     def append(
         self, op: str, files: Iterable[str | os.PathLike[str]] = (), once: str | None = None, **fields: Any
@@ -133,23 +160,39 @@ class TrackingJournal:
         with self._lock:
             return {op["trial"] for op in self._read() if "trial" in op}
 
+    def _position(self) -> tuple[int, int]:
+        """``(operations applied, byte offset of the first one not applied)``."""
+        try:
+            parts = self._applied.read_text().split()
+            count = int(parts[0])
+            if len(parts) > 1:
+                return count, int(parts[1])
+        except (FileNotFoundError, ValueError, IndexError):
+            return 0, 0
+        # An ``applied`` file written before offsets were kept: count the lines once.
+        offsets = [end for _, end in _read_lines_from(self._lines, 0)]
+        return count, offsets[count - 1] if 0 < count <= len(offsets) else 0
+
     def applied(self) -> int:
         """How many operations MLflow already has."""
-        try:
-            return int(self._applied.read_text())
-        except (FileNotFoundError, ValueError):
-            return 0
+        return self._position()[0]
 
     def pending(self) -> list[tuple[int, dict[str, Any]]]:
-        """``(index, operation)`` for every operation not yet applied, in order."""
+        """``(index, operation)`` for every operation not yet applied, in order (reads only those)."""
+        count, offset = self._position()
         with self._lock:
-            ops = self._read()
-        start = self.applied()
-        return list(enumerate(ops))[start:]
+            entries = _read_lines_from(self._lines, offset)
+            self._ends = {count + i: end for i, (_, end) in enumerate(entries)}
+        return [(count + i, op) for i, (op, _) in enumerate(entries)]
 
     def mark_applied(self, index: int, keep_files: bool = False) -> None:
         """Operation ``index`` (and every one before it) is done with; drop its file copies unless ``keep_files``."""
-        write_text_atomic(self._applied, str(index + 1))
+        with self._lock:
+            end = self._ends.pop(index, None)
+        if end is None:  # not read by pending(): find where its line ends
+            ends = [end for _, end in _read_lines_from(self._lines, 0)]
+            end = ends[index] if index < len(ends) else ends[-1] if ends else 0
+        write_text_atomic(self._applied, f"{index + 1} {end}")
         if not keep_files:
             shutil.rmtree(self.folder / "files" / str(index), ignore_errors=True)
 
