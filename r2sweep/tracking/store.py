@@ -26,6 +26,7 @@ refuses to start unless ``MLFLOW_ALLOW_FILE_STORE=true``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -284,10 +285,35 @@ class Tracker:
     def client(self) -> MlflowClient:
         """The MLflow client bound to this tracker's URIs (never the global tracking URI)."""
         if self._client is None:
-            with self._failing("connect"):
-                self._client = MlflowClient(tracking_uri=absolute_sqlite(self.tracking_uri),
-                                            registry_uri=absolute_sqlite(self.registry_uri))
+            with self._failing("connect"), self._schema_lock():
+                client = MlflowClient(tracking_uri=absolute_sqlite(self.tracking_uri),
+                                      registry_uri=absolute_sqlite(self.registry_uri))
+                if self.sqlite_file is not None:
+                    client.search_experiments(max_results=1)  # opens the store: creates or migrates its schema
+                self._client = client
         return self._client
+
+    @contextlib.contextmanager
+    def _schema_lock(self) -> Iterator[None]:
+        """Around opening a SQLite store: one process at a time creates or migrates its schema.
+
+        Two sweeps started together on a new file both ran MLflow's migrations, and one
+        died (``No such index ...``, or alembic's "expected to match one row"). An
+        exclusive ``flock`` on a file beside the database serializes that first open; the
+        kernel releases it when its holder exits, so a crash never leaves it held.
+        """
+        database = self.sqlite_file
+        if database is not None:
+            database = database if database.is_absolute() else database.resolve()
+        if database is None or not database.parent.is_dir():  # no file, or MLflow's own error to come
+            yield
+            return
+        with open(database.with_name(f".{database.name}.r2sweep-lock"), "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     @contextlib.contextmanager
     def _failing(self, action: str) -> Iterator[None]:
