@@ -12,6 +12,7 @@ import copy
 from pathlib import Path
 
 import pytest
+from ray.runtime_env import RuntimeEnv
 import yaml
 
 from r2sweep.cli.app import main
@@ -56,6 +57,9 @@ CASES = {
     "unknown_downstream_key": with_("downstream/0/weight_bit", [2]),
     "unknown_objective_key": with_("objective/metirc", "x"),
     "unknown_sweep_key": with_("sweep/num_sample", 4),
+    "runtime_env_unknown_key": with_("sweep/runtime_env", {"env_var": {"A": "1"}}),
+    "runtime_env_missing_working_dir": with_("sweep/runtime_env", {"working_dir": "no_such_dir"}),
+    "runtime_env_bad_pip": with_("sweep/runtime_env", {"pip": ["torchvision>=>0.19"]}),
     "unknown_distribution": with_("search/r2.strength", {"logunifrom": [0.001, 1.0]}),
     "epochs_text": with_("train/epochs", "ten"),
     "epochs_zero": with_("train/epochs", 0),
@@ -97,6 +101,8 @@ CASES = {
     "cross_start_points_exceed_samples": with_("sweep", {"num_samples": 2, "start_points": [{"r2.kind": "linf"}, {"r2.strength": 0.1}]}),
 }
 
+_RAY_RUNTIME_ENV_KEYS = sorted(key for key in RuntimeEnv.known_fields if not key.startswith("_"))
+
 EXPECTED = {
     "yaml_syntax": "file='space.yaml' is not valid: valid YAML; expected ',' or '}', but got '<stream end>' at line 3, column 1",
     "top_level_list": "config='list' is not valid: a mapping with the sections ['name', 'seed', 'data', 'model', 'train', 'r2', 'downstream', 'proxy', 'objective', 'search', 'sweep']",
@@ -109,6 +115,11 @@ EXPECTED = {
     "unknown_downstream_key": "downstream[0].weight_bit=[2] is not valid: unknown field; did you mean 'weight_bits'? known fields are ['method', 'algorithm', 'weight_bits', 'act_bits', 'granularity', 'keep_first_last_bits', 'tag', 'symmetric', 'range', 'act_observer', 'calib_samples', 'bn_fold', 'bn_reestimate', 'bn_batches', 'adaround_iters', 'adaround_lambda', 'adaround_lr', 'fisher', 'act_lr', 'drop_prob', 'epochs', 'lr', 'weight_decay', 'batch_size', 'optimizer', 'keep', 'quant_lr', 'delta', 'start', 'tau', 'dkm_iters', 'cluster_dim']",
     "unknown_objective_key": "objective.metirc='x' is not valid: unknown field; did you mean 'metric'? known fields are ['metric', 'mode']",
     "unknown_sweep_key": "sweep.num_sample=4 is not valid: unknown field; did you mean 'num_samples'? known fields are ['num_samples', 'max_concurrent', 'sampler', 'seed', 'scheduler', 'grace_period', 'reduction_factor', 'max_failures', 'resources_per_trial', 'baseline', 'start_points', 'runtime_env', 'pretrain_cache', 'optuna_storage']",
+    # Ray decides its keys (they change between its releases): the message lists the installed Ray's.
+    "runtime_env_unknown_key": "sweep.runtime_env.env_var={'A': '1'} is not valid: unknown key; did you mean "
+                               f"'env_vars'? known keys are {_RAY_RUNTIME_ENV_KEYS}",
+    "runtime_env_missing_working_dir": "sweep.runtime_env.working_dir='no_such_dir' is not valid: a folder or file that exists (a relative path is from the working directory) or a URI",
+    "runtime_env_bad_pip": "sweep.runtime_env.pip='torchvision>=>0.19' is not valid: a pip requirement such as 'name>=1.0' (Expected semicolon (after name with no version specifier) or end)",
     "unknown_distribution": "search.r2.strength.logunifrom=[0.001, 1.0] is not valid: unknown key; a parameter takes one of ['choice', 'uniform', 'loguniform', 'int'] and optionally 'when'",
     "epochs_text": "train.epochs='ten' is not valid: an integer",
     "epochs_zero": 'train.epochs=0 is not valid: an integer >= 1',
@@ -269,3 +280,20 @@ def test_a_searched_epoch_count_gives_asha_room_up_to_its_largest_value() -> Non
     data["sweep"]["grace_period"] = 7
     with pytest.raises(ValueError, match=r"sweep\.grace_period=7 .* at most train\.epochs \(6\)"):
         load_sweep_spec(data)
+
+
+def test_a_usable_runtime_env_passes_the_check_untouched(tmp_path: Path) -> None:
+    from r2sweep.core.errors import ConfigError
+    from r2sweep.tune.runtime_env import check_runtime_env
+
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "requirements.txt").write_text("numpy\n")
+    for env in ({"working_dir": ".", "py_modules": ["my_pkg"], "env_vars": {"OMP_NUM_THREADS": "1"}},
+                {"pip": ["numpy>=1.24", "./my_pkg", "-r requirements.txt", "https://example.org/x.whl"]},
+                {"pip": {"packages": ["scipy"], "pip_check": False}}, {"pip": "requirements.txt"},
+                {"working_dir": "s3://bucket/code.zip", "py_modules": ["gs://bucket/pkg.zip"]}):
+        check_runtime_env(env, tmp_path)
+    with pytest.raises(ConfigError, match=r"sweep\.runtime_env\.working_dir='requirements.txt'.*a folder, not a file"):
+        check_runtime_env({"working_dir": "requirements.txt"}, tmp_path)
+    with pytest.raises(ConfigError, match=r"sweep\.runtime_env\.env_vars"):
+        check_runtime_env({"env_vars": {"OMP_NUM_THREADS": 1}}, tmp_path)

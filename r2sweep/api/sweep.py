@@ -116,6 +116,9 @@ def prepare_sweep(
         if name is None:
             check.sweep_name(loaded.name, uri_storage=is_uri(storage_text), in_file=True)
         loaded = check_sweep_environment(loaded, local=not cluster)
+        from r2sweep.tune.runtime_env import check_runtime_env  # Ray's own keys: the adapter knows them
+
+        check_runtime_env(loaded.settings.runtime_env, Path.cwd())
         text = sweep_record(loaded)  # what MLflow and Tune's folder keep, and every reader reads
         if isinstance(loaded.settings.pretrain_cache, str):  # a folder the user named: usable, or said so now
             check.output_folder(loaded.settings.pretrain_cache, "sweep.pretrain_cache", what="the pre-training cache")

@@ -18,23 +18,75 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from packaging.requirements import InvalidRequirement, Requirement
+from ray.runtime_env import RuntimeEnv
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.factories import installed_roots, local_callables, module_source, resolve_reference
 from r2sweep.core.locations import is_uri
+from r2sweep.core.validate import check, reject_unknown
 
-__all__ = ["runtime_env_for", "check_imports", "shipped_callables"]
+__all__ = ["runtime_env_for", "check_runtime_env", "check_imports", "shipped_callables"]
 
 
 def _under(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+def check_runtime_env(env: Mapping[str, Any], cwd: Path) -> None:
+    """Refuse, before Ray starts, a ``sweep.runtime_env`` Ray would stall on or take only once it runs.
+
+    A misspelled key made Ray wait for over a minute; a ``working_dir`` that does not exist,
+    or a ``pip`` entry that is not a requirement, failed only after Ray had started (issue 42).
+    Whether a well-formed pip requirement exists on the index is Ray's to find out.
+
+    Raises:
+        ConfigError: naming ``sweep.runtime_env.<key>`` and the fix.
+    """
+    known = sorted(name for name in RuntimeEnv.known_fields if not name.startswith("_"))
+    reject_unknown(env, known, lambda key: f"sweep.runtime_env.{key}", "key")
+    for key in ("working_dir", *(("py_modules",) if "py_modules" in env else ())):
+        paths = [env[key]] if key == "working_dir" and key in env else list(env.get(key, []))
+        for path in paths:
+            local = (cwd / path) if not is_uri(path) else None
+            if local is not None and not local.exists():
+                raise ConfigError(f"sweep.runtime_env.{key}", path, "a folder or file that exists (a relative path is from "
+                                  "the working directory) or a URI")
+            if key == "working_dir" and local is not None and not local.is_dir():
+                raise ConfigError("sweep.runtime_env.working_dir", path, "a folder, not a file")
+    if "pip" in env:
+        _check_pip(env["pip"], cwd)
+    if "env_vars" in env:
+        variables = env["env_vars"]
+        ok = isinstance(variables, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in variables.items())
+        check(ok, "sweep.runtime_env.env_vars", variables, "a mapping of names to strings, e.g. {OMP_NUM_THREADS: '1'}")
+
+
+def _check_pip(pip: Any, cwd: Path) -> None:
+    field = "sweep.runtime_env.pip"
+    if isinstance(pip, str):  # a requirements file
+        check((cwd / pip).is_file(), field, pip, "a list of requirements, or a requirements file that exists")
+        return
+    entries = pip.get("packages") if isinstance(pip, Mapping) else pip
+    check(isinstance(entries, list) and all(isinstance(e, str) for e in entries), field, pip,
+          "a list of requirements (['torchvision>=0.19', './my_pkg']) or {packages: [...]}")
+    for entry in entries:
+        if entry.startswith(("-", ".", "/")) or "://" in entry or entry.endswith((".whl", ".tar.gz", ".zip")):
+            continue  # pip options, local paths and URLs: pip's to read
+        try:
+            Requirement(entry)
+        except InvalidRequirement as error:
+            why = str(error).splitlines()[0]
+            raise ConfigError(field, entry, f"a pip requirement such as 'name>=1.0' ({why})") from None
+
+
 def runtime_env_for(spec: SweepSpec, cwd: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """``sweep.runtime_env`` plus, in ``py_modules``, the module (or package folder) of every factory that
-    lives under the working directory and is not already shipped by a ``working_dir`` that holds it."""
+    """``sweep.runtime_env`` (checked: :func:`check_runtime_env`) plus, in ``py_modules``, the module (or package
+    folder) of every factory that lives under the working directory and is not already shipped by a
+    ``working_dir`` that holds it."""
+    check_runtime_env(spec.settings.runtime_env, Path(cwd or os.getcwd()).resolve())
     env: dict[str, Any] = {k: (list(v) if isinstance(v, list) else v) for k, v in spec.settings.runtime_env.items()}
     here = Path(cwd or os.getcwd()).resolve()
     working = env.get("working_dir")
