@@ -80,3 +80,23 @@ def test_a_net_that_pools_to_one_pixel_before_batchnorm_trains_when_the_split_le
     metrics = r2sweep.run_trial({**trial, "train": {"epochs": 1, "batch_size": batch},
                                  "downstream": [{**trial["downstream"][0], "batch_size": batch}]})
     assert 0 <= metrics["qat_lsq_w4a8/top1"] <= 100
+
+
+def test_a_model_that_reads_its_state_version_loads_from_the_pretraining_cache(tmp_path) -> None:
+    # torchvision's MNASNet refuses a state without the version its metadata carries;
+    # the cache's copy of the weights used to drop it, and the second trial died on the hit.
+    from r2sweep.core.config.trial import load_trial_config
+    from r2sweep.core.pretrain_cache import PretrainCache
+    from r2sweep.core.trial import run_trial
+
+    config = load_trial_config({
+        "data": {"name": "synthetic", "num_samples": 32, "num_classes": 4, "channels": 3, "input_size": 16},
+        "model": {"factory": "torchvision.models:mnasnet0_5", "num_classes": 4},
+        "train": {"epochs": 1, "batch_size": 16, "optimizer": "adam", "lr": 0.001}, "proxy": {"result": "fp"},
+        "downstream": [{"method": "qat", "algorithm": "lsq", "weight_bits": [4], "epochs": 1, "batch_size": 16}],
+    })
+    cache = PretrainCache(tmp_path / "cache")
+    first = run_trial(config, cache=cache, cache_label="first")
+    second = run_trial(config, cache=cache, cache_label="second")
+    assert (first["pretrain_cache"], second["pretrain_cache"]) == ("stored", "hit")
+    assert second["fp/top1"] == first["fp/top1"] and second["qat_lsq_w4a8/top1"] == first["qat_lsq_w4a8/top1"]

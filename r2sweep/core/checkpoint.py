@@ -12,13 +12,27 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["save_atomic", "save_bytes_atomic", "write_text_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
+__all__ = ["state_copy", "save_atomic", "save_bytes_atomic", "write_text_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
+
+
+def state_copy(model: torch.nn.Module, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s state (on ``device``, else where it is) that ``load_state_dict`` takes back.
+
+    It keeps the state's metadata, which a module may read when loading: torchvision's
+    MNASNet refuses a state without its version. A plain ``{k: v.clone()}`` drops it.
+    """
+    state = model.state_dict()
+    copied = OrderedDict((key, value.detach().to(device).clone() if device is not None else value.detach().clone())
+                         for key, value in state.items())
+    copied._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
+    return copied
 
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:

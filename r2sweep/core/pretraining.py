@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from r2sweep.core.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state
+from r2sweep.core.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, state_copy
 from r2sweep.core.config.trial import TrialConfig
 from r2sweep.core.losses import R2Loss
 from r2sweep.core.pretrain_cache import CacheKey, NotCacheable, PretrainCache, pretrain_key
@@ -155,7 +155,7 @@ def _train_and_store(job: PretrainJob, cache: PretrainCache, key: CacheKey, repo
     if len(history) != job.config.train.epochs:
         return Pretrained(history, OFF, key.digest, note="pre-training resumed without its earlier epochs' "
                           "history: not stored in the cache")
-    state = {name: tensor.detach().cpu().clone() for name, tensor in job.model.state_dict().items()}
+    state = state_copy(job.model, "cpu")
     try:
         cache.store(key, model_state=state, rng_state=rng, history=history, pretrain_s=pretrain_s, source=label,
                     summary=_summary(job.config))

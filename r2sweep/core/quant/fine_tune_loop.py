@@ -20,7 +20,7 @@ decay, which would otherwise shrink every step size towards zero.
 
 from __future__ import annotations
 
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from r2sweep.core.checkpoint import state_copy
 from r2sweep.core.errors import TrialDiverged
 from r2sweep.core.precision import Precision
 
@@ -162,7 +163,7 @@ def fine_tune(
     clip: float | None = None
     epoch = 0
     while epoch < cfg.epochs:
-        first = _snapshot(model)
+        first = state_copy(model)
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
         loss = _train_epoch(model, train_loader, optimizer, amp, clip)
@@ -188,15 +189,6 @@ def fine_tune(
     outcome.best_top1, outcome.kept_epoch = best.restore(model)
     model.eval()
     return outcome
-
-
-def _snapshot(model: nn.Module) -> dict[str, Tensor]:
-    """A copy of ``model``'s state that ``load_state_dict`` takes back, with its metadata: a module
-    may read its version from it (torchvision's MNASNet refuses a state without one)."""
-    state = model.state_dict()
-    copied = OrderedDict((key, value.detach().clone()) for key, value in state.items())
-    copied._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
-    return copied
 
 
 def _optimizer(model: nn.Module, cfg: FineTuneConfig, recipe: Recipe) -> torch.optim.Optimizer:
@@ -242,7 +234,7 @@ class _Best:
         self.state: dict[str, Tensor] | None = None
         if score is not None:
             self.top1 = self._scored(model)
-            self.state = _snapshot(model)
+            self.state = state_copy(model)
 
     def _scored(self, model: nn.Module) -> float:
         was_training = model.training
@@ -259,7 +251,7 @@ class _Best:
         top1 = self._scored(model)
         if top1 > self.top1:  # strictly better: a tie keeps the earlier (fewer changes from the start)
             self.top1, self.epoch = top1, epoch
-            self.state = _snapshot(model)
+            self.state = state_copy(model)
 
     def restore(self, model: nn.Module) -> tuple[float | None, int]:
         if self.state is not None:
