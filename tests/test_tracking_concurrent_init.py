@@ -42,3 +42,4 @@ def test_two_processes_opening_a_new_sqlite_store_at_once_both_succeed(tmp_path:
 
         names = {e.name for e in MlflowClient(tracking_uri=f"sqlite:///{database}").search_experiments()}
         assert {"a", "b"} <= names
+        assert sorted(p.name for p in database.parent.iterdir()) == ["go", "mlflow.db"]  # no lock file left

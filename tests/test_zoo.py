@@ -100,3 +100,17 @@ def test_a_model_that_reads_its_state_version_loads_from_the_pretraining_cache(t
     second = run_trial(config, cache=cache, cache_label="second")
     assert (first["pretrain_cache"], second["pretrain_cache"]) == ("stored", "hit")
     assert second["fp/top1"] == first["fp/top1"] and second["qat_lsq_w4a8/top1"] == first["qat_lsq_w4a8/top1"]
+
+
+def test_a_state_saved_without_its_metadata_still_loads_into_a_model_that_reads_it(tmp_path) -> None:
+    # An entry stored before the cache kept the metadata, or any plain dict of tensors.
+    import torch
+    import torchvision
+
+    from r2sweep.core.checkpoint import load_state
+
+    source = torchvision.models.mnasnet0_5(num_classes=4)
+    plain = {name: tensor.clone() for name, tensor in source.state_dict().items()}
+    target = torchvision.models.mnasnet0_5(num_classes=4)
+    load_state(target, plain)
+    assert all(torch.equal(plain[name], tensor) for name, tensor in target.state_dict().items())

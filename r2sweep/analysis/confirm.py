@@ -36,7 +36,7 @@ from r2sweep.core.trial import TEXT_RESULTS
 from r2sweep.tracking.names import TAG_EXPERIMENT_PATH, TAG_TEXT_PREFIX
 from r2sweep.tracking.store import TAG_TRIAL_ID, SweepRun, Tracker
 from r2sweep.tune.cluster import connect
-from r2sweep.tune.runtime_env import runtime_env_for, shipped_callables
+from r2sweep.tune.runtime_env import check_runtime_env, runtime_env_for, shipped_callables
 
 __all__ = ["Confirmation", "Rerun", "run_reruns", "confirm_top", "logged_trial_config", "TAG_CONFIRM_OF", "TAG_CONFIRMED_BEST"]
 
@@ -161,6 +161,7 @@ def run_reruns(sweep: SweepRun, spec: SweepSpec, reruns: Sequence[Rerun], seeds:
                  "datasets only") + f", as the configs stored in {sweep.tracker.display_uri} name them")
         for config in configs.values():
             resolve_inputs(config)
+        check_runtime_env(spec.settings.runtime_env, Path.cwd())
         connect(address, num_cpus, runtime_env_for(spec))  # the user's code, shipped as the sweep shipped it
     for rerun, config, seed in to_run:
         run_id = sweep.trial_run(_rerun_id(rerun.key, seed), {**rerun.params, "seed": seed}, confirm=True)

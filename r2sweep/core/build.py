@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from r2sweep.core.checkpoint import load_state
 from r2sweep.core.config.trial import TrialConfig
 from r2sweep.core.data import DATASETS, DataSplits
 from r2sweep.core.data.registry import build_data
@@ -83,7 +84,7 @@ def model_from_pretrained(config: TrialConfig, path: str | Path) -> nn.Module:
     shape = saved.input_shape
     model = build_model(factory, field=field, reference=config.model.reference, num_classes=saved.num_classes,
                         in_channels=shape[0], input_size=shape[-1], options=config.model.options)
-    model.load_state_dict(saved.state)
+    load_state(model, saved.state)
     return model.eval()
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["state_copy", "save_atomic", "save_bytes_atomic", "write_text_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
+__all__ = ["state_copy", "load_state", "save_atomic", "save_bytes_atomic", "write_text_atomic", "load_checkpoint", "capture_rng_state", "restore_rng_state"]
 
 
 def state_copy(model: torch.nn.Module, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
@@ -33,6 +33,16 @@ def state_copy(model: torch.nn.Module, device: str | torch.device | None = None)
                          for key, value in state.items())
     copied._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
     return copied
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(state)``, strict, with the model's own metadata where ``state`` has none
+    (a file written before :func:`state_copy` kept it, or a plain dict): the tensors decide, and a
+    module that reads its version while loading finds the one it was built with."""
+    if getattr(state, "_metadata", None) is None:
+        state = OrderedDict(state)
+        state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    model.load_state_dict(state)
 
 
 def save_atomic(state: dict[str, Any], path: str | os.PathLike[str]) -> Path:

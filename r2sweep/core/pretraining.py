@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from r2sweep.core.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, state_copy
+from r2sweep.core.checkpoint import capture_rng_state, load_checkpoint, load_state, restore_rng_state, state_copy
 from r2sweep.core.config.trial import TrialConfig
 from r2sweep.core.losses import R2Loss
 from r2sweep.core.pretrain_cache import CacheKey, NotCacheable, PretrainCache, pretrain_key
@@ -121,7 +121,7 @@ def run_pretraining(job: PretrainJob, cache: PretrainCache | None, label: str = 
         if entry is not None:
             for metrics in entry.history[reported:]:
                 job.emit(dict(metrics), True)
-            job.model.load_state_dict(entry.model_state)
+            load_state(job.model, entry.model_state)
             job.model.to(job.device)
             restore_rng_state(entry.rng_state)
             spent = time.perf_counter() - job.started

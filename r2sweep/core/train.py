@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from r2sweep.core.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_atomic
+from r2sweep.core.checkpoint import capture_rng_state, load_checkpoint, load_state, restore_rng_state, save_atomic
 from r2sweep.core.config.sections import TrainConfig
 from r2sweep.core.errors import TrialDiverged
 from r2sweep.core.losses import R2Loss
@@ -204,7 +204,7 @@ def pretrain(
     metrics: dict[str, float] = {}
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         state = load_checkpoint(checkpoint_path, map_location=device)
-        model.load_state_dict(state["model"])
+        load_state(model, state["model"])
         r2.load_state_dict(state["r2"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -300,7 +300,8 @@ class Tracker:
         Two sweeps started together on a new file both ran MLflow's migrations, and one
         died (``No such index ...``, or alembic's "expected to match one row"). An
         exclusive ``flock`` on a file beside the database serializes that first open; the
-        kernel releases it when its holder exits, so a crash never leaves it held.
+        kernel releases it when its holder exits, so a crash never leaves it held, and the
+        holder removes the file when done.
         """
         database = self.sqlite_file
         if database is not None:
@@ -308,12 +309,24 @@ class Tracker:
         if database is None or not database.parent.is_dir():  # no file, or MLflow's own error to come
             yield
             return
-        with open(database.with_name(f".{database.name}.r2sweep-lock"), "a") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        path = database.with_name(f".{database.name}.r2sweep-lock")
+        while True:
+            descriptor = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
             try:
-                yield
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+                current = os.stat(path).st_ino == os.fstat(descriptor).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(descriptor)  # the holder before us removed that file: lock the new one
+        try:
+            yield
+        finally:
+            # Removed while still held, so nothing is left beside the database; a process
+            # waiting on the removed file finds it gone and locks a fresh one.
+            path.unlink(missing_ok=True)
+            os.close(descriptor)
 
     @contextlib.contextmanager
     def _failing(self, action: str) -> Iterator[None]:

@@ -83,10 +83,9 @@ def _check_pip(pip: Any, cwd: Path) -> None:
 
 
 def runtime_env_for(spec: SweepSpec, cwd: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """``sweep.runtime_env`` (checked: :func:`check_runtime_env`) plus, in ``py_modules``, the module (or package
-    folder) of every factory that lives under the working directory and is not already shipped by a
-    ``working_dir`` that holds it."""
-    check_runtime_env(spec.settings.runtime_env, Path(cwd or os.getcwd()).resolve())
+    """``sweep.runtime_env`` plus, in ``py_modules``, the module (or package folder) of every factory that
+    lives under the working directory and is not already shipped by a ``working_dir`` that holds it.
+    The caller checks ``sweep.runtime_env`` first (:func:`check_runtime_env`), before Ray starts."""
     env: dict[str, Any] = {k: (list(v) if isinstance(v, list) else v) for k, v in spec.settings.runtime_env.items()}
     here = Path(cwd or os.getcwd()).resolve()
     working = env.get("working_dir")
