@@ -40,7 +40,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) -m "not slow and not ray and not server"
 
-# Every torchvision builder, the large ones included (an hour or more on 2 cores; docs/zoo.md).
+# Every torchvision builder, the large ones included (hours on 2 cores, more than 24 GiB for the largest; docs/zoo.md).
 test-zoo: $(STAMP)
 	$(PY) -m pytest -q -n $(if $(filter 0,$(TEST_WORKERS)),1,$(TEST_WORKERS)) --dist load tests/test_zoo_generated.py -m "slow or not slow"
 
