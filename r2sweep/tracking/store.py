@@ -26,7 +26,6 @@ refuses to start unless ``MLFLOW_ALLOW_FILE_STORE=true``.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -63,6 +62,7 @@ from r2sweep.tracking.names import (
     short_text,
     user_tag,
 )
+from r2sweep.tracking.schema_lock import sqlite_schema_lock
 
 __all__ = [
     "redact_uri",
@@ -285,48 +285,13 @@ class Tracker:
     def client(self) -> MlflowClient:
         """The MLflow client bound to this tracker's URIs (never the global tracking URI)."""
         if self._client is None:
-            with self._failing("connect"), self._schema_lock():
+            with self._failing("connect"), sqlite_schema_lock(self.sqlite_file):
                 client = MlflowClient(tracking_uri=absolute_sqlite(self.tracking_uri),
                                       registry_uri=absolute_sqlite(self.registry_uri))
                 if self.sqlite_file is not None:
                     client.search_experiments(max_results=1)  # opens the store: creates or migrates its schema
                 self._client = client
         return self._client
-
-    @contextlib.contextmanager
-    def _schema_lock(self) -> Iterator[None]:
-        """Around opening a SQLite store: one process at a time creates or migrates its schema.
-
-        Two sweeps started together on a new file both ran MLflow's migrations, and one
-        died (``No such index ...``, or alembic's "expected to match one row"). An
-        exclusive ``flock`` on a file beside the database serializes that first open; the
-        kernel releases it when its holder exits, so a crash never leaves it held, and the
-        holder removes the file when done.
-        """
-        database = self.sqlite_file
-        if database is not None:
-            database = database if database.is_absolute() else database.resolve()
-        if database is None or not database.parent.is_dir():  # no file, or MLflow's own error to come
-            yield
-            return
-        path = database.with_name(f".{database.name}.r2sweep-lock")
-        while True:
-            descriptor = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-            try:
-                current = os.stat(path).st_ino == os.fstat(descriptor).st_ino
-            except FileNotFoundError:
-                current = False
-            if current:
-                break
-            os.close(descriptor)  # the holder before us removed that file: lock the new one
-        try:
-            yield
-        finally:
-            # Removed while still held, so nothing is left beside the database; a process
-            # waiting on the removed file finds it gone and locks a fresh one.
-            path.unlink(missing_ok=True)
-            os.close(descriptor)
 
     @contextlib.contextmanager
     def _failing(self, action: str) -> Iterator[None]:
