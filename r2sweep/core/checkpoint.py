@@ -29,8 +29,7 @@ def state_copy(model: torch.nn.Module, device: str | torch.device | None = None)
     MNASNet refuses a state without its version. A plain ``{k: v.clone()}`` drops it.
     """
     state = model.state_dict()
-    copied = OrderedDict((key, value.detach().to(device).clone() if device is not None else value.detach().clone())
-                         for key, value in state.items())
+    copied = OrderedDict((key, value.detach().to(device, copy=True)) for key, value in state.items())
     copied._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]
     return copied
 

@@ -70,6 +70,7 @@ def low_bit_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every low-bit layer of ``model`` (:func:`is_low_bit`), in module order."""
     return [(name, module) for name, module in model.named_modules() if is_low_bit(module)]
 
+
 # The BatchNorm that may fold into each conv type: the same number of spatial dims.
 _BN_FOR_CONV = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
 

@@ -48,19 +48,6 @@ __all__ = ["TrackingJournal", "JournalFlusher"]
 _log = logging.getLogger(__name__)
 
 
-def _read_lines(path: Path) -> list[dict[str, Any]]:
-    """The JSON lines of ``path`` up to the first torn one (a crash mid-write: never acknowledged)."""
-    if not path.exists():
-        return []
-    entries = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return entries
-
-
 def _read_lines_from(path: Path, offset: int) -> list[tuple[dict[str, Any], int]]:
     """``(entry, offset after its line)`` for each complete JSON line of ``path`` from byte
     ``offset``, up to the first torn one (a line still being written, or a crash's)."""
@@ -81,6 +68,11 @@ def _read_lines_from(path: Path, offset: int) -> list[tuple[dict[str, Any], int]
             break
         start = end + 1
     return entries
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    """Every complete JSON line of ``path``, up to the first torn one."""
+    return [entry for entry, _ in _read_lines_from(path, 0)]
 
 
 def _append_line(path: Path, line: str) -> None:
@@ -169,9 +161,12 @@ class TrackingJournal:
                 return count, int(parts[1])
         except (FileNotFoundError, ValueError, IndexError):
             return 0, 0
-        # An ``applied`` file written before offsets were kept: count the lines once.
-        offsets = [end for _, end in _read_lines_from(self._lines, 0)]
-        return count, offsets[count - 1] if 0 < count <= len(offsets) else 0
+        return count, self._end_of(count - 1)  # written before offsets were kept: read the lines once
+
+    def _end_of(self, index: int) -> int:
+        """The byte offset after line ``index`` (0 before the first), reading the whole journal."""
+        ends = [end for _, end in _read_lines_from(self._lines, 0)]
+        return ends[min(index, len(ends) - 1)] if index >= 0 and ends else 0
 
     def applied(self) -> int:
         """How many operations MLflow already has."""
@@ -190,8 +185,7 @@ class TrackingJournal:
         with self._lock:
             end = self._ends.pop(index, None)
         if end is None:  # not read by pending(): find where its line ends
-            ends = [end for _, end in _read_lines_from(self._lines, 0)]
-            end = ends[index] if index < len(ends) else ends[-1] if ends else 0
+            end = self._end_of(index)
         write_text_atomic(self._applied, f"{index + 1} {end}")
         if not keep_files:
             shutil.rmtree(self.folder / "files" / str(index), ignore_errors=True)

@@ -47,15 +47,17 @@ def check_runtime_env(env: Mapping[str, Any], cwd: Path) -> None:
     """
     known = sorted(name for name in RuntimeEnv.known_fields if not name.startswith("_"))
     reject_unknown(env, known, lambda key: f"sweep.runtime_env.{key}", "key")
-    for key in ("working_dir", *(("py_modules",) if "py_modules" in env else ())):
-        paths = [env[key]] if key == "working_dir" and key in env else list(env.get(key, []))
-        for path in paths:
-            local = (cwd / path) if not is_uri(path) else None
-            if local is not None and not local.exists():
-                raise ConfigError(f"sweep.runtime_env.{key}", path, "a folder or file that exists (a relative path is from "
-                                  "the working directory) or a URI")
-            if key == "working_dir" and local is not None and not local.is_dir():
-                raise ConfigError("sweep.runtime_env.working_dir", path, "a folder, not a file")
+    paths = [("working_dir", env["working_dir"])] if "working_dir" in env else []
+    paths += [("py_modules", path) for path in env.get("py_modules", [])]
+    for key, path in paths:
+        if is_uri(path):
+            continue
+        local = cwd / path
+        if not local.exists():
+            raise ConfigError(f"sweep.runtime_env.{key}", path, "a folder or file that exists (a relative path is from "
+                              "the working directory) or a URI")
+        if key == "working_dir" and not local.is_dir():
+            raise ConfigError("sweep.runtime_env.working_dir", path, "a folder, not a file")
     if "pip" in env:
         _check_pip(env["pip"], cwd)
     if "env_vars" in env:

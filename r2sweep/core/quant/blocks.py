@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from r2sweep.core.graph import is_low_bit, layer_calls
+from r2sweep.core.graph import is_low_bit, layer_calls, low_bit_layers
 
 __all__ = ["Unit", "Units", "reconstruction_units"]
 
@@ -102,7 +102,7 @@ def reconstruction_units(model: nn.Module) -> Units:
     counts as a block and when the fallback (one unit per layer) applies.
     """
     calls = layer_calls(model)
-    layer_names = [name for name, m in model.named_modules() if is_low_bit(m)]
+    layer_names = [name for name, _ in low_bit_layers(model)]
     if calls is None:
         return Units(tuple(Unit(name, (name,)) for name in layer_names),
                      "model is not torch.fx-traceable: reconstructing layer by layer, in module order")

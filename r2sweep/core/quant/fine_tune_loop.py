@@ -36,7 +36,7 @@ from r2sweep.core.precision import Precision
 if TYPE_CHECKING:  # the configs import this module (their recipe() builds a Recipe)
     from r2sweep.core.quant.methods import FineTuneConfig
 
-__all__ = ["CLIP_NORM", "FineTuneOutcome", "LR_FROM_PRETRAINING", "RETRIES", "RETRY_LR_FACTOR", "Recipe", "Score",
+__all__ = ["CLIP_NORM", "FineTuneOutcome", "LR_FROM_PRETRAINING", "OPTIMIZERS", "RETRIES", "RETRY_LR_FACTOR", "Recipe", "Score",
            "EpochProgress", "fine_tune", "quantizer_parameters"]
 
 #: Called after each fine-tuning epoch with ``(epoch, mean task loss)``.
@@ -52,7 +52,8 @@ RETRY_LR_FACTOR = 0.1
 #: ...with gradients clipped to this norm, at most RETRIES times per fine-tuning.
 CLIP_NORM = 1.0
 RETRIES = 2
-_OPTIMIZERS = ("sgd", "adam")
+#: The optimizers a fine-tuning runs with (``downstream.optimizer``).
+OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,8 @@ class Recipe:
     source: str = "set"
 
     def __post_init__(self) -> None:
-        if self.optimizer not in _OPTIMIZERS:
-            raise ValueError(f"optimizer {self.optimizer!r}: one of {list(_OPTIMIZERS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r}: one of {list(OPTIMIZERS)}")
 
     @classmethod
     def resolve(cls, optimizer: str | None, lr: float | None, quantizer_lr: float | None,

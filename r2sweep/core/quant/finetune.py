@@ -113,7 +113,7 @@ def quantization_aware_train(
     quantized.to(device)
     _initialize_quantizers(quantized, calibration)
     outcome = fine_tune(quantized, train_loader, cfg, device, on_epoch=on_epoch, precision=precision,
-                        recipe=recipe or cfg.recipe(), score=score)
+                        recipe=recipe, score=score)
     if on_done is not None:
         on_done(outcome)
     return quantized.eval()
@@ -148,7 +148,7 @@ def dkm_compress(
     wrap_layers(quantized, weight, lambda info: nn.Identity(), edge_layers(model))
     quantized.to(device)
     outcome = fine_tune(quantized, train_loader, cfg, device, on_epoch=on_epoch, precision=precision,
-                        recipe=recipe or cfg.recipe(), score=score)
+                        recipe=recipe, score=score)
     if on_done is not None:
         on_done(outcome)
     return quantized.eval()

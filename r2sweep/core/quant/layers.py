@@ -30,6 +30,7 @@ from r2sweep.core.graph import (
     EdgeLayers,
     edge_layers,
     is_low_bit,
+    low_bit_layers,
 )
 
 __all__ = [
@@ -146,7 +147,7 @@ def wrap_layers(
     """
     if edges is None:
         edges = edge_layers(model)
-    layers = [(name, m) for name, m in model.named_modules() if is_low_bit(m)]
+    layers = low_bit_layers(model)
     for index, (name, layer) in enumerate(layers):
         info = LayerInfo(name, layer, index, len(layers), name in edges.first, name in edges.last)
         wrapper = QuantLayer(layer, weight_quantizer(info), input_quantizer(info))
@@ -168,7 +169,7 @@ def input_is_nonnegative(model: nn.Module, batches: Iterable[object], num_batche
     (all ``2^b`` levels on ``[0, max]``); the others (the image, linear
     bottlenecks, residual sums) need a signed one.
     """
-    layers = [(name, m) for name, m in model.named_modules() if is_low_bit(m)]
+    layers = low_bit_layers(model)
     nonnegative = {name: True for name, _ in layers}
     handles = []
     for name, layer in layers:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from r2sweep.core.quant.adaround import adaround_layer
 from r2sweep.core.quant.fake import ActivationQuantizer, QuantSpec, quantize_weight
 from r2sweep.core.quant.fold import conv_bn_pairs, fold_batchnorm, reestimate_bn
-from r2sweep.core.graph import edge_layers, is_low_bit
+from r2sweep.core.graph import edge_layers, low_bit_layers
 from r2sweep.core.quant.layers import (
     LayerInfo,
     QuantLayer,
@@ -172,7 +172,7 @@ def round_to_nearest(model: nn.Module, cfg: MethodConfig, weight_bits: int) -> n
     grid = cfg.rounding()
     edges = edge_layers(model)
     folded = fold_batchnorm(model) if grid.bn_fold else copy.deepcopy(model).eval()
-    layers = [(n, m) for n, m in folded.named_modules() if is_low_bit(m)]
+    layers = low_bit_layers(folded)
     with torch.no_grad():
         for name, layer in layers:
             bits = layer_bits(edges.first_or_last(name), weight_bits, grid.keep_first_last_bits)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from r2sweep.core.data import DataSplits, make_loader
 from r2sweep.core.data.loader import EpochLoader
 from r2sweep.core.quant.fake import GRANULARITIES
-from r2sweep.core.quant.fine_tune_loop import FineTuneOutcome, Recipe
+from r2sweep.core.quant.fine_tune_loop import OPTIMIZERS, FineTuneOutcome, Recipe
 from r2sweep.core.registry import Registry
 from r2sweep.core.validate import check, is_number, require_int
 
@@ -172,7 +172,7 @@ class FineTuneConfig(MethodConfig):
     its lr: :meth:`recipe`), so a model trained with Adam is not fine-tuned with SGD.
     """
 
-    optimizers: ClassVar[tuple[str, ...]] = ("sgd", "adam")
+    optimizers: ClassVar[tuple[str, ...]] = OPTIMIZERS
     keeps: ClassVar[tuple[str, ...]] = ("best", "last")
 
     epochs: int = 5
