@@ -21,6 +21,8 @@ from r2sweep.core.config.trial import load_trial_config
 from r2sweep.core.errors import ConfigError
 from r2sweep.core.pretrain_cache import PretrainCache, pretrain_key
 from r2sweep.core.pretrain_cache.lock import try_claim
+from r2sweep.core.pretrain_cache.store import Epochs
+from r2sweep.core.pretraining import proxy_grid
 from r2sweep.core.sweep_files import SweepFiles
 from r2sweep.core.trial import run_trial
 
@@ -68,13 +70,14 @@ def _key(**changes) -> str:
 def test_the_key_holds_what_pretraining_reads_and_nothing_else(tmp_path: Path) -> None:
     base = _key()
     assert _key() == base
-    # Downstream knobs (but for the proxy's grid), speed-only and never-read fields: the same pre-training.
+    # Downstream knobs (the proxied result's grid included), speed-only and never-read fields: the same
+    # pre-training.
     for same in ({"downstream.1.lr": 0.5}, {"downstream.1.epochs": 3}, {"train.num_workers": 2},
-                 {"train.step_gamma": 0.5}, {"r2.margin_init": "max"}):
+                 {"train.step_gamma": 0.5}, {"r2.margin_init": "max"}, {"downstream.0.weight_bits": [2]},
+                 {"downstream.0.granularity": "tensor"}, {"downstream.0.range": "mse"}):
         assert _key(**same) == base, same
     for other in ({"train.lr": 0.1}, {"train.epochs": 3}, {"r2.strength": 0.02}, {"seed": None},
-                  {"data.num_samples": 64}, {"model.width": 4}, {"downstream.0.weight_bits": [2]},
-                  {"downstream.0.granularity": "tensor"}):
+                  {"data.num_samples": 64}, {"model.width": 4}):
         if "seed" in other:
             assert pretrain_key(load_trial_config({**BASE, "seed": 1}), CPU).digest != base
             continue
@@ -147,6 +150,31 @@ def test_a_cache_hit_is_the_trial_trained_afresh_bit_for_bit(tmp_path: Path) -> 
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_trial_proxied_on_another_grid_takes_the_entry_and_measures_its_own_proxy(tmp_path: Path) -> None:
+    cache = PretrainCache(tmp_path / "cache")
+    # Digits, for accuracies off the floor; the entry's proxy rounds per channel at 4 bits, this trial's
+    # per tensor at 2.
+    rtn = {**BASE["downstream"][0], "keep_first_last_bits": None}  # the net has only a first and a last layer
+    entry = {**BASE, "data": {"name": "digits"}, "downstream": [rtn]}
+    stored, _, _ = _run(load_trial_config(entry), cache, label="s/first")
+    other = load_trial_config({**entry, "downstream": [{**rtn, "granularity": "tensor", "weight_bits": [2]}]})
+    fresh, fresh_reports, _ = _run(other)
+    hit, hit_reports, _ = _run(other, cache, label="s/second")
+    assert hit["pretrain_cache"] == "hit" and hit["pretrain_key"] == stored["pretrain_key"]
+    _same_results(fresh, hit)  # proxy/top1 and every downstream result as if it had trained
+    assert hit["proxy/top1"] != stored["proxy/top1"]  # its own grid, not the entry's
+    # Past epochs cannot be re-measured on its grid: they carry no proxy, the last one its own.
+    fresh_epochs, hit_epochs = _untimed(fresh_reports), _untimed(hit_reports)
+    assert "proxy/top1" not in hit_epochs[0] and hit_epochs[1] == fresh_epochs[1]
+    assert {k: v for k, v in fresh_epochs[0].items() if k != "proxy/top1"} == hit_epochs[0]
+
+    # A float proxy is val/top1: derived on every replayed epoch, whatever grid the entry holds.
+    as_fp = load_trial_config({**other.to_mapping(), "proxy": {"result": "fp"}})
+    fp_hit, fp_reports, _ = _run(as_fp, cache, label="s/third")
+    assert fp_hit["pretrain_cache"] == "hit"
+    assert [r["proxy/top1"] for r in _untimed(fp_reports)] == [r["val/top1"] for r in fresh_epochs]
+
+
 @pytest.mark.parametrize("damage", ["weights", "manifest", "hash"])
 def test_a_corrupt_entry_is_recomputed_never_used(tmp_path: Path, damage: str) -> None:
     config = _config(**{"downstream.1.epochs": 0})
@@ -177,7 +205,7 @@ def test_a_waiting_trial_follows_the_owner_then_takes_over_from_a_dead_one(tmp_p
     lock = tmp_path / "cache" / "locks" / f"{key}.lock"
     lock.parent.mkdir(parents=True)
     lock.write_text(json.dumps({"token": "x", "host": "elsewhere", "pid": 1, "label": "other/trial"}))
-    cache.publish_progress(key, epochs[:1])
+    cache.publish_progress(key, Epochs(epochs[:1], proxy_grid(config)))
     started = time.perf_counter()
     final, reports, _ = _run(config, cache)
     assert time.perf_counter() - started > 1.5  # it waited for the heartbeat to go stale

@@ -1,5 +1,5 @@
 """The pre-training cache in real sweeps (Ray Tune, Optuna, MLflow): a search over downstream knobs
-pre-trains once, a second sweep of the same model reuses the first one's entry, and every trial's
+(the proxied result's grid included) pre-trains once, a second sweep of the same model reuses the first one's entry, and every trial's
 result equals the same trial run with the cache off. (Corrupt entries, locks, keys: tests/test_pretrain_cache.py.)"""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from r2sweep.tracking.store import TAG_ROLE
 
 pytestmark = pytest.mark.ray
 
-SEARCHED = ("downstream.0.adaround_iters", "downstream.0.calib_samples")
+SEARCHED = ("downstream.0.adaround_iters", "downstream.0.granularity")  # the second changes the proxy's grid
 OBJECTIVE = "ptq_adaround_w2a8/top1"
 
 
@@ -61,9 +61,11 @@ def _spec(name: str, factory, **sweep) -> dict:
         "downstream": [{"method": "ptq", "algorithm": "adaround", "weight_bits": [2], "adaround_iters": 4,
                         "calib_samples": 32}],
         "objective": {"metric": OBJECTIVE, "mode": "max"},
-        "search": {SEARCHED[0]: {"choice": [2, 4, 8]}, SEARCHED[1]: {"choice": [16, 32]}},
+        "search": {SEARCHED[0]: {"choice": [2, 4, 8]}, SEARCHED[1]: {"choice": ["channel", "tensor"]}},
         # Random draws do not depend on results, so the cache-off sweep runs the same trials.
+        # The start point makes sure both grids are drawn.
         "sweep": {"num_samples": 4, "max_concurrent": 2, "seed": 3, "sampler": "random", "scheduler": "none",
+                  "start_points": [{SEARCHED[0]: 2, SEARCHED[1]: "channel"}],
                   "resources_per_trial": {"cpu": 1}, **sweep},
     }
 
@@ -110,9 +112,17 @@ def test_downstream_sweeps_pretrain_once_and_match_the_cache_off_trials(tmp_path
             return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric))
 
         for run in hits:  # the per-epoch history is replayed: the scheduler and MLflow see both epochs
-            for metric in ("proxy/top1", "train/loss", "val/top1"):
+            for metric in ("train/loss", "val/top1"):
                 assert history(run, metric) == history(owner, metric)
             assert {step for step, _ in history(run, "train/loss")} == {0, 1}
+            # The proxy too on the owner's grid; on another grid only epoch 1's (step 1), measured on its own
+            # grid, and the final report's (step 0).
+            proxies = history(run, "proxy/top1")
+            if run.data.params[SEARCHED[1]] == owner.data.params[SEARCHED[1]]:
+                assert proxies == history(owner, "proxy/top1")
+            else:
+                assert proxies == [(0, run.data.metrics["proxy/top1"]), (1, run.data.metrics["proxy/top1"])]
+        assert any(r.data.params[SEARCHED[1]] != owner.data.params[SEARCHED[1]] for r in hits)  # both grids drawn
 
         # The same draws with the cache off (the first two: random draws do not depend on results).
         off = sweep("uncached", pretrain_cache=False, num_samples=2)

@@ -10,6 +10,7 @@ line and leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import secrets
@@ -55,9 +56,11 @@ def _as_postgres_user(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[str]:
-    """A throw-away PostgreSQL cluster on 127.0.0.1 with password auth; yields a server URL (no database)."""
+@contextlib.contextmanager
+def postgres_server() -> Iterator[str]:
+    """A throw-away PostgreSQL cluster on 127.0.0.1 with password auth; yields a server URL (no database).
+
+    Also what ``benchmarks/scale.py`` tracks into (through an ``mlflow server``)."""
     # Not under pytest's tmp dir: its parents are private to root, and the server
     # runs as the postgres account when the tests run as root.
     root = Path(tempfile.mkdtemp(prefix="r2sweep-pg-"))
@@ -87,7 +90,13 @@ def postgres() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _create_database(server_url: str, name: str) -> str:
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    with postgres_server() as url:
+        yield url
+
+
+def create_database(server_url: str, name: str) -> str:
     import psycopg  # the driver MLflow's SQLAlchemy uses for postgresql:// URIs
 
     with psycopg.connect(f"{server_url}/postgres", autocommit=True) as connection:
@@ -103,7 +112,7 @@ def auth_server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     ini = root / "basic_auth.ini"
     ini.write_text(
         "[mlflow]\ndefault_permission = READ\n"
-        f"database_uri = {_create_database(postgres, 'mlflow_auth')}\n"
+        f"database_uri = {create_database(postgres, 'mlflow_auth')}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
         # MLflow's own credential cache (off by default): without it the server checks
         # the password's scrypt hash on every one of the sweep's ~200 requests (0.1-0.5 s
@@ -114,7 +123,7 @@ def auth_server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     env = {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_USERNAME": ADMIN,
            "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}  # the auth app's CSRF key
-    backend = _create_database(postgres, "mlflow")
+    backend = create_database(postgres, "mlflow")
     with serve_mlflow(root, backend, ["--app-name", "basic-auth"], env) as url:
         yield url, admin_password
 

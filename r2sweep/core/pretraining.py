@@ -7,10 +7,20 @@ trial waiting on another that is pre-training the same key follows that trial's
 epochs as they finish. The weights and the RNG state after pre-training are
 restored from the entry, so everything downstream is what the trial would have
 computed itself (bit-identical on the CPU).
+
+The per-epoch ``proxy/top1`` belongs to the trial, not to the pre-training: two
+trials that differ only in the proxied result's grid share one entry. The entry
+records the grid its history was measured on (:func:`proxy_grid`). A trial with
+the same grid replays the history as it is; one with another grid replays the
+epochs without ``proxy/top1`` (the scheduler passes over a report without its
+metric) and measures its own proxy on the restored final weights, so it is
+ranked on its final result. A float proxy (``val/top1``) is derived on every
+epoch, whatever the entry's grid.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,9 +34,10 @@ from r2sweep.core.checkpoint import capture_rng_state, load_checkpoint, load_sta
 from r2sweep.core.config.trial import TrialConfig
 from r2sweep.core.losses import R2Loss
 from r2sweep.core.pretrain_cache import CacheKey, NotCacheable, PretrainCache, pretrain_key
+from r2sweep.core.pretrain_cache.store import Epochs
 from r2sweep.core.train import pretrain
 
-__all__ = ["PretrainJob", "Pretrained", "run_pretraining", "OFF", "STORED", "HIT", "UNCACHEABLE", "MISS"]
+__all__ = ["PretrainJob", "Pretrained", "run_pretraining", "proxy_grid", "OFF", "STORED", "HIT", "UNCACHEABLE", "MISS"]
 
 #: How the pre-trained weights came (the trial's ``pretrain_cache`` result, an MLflow tag).
 OFF, STORED, HIT, UNCACHEABLE = "off", "stored", "hit", "uncacheable"
@@ -66,6 +77,34 @@ class Pretrained:
     source: str = ""  # the trial that trained a cached entry
     saved_s: float = 0.0  # the entry's pre-training time, less what taking it cost
     note: str = ""
+
+
+def proxy_grid(config: TrialConfig) -> Any:
+    """What ``proxy/top1`` is measured on each epoch: None (no proxy), ``"fp"`` (``val/top1``), or a rounding grid."""
+    if not config.downstream:
+        return None
+    target = config.proxy_target()
+    if target is None:
+        return "fp"
+    entry, bits = target
+    return json.loads(json.dumps({"rounding": entry.rounding()._asdict(), "bits": bits}, default=str))
+
+
+def _as_this_trial(epochs: Epochs, job: PretrainJob) -> list[dict[str, Any]]:
+    """Another trial's epochs as this trial reports them: its proxy kept only when measured on this trial's grid.
+
+    A rounding grid that differs cannot be re-measured on past epochs (their weights are gone): those
+    epochs go without ``proxy/top1``, and the caller measures the last one on the restored weights.
+    """
+    grid = proxy_grid(job.config)
+    out = [dict(m) for m in epochs.history]
+    if epochs.proxy == grid:
+        return out
+    for metrics in out:
+        metrics.pop("proxy/top1", None)
+        if not isinstance(grid, dict):
+            job.measure(metrics)  # "fp" reads val/top1; None adds nothing
+    return out
 
 
 def _epochs_reported(job: PretrainJob) -> int:
@@ -119,22 +158,26 @@ def run_pretraining(job: PretrainJob, cache: PretrainCache | None, label: str = 
             return Pretrained(_train(job, reported), UNCACHEABLE,
                               note=f"pre-training cache not used: {cache.root}: {error}")
         if entry is not None:
-            for metrics in entry.history[reported:]:
-                job.emit(dict(metrics), True)
             load_state(job.model, entry.model_state)
             job.model.to(job.device)
-            restore_rng_state(entry.rng_state)
+            history = _as_this_trial(entry.epochs, job)
+            if history and "proxy/top1" not in history[-1]:
+                job.measure(history[-1])  # another grid's entry: this trial's proxy on the final weights
+            restore_rng_state(entry.rng_state)  # after measuring: the RNG is as pre-training left it
+            for metrics in history[reported:]:
+                job.emit(dict(metrics), True)
             spent = time.perf_counter() - job.started
-            return Pretrained([dict(m) for m in entry.history], HIT, key.digest, entry.source,
-                              max(0.0, entry.pretrain_s - spent))
+            return Pretrained(history, HIT, key.digest, entry.source, max(0.0, entry.pretrain_s - spent))
         if claim is not None:
             with claim:
                 if cache.lookup(key.digest) is not None:
                     continue  # stored between our lookup and our claim: take it
                 return _train_and_store(job, cache, key, reported, resumed, label)
         # Another trial pre-trains this key: follow its epochs, so the scheduler sees this trial progress too.
-        for metrics in cache.progress(key.digest)[reported:]:
-            job.emit(dict(metrics), True)
+        # The last one waits for the entry (its proxy may need the final weights).
+        followed = _as_this_trial(cache.progress(key.digest), job)[:job.config.train.epochs - 1]
+        for metrics in followed[reported:]:
+            job.emit(metrics, True)
             reported += 1
         time.sleep(cache.poll_s)
 
@@ -142,10 +185,12 @@ def run_pretraining(job: PretrainJob, cache: PretrainCache | None, label: str = 
 def _train_and_store(job: PretrainJob, cache: PretrainCache, key: CacheKey, reported: int, resumed: int,
                      label: str) -> Pretrained:
     # A trial resumed from its own checkpoint has its earlier epochs only in what it published then.
-    earlier = cache.progress(key.digest)[:resumed] if resumed else []
+    earlier = _as_this_trial(cache.progress(key.digest), job)[:resumed] if resumed else []
+    grid = proxy_grid(job.config)
+
     def publish(history: list[dict[str, Any]]) -> None:
         try:
-            cache.publish_progress(key.digest, history)
+            cache.publish_progress(key.digest, Epochs(history, grid))
         except OSError:
             pass  # the waiting trials then see no progress until the entry (or a stale lock)
 
@@ -157,7 +202,7 @@ def _train_and_store(job: PretrainJob, cache: PretrainCache, key: CacheKey, repo
                           "history: not stored in the cache")
     state = state_copy(job.model, "cpu")
     try:
-        cache.store(key, model_state=state, rng_state=rng, history=history, pretrain_s=pretrain_s, source=label,
+        cache.store(key, model_state=state, rng_state=rng, epochs=Epochs(history, grid), pretrain_s=pretrain_s, source=label,
                     summary=_summary(job.config))
     except OSError as error:  # a full disk: the trial goes on with the weights it has
         return Pretrained(history, OFF, key.digest, note=f"pre-trained weights not stored in the cache: {error}")

@@ -7,9 +7,12 @@ everything the pre-training reads and nothing it does not:
 * in: the data section (defaults filled in), the model section (its options, and
   ``init_from``'s content hash rather than its path), the code that builds them
   (a user module's source hash, a plugin's distribution and version), the train
-  section, the R2 section, the seed, the grid the per-epoch ``proxy/top1``
-  rounds to, the device kind, torch's version and :data:`PRETRAIN_SEMANTICS`;
-* out: the downstream methods (but for the proxy's grid), the objective, the
+  section, the R2 section, the seed, the device kind, torch's version and
+  :data:`PRETRAIN_SEMANTICS`;
+* out: the downstream methods, the grid the per-epoch ``proxy/top1`` rounds to
+  (a property of the trial, not of its pre-training: the entry records the
+  grid its history was measured on, and a trial with another one measures its
+  own; :mod:`r2sweep.core.pretraining`), the objective, the
   search and every ``sweep:`` setting, fields the chosen optimizer, schedule or
   R2 kind never reads (``train.step_gamma`` under cosine), and the loader's
   ``train.num_workers`` (batches and augmentation depend on ``(seed, epoch)`` only).
@@ -113,17 +116,6 @@ def _without(mapping: dict[str, Any], section: str, unused: dict[str, str], also
     return {k: v for k, v in mapping.items() if f"{section}.{k}" not in unused and k not in also}
 
 
-def _proxy_grid(config: TrialConfig) -> Any:
-    """What ``proxy/top1`` is measured on, epoch by epoch (it is replayed from the entry)."""
-    if not config.downstream:
-        return None  # no proxy reported
-    target = config.proxy_target()
-    if target is None:
-        return "fp"  # the float model's val/top1
-    entry, bits = target
-    return {"rounding": entry.rounding()._asdict(), "bits": bits}
-
-
 def pretrain_key(config: TrialConfig, device: torch.device) -> CacheKey:
     """The cache key of ``config``'s pre-training on a ``device`` of this kind.
 
@@ -145,7 +137,6 @@ def pretrain_key(config: TrialConfig, device: torch.device) -> CacheKey:
         "model_code": _code_identity("model", config.model.factory, config.model.name),
         "train": _without(to_dict(config.train), "train", unused, _SPEED_ONLY + ("device",)),
         "r2": _without(to_dict(config.r2), "r2", unused),
-        "proxy": _proxy_grid(config),
     }
     text = json.dumps(material, sort_keys=True, default=str)
     return CacheKey(hashlib.sha256(text.encode()).hexdigest(), json.loads(text))

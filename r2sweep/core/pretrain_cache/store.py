@@ -3,11 +3,13 @@
 Layout under the cache's root (the sweep storage's ``pretrain_cache/`` by default)::
 
     entries/<key>/weights.pt      the pre-trained state dict and the RNG state after pre-training
-    entries/<key>/manifest.json   the key's material, the weights' SHA-256, the per-epoch history,
-                                  what the pre-training cost and which trial made it
+    entries/<key>/manifest.json   the key's material, the weights' SHA-256, the per-epoch history
+                                  (and the grid its ``proxy/top1`` was measured on), what the
+                                  pre-training cost and which trial made it
     entries/<key>/used_by/<sweep> one empty file per sweep that took the entry (its time: the last use)
     locks/<key>.lock              held by the trial pre-training that key now (:mod:`.lock`)
-    progress/<key>.json           that trial's epochs so far, for the trials waiting on it
+    progress/<key>.json           that trial's epochs so far (and its proxy's grid), for the trials
+                                  waiting on it
 
 An entry is built in a temporary folder beside ``entries/`` and renamed into
 place, so a reader sees all of it or nothing. A manifest that does not parse,
@@ -32,9 +34,11 @@ from r2sweep.core.checkpoint import load_checkpoint, save_atomic, write_text_ato
 from r2sweep.core.pretrain_cache.key import CacheKey
 from r2sweep.core.pretrain_cache.lock import Claim, lock_holder, try_claim
 
-__all__ = ["PretrainCache", "Entry", "EntryInfo", "ENTRY_FORMAT"]
+__all__ = ["PretrainCache", "Entry", "EntryInfo", "Epochs", "ENTRY_FORMAT", "UNRECORDED"]
 
 ENTRY_FORMAT = 1
+#: The proxy grid of a history written before entries recorded it: equal to no trial's grid.
+UNRECORDED = "unrecorded"
 _WEIGHTS = "weights.pt"
 _MANIFEST = "manifest.json"
 
@@ -52,13 +56,21 @@ def _safe(name: str) -> str:
 
 
 @dataclass
+class Epochs:
+    """Per-epoch metrics and the grid their ``proxy/top1`` was measured on (see ``pretraining.proxy_grid``)."""
+
+    history: list[dict[str, float]]
+    proxy: Any = UNRECORDED
+
+
+@dataclass
 class Entry:
     """A verified entry: what a trial served from the cache needs."""
 
     key: str
     model_state: dict[str, Any]
     rng_state: dict[str, Any]
-    history: list[dict[str, float]]
+    epochs: Epochs
     pretrain_s: float
     source: str
 
@@ -136,8 +148,8 @@ class PretrainCache:
             used = folder / "used_by" / _safe(self.user)
             used.parent.mkdir(exist_ok=True)
             used.touch()
-        return Entry(key, state["model"], state["rng"], manifest["history"], float(manifest["pretrain_s"]),
-                     manifest.get("source", ""))
+        return Entry(key, state["model"], state["rng"], Epochs(manifest["history"], manifest.get("proxy", UNRECORDED)),
+                     float(manifest["pretrain_s"]), manifest.get("source", ""))
 
     def discard(self, key: str) -> None:
         """Delete ``key``'s entry (moved aside first, so no reader sees it half-deleted)."""
@@ -160,18 +172,21 @@ class PretrainCache:
         holder = lock_holder(self._lock(key))
         return str(holder.get("label", "")) if holder else ""
 
-    def publish_progress(self, key: str, history: list[dict[str, float]]) -> None:
-        write_text_atomic(self._progress(key), json.dumps(history))
+    def publish_progress(self, key: str, epochs: Epochs) -> None:
+        write_text_atomic(self._progress(key), json.dumps({"proxy": epochs.proxy, "history": epochs.history}))
 
-    def progress(self, key: str) -> list[dict[str, float]]:
+    def progress(self, key: str) -> Epochs:
         """The epochs the owner of ``key`` has finished so far."""
         try:
-            return json.loads(self._progress(key).read_text())
+            published = json.loads(self._progress(key).read_text())
         except (OSError, ValueError):
-            return []
+            return Epochs([])
+        if isinstance(published, list):  # written before progress recorded its grid
+            return Epochs(published)
+        return Epochs(published["history"], published.get("proxy", UNRECORDED))
 
     def store(self, key: CacheKey, *, model_state: dict[str, Any], rng_state: dict[str, Any],
-              history: list[dict[str, float]], pretrain_s: float, source: str, summary: str) -> None:
+              epochs: Epochs, pretrain_s: float, source: str, summary: str) -> None:
         """Write ``key``'s entry atomically (a complete entry already there is kept)."""
         entries = self.root / "entries"
         entries.mkdir(parents=True, exist_ok=True)
@@ -180,7 +195,7 @@ class PretrainCache:
         try:
             save_atomic({"model": model_state, "rng": rng_state}, building / _WEIGHTS)
             manifest = {"format": ENTRY_FORMAT, "key": key.digest, "material": key.material,
-                        "weights_sha256": _sha256(building / _WEIGHTS), "history": history,
+                        "weights_sha256": _sha256(building / _WEIGHTS), "history": epochs.history, "proxy": epochs.proxy,
                         "pretrain_s": pretrain_s, "created": time.time(), "source": source, "summary": summary}
             write_text_atomic(building / _MANIFEST, json.dumps(manifest, indent=1, default=str))
             if self.user:
