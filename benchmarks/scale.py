@@ -2,8 +2,9 @@
 
 Runs N cheap trials (a quarter-width small CNN on digits,
 1 epoch, RTN W4) through the real stack: local Ray with many logical CPUs,
-Optuna's TPE with its storage on, MLflow tracking on SQLite or on an ``mlflow
-server`` backed by PostgreSQL; or, with ``--bare``, the same trials through a
+Optuna (TPE, or ``--sampler random`` for the service's own cost) with its study
+storage on, MLflow tracking on SQLite or on an ``mlflow server`` backed by
+PostgreSQL; or, with ``--bare``, the same trials through a
 bare Ray Tune loop (``tune.Tuner`` calling ``run_trial``, random search, no
 tracking, no checkpoints) on the same machine.
 
@@ -13,7 +14,7 @@ own ``time/total_s`` summed over the concurrency), their ratio, the service's
 overhead per trial (wall x concurrency - compute, per trial) in the first and in
 the last block, and the driver's peak RSS. ``--json`` writes all of it.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/scale.py --trials 1000 --tracking sqlite
+    PYTHONPATH=. .venv/bin/python benchmarks/scale.py --trials 1000 --tracking sqlite [--sampler random]
     PYTHONPATH=. .venv/bin/python benchmarks/scale.py --trials 1000 --tracking postgres
     PYTHONPATH=. .venv/bin/python benchmarks/scale.py --trials 1000 --bare
 """
@@ -60,7 +61,7 @@ class Clock(tune.Callback):
         self.rss.append(_rss_mb())
 
 
-def trial_spec(trials: int, concurrency: int) -> dict[str, Any]:
+def trial_spec(trials: int, concurrency: int, sampler: str = "tpe") -> dict[str, Any]:
     return {
         "name": "scale",
         "data": {"name": "digits"},
@@ -70,7 +71,7 @@ def trial_spec(trials: int, concurrency: int) -> dict[str, Any]:
         "downstream": [{"method": "ptq", "algorithm": "rtn", "weight_bits": [4]}],
         "objective": {"metric": "ptq_rtn_w4a8/top1", "mode": "max"},
         "search": {"train.lr": {"loguniform": [0.01, 0.1]}, "r2.strength": {"loguniform": [1e-4, 1e-1]}},
-        "sweep": {"num_samples": trials, "max_concurrent": concurrency, "scheduler": "none", "seed": 0,
+        "sweep": {"num_samples": trials, "max_concurrent": concurrency, "scheduler": "none", "seed": 0, "sampler": sampler,
                   "resources_per_trial": {"cpu": 1}, "pretrain_cache": False},
     }
 
@@ -93,7 +94,7 @@ def run_r2sweep(args: argparse.Namespace, tmp: Path, clock: Clock) -> float:
     with (mlflow_on_postgres(tmp / "server") if args.tracking == "postgres"
           else contextlib.nullcontext(f"sqlite:///{tmp / 'mlflow.db'}")) as uri:
         started = time.perf_counter()
-        r2sweep.run_sweep(trial_spec(args.trials, args.concurrency), tracking_uri=uri, storage=tmp / "results",
+        r2sweep.run_sweep(trial_spec(args.trials, args.concurrency, args.sampler), tracking_uri=uri, storage=tmp / "results",
                           num_cpus=args.num_cpus, callbacks=[clock], progress=False, register=False)
         return time.perf_counter() - started
 
@@ -141,7 +142,8 @@ def summarize(args: argparse.Namespace, clock: Clock, wall: float) -> dict[str, 
     overhead = [round((b * args.concurrency - c) / BLOCK, 3) for b, c in zip(blocks, block_compute)]
     minimum = sum(clock.compute) / args.concurrency
     return {
-        "mode": "bare" if args.bare else args.tracking, "trials": args.trials, "finished": n,
+        "mode": "bare" if args.bare else args.tracking, "sampler": "random" if args.bare else args.sampler,
+        "trials": args.trials, "finished": n,
         "concurrency": args.concurrency, "num_cpus": args.num_cpus, "wall_s": round(wall, 1),
         "from_first_start_s": round(clock.ends[-1] - start, 1) if n else None,
         "minimum_s": round(minimum, 1), "ratio": round((clock.ends[-1] - start) / minimum, 3) if n else None,
@@ -159,7 +161,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--num-cpus", type=int, default=16, help="logical CPUs of the local Ray")
     parser.add_argument("--tracking", choices=("sqlite", "postgres"), default="sqlite")
-    parser.add_argument("--bare", action="store_true", help="a bare Ray Tune loop instead of r2sweep")
+    parser.add_argument("--sampler", choices=("tpe", "random"), default="tpe",
+                        help="random: the service's own cost, without TPE's (which grows with the history by design)")
+    parser.add_argument("--bare", action="store_true", help="a bare Ray Tune loop instead of r2sweep (random search)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -41,6 +41,9 @@ class FakeTracking:
     def run_ids(self) -> dict[str, str]:
         return dict(self.runs)
 
+    def run_id_of(self, trial_id: str) -> str | None:
+        return self.runs.get(trial_id)
+
 
 def _trial(trial_id: str, config: dict, status: str = "RUNNING", **last) -> SimpleNamespace:
     return SimpleNamespace(trial_id=trial_id, config=config, status=status, last_result=last)

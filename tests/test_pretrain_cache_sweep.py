@@ -96,6 +96,13 @@ def test_downstream_sweeps_pretrain_once_and_match_the_cache_off_trials(tmp_path
 
         first = sweep("cached")
         assert len(list(markers.iterdir())) == 1  # four trials, one pre-training
+        # Three checkpoints per trial (two epochs, the end), the newest two kept (r2sweep.tune.checkpoints).
+        trial_dirs = [d for d in (storage / "cached").iterdir() if d.is_dir() and list(d.glob("checkpoint_*"))]
+        assert len(trial_dirs) == 4
+        for trial_dir in trial_dirs:
+            kept = sorted(p.name for p in trial_dir.glob("checkpoint_*"))
+            assert kept == ["checkpoint_000001", "checkpoint_000002"], (trial_dir.name, kept)
+            assert (trial_dir / kept[-1] / "trial_config.yaml").is_file()  # the final one, with the trial's files
         tags = sorted(run.data.tags["r2sweep.pretrain_cache"] for run in first)
         assert tags == ["hit", "hit", "hit", "stored"]
         owner = next(run for run in first if run.data.tags["r2sweep.pretrain_cache"] == "stored")

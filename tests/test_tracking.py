@@ -176,6 +176,31 @@ def test_sweep_flow_server(mlflow_server: str, tmp_path: Path) -> None:
     _run_basic_flow(Tracker(mlflow_server), "flow-server", tmp_path)
 
 
+def test_opening_trial_runs_searches_the_store_once_not_once_per_trial(sqlite_tracker: Tracker,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # A search per trial scans every run of the experiment: a sweep's cost would grow with its trials.
+    sweep = sqlite_tracker.start_sweep("known-runs", SPEC.format(name="known-runs"))
+    searches: list[str] = []
+    search = sweep.client.search_runs
+    monkeypatch.setattr(sweep.client, "search_runs", lambda *a, **k: searches.append(k["filter_string"]) or search(*a, **k))
+    run_ids = [sweep.trial_run(f"t{i}", {"i": i}) for i in range(30)]
+    assert len(searches) == 1 and len(set(run_ids)) == 30
+    sweep.end_trial(run_ids[3], "FAILED")
+    assert sweep.trial_run("t3", {"i": 3, "j": 1}) == run_ids[3]  # restarted: the same run, RUNNING again
+    sweep.forget_trial("t4")
+    assert len(searches) == 1
+    run = sweep.client.get_run(run_ids[3])
+    assert run.info.status == "RUNNING" and run.data.params == {"i": "3", "j": "1"}
+    # A driver started again (another SweepRun, as after a crash) reads them back with one search.
+    resumed = sqlite_tracker.start_sweep("known-runs", SPEC.format(name="known-runs"), resume=True)
+    monkeypatch.setattr(resumed.client, "search_runs", lambda *a, **k: searches.append(k["filter_string"]) or search(*a, **k))
+    before = len(searches)
+    assert [resumed.trial_run(f"t{i}", {"i": i}) for i in (0, 3, 29)] == [run_ids[0], run_ids[3], run_ids[29]]
+    assert resumed.trial_run("t4", {"i": 4}) != run_ids[4]  # forgotten (deleted): a new run
+    assert len(searches) - before == 1
+    resumed.end()
+
+
 def test_sweep_run_pickles_and_keys_are_sanitized(sqlite_tracker: Tracker) -> None:
     # The sweep callback is pickled into Ray's tuner.pkl: the client must not be.
     sweep = pickle.loads(pickle.dumps(sqlite_tracker.start_sweep("pickled", "x: 1\n")))

@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 import threading
+from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,15 @@ __all__ = ["SweepRun"]
 _log = logging.getLogger(__name__)
 
 
+@dataclass
+class _KnownRun:
+    """What opening a trial's run again needs: its id, its status, the params it holds."""
+
+    run_id: str
+    status: str
+    params: dict[str, str]
+
+
 class SweepRun:
     """The parent run of one sweep and the means to log its trials' child runs.
 
@@ -72,6 +82,12 @@ class SweepRun:
         self.parent_run_id = parent_run_id
         # Two threads asking for the same new trial must not both create a run.
         self._lock = threading.Lock()
+        # The trial runs this sweep has, by (role, trial id): read from the store once, then kept up to
+        # date here, so that opening a trial's run costs the same for the ten-thousandth trial as for the
+        # first (a search per trial scans every run of the experiment). Only this sweep's driver creates
+        # its trial runs; re-runs (``confirm``) may come from other processes, so they are still searched.
+        self._known: dict[tuple[str, str], _KnownRun] | None = None
+        self._known_ids: dict[str, _KnownRun] = {}  # the same, by run id
 
     def __repr__(self) -> str:
         return f"SweepRun({self.name!r}, parent_run_id={self.parent_run_id!r}, uri={self.tracker.display_uri!r})"
@@ -79,6 +95,7 @@ class SweepRun:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         del state["_lock"]
+        state["_known"], state["_known_ids"] = None, {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -106,8 +123,8 @@ class SweepRun:
         action = f"open the run of trial {trial_id!r} in sweep {self.name!r}"
         role = _ROLE_CONFIRM if confirm else _ROLE_TRIAL
         with self._lock, self._failing(action):
-            run = self._find_trial(trial_id, role)
-            if run is None:
+            known = self._known_run(trial_id, role)
+            if known is None:
                 tags = {
                     **user_tag(),
                     TAG_ROLE: role,
@@ -116,26 +133,48 @@ class SweepRun:
                     TAG_PARENT_RUN: self.parent_run_id,
                 }
                 run = self.client.create_run(self.experiment_id, tags=tags, run_name=trial_id)
-                existing: dict[str, str] = {}
-            else:
-                if run.info.status != "RUNNING":
-                    self.client.update_run(run.info.run_id, status="RUNNING")
-                existing = run.data.params
-            self._log_new_params(run.info.run_id, trial_id, params, existing)
-            return run.info.run_id
+                known = self._remember(role, trial_id, run)
+            elif known.status != "RUNNING":
+                self.client.update_run(known.run_id, status="RUNNING")
+                known.status = "RUNNING"
+            known.params.update(self._log_new_params(known.run_id, trial_id, params, known.params))
+            return known.run_id
 
-    def _find_trial(self, trial_id: str, role: str = _ROLE_TRIAL) -> Run | None:
+    def _known_runs(self) -> dict[tuple[str, str], _KnownRun]:
+        if self._known is None:
+            self._known = {}
+            for run in self._search(f"tags.`{TAG_PARENT_RUN}` = '{self.parent_run_id}'", "ASC"):
+                self._remember(run.data.tags.get(TAG_ROLE, ""), run.data.tags.get(TAG_TRIAL_ID, ""), run)
+        return self._known
+
+    def _remember(self, role: str, trial_id: str, run: Run) -> _KnownRun:
+        """Keep ``run`` as the run of (role, trial_id); the oldest one stays if two ever exist."""
+        known = _KnownRun(run.info.run_id, run.info.status, dict(run.data.params))
+        kept = self._known_runs().setdefault((role, trial_id), known)
+        self._known_ids[kept.run_id] = kept
+        if kept is not known:
+            _log.warning("sweep %r: two runs for trial %r; using the oldest", self.name, trial_id)
+        return kept
+
+    def _known_run(self, trial_id: str, role: str = _ROLE_TRIAL) -> _KnownRun | None:
+        known = self._known_runs().get((role, trial_id))
+        if known is None and role == _ROLE_CONFIRM:
+            run = self._find_trial(trial_id, role)
+            known = None if run is None else self._remember(role, trial_id, run)
+        return known
+
+    def _find_trial(self, trial_id: str, role: str) -> Run | None:
         literal = filter_literal(trial_id)
         filter_string = f"tags.`{TAG_PARENT_RUN}` = '{self.parent_run_id}' AND tags.`{TAG_ROLE}` = '{role}'"
         if literal is not None:
             filter_string += f" AND tags.`{TAG_TRIAL_ID}` = {literal}"
         # Oldest first: if two runs ever exist for one trial, always the same one wins.
         runs = [run for run in self._search(filter_string, "ASC") if run.data.tags.get(TAG_TRIAL_ID) == trial_id]
-        if len(runs) > 1:
-            _log.warning("sweep %r: %d runs for trial %r; using the oldest", self.name, len(runs), trial_id)
         return runs[0] if runs else None
 
-    def _log_new_params(self, run_id: str, trial_id: str, params: Mapping[str, Any], existing: Mapping[str, str]) -> None:
+    def _log_new_params(self, run_id: str, trial_id: str, params: Mapping[str, Any],
+                        existing: Mapping[str, str]) -> dict[str, str]:
+        """Log the params the run does not hold yet; return them."""
         new: list[Param] = []
         for key, value in params.items():
             name, text = sanitize_key(key), clip(value, MAX_PARAM_VALUE)
@@ -151,6 +190,7 @@ class SweepRun:
                 )
         for start in range(0, len(new), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=new[start : start + MAX_PARAMS_PER_BATCH])
+        return {param.key: param.value for param in new}
 
     def forget_trial(self, trial_id: str) -> None:
         """Delete the run of a trial the sweep no longer has (MLflow keeps it in the trash).
@@ -159,12 +199,15 @@ class SweepRun:
         snapshot: Tune restarts without them and samples their slots anew.
         """
         with self._lock, self._failing(f"remove the run of lost trial {trial_id!r} from sweep {self.name!r}"):
-            run = self._find_trial(trial_id)
-            if run is not None:
-                self.client.set_tag(run.info.run_id, TAG_OUTCOME, "lost")
-                if run.info.status == "RUNNING":
-                    self.client.set_terminated(run.info.run_id, status="KILLED")
-                self.client.delete_run(run.info.run_id)
+            known = self._known_runs().get((_ROLE_TRIAL, trial_id))
+            if known is not None:
+                self.client.set_tag(known.run_id, TAG_OUTCOME, "lost")
+                if known.status == "RUNNING":
+                    self.client.set_terminated(known.run_id, status="KILLED")
+                self.client.delete_run(known.run_id)
+                # Forgotten only once deleted: a failure above is retried with the run still known.
+                del self._known_runs()[(_ROLE_TRIAL, trial_id)]
+                del self._known_ids[known.run_id]
 
     def trial_runs(self) -> list[Run]:
         """Every trial run of this sweep, oldest first."""
@@ -250,6 +293,8 @@ class SweepRun:
         status = _check_status(status)
         with self._failing(f"end run {run_id} as {status}"):
             self.client.set_terminated(run_id, status=status)
+        if run_id in self._known_ids:
+            self._known_ids[run_id].status = status
 
     def end(self, status: str = "FINISHED") -> None:
         """Terminate the sweep: children still open become KILLED, the parent gets ``status``."""

@@ -276,6 +276,10 @@ class TrackingCallback(tune.Callback):
         """The MLflow run id of each trial whose run exists by now (Tune trial id -> run id)."""
         return dict(self._runs)  # one C-level copy: safe against the flusher thread adding one
 
+    def run_id_of(self, trial_id: str) -> str | None:
+        """The MLflow run id of one trial, if its run exists by now (no copy: per-trial callers stay O(1))."""
+        return self._runs.get(trial_id)
+
     # -- applying one recorded operation to MLflow (the flusher's thread) ----
 
     def _run_id(self, trial_id: str, params: dict[str, Any] | None = None) -> str:

@@ -30,6 +30,7 @@ from ray import tune
 
 from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.core.outcome import FINISHED, decide_outcome
+from r2sweep.tracking.schema_lock import schema_lock
 from r2sweep.tune.search import scheduler_metric
 from r2sweep.tune.space import distributions_of
 
@@ -94,7 +95,8 @@ class OptunaMirror(tune.Callback):
     def _rebuild(self, trials: list) -> None:
         if self.url.startswith("sqlite:///"):  # the default: beside the results, which Tune may not have made yet
             Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        storage = optuna.storages.get_storage(self.url)
+        with schema_lock(self.url):  # two sweeps opening one new database must not both create its tables
+            storage = optuna.storages.get_storage(self.url)
         kept: dict[str, Any] = {}
         try:
             old = storage.get_study_id_from_name(self.name)
@@ -118,7 +120,7 @@ class OptunaMirror(tune.Callback):
         every = distributions_of(self.spec.params)
         params = {k: trial.config[k] for k in every if k in trial.config}
         attrs = {ATTR_TUNE_TRIAL: trial.trial_id}
-        run_id = self._run_ids().get(trial.trial_id) or (earlier.user_attrs.get(ATTR_MLFLOW_RUN) if earlier else None)
+        run_id = self._run_id_of(trial.trial_id) or (earlier.user_attrs.get(ATTR_MLFLOW_RUN) if earlier else None)
         if run_id:
             attrs[ATTR_MLFLOW_RUN] = run_id
         template = optuna.trial.create_trial(
@@ -134,7 +136,7 @@ class OptunaMirror(tune.Callback):
             return
         outcome = decide_outcome(trial.last_result, self.spec.objective_metrics, errored=errored)
         self._storage.set_trial_user_attr(trial_id, ATTR_OUTCOME, outcome)
-        run_id = self._run_ids().get(trial.trial_id)
+        run_id = self._run_id_of(trial.trial_id)
         if run_id:
             self._storage.set_trial_user_attr(trial_id, ATTR_MLFLOW_RUN, run_id)
         if outcome == FINISHED:
@@ -145,6 +147,9 @@ class OptunaMirror(tune.Callback):
 
     def _run_ids(self) -> dict[str, str]:
         return self.tracking.run_ids() if self.tracking is not None else {}
+
+    def _run_id_of(self, trial_id: str) -> str | None:
+        return self.tracking.run_id_of(trial_id) if self.tracking is not None else None
 
     def _record_run_ids(self) -> None:
         # Trials still running when the driver stops (a finished trial got its id as it ended).
@@ -164,7 +169,8 @@ def check_storage(url: str, name: str) -> None:
     from r2sweep.core.locations import redact_uri
 
     try:
-        storage = optuna.storages.get_storage(url)
+        with schema_lock(url):
+            storage = optuna.storages.get_storage(url)
         names = {study.study_name for study in storage.get_all_studies()}
     except Exception as error:
         raise ConfigError("sweep.optuna_storage", redact_uri(url),

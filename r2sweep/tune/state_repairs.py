@@ -12,9 +12,9 @@ tests/test_driver_kill.py). Before Tune reads an experiment back,
 * **a torn newest** ``experiment_state-<time>.json``: it and the searcher files
   saved with it (``*-<time>.*``) are moved to ``torn_snapshots/``, so Tune
   restores the snapshot before it;
-* **a snapshot naming checkpoints Tune has since deleted**: Tune keeps
-  ``num_to_keep`` checkpoints but snapshots only after that many new ones, so
-  a kill in between leaves the snapshot pointing at deleted
+* **a snapshot naming checkpoints deleted since**: each trial keeps its newest
+  two checkpoints (:mod:`r2sweep.tune.checkpoints`) while Tune snapshots at its
+  own pace, so a kill in between leaves the snapshot pointing at deleted
   ``<trial>/checkpoint_NNNNNN`` folders. The trial's newest checkpoint is
   copied under the names the snapshot expects, so the trial resumes from its
   newest epoch, which is the point;

@@ -25,6 +25,7 @@ from r2sweep.core.errors import ConfigError
 from r2sweep.core.outcome import FINISHED, decide_outcome
 from r2sweep.core.ranking import best_of
 from r2sweep.core.sweep_files import DEFAULT_STORAGE, SweepFiles, experiment_path
+from r2sweep.tune.checkpoints import KeepNewestCheckpoints
 from r2sweep.tune.cluster import check_data_roots, check_resources, connect, trial_nodes
 from r2sweep.tune.experiment_files import ExperimentFolder
 from r2sweep.tune.runtime_env import check_imports, runtime_env_for, shipped_callables
@@ -110,10 +111,6 @@ def run_experiment(
     # Tune checks that every result carries the searcher's metric; ours carry it
     # only in the final report, on purpose (see r2sweep.tune.search).
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    # Every epoch's checkpoint triggers an experiment snapshot (num_to_keep=2 keeps
-    # disk use flat: two per trial); Tune then warns on every epoch of short trials.
-    # The snapshot cost is measured in benchmarks/RESULTS.md ("sweep overhead").
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Tune's newer console output prints a configuration box and result paths even
     # at verbose=0; the classic reporter stays silent there. r2sweep prints its
     # own progress (ProgressCallback).
@@ -185,11 +182,9 @@ def _run_config(name: str, experiment: str, spec: SweepSpec, callbacks: Sequence
     return tune.RunConfig(
         name=name,
         storage_path=experiment.rsplit("/", 1)[0],
-        callbacks=list(callbacks),
+        # Tune keeps every checkpoint (its num_to_keep would force a snapshot per trial);
+        # KeepNewestCheckpoints deletes all but each trial's newest two.
+        callbacks=[*callbacks, KeepNewestCheckpoints()],
         failure_config=tune.FailureConfig(max_failures=spec.settings.max_failures),
-        # Two, not one: Tune deletes the older checkpoint as it registers a new one,
-        # and its experiment snapshot can still name it when the driver is killed.
-        # Two make that rarer; r2sweep.tune.state_repairs handles what is left.
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         verbose=0,
     )
