@@ -5,7 +5,8 @@ installs it when missing) and an MLflow server on it with ``--app-name
 basic-auth``, then runs real sweeps through the CLI against it: with the right
 credentials everything is logged and the password appears nowhere in MLflow or
 in the output; with a wrong password the sweep stops at once with one clear
-line and leaves nothing behind.
+line and leaves nothing behind. And two drivers opening a fresh database at the
+same instant both get it.
 """
 
 from __future__ import annotations
@@ -189,3 +190,13 @@ def test_a_wrong_password_stops_the_sweep_at_once_and_logs_nothing(
     client = _admin_client(url, password, monkeypatch)
     assert client.get_experiment_by_name("refused-sweep") is None
     assert not (tmp_path / "results").exists()
+
+
+def test_two_sweeps_opening_a_fresh_database_at_once_both_get_it(postgres: str, tmp_path: Path) -> None:
+    # MLflow's own guard is a lock file in this host's temporary folder, Optuna has none: on a
+    # database server the lock must live in the database (drivers on different hosts share it).
+    from test_tracking_concurrent_init import open_at_once
+
+    for round_ in range(2):
+        open_at_once(create_database(postgres, f"fresh_mlflow_{round_}"), create_database(postgres, f"fresh_optuna_{round_}"),
+                     tmp_path / f"go{round_}")

@@ -62,7 +62,10 @@ from r2sweep.tracking.names import (
     short_text,
     user_tag,
 )
-from r2sweep.tracking.schema_lock import sqlite_schema_lock
+from r2sweep.tracking.schema_lock import schema_lock
+
+# Stores MLflow opens itself (their schema made on first use); a server makes its own.
+_DATABASE_SCHEMES = ("sqlite:", "postgresql", "mysql", "mssql")
 
 __all__ = [
     "redact_uri",
@@ -285,10 +288,10 @@ class Tracker:
     def client(self) -> MlflowClient:
         """The MLflow client bound to this tracker's URIs (never the global tracking URI)."""
         if self._client is None:
-            with self._failing("connect"), sqlite_schema_lock(self.sqlite_file):
-                client = MlflowClient(tracking_uri=absolute_sqlite(self.tracking_uri),
-                                      registry_uri=absolute_sqlite(self.registry_uri))
-                if self.sqlite_file is not None:
+            uri = absolute_sqlite(self.tracking_uri)
+            with self._failing("connect"), schema_lock(uri):
+                client = MlflowClient(tracking_uri=uri, registry_uri=absolute_sqlite(self.registry_uri))
+                if uri.startswith(_DATABASE_SCHEMES):
                     client.search_experiments(max_results=1)  # opens the store: creates or migrates its schema
                 self._client = client
         return self._client
