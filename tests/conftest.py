@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -160,8 +161,10 @@ def serve_mlflow(
     extra_args: Sequence[str] = (),
     extra_env: Mapping[str, str] | None = None,
     port: int | None = None,
+    artifacts: str | None = None,
 ) -> Iterator[str]:
-    """Run ``mlflow server`` on 127.0.0.1 (``port``, else a free one) until the block ends; yields its URL."""
+    """Run ``mlflow server`` on 127.0.0.1 (``port``, else a free one) until the block ends; yields its URL.
+    ``artifacts``: where it keeps them (default ``root/artifacts``; an ``s3://`` URI works too)."""
     port = port or _free_port()
     url = f"http://127.0.0.1:{port}"
     command = [
@@ -171,7 +174,7 @@ def serve_mlflow(
         "--port", str(port),
         "--workers", "1",  # the default 4 workers take far longer to start on 2 cores
         "--backend-store-uri", backend_uri,
-        "--artifacts-destination", str(root / "artifacts"),
+        "--artifacts-destination", artifacts or str(root / "artifacts"),
         *extra_args,
     ]  # fmt: skip
     # The background job runner is not needed by tracking calls; it only costs CPU.
@@ -210,6 +213,45 @@ def serve_mlflow(
         yield url
     finally:
         stop()
+
+
+@contextlib.contextmanager
+def serve_moto(root: Path, bucket: str) -> Iterator[Any]:
+    """moto's standalone S3 server on 127.0.0.1 with ``bucket`` made, and the environment (endpoint, dummy
+    credentials) pointing every process started meanwhile at it; yields a boto3 client."""
+    import boto3
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = root / "moto.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"moto_server did not answer {url}/moto-api/; log:\n{log_path.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{url}/moto-api/", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.05)
+        with pytest.MonkeyPatch.context() as env:
+            for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+                env.delenv(name, raising=False)
+            env.setenv("AWS_ENDPOINT_URL", url)
+            env.setenv("MLFLOW_S3_ENDPOINT_URL", url)  # an MLflow server's artifacts
+            env.setenv("AWS_ACCESS_KEY_ID", "testing")
+            env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            env.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no credential lookup on a metadata address
+            client = boto3.client("s3")
+            client.create_bucket(Bucket=bucket)
+            yield client
+    finally:
+        server.kill()
+        server.wait()
 
 
 def run_tracked_sweeps(root: Path, *specs: dict) -> Path:

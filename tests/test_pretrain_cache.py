@@ -267,11 +267,14 @@ def test_the_sweep_setting_and_where_the_cache_lives(tmp_path: Path) -> None:
     settings = load_sweep_spec(spec).settings
     assert settings.pretrain_cache is True
     assert SweepFiles(str(tmp_path), "s", settings).pretrain_cache == str(tmp_path / "pretrain_cache")
-    assert SweepFiles("s3://bucket/sweeps", "s", settings).pretrain_cache is None  # a URI storage: off unless named
+    assert SweepFiles("s3://bucket/sweeps", "s", settings).pretrain_cache == "s3://bucket/sweeps/pretrain_cache"
+    assert SweepFiles("gs://bucket/sweeps", "s", settings).pretrain_cache is None  # no backend there: off unless named
     named = load_sweep_spec({**spec, "sweep": {"pretrain_cache": str(tmp_path / "shared")}}).settings
-    assert SweepFiles("s3://bucket/sweeps", "s", named).pretrain_cache == str(tmp_path / "shared")
+    assert SweepFiles("gs://bucket/sweeps", "s", named).pretrain_cache == str(tmp_path / "shared")
+    on_s3 = load_sweep_spec({**spec, "sweep": {"pretrain_cache": "s3://team/cache"}}).settings
+    assert SweepFiles(str(tmp_path), "s", on_s3).pretrain_cache == "s3://team/cache"
     assert SweepFiles(str(tmp_path), "s", load_sweep_spec({**spec, "sweep": {"pretrain_cache": False}}).settings).pretrain_cache is None
-    for bad in ("", "s3://bucket/cache", 3):
+    for bad in ("", "gs://bucket/cache", 3):
         with pytest.raises(ConfigError, match=r"sweep\.pretrain_cache"):
             load_sweep_spec({**spec, "sweep": {"pretrain_cache": bad}})
 

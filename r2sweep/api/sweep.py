@@ -120,7 +120,15 @@ def prepare_sweep(
 
         check_runtime_env(loaded.settings.runtime_env, Path.cwd())
         text = sweep_record(loaded)  # what MLflow and Tune's folder keep, and every reader reads
-        if isinstance(loaded.settings.pretrain_cache, str):  # a folder the user named: usable, or said so now
+        cache = SweepFiles(storage_text or DEFAULT_STORAGE, name or loaded.name, loaded.settings).pretrain_cache
+        if is_uri(cache):  # an object store: boto3 and credentials there now, not in every trial
+            from r2sweep.core.pretrain_cache import PretrainCache
+
+            try:
+                PretrainCache(cache)
+            except ConfigError as error:
+                raise ConfigError("sweep.pretrain_cache", cache, f"{error.allowed}; or sweep.pretrain_cache: false") from None
+        elif isinstance(loaded.settings.pretrain_cache, str):  # a folder the user named: usable, or said so now
             check.output_folder(loaded.settings.pretrain_cache, "sweep.pretrain_cache", what="the pre-training cache")
     except ConfigError as error:
         raise FileConfigError(os.fspath(spec), error) if _is_file(spec) else error from None

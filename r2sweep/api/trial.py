@@ -47,9 +47,9 @@ def run_trial(
             folder of the same config resumes from its last epoch, one of another is refused.
         progress: called with one line per epoch and per downstream result.
         device: a ``torch.device`` (default: the config's ``train.device``).
-        pretrain_cache: a pre-training cache folder (a sweep storage's ``pretrain_cache/``
-            or ``sweep.pretrain_cache``): weights pre-trained before are taken from it, and
-            new ones stored in it. Default: no cache.
+        pretrain_cache: a pre-training cache folder or ``s3://`` URI (a sweep storage's
+            ``pretrain_cache/`` or ``sweep.pretrain_cache``): weights pre-trained before are
+            taken from it, and new ones stored in it. Default: no cache.
 
     Raises:
         ConfigError: bad input, before anything is written; DataNotFoundError;
@@ -68,9 +68,11 @@ def run_trial(
     if pretrain_cache is not None:
         from r2sweep.core.pretrain_cache import PretrainCache
 
-        folder = check.output_folder(pretrain_cache, "pretrain_cache",
-                                     what="the pre-training cache")
-        cache = PretrainCache(folder, user="r2sweep trial")
+        from r2sweep.core.locations import is_uri
+
+        where = str(pretrain_cache) if is_uri(pretrain_cache) else check.output_folder(
+            pretrain_cache, "pretrain_cache", what="the pre-training cache")
+        cache = PretrainCache(where, user="r2sweep trial")  # an s3:// URI is checked there (scheme, boto3, credentials)
     if out is None:
         return run_one(trial, progress=progress, device=device, cache=cache, cache_label="r2sweep trial")
     check_out_dir(trial, out)  # before config.yaml is overwritten

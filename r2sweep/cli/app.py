@@ -264,8 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="PATH=VALUE",
         help="override a field, e.g. --set r2.kind=linf --set downstream.0.weight_bits=[2,4] (repeatable)",
     )
-    trial.add_argument("--pretrain-cache", metavar="DIR",
-                       help="take pre-trained weights from this cache folder, or store them there (e.g. r2sweep_results/pretrain_cache)")
+    trial.add_argument("--pretrain-cache", metavar="DIR|URI",
+                       help="take pre-trained weights from this cache folder (or s3://BUCKET/PREFIX), or store them "
+                            "there (e.g. r2sweep_results/pretrain_cache)")
     trial.set_defaults(run=_cmd_trial)
     sweep = commands.add_parser("sweep", help="run a Ray Tune + Optuna sweep from a search-space file")
     sweep.add_argument("file", help="search-space YAML (trial sections + objective, search, sweep)")

@@ -1,8 +1,8 @@
 """``r2sweep cache list|prune``: what the pre-training cache holds, and making room in it.
 
 The cache is a folder (``<storage>/pretrain_cache`` by default, or the folder
-``sweep.pretrain_cache`` names); ``--cache`` points at it directly, ``--storage``
-at the sweep storage holding it.
+``sweep.pretrain_cache`` names); ``--cache`` points at it directly (a folder, or
+an S3 prefix ``s3://bucket/prefix``), ``--storage`` at the sweep storage holding it.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["add_cache_parser"]
@@ -56,9 +57,13 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-def _folder(args: argparse.Namespace) -> Path | None:
+def _folder(args: argparse.Namespace) -> Path | str | None:
     from r2sweep.core.config.sweep import PRETRAIN_CACHE_FOLDER, SweepSettings
+    from r2sweep.core.locations import is_uri
     from r2sweep.core.sweep_files import DEFAULT_STORAGE, SweepFiles
+
+    if args.cache and is_uri(args.cache):
+        return args.cache  # an S3 prefix: PretrainCache checks it (an empty one lists no entries)
 
     # A sweep's default cache, where SweepFiles puts it (the cache is shared by every sweep of a storage).
     default = SweepFiles(args.storage or DEFAULT_STORAGE, "", SweepSettings()).pretrain_cache
@@ -69,6 +74,19 @@ def _folder(args: argparse.Namespace) -> Path | None:
               file=sys.stderr)
         return None
     return folder
+
+
+def _one_line(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``run`` with a refused or unreachable cache (an S3 prefix: no boto3, no credentials, no bucket) said in one line."""
+    def command(args: argparse.Namespace) -> int:
+        from r2sweep.core.errors import ConfigError
+
+        try:
+            return run(args)
+        except (ConfigError, OSError) as error:
+            print(f"r2sweep: error: {error}", file=sys.stderr)
+            return 2 if isinstance(error, ConfigError) else 1
+    return command
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -115,9 +133,9 @@ def add_cache_parser(commands: argparse._SubParsersAction) -> None:
                             ("prune", _cmd_prune, "delete entries by age or to fit a size")):
         action = actions.add_parser(name, help=text)
         where = action.add_mutually_exclusive_group()
-        where.add_argument("--cache", help="the cache folder (sweep.pretrain_cache when it names one)")
+        where.add_argument("--cache", help="the cache folder (sweep.pretrain_cache when it names one), or s3://bucket/prefix")
         where.add_argument("--storage", help="the sweep storage holding pretrain_cache/ (default ./r2sweep_results)")
-        action.set_defaults(run=run)
+        action.set_defaults(run=_one_line(run))
         if name == "prune":
             action.add_argument("--older-than", type=_duration, metavar="DURATION",
                                 help="delete entries unused for this long (30d, 12h, 90m)")

@@ -170,7 +170,11 @@ def run_pretraining(job: PretrainJob, cache: PretrainCache | None, label: str = 
             return Pretrained(history, HIT, key.digest, entry.source, max(0.0, entry.pretrain_s - spent))
         if claim is not None:
             with claim:
-                if cache.lookup(key.digest) is not None:
+                try:
+                    stored_meanwhile = cache.lookup(key.digest) is not None
+                except OSError:
+                    stored_meanwhile = False  # unreadable now: train (and try to store) as the owner
+                if stored_meanwhile:
                     continue  # stored between our lookup and our claim: take it
                 return _train_and_store(job, cache, key, reported, resumed, label)
         # Another trial pre-trains this key: follow its epochs, so the scheduler sees this trial progress too.

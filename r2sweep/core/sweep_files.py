@@ -8,8 +8,9 @@ the exported best configuration (``best.yaml``), the Optuna study (``optuna.db``
 and, one level up and shared by every sweep of that storage, the pre-training
 cache (``pretrain_cache/``). Under a URI storage the journal and ``best.yaml`` stay
 in the working folder (``r2sweep_journal/NAME``, ``NAME-best.yaml``: they are
-written file by file as the sweep runs), and the study and the cache are off unless
-``sweep.optuna_storage`` / ``sweep.pretrain_cache`` name a place.
+written file by file as the sweep runs), the cache is ``<storage>/pretrain_cache``
+on S3 (the object store it has a backend for) and off elsewhere, and the study is
+off; ``sweep.optuna_storage`` / ``sweep.pretrain_cache`` may name a place.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from r2sweep.core.config.sweep import OPTUNA_FILE, PRETRAIN_CACHE_FOLDER, SweepSettings
-from r2sweep.core.locations import is_uri, join
+from r2sweep.core.config.sweep import CACHE_URI_SCHEMES, OPTUNA_FILE, PRETRAIN_CACHE_FOLDER, SweepSettings
+from r2sweep.core.locations import is_uri, join, scheme_of
 
 __all__ = ["DEFAULT_STORAGE", "SweepFiles", "experiment_path"]
 
@@ -76,10 +77,12 @@ class SweepFiles:
 
     @property
     def pretrain_cache(self) -> str | None:
-        """The pre-training cache's folder; None: off (the default under a URI storage)."""
+        """The pre-training cache's folder or ``s3://`` URI; None: off (the default under a non-S3 URI storage)."""
         chosen = self.settings.pretrain_cache
         if chosen is False:
             return None
         if isinstance(chosen, str):
-            return os.path.abspath(os.path.expanduser(chosen))
-        return os.path.join(os.path.abspath(os.path.expanduser(self.storage)), PRETRAIN_CACHE_FOLDER) if self.local else None
+            return chosen if is_uri(chosen) else os.path.abspath(os.path.expanduser(chosen))
+        if self.local:
+            return os.path.join(os.path.abspath(os.path.expanduser(self.storage)), PRETRAIN_CACHE_FOLDER)
+        return join(self.storage, PRETRAIN_CACHE_FOLDER) if scheme_of(self.storage) in CACHE_URI_SCHEMES else None

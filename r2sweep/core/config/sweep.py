@@ -48,6 +48,8 @@ MODES = ("max", "min")
 MULTI_OBJECTIVE_SAMPLERS = ("tpe", "nsga2", "random")
 #: The pre-training cache's folder in a sweep's storage (``sweep.pretrain_cache: true``).
 PRETRAIN_CACHE_FOLDER = "pretrain_cache"
+#: The object stores the pre-training cache can live on (besides a folder).
+CACHE_URI_SCHEMES = ("s3",)
 #: The Optuna study's SQLite file in a sweep's results folder (``sweep.optuna_storage: true``).
 OPTUNA_FILE = "optuna.db"
 #: The URL schemes (SQLAlchemy dialects, with or without a driver) an Optuna RDB storage takes.
@@ -125,9 +127,10 @@ class SweepSettings:
         if "working_dir" in env:
             check(isinstance(env["working_dir"], str), "sweep.runtime_env.working_dir", env["working_dir"], "a folder's path or a URI")
         cache = self.pretrain_cache
-        check(isinstance(cache, bool) or (isinstance(cache, str) and cache.strip() != "" and not is_uri(cache)),
-              "sweep.pretrain_cache", cache, "true (a folder in the sweep's storage), false (off), or a folder's path "
-              "every node mounts")
+        check(isinstance(cache, bool) or (isinstance(cache, str) and cache.strip() != ""
+                                          and scheme_of(cache) in ("", *CACHE_URI_SCHEMES)),
+              "sweep.pretrain_cache", cache, "true (in the sweep's storage), false (off), a folder's path every node "
+              "mounts, or s3://BUCKET/PREFIX")
         store = self.optuna_storage
         check(isinstance(store, bool) or (isinstance(store, str) and scheme_of(store) in OPTUNA_STORAGE_SCHEMES),
               "sweep.optuna_storage", redact_uri(store) if isinstance(store, str) else store, "true (an SQLite file beside the sweep), false (none), or an RDB URL "

@@ -2,7 +2,9 @@
 sharing the cache) takes its weights instead of training again.
 
 :mod:`.key` decides what makes two pre-trainings the same, :mod:`.store` keeps the
-entries, :mod:`.lock` makes one trial the owner of a key while it pre-trains.
+entries, :mod:`.lock` makes one trial the owner of a key while it pre-trains. The
+entries lie in a folder (:mod:`.folder`) or under an S3 prefix (:mod:`.objects`, whose
+owners hold leases, :mod:`.lease`); :mod:`.backend` is what the store asks of either.
 :mod:`r2sweep.core.pretraining` is the trial's side of it.
 """
 
