@@ -59,6 +59,10 @@ class Clock(tune.Callback):
         self.ends.append(time.perf_counter())
         self.compute.append(float((trial.last_result or {}).get("time/total_s", 0.0)))
         self.rss.append(_rss_mb())
+        if len(self.ends) % BLOCK == 0:  # as it goes: a long run shows its trend before it ends
+            start = self.ends[-BLOCK - 1] if len(self.ends) > BLOCK else (self.first_start or self.ends[0])
+            print(f"trials {len(self.ends) - BLOCK + 1:>5}-{len(self.ends):<5} {self.ends[-1] - start:7.2f} s  "
+                  f"driver RSS {self.rss[-1]:7.1f} MB", file=sys.stderr, flush=True)
 
 
 def trial_spec(trials: int, concurrency: int, sampler: str = "tpe") -> dict[str, Any]:

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import paper_effect  # noqa: E402
 import qat_recipe  # noqa: E402
 import reconstruction  # noqa: E402
+import scale  # noqa: E402
 import search_finds_it  # noqa: E402
 
 
@@ -34,6 +35,13 @@ def test_every_paper_effect_setting_is_a_valid_study(setting: str) -> None:
         assert searched >= {"train.lr", "train.weight_decay"} | (set() if sweep.kind == "none" else {"r2.strength"})
         assert spec.trial.r2.kind == sweep.kind and spec.baseline_point is None
     assert study.seeds == (1, 2, 3) and study.start_top == 1
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_the_scale_benchmark_is_a_valid_sweep_of_cheap_trials(sampler: str) -> None:
+    spec = load_sweep_spec(scale.trial_spec(10_000, 2, sampler))
+    assert spec.settings.num_samples == 10_000 and spec.settings.sampler == sampler
+    assert spec.trial.train.epochs == 1 and spec.settings.pretrain_cache is False  # every trial trains, once
 
 
 def test_the_four_settings_are_the_papers() -> None:

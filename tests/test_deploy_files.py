@@ -160,7 +160,7 @@ def test_dockerfile_pins_its_base_runs_as_a_user_and_builds_both_variants() -> N
     assert re.search(r"^ARG VARIANT=cpu$", text, re.M) and "VARIANT must be cpu or cuda" in text
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1] != "root"
-    assert '/build/pip-install ".[cluster]"' in text
+    assert '/build/pip-install ".[cluster,s3]"' in text  # the s3 extra: a pre-training cache on S3
     # pip runs only through docker/pip-install, with the CA secret and the build folder
     # mounted for the step alone: no COPY or ADD brings a certificate or a wheel into a layer.
     pip_steps = re.findall(r"^RUN (.*?)(?=^\S|\Z)", text, re.M | re.S)

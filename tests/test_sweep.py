@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
 import ray
+from ray import tune
 from conftest import new_mlflow_store
 
 from r2sweep.core.config.sweep import load_sweep_spec
@@ -151,6 +153,44 @@ def test_the_baseline_trial_is_never_stopped_but_other_laggards_are() -> None:
                          "c": TrialScheduler.STOP, "d": TrialScheduler.STOP}
 
 
+@pytest.mark.parametrize("kind", ["fifo", "asha"])
+def test_the_next_trial_is_chosen_among_live_trials_and_none_is_ever_missed(kind: str) -> None:
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+
+    from r2sweep.tune.search import LiveTrialsASHA, LiveTrialsFIFO
+
+    scheduler = LiveTrialsFIFO() if kind == "fifo" else LiveTrialsASHA(time_attr="t", metric="proxy", mode="max", max_t=4)
+    trials: list = []
+    controller = SimpleNamespace(get_trials=lambda: trials)
+
+    def add(trial_id: str, status: str) -> SimpleNamespace:
+        trial = SimpleNamespace(trial_id=trial_id, status=status, config={})
+        trials.append(trial)
+        scheduler.on_trial_add(controller, trial)
+        return trial
+
+    done = [add(str(i), Trial.TERMINATED) for i in range(50)]
+    for trial in done:
+        scheduler.on_trial_complete(controller, trial, {"t": 4, "proxy": 1.0})
+    assert scheduler.choose_trial_to_run(controller) is None and len(scheduler._live) == 0  # the ended are gone
+    paused, running, first, second = (add("p", Trial.PAUSED), add("r", Trial.RUNNING), add("a", Trial.PENDING),
+                                      add("b", Trial.PENDING))
+    assert scheduler.choose_trial_to_run(controller) is first  # pending before paused, in the order added
+    first.status = Trial.RUNNING
+    assert scheduler.choose_trial_to_run(controller) is second
+    second.status = Trial.ERROR
+    scheduler.on_trial_error(controller, second)
+    assert scheduler.choose_trial_to_run(controller) is paused
+    paused.status = Trial.RUNNING
+    # A trial Tune holds without having announced it (no on_trial_add) is still found.
+    hidden = SimpleNamespace(trial_id="h", status=Trial.PENDING, config={})
+    trials.append(hidden)
+    assert scheduler.choose_trial_to_run(controller) is hidden
+    assert running.status == Trial.RUNNING and "0" not in scheduler._live
+
+
 def test_best_is_the_highest_finished_objective(tiny_sweep) -> None:
     best = tiny_sweep.best()
     assert best.metrics["ptq_rtn_w2a8/top1"] == max(r.metrics["ptq_rtn_w2a8/top1"] for r in tiny_sweep.finished())
@@ -205,30 +245,24 @@ def test_a_diverging_trial_is_failed_in_mlflow_pruned_in_optuna_and_never_best(l
     assert all(v == v and abs(v) != float("inf") for v in best.metrics.values())
 
 
-def _kill_a_trial_worker_after(storage: Path, name: str, epochs_done: int, killed: list, sweep_ended) -> None:
-    """SIGKILL the process of the first trial that reported ``epochs_done`` epochs (once).
+class _KillAWorkerAfter(tune.Callback):
+    """SIGKILLs the worker of the first trial to report ``epochs_done`` epochs (once).
 
-    Watches until the sweep has ended, not for a fixed time: on a loaded machine Ray's
-    start and the first epochs took longer than the two minutes once allowed (seen
-    with three test workers on two cores), and the kill never came."""
-    import json
-    import signal
-    import time
+    From the driver, on the result itself: Tune's result files reach the storage only when
+    it snapshots the experiment (every 10 s or more), so watching them can miss a short trial."""
 
-    while not sweep_ended.is_set():
-        for results in (storage / name).glob("trainable_*/result.json"):
-            lines = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-            if len(lines) >= epochs_done and "pid" in lines[-1]:
-                os.kill(lines[-1]["pid"], signal.SIGKILL)
-                killed.append((results.parent.name, lines[-1]["epoch"]))
-                return
-        time.sleep(0.2)
+    def __init__(self, epochs_done: int, killed: list) -> None:
+        self.epochs_done, self.killed = epochs_done, killed
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        if not self.killed and result.get("epoch", -1) + 1 >= self.epochs_done and "pid" in result:
+            os.kill(result["pid"], signal.SIGKILL)
+            self.killed.append((Path(trial.path).name, result["epoch"]))
 
 
 @pytest.mark.parametrize("max_failures", [1, 0])
 def test_a_killed_worker_is_retried_from_its_checkpoint_or_marked_failed(local_ray, tmp_path: Path, max_failures: int) -> None:
     import json
-    import threading
 
     from r2sweep.tune.tuner import run_experiment
 
@@ -238,14 +272,7 @@ def test_a_killed_worker_is_retried_from_its_checkpoint_or_marked_failed(local_r
                       "max_failures": max_failures}}
     storage = tmp_path / "results"
     killed: list = []
-    sweep_ended = threading.Event()
-    killer = threading.Thread(target=_kill_a_trial_worker_after, args=(storage, "worker-killed", 3, killed, sweep_ended))
-    killer.start()
-    try:
-        outcome = run_experiment(load_sweep_spec(data), storage=storage)
-    finally:
-        sweep_ended.set()
-        killer.join()
+    outcome = run_experiment(load_sweep_spec(data), storage=storage, callbacks=[_KillAWorkerAfter(3, killed)])
     assert len(killed) == 1, "a worker was killed mid-trial"
     victim, epoch_at_kill = killed[0]
     results = {Path(r.path).name: r for r in outcome.results}

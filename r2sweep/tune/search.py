@@ -18,6 +18,7 @@ from typing import Any
 import optuna
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.experiment import Trial
 from ray.tune.search.optuna import OptunaSearch
 
 from r2sweep.core.config.search import SearchParam
@@ -25,7 +26,8 @@ from r2sweep.core.config.start_from import HistoryTrial
 from r2sweep.core.config.sweep import SweepSpec
 from r2sweep.tune.space import distributions_of, make_sampler, make_space
 
-__all__ = ["tune_config", "FinalOnlyOptunaSearch", "BaselineKeepingASHA", "scheduler_metric"]
+__all__ = ["tune_config", "FinalOnlyOptunaSearch", "BaselineKeepingASHA", "LiveTrialsFIFO", "LiveTrialsASHA",
+           "scheduler_metric"]
 
 
 class FinalOnlyOptunaSearch(OptunaSearch):
@@ -58,7 +60,68 @@ class FinalOnlyOptunaSearch(OptunaSearch):
         return
 
 
-class BaselineKeepingASHA(ASHAScheduler):
+class LiveTrialsQueue:
+    """Chooses the next trial to run among the trials not ended yet, not among all of them.
+
+    Tune's FIFO scheduler (and ASHA, which inherits it) scans every trial of the sweep at
+    every step of the driver's loop for one that is PENDING: O(trials so far) per step,
+    35% of the driver's time at trial 3,000 of a 10,000-trial sweep (issue 42). The trials
+    not ended are at most the running ones and those queued behind them, so keeping them
+    (Tune announces each trial added and each one ended) makes the choice O(concurrency).
+    Should Tune hold more trials than were announced (a path that adds one without telling
+    the scheduler), the live set is rebuilt from a full scan once: a missed trial is
+    never left waiting.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._live: dict[str, Any] = {}
+        self._announced = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_live": {}, "_announced": 0}  # a restored driver is told of its trials again
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)
+        self._live[trial.trial_id] = trial
+        self._announced += 1
+
+    def _ended(self, trial: Any) -> None:
+        self._live.pop(trial.trial_id, None)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, result)
+        self._ended(trial)
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_error(tune_controller, trial)
+        self._ended(trial)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_remove(tune_controller, trial)
+        self._ended(trial)
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
+        trials = tune_controller.get_trials()
+        if len(trials) != self._announced:  # not told of every trial: take Tune's own list, once
+            self._live = {t.trial_id: t for t in trials if t.status not in (Trial.TERMINATED, Trial.ERROR)}
+            self._announced = len(trials)
+        for wanted in (Trial.PENDING, Trial.PAUSED):  # FIFO's order: pending first, in the order added
+            for trial in self._live.values():
+                if trial.status == wanted:
+                    return trial
+        return None
+
+
+class LiveTrialsFIFO(LiveTrialsQueue, FIFOScheduler):
+    """Tune's FIFO scheduler, choosing among the trials not ended (:class:`LiveTrialsQueue`)."""
+
+
+class LiveTrialsASHA(LiveTrialsQueue, ASHAScheduler):
+    """Tune's ASHA, choosing among the trials not ended (:class:`LiveTrialsQueue`)."""
+
+
+class BaselineKeepingASHA(LiveTrialsASHA):
     """ASHA that never stops the first no-R2 trial to report.
 
     A sweep is read as "what R2 buys over no R2"; ASHA would otherwise stop the
@@ -115,9 +178,9 @@ def tune_config(spec: SweepSpec) -> tune.TuneConfig:
             grace_period=settings.grace_period,
             reduction_factor=settings.reduction_factor,
         )
-        scheduler: Any = BaselineKeepingASHA(**asha, baseline=baseline) if baseline else ASHAScheduler(**asha)
+        scheduler: Any = BaselineKeepingASHA(**asha, baseline=baseline) if baseline else LiveTrialsASHA(**asha)
     else:
-        scheduler = FIFOScheduler()
+        scheduler = LiveTrialsFIFO()
     return tune.TuneConfig(
         search_alg=searcher,
         scheduler=scheduler,
