@@ -230,6 +230,9 @@ def test_cache_list_and_prune_on_s3(s3, uri: str, capsys: pytest.CaptureFixture)
     assert main(["cache", "list", "--cache", uri]) == 0
     listing = capsys.readouterr().out
     assert "2 entries" in listing and old["pretrain_key"][:12] in listing and "sweep-a" in listing and uri in listing
+    # --storage s3://...: the cache a sweep there uses by default, <storage>/pretrain_cache (empty here).
+    assert main(["cache", "list", "--storage", f"{uri}-storage"]) == 0
+    assert "0 entries" in capsys.readouterr().out
 
     assert main(["cache", "prune", "--cache", uri, "--older-than", "30d", "--dry-run"]) == 0
     assert "would delete 1 entries" in capsys.readouterr().out and _objects(s3, uri, f"entries/{old['pretrain_key']}/")

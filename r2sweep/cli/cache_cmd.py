@@ -62,11 +62,11 @@ def _folder(args: argparse.Namespace) -> Path | str | None:
     from r2sweep.core.locations import is_uri
     from r2sweep.core.sweep_files import DEFAULT_STORAGE, SweepFiles
 
-    if args.cache and is_uri(args.cache):
-        return args.cache  # an S3 prefix: PretrainCache checks it (an empty one lists no entries)
-
     # A sweep's default cache, where SweepFiles puts it (the cache is shared by every sweep of a storage).
     default = SweepFiles(args.storage or DEFAULT_STORAGE, "", SweepSettings()).pretrain_cache
+    chosen = args.cache or default
+    if chosen and is_uri(chosen):
+        return chosen  # an S3 prefix: PretrainCache checks it (an empty one lists no entries)
     folder = Path(args.cache) if args.cache else Path(default) if default else None
     if folder is None or not folder.is_dir():
         print(f"r2sweep: error: --cache={folder or args.storage} is not valid: no pre-training cache there (a sweep makes "
