@@ -19,14 +19,12 @@ the delete fails and the live lease stays.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from r2sweep.core.pretrain_cache.lock import _process_gone
+from r2sweep.core.pretrain_cache.lock import died_on_this_host, owner_record
 
 if TYPE_CHECKING:
     from r2sweep.core.pretrain_cache.objects import Bucket, StoredObject
@@ -52,16 +50,11 @@ def lease_holder(bucket: Bucket, name: str) -> dict[str, Any] | None:
 
 def is_stale(found: StoredObject, stale_after_s: float) -> bool:
     """Whether the owner of the lease ``found`` is dead: its process is gone (same host) or its renewals stopped."""
-    holder = _parse(found) or {}
-    pid = holder.get("pid")
-    if holder.get("host") == socket.gethostname() and isinstance(pid, int) and pid > 0 and _process_gone(pid):
-        return True
-    return found.now - found.modified > stale_after_s
+    return died_on_this_host(_parse(found)) or found.now - found.modified > stale_after_s
 
 
 def _body(token: str, label: str, started: float, stale_after_s: float) -> bytes:
-    return json.dumps({"token": token, "host": socket.gethostname(), "pid": os.getpid(), "label": label,
-                       "started": started, "expires": time.time() + stale_after_s}).encode()
+    return json.dumps({**owner_record(token, label), "started": started, "expires": time.time() + stale_after_s}).encode()
 
 
 class Lease:

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Claim", "try_claim", "lock_holder", "is_stale"]
+__all__ = ["Claim", "try_claim", "lock_holder", "is_stale", "owner_record", "died_on_this_host"]
 
 
 def lock_holder(path: Path) -> dict[str, Any] | None:
@@ -40,16 +40,24 @@ def _process_gone(pid: int) -> bool:
     return False
 
 
+def owner_record(token: str, label: str) -> dict[str, Any]:
+    """What a lock (or an object store's lease) says about its owner."""
+    return {"token": token, "host": socket.gethostname(), "pid": os.getpid(), "label": label, "started": time.time()}
+
+
+def died_on_this_host(holder: dict[str, Any] | None) -> bool:
+    """Whether ``holder`` (an :func:`owner_record`) ran on this host and its process is gone."""
+    pid = (holder or {}).get("pid")
+    return (holder or {}).get("host") == socket.gethostname() and isinstance(pid, int) and pid > 0 and _process_gone(pid)
+
+
 def is_stale(path: Path, stale_after_s: float) -> bool:
     """Whether the lock's owner is dead: its process is gone (same host) or its heartbeat stopped."""
     try:
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return False
-    holder = lock_holder(path)
-    if holder is not None and holder.get("host") == socket.gethostname() and _process_gone(int(holder.get("pid", 0)) or -1):
-        return True
-    return age > stale_after_s
+    return died_on_this_host(lock_holder(path)) or age > stale_after_s
 
 
 class Claim:
@@ -121,7 +129,6 @@ def try_claim(path: Path, *, label: str, heartbeat_s: float = 5.0, stale_after_s
             _break(path, holder.get("token") if holder else None)
             continue
         with os.fdopen(fd, "w") as handle:
-            json.dump({"token": token, "host": socket.gethostname(), "pid": os.getpid(), "label": label,
-                       "started": time.time()}, handle)
+            json.dump(owner_record(token, label), handle)
         return Claim(path, token, heartbeat_s)
     return None
