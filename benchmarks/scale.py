@@ -50,6 +50,7 @@ class Clock(tune.Callback):
         self.first_start: float | None = None
         self.ends: list[float] = []
         self.compute: list[float] = []
+        self.pretrain: list[float] = []  # of compute: the pre-training (the rest: evaluation, files, RTN)
         self.rss: list[float] = []
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -58,11 +59,14 @@ class Clock(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.ends.append(time.perf_counter())
         self.compute.append(float((trial.last_result or {}).get("time/total_s", 0.0)))
+        self.pretrain.append(float((trial.last_result or {}).get("time/pretrain_s", 0.0)))
         self.rss.append(_rss_mb())
         if len(self.ends) % BLOCK == 0:  # as it goes: a long run shows its trend before it ends
             start = self.ends[-BLOCK - 1] if len(self.ends) > BLOCK else (self.first_start or self.ends[0])
             print(f"trials {len(self.ends) - BLOCK + 1:>5}-{len(self.ends):<5} {self.ends[-1] - start:7.2f} s  "
-                  f"driver RSS {self.rss[-1]:7.1f} MB", file=sys.stderr, flush=True)
+                  f"compute/trial {sum(self.compute[-BLOCK:]) / BLOCK:5.3f} s (pre-training "
+                  f"{sum(self.pretrain[-BLOCK:]) / BLOCK:5.3f})  driver RSS {self.rss[-1]:7.1f} MB",
+                  file=sys.stderr, flush=True)
 
 
 def trial_spec(trials: int, concurrency: int, sampler: str = "tpe") -> dict[str, Any]:
@@ -153,6 +157,9 @@ def summarize(args: argparse.Namespace, clock: Clock, wall: float) -> dict[str, 
         "minimum_s": round(minimum, 1), "ratio": round((clock.ends[-1] - start) / minimum, 3) if n else None,
         "trial_compute_mean_s": round(sum(clock.compute) / max(1, n), 3),
         "block_s": blocks, "overhead_per_trial_s": overhead,
+        "compute_per_trial_s": [round(c / BLOCK, 3) for c in block_compute],
+        "pretrain_per_trial_s": [round(sum(clock.pretrain[i:i + BLOCK]) / BLOCK, 3)
+                                 for i in range(0, BLOCK * len(blocks), BLOCK)],
         "last_over_first_block": round(blocks[-1] / blocks[0], 3) if len(blocks) > 1 else None,
         "driver_rss_mb": [round(clock.rss[i], 1) for i in range(BLOCK - 1, n, BLOCK)],
         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -179,7 +186,7 @@ def main() -> int:
         rss = figures["driver_rss_mb"][i] if i < len(figures["driver_rss_mb"]) else float("nan")
         print(f"trials {i * BLOCK + 1:>5}-{(i + 1) * BLOCK:<5} {seconds:7.2f} s  overhead/trial {over:6.3f} s  "
               f"driver RSS {rss:7.1f} MB", flush=True)
-    print(json.dumps({k: v for k, v in figures.items() if k not in ("block_s", "overhead_per_trial_s", "driver_rss_mb")}))
+    print(json.dumps({k: v for k, v in figures.items() if not isinstance(v, list)}))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=1))

@@ -82,7 +82,8 @@ def export_archive(model: nn.Module, example: torch.Tensor, path: str | os.PathL
         with contextlib.redirect_stderr(io.StringIO()):
             program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
         target = Path(path)
-        partial = target.with_name(f".{target.name}.partial")
+        # torch.export warns (once per trial, into every worker's log) about a name not ending in .pt2.
+        partial = target.with_name(f".partial.{target.name}")
         torch.export.save(program, partial)
         os.replace(partial, target)
     except Exception as error:  # noqa: BLE001 - torch.export refuses many models, each in its own way
@@ -91,3 +92,4 @@ def export_archive(model: nn.Module, example: torch.Tensor, path: str | os.PathL
     finally:
         model.train(was_training)
     return None
+
