@@ -32,37 +32,76 @@ def test_a_gain_is_the_difference_of_means_with_the_standard_error_of_that_diffe
     gain = Gain.of(after, before, sign=1)
     assert gain.delta == pytest.approx(72.0 - 62.0)
     assert gain.se == pytest.approx(math.sqrt(statistics.variance(after.values) / 3 + statistics.variance(before.values) / 3))
-    assert gain.clear and gain.text() == f"+10.0 +- {gain.se:.1f} (clear)"
+    assert gain.clear and gain.text() == f"+10.0 +- {gain.se:.1f}"  # beyond the seeds' spread (the table's word needs searches)
     assert not Gain.of(OverSeeds((63.0, 70.0)), OverSeeds((60.0, 61.0)), sign=1).clear  # inside twice its uncertainty
     assert not Gain.of(OverSeeds((80.0,)), OverSeeds((60.0,)), sign=1).clear  # one seed has no spread: never clear
     assert Gain.of(OverSeeds((50.0, 51.0)), OverSeeds((60.0, 61.0)), sign=-1).clear  # a minimised objective
     assert Gain.of(OverSeeds(()), before, sign=1) is None  # every re-run diverged
 
 
-def _row(kind: str, values: tuple[float, ...]) -> StudyRow:
-    return StudyRow(kind=kind, sweep=f"s-{kind}", trial_id=f"t-{kind}", run_id="r", params={"train.lr": "0.05"},
-                    reruns=Reruns({}), objective=OverSeeds(values), fp=OverSeeds((90.0, 90.0)))
+def _row(kind: str, values: tuple[float, ...], replicate: int = 1) -> StudyRow:
+    return StudyRow(kind=kind, sweep=f"s-{kind}-r{replicate}", trial_id=f"t-{kind}-r{replicate}", run_id="r",
+                    params={"train.lr": "0.05"}, reruns=Reruns({}), objective=OverSeeds(values),
+                    fp=OverSeeds((90.0, 90.0)), replicate=replicate)
 
 
-def test_the_best_mean_is_recommended_and_a_tie_keeps_the_baseline() -> None:
+def _table(seeds: tuple[int, ...], *replicates: list[StudyRow]) -> StudyTable:
+    return StudyTable.build("s", "m/top1", "max", seeds, [list(rows) for rows in replicates])
+
+
+def test_one_search_the_best_mean_is_recommended_but_never_called_clear() -> None:
     base, linf = _row("none", (60.0, 62.0)), _row("linf", (70.0, 72.0))
-    linf.gain, linf.fp_change = Gain.of(linf.objective, base.objective, 1), 0.0
-    table = StudyTable("s", "m/top1", "max", (1, 2), [base, linf], recommended=linf)
-    assert table.verdict().startswith("ship R2 linf: m/top1 71.0 +- 1.4 over seeds [1, 2], +10.0 +- 1.4 over the "
-                                      "tuned baseline (clear: more than twice its uncertainty); FP +0.0")
-    assert "**recommended**" in table.markdown().splitlines()[3]
-    tied = StudyTable("s", "m/top1", "max", (1, 2), [base, linf], recommended=base)
-    assert tied.verdict().startswith("ship the tuned baseline without R2: no R2 kind beat its m/top1 61.0 +- 1.4")
+    table = _table((1, 2), [base, linf])
+    assert table.recommended is linf and linf.gain.clear  # beyond twice the seeds' spread...
+    assert table.verdict().startswith("ship R2 linf: m/top1 71.0 +- 1.0 over seeds [1, 2], +10.0 +- 1.4 over the "
+                                      "tuned baseline (over seeds only: one search, whose spread is not measured")
+    assert "clear" not in table.verdict().replace("not measured", "")  # ...but one search: not called clear
+    markdown = table.markdown()
+    assert "**recommended**" in markdown.splitlines()[3] and "(clear)" not in markdown.split("\n\n")[0]
+    assert "each +- is the spread over the confirmation seeds only" in markdown
+    assert "| seeds only, 1 search |" in markdown
+    tied = _table((1, 2), [base, _row("linf", (60.0, 62.0))])
+    assert tied.recommended is base
+    assert tied.verdict().startswith("ship the tuned baseline without R2: no R2 kind beat its m/top1 61.0 +- 1.0")
+    assert tied.verdict().endswith("(over seeds only: one search, whose spread is not measured; another search of "
+                                   "the same space may land elsewhere (replicates: 2 or more measures it))")
+
+
+def test_over_replicates_the_uncertainty_counts_the_searches_spread_and_never_less_than_the_seeds() -> None:
+    # Two searches of one space: the kind's gain +10 in one, +4 in the other (seeds spread ~1).
+    first = [_row("none", (60.0, 62.0)), _row("linf", (70.0, 72.0))]
+    second = [_row("none", (61.0, 63.0), 2), _row("linf", (65.0, 67.0), 2)]
+    table = _table((1, 2), first, second)
+    base, linf = table.arms
+    gains = [10.0, 4.0]
+    seed_var = statistics.fmean([g.se**2 for g in (first[1].gain, second[1].gain)])
+    assert linf.gain.mean == pytest.approx(7.0)
+    assert linf.gain.se == pytest.approx(math.sqrt(max(statistics.variance(gains), seed_var) / 2))
+    assert linf.gain.search_sd == pytest.approx(math.sqrt(statistics.variance(gains) - seed_var))
+    assert linf.gain.clear(1) and linf.picks == 2 and base.picks == 0
+    assert table.recommended is first[1]  # the recommended kind's best search's winner ships
+    assert table.verdict().startswith("ship R2 linf: m/top1 68.5 +- 2.5 over 2 searches x seeds [1, 2], +7.0 +- 3.0 "
+                                      "over the tuned baseline (clear: more than twice its uncertainty, the searches' "
+                                      "spread included); the pick of 2 of 2 searches")
+    assert "search sd 4.0, seeds 1.4, 2 searches" in table.markdown()
+    # Searches that agree: the seeds' spread is the floor, not a spread of zero.
+    same = _table((1, 2), [_row("none", (60.0, 62.0)), _row("linf", (70.0, 72.0))],
+                  [_row("none", (60.0, 62.0), 2), _row("linf", (70.0, 72.0), 2)])
+    assert same.arms[1].gain.se == pytest.approx(math.sqrt(2.0) / math.sqrt(2))
+    # Searches that disagree: the gain is not clear, and each search's pick is counted.
+    split = _table((1, 2), [_row("none", (60.0, 62.0)), _row("linf", (70.0, 72.0))],
+                   [_row("none", (70.0, 72.0), 2), _row("linf", (64.0, 66.0), 2)])
+    assert not split.arms[1].gain.clear(1) and [a.picks for a in split.arms] == [1, 1]
+    assert "inside its uncertainty: not clear" in split.verdict()
 
 
 def test_a_winner_whose_pre_training_fails_on_some_seeds_is_called_fragile(tmp_path: Path) -> None:
     # The ptq-mbv2 re-run's baseline winner: FP 37.2, 88.3, 35.7 over seeds 1-3.
     base, linf = _row("none", (13.8, 66.0, 18.1)), _row("linf", (80.6, 80.8, 81.9))
     base.fp, linf.fp = OverSeeds((37.2, 88.3, 35.7)), OverSeeds((90.4, 89.7, 90.0))
-    linf.gain = Gain.of(linf.objective, base.objective, 1)
-    table = StudyTable("s", "m/top1", "max", (1, 2, 3), [base, linf], recommended=linf)
+    table = _table((1, 2, 3), [base, linf])
     (warning,) = table.warnings()
-    assert warning.startswith("none (tuned baseline): its winner t-none is fragile: FP 35.7 to 88.3 over the seeds")
+    assert warning.startswith("none (tuned baseline): its winner t-none-r1 is fragile: FP 35.7 to 88.3 over the seeds")
     assert "every gain here is measured against it" in warning and "confirm.top" in warning
     # A spread of FRAGILE_FP_SPAN points is still a working recipe; a kind's winner is checked too.
     base.fp = OverSeeds((80.0, 80.0 + FRAGILE_FP_SPAN))
@@ -77,7 +116,7 @@ def test_a_winner_whose_pre_training_fails_on_some_seeds_is_called_fragile(tmp_p
     page = write_study_page(Tracker(new_mlflow_store(tmp_path / "mlflow.db")), load_study_spec(STUDY), table,
                             tmp_path / "page")
     assert f"warning: {table.warnings()[0]}" in (tmp_path / "page" / "table.md").read_text()
-    assert "Warning: linf: its winner t-linf is fragile" in page.page.read_text()
+    assert "Warning: linf: its winner t-linf-r1 is fragile" in page.page.read_text()
 
 
 def test_a_changed_file_under_a_studys_name_is_refused_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -96,13 +135,15 @@ def test_a_changed_file_under_a_studys_name_is_refused_in_one_line(tmp_path: Pat
     # Only confirm: may change (more seeds, more top trials: re-runs add to what MLflow holds).
     from r2sweep.api.study import _sweeps_part
 
-    assert _sweeps_part({**STUDY, "confirm": {"seeds": [1, 2, 3], "top": 3}}) == _sweeps_part(STUDY)
+    assert _sweeps_part({**STUDY, "confirm": {"seeds": [1, 2, 3], "top": 3}, "replicates": 3}) == _sweeps_part(STUDY)
+    assert _sweeps_part({**STUDY, "seed": 1}) != _sweeps_part(STUDY)  # another seed: other sweeps
     assert not (tmp_path / "r2sweep_results").exists() and not (tmp_path / "tiny-study").exists()
 
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["study", "study.yaml", "--set", "kinds.lnif={}"], "kinds='lnif' is not valid: R2 kinds"),
     (["study", "study.yaml", "--set", "baseline.trials=0"], "baseline.trials=0 is not valid"),
+    (["study", "study.yaml", "--set", "replicates=0"], "replicates=0 is not valid: an integer >= 1"),
     (["study", "nosuch", "--report-only"], "no study named 'nosuch'"),
 ])
 def test_bad_input_to_the_study_command_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, message):
@@ -180,8 +221,12 @@ def test_the_answer_is_read_from_mlflow_and_a_kind_without_a_winner_is_shown_not
     assert linf.gain_over_r2_off.delta == pytest.approx(71.0 - 65.5)
     assert linf.gain_on_baseline.delta == pytest.approx(68.5 - 62.0)  # on t1's knobs; t0's control is stale
     lines = table.markdown().splitlines()
-    assert lines[4] == "| margin | has no finished trial | - | - | - | - | - | - |"
-    assert lines[3].startswith("| linf **recommended** | 71.0 +- 1.4 (n=2) | +9.0 +- 2.2 (clear) | +5.5 +- 1.1 (clear) | +6.5 +- 2.1 (clear) |")
+    assert lines[4] == "| margin | has no finished trial |" + " - |" * 7
+    assert lines[3] == ("| linf **recommended** | 71.0 +- 1.0 (1 search x 2 seeds) | +9.0 +- 2.2 | seeds only, 1 search "
+                        "| +5.5 +- 1.1 | +6.5 +- 2.1 | +9.0 | 1 of 1 | t1 |")
+    per_sweep = table.sweeps_markdown().splitlines()
+    assert per_sweep[3].startswith("| 1 | linf **recommended** | fake-linf | 71.0 +- 1.4 (n=2) | +9.0 +- 2.2 | +5.5 +- 1.1 "
+                                   "| +6.5 +- 2.1 |")
     # The page is drawn from what is there; the weights it cannot find are a note, not a failure.
     assert result.page.page.read_text().count("data:image/png;base64,") == 1 + 3  # bits; three sweeps' histories
     assert result.page.notes == ["Weight histograms: the winner of fake-baseline has no pretrained.pt artifact.",

@@ -40,6 +40,22 @@ def test_a_study_is_a_baseline_sweep_then_one_sweep_per_kind_each_searching_the_
     assert len(set(seeds)) == 3 and seeds[1] == sampler_seed("mbv2", "mbv2-linf")
     assert study.seeds == (1, 2, 3) and study.start_top == 2
     assert linf.spec.objective.metric == "ptq_rtn_w4a8/top1"
+    assert study.replicates == 1 and study.seed == 0
+
+
+def test_replicates_repeat_the_plan_with_their_own_sampler_seeds_and_a_study_seed_moves_them_all() -> None:
+    study = load_study_spec({**STUDY, "replicates": 2})
+    assert [s.name for s in study.sweeps] == ["mbv2-baseline", "mbv2-linf", "mbv2-margin",
+                                              "mbv2-baseline-r2", "mbv2-linf-r2", "mbv2-margin-r2"]
+    assert [s.replicate for s in study.sweeps] == [1, 1, 1, 2, 2, 2]
+    assert study.baseline_of(study.sweeps[4]).name == "mbv2-baseline-r2"  # each kind starts from its own search's
+    seeds = [s.mapping["sweep"]["seed"] for s in study.sweeps]
+    assert len(set(seeds)) == 6
+    # Replicate 1 is the study as it was before replicates: the same names and sampler seeds.
+    assert seeds[:3] == [s.mapping["sweep"]["seed"] for s in load_study_spec(STUDY).sweeps]
+    reseeded = load_study_spec({**STUDY, "replicates": 2, "seed": 7})
+    assert reseeded.seed == 7 and not set(seeds) & {s.mapping["sweep"]["seed"] for s in reseeded.sweeps}
+    assert reseeded.sweeps[1].mapping["sweep"]["seed"] == sampler_seed("mbv2", "mbv2-linf", 7)
 
 
 def _with(path: str, value) -> dict:
@@ -69,6 +85,8 @@ def _with(path: str, value) -> dict:
     ("objective", {"metric": "ptq_rtn_w2a8/top1"}, "^objective.metric='ptq_rtn_w2a8/top1' is not valid"),
     ("kinds", None, "^kinds=None is not valid: a mapping"),
     ("benchmark", 1, "^benchmark=1 is not valid: unknown section"),
+    ("replicates", 1.5, "^replicates=1.5 is not valid: an integer >= 1"),
+    ("seed", -1, "^seed=-1 is not valid: an integer >= 0"),
 ])
 def test_a_bad_study_is_refused_naming_its_own_field(path, value, message) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -56,12 +56,17 @@ def _series(label: str, kind: str, reruns: Reruns, entry, fp: float | None) -> B
     return BitsSeries(label, kind, accuracy, fp, spread) if accuracy else None
 
 
+def _shown_search(table: StudyTable) -> list[StudyRow]:
+    """The rows the figures draw: one search's, the search the recommended configuration comes from."""
+    return table.replicates[table.recommended.replicate - 1]
+
+
 def _compared_kind(table: StudyTable) -> StudyRow | None:
-    """The R2 row the figures set against the baseline: the recommended one, else the best-scoring kind."""
+    """The R2 row the figures set against the baseline: the recommended one, else that search's best-scoring kind."""
     if table.recommended.kind != "none":
         return table.recommended
     sign = 1 if table.mode == "max" else -1
-    kinds = [r for r in table.rows[1:] if r.objective.values]
+    kinds = [r for r in _shown_search(table)[1:] if r.objective.values]
     return max(kinds, key=lambda r: sign * r.objective.mean, default=None)
 
 
@@ -70,7 +75,7 @@ def _bits_figure(table: StudyTable, study: StudySpec, path: Path) -> Path | None
     chosen = _compared_kind(table)
     for entry in study.baseline.spec.trial.downstream:
         series = []
-        for row in (r for r in table.rows if not r.missing):
+        for row in (r for r in _shown_search(table) if not r.missing):
             n = row.objective.n
             line = _series(f"{row.label}, winner ({n} seeds)", row.kind, row.reruns, entry, row.fp.mean)
             series.append(line)
@@ -119,14 +124,20 @@ def _img(path: Path, caption: str) -> str:
             f"<figcaption>{escape(caption)} (<code>{escape(path.name)}</code>)</figcaption></figure>")
 
 
-def _table_html(table: StudyTable) -> str:
-    lines = table.markdown().splitlines()
+def _table_html(markdown: str) -> str:
+    """One of the table's Markdown tables as HTML (lines after it as a note); the recommended row marked."""
+    lines = markdown.splitlines()
     head = [c.strip() for c in lines[0].strip("|").split("|")]
-    body = []
-    for line, row in zip(lines[2:], table.rows):  # one line per row, an empty row's included
-        cells = "".join(f"<td>{escape(c.strip())}</td>" for c in line.strip("|").split("|"))
-        body.append(f"<tr{' class=best' if row is table.recommended else ''}>{cells}</tr>")
-    return f"<table><tr>{''.join(f'<th>{escape(h)}</th>' for h in head)}</tr>{''.join(body)}</table>"
+    body, after = [], []
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            after.append(line)
+            continue
+        best = "**recommended**" in line
+        cells = "".join(f"<td>{escape(c.strip().replace(' **recommended**', ''))}</td>" for c in line.strip("|").split("|"))
+        body.append(f"<tr{' class=best' if best else ''}>{cells}</tr>")
+    note = "".join(f'<p class="warning">{escape(line)}</p>' for line in after if line.strip())
+    return f"<table><tr>{''.join(f'<th>{escape(h)}</th>' for h in head)}</tr>{''.join(body)}</table>{note}"
 
 
 def write_study_page(tracker: Tracker, study: StudySpec, table: StudyTable, out: str | os.PathLike[str],
@@ -168,10 +179,13 @@ def write_study_page(tracker: Tracker, study: StudySpec, table: StudyTable, out:
 <span class="what">recommended</span></span></p>
 <p><b>{escape(table.verdict())}.</b></p>
 {''.join(f'<p class="warning">Warning: {escape(w)}.</p>' for w in warnings)}
-<h2 id="table">Per sweep</h2>
-{_table_html(table)}
-<p class="meta">Gains are differences of means over the seeds +- the standard error of the difference; "clear" means
-beyond twice that. "Gain over R2 off" re-runs the kind's winner with the R2 term removed (same knobs, same seeds);
+<h2 id="table">Per arm{f", over {table.searches} searches" if table.searches > 1 else ""}</h2>
+{_table_html(table.arms_markdown())}
+<h2 id="sweeps">Per sweep</h2>
+{_table_html(table.sweeps_markdown())}
+<p class="meta">Per sweep, gains are differences of means over the seeds +- the standard error of the difference.
+Per arm, each figure is the mean over the searches (replicates) +- a standard error that counts the spread between
+searches and between seeds; "clear" means beyond twice that, and needs two searches or more. "Gain over R2 off" re-runs the kind's winner with the R2 term removed (same knobs, same seeds);
 "R2 on the baseline's knobs" adds the winner's R2 to the tuned baseline's configuration.</p>
 {''.join(f'<h2>{escape(title)}</h2>{body}' for title, body in sections)}
 {f'<h2 id="notes">Not shown</h2><ul class="notes">{notes_html}</ul>' if notes else ''}

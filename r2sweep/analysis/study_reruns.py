@@ -18,7 +18,7 @@ from collections.abc import Callable
 from r2sweep.analysis.confirm import TAG_CONFIRMED_BEST, Rerun, confirm_top, logged_trial_config, run_reruns
 from r2sweep.analysis.select import read_sweep
 from r2sweep.analysis.study_table import CONTROL_ON_BASELINE, CONTROL_R2_OFF, PARAM_BASELINE_TRIAL
-from r2sweep.core.config.study import StudySpec
+from r2sweep.core.config.study import StudySpec, StudySweep
 from r2sweep.core.errors import R2SweepError
 from r2sweep.core.outcome import finished_runs
 from r2sweep.tracking.names import TAG_CONTROL, TAG_CONTROL_OF, TAG_TRIAL_ID
@@ -74,13 +74,22 @@ def _on_baseline_key(sweep: SweepRun, trial_id: str, base_id: str) -> str:
 
 def run_controls(tracker: Tracker, study: StudySpec, *, address: str | None, num_cpus: int | None,
                  progress: Callable[[str], None], storage: str | None = None) -> None:
-    """For each kind: its winner with R2 off, and the baseline's winner with its R2, on the study's seeds."""
-    base = _winner(tracker, study.baseline.name)
+    """For each kind of each replicate: its winner with R2 off, and its replicate's baseline winner
+    with its R2, on the study's seeds."""
+    for sweeps in study.replicate_sweeps:
+        _replicate_controls(tracker, study, sweeps[0], sweeps[1:], address=address, num_cpus=num_cpus,
+                            progress=progress, storage=storage)
+
+
+def _replicate_controls(tracker: Tracker, study: StudySpec, baseline: StudySweep, kinds: tuple[StudySweep, ...], *,
+                        address: str | None, num_cpus: int | None, progress: Callable[[str], None],
+                        storage: str | None) -> None:
+    base = _winner(tracker, baseline.name)
     if base is None:
-        raise R2SweepError(f"the baseline sweep {study.baseline.name!r} has no confirmed winner (every re-run of its "
+        raise R2SweepError(f"the baseline sweep {baseline.name!r} has no confirmed winner (every re-run of its "
                            "best trials diverged?): there is nothing to compare R2 against")
     base_sweep, base_id, base_params, base_run = base
-    for kind in study.kinds:
+    for kind in kinds:
         winner = _winner(tracker, kind.name)
         if winner is None:
             continue  # left out of the answer (confirm_winners said so)

@@ -1,8 +1,7 @@
-"""A study's answer, read back from MLflow: each sweep's confirmed winner, its controls, the gains.
+"""A study's answer: per sweep its confirmed winner, its controls and gains; per arm, over the searches.
 
-Nothing here is kept anywhere but in MLflow, so the table of a study whose sweeps ran
-on a cluster can be rebuilt on any machine that reaches the store. Per sweep of the
-study (:mod:`r2sweep.core.config.study`):
+Per sweep of the study (:mod:`r2sweep.core.config.study`; read from MLflow by
+:mod:`r2sweep.analysis.study_read`):
 
 * the **winner**: the trial ``r2sweep confirm`` ranked first on its re-runs' mean
   (the parent run's ``r2sweep.confirmed_best_trial`` tag), and those re-runs
@@ -11,28 +10,25 @@ study (:mod:`r2sweep.core.config.study`):
   the winner): ``r2_off``, the winner's configuration with R2 switched off, and
   ``r2_on_baseline``, the tuned baseline's configuration with the winner's R2 added.
 
-The gains are differences of means over seeds, each with the standard error of that
-difference (``sqrt(sd_a^2/n_a + sd_b^2/n_b)``); a gain is *clear* when it exceeds
-twice its uncertainty, in the direction the objective improves.
+Within one replicate search, the gains are differences of means over seeds, each with the
+standard error of that difference (``sqrt(sd_a^2/n_a + sd_b^2/n_b)``). Over the study's
+replicates, each arm (the baseline, a kind) gets the mean of its replicates' figures with an
+uncertainty that also counts how far the searches landed apart
+(:mod:`r2sweep.analysis.study_spread`); a gain is *clear* when it exceeds twice that, in
+the direction the objective improves, and never from one search.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from r2sweep.analysis.confirm import TAG_CONFIRM_OF, TAG_CONFIRMED_BEST
-from r2sweep.analysis.select import read_sweep
-from r2sweep.core.config.study import StudySpec
+from r2sweep.analysis.study_spread import AcrossSearches
 from r2sweep.core.errors import R2SweepError
-from r2sweep.core.outcome import DIVERGED, FINISHED, finished_runs, run_outcome
-from r2sweep.tracking.names import TAG_CONTROL, TAG_CONTROL_OF, TAG_TRIAL_ID
-from r2sweep.tracking.store import Tracker
 
-__all__ = ["OverSeeds", "Gain", "StudyRow", "StudyTable", "read_study_table", "CONTROL_R2_OFF", "CONTROL_ON_BASELINE",
+__all__ = ["OverSeeds", "Gain", "StudyRow", "ArmRow", "StudyTable", "CONTROL_R2_OFF", "CONTROL_ON_BASELINE",
            "PARAM_BASELINE_TRIAL"]
 
 CONTROL_R2_OFF = "r2_off"  # the kind's winner, R2 switched off: what R2 itself adds at those knobs
@@ -73,6 +69,7 @@ class Gain:
     delta: float
     se: float
     clear: bool  # beyond twice its uncertainty, in the objective's better direction (never from one seed)
+    n: int = 0  # the fewer seeds of the two sides
 
     @classmethod
     def of(cls, after: OverSeeds, before: OverSeeds, sign: int) -> Gain | None:
@@ -80,10 +77,12 @@ class Gain:
             return None
         se = math.sqrt(after.sd**2 / after.n + before.sd**2 / before.n)
         delta = after.mean - before.mean
-        return cls(delta, se, clear=min(after.n, before.n) > 1 and sign * delta > 2 * se)
+        n = min(after.n, before.n)
+        return cls(delta, se, clear=n > 1 and sign * delta > 2 * se, n=n)
 
     def text(self) -> str:
-        return f"{self.delta:+.1f} +- {self.se:.1f}" + (" (clear)" if self.clear else "")
+        """Without a word on clearness: one search's gain is judged only over the searches (:class:`ArmRow`)."""
+        return f"{self.delta:+.1f} +- {self.se:.1f}"
 
 
 @dataclass(frozen=True)
@@ -114,42 +113,143 @@ class StudyRow:
     gain_on_baseline: Gain | None = None  # the baseline's knobs with this R2, over the baseline
     fp_change: float | None = None
     missing: str = ""  # why a kind has no winner (its sweep not run yet, or no trial of it finished)
+    replicate: int = 1
 
     @property
     def label(self) -> str:
-        return "none (tuned baseline)" if self.kind == "none" else self.kind
+        return _label(self.kind)
+
+
+def _label(kind: str) -> str:
+    return "none (tuned baseline)" if kind == "none" else kind
+
+
+@dataclass
+class ArmRow:
+    """One arm of the study (the tuned baseline, or an R2 kind) over its replicate searches."""
+
+    kind: str
+    rows: list[StudyRow]  # one per replicate, in order; a replicate without a winner included
+    objective: AcrossSearches | None = None
+    gain: AcrossSearches | None = None  # over the tuned baseline of the same replicate
+    gain_over_r2_off: AcrossSearches | None = None
+    gain_on_baseline: AcrossSearches | None = None
+    fp_change: float | None = None  # mean over the replicates that have one
+    picks: int = 0  # replicates whose best arm this was
+    best: StudyRow | None = None  # its replicates' winner with the best mean: what would ship
+
+    @property
+    def label(self) -> str:
+        return _label(self.kind)
+
+
+def _over_seeds(rows: Sequence[StudyRow]) -> AcrossSearches | None:
+    scored = [r.objective for r in rows if r.objective.values]
+    return AcrossSearches.of([o.mean for o in scored], [o.sd / math.sqrt(o.n) for o in scored],
+                             min((o.n for o in scored), default=0))
+
+
+def _over_gains(gains: Sequence[Gain | None]) -> AcrossSearches | None:
+    found = [g for g in gains if g is not None]
+    return AcrossSearches.of([g.delta for g in found], [g.se for g in found], min((g.n for g in found), default=0))
 
 
 @dataclass
 class StudyTable:
-    """The study's answer: one row per sweep (the baseline first) and the recommendation."""
+    """The study's answer: per replicate search its rows (the baseline first), per arm their
+    combination, and the recommendation. :meth:`build` does all the arithmetic."""
 
     name: str
     objective: str
     mode: str
     seeds: tuple[int, ...]
-    rows: list[StudyRow]
-    recommended: StudyRow
+    replicates: list[list[StudyRow]]
+    arms: list[ArmRow]
+    recommended: StudyRow  # the configuration to ship: the recommended arm's best replicate winner
+    recommended_arm: ArmRow
+
+    @classmethod
+    def build(cls, name: str, objective: str, mode: str, seeds: tuple[int, ...],
+              replicates: list[list[StudyRow]]) -> StudyTable:
+        """Gains per replicate, arms over replicates, the pick.
+
+        Raises:
+            R2SweepError: no re-run of any winner finished (nothing to recommend).
+        """
+        sign = 1 if mode == "max" else -1
+        for rows in replicates:
+            base = rows[0]
+            for row in rows[1:]:
+                row.gain = Gain.of(row.objective, base.objective, sign)
+                row.fp_change = row.fp.mean - base.fp.mean if base.fp.values and row.fp.values else None
+                if CONTROL_R2_OFF in row.controls:
+                    row.gain_over_r2_off = Gain.of(row.objective, row.controls[CONTROL_R2_OFF].over_seeds(objective), sign)
+                if CONTROL_ON_BASELINE in row.controls:
+                    row.gain_on_baseline = Gain.of(row.controls[CONTROL_ON_BASELINE].over_seeds(objective),
+                                                   base.objective, sign)
+        arms = []
+        for position, kind in enumerate(row.kind for row in replicates[0]):
+            rows = [rows[position] for rows in replicates]
+            changes = [r.fp_change for r in rows if r.fp_change is not None]
+            scored = [r for r in rows if r.objective.values]
+            arms.append(ArmRow(kind=kind, rows=rows, objective=_over_seeds(rows), gain=_over_gains([r.gain for r in rows]),
+                               gain_over_r2_off=_over_gains([r.gain_over_r2_off for r in rows]),
+                               gain_on_baseline=_over_gains([r.gain_on_baseline for r in rows]),
+                               fp_change=statistics.fmean(changes) if changes else None,
+                               best=max(scored, key=lambda r: sign * r.objective.mean, default=None)))
+        for rows in replicates:  # each search's own pick; on a tie the baseline (listed first) keeps it
+            scored = [(position, r) for position, r in enumerate(rows) if r.objective.values]
+            if scored:
+                arms[max(scored, key=lambda pair: sign * pair[1].objective.mean)[0]].picks += 1
+        ranked = [arm for arm in arms if arm.objective is not None]
+        if not ranked:
+            raise R2SweepError(f"study {name!r}: every re-run of every winner diverged or failed; nothing to recommend")
+        # The best mean over the searches wins; on a tie the baseline stays: R2 must earn its place.
+        pick = max(ranked, key=lambda arm: sign * arm.objective.mean)
+        assert pick.best is not None
+        return cls(name, objective, mode, seeds, replicates, arms, pick.best, pick)
+
+    @property
+    def searches(self) -> int:
+        return len(self.replicates)
+
+    @property
+    def rows(self) -> list[StudyRow]:
+        """Every sweep's row, replicate by replicate."""
+        return [row for rows in self.replicates for row in rows]
 
     @property
     def baseline(self) -> StudyRow:
-        return self.rows[0]
+        """The tuned baseline the recommended configuration is set against: its own replicate's."""
+        return self.replicates[self.recommended.replicate - 1][0]
+
+    def _over(self) -> str:
+        if self.searches == 1:
+            return f"seeds {list(self.seeds)}"
+        return f"{self.searches} searches x seeds {list(self.seeds)}"
 
     def verdict(self) -> str:
-        """One sentence: what to ship, and what it buys."""
-        pick, base = self.recommended, self.baseline
-        seeds = f"seeds {list(self.seeds)}"
-        if pick.kind == "none":
-            kinds = [r for r in self.rows[1:] if r.gain is not None]
-            closest = max(kinds, key=lambda r: (1 if self.mode == "max" else -1) * r.gain.delta, default=None)
-            also = f"; the closest kind, {closest.kind}: {closest.gain.text()}" if closest is not None else ""
+        """One sentence: what to ship, what it buys, and how sure that is."""
+        arm, base = self.recommended_arm, self.arms[0]
+        sign = 1 if self.mode == "max" else -1
+        if arm.kind == "none":
+            kinds = [a for a in self.arms[1:] if a.gain is not None]
+            closest = max(kinds, key=lambda a: sign * a.gain.mean, default=None)
+            also = f"; the closest kind, {closest.kind}: {closest.gain.text(signed=True)}" if closest is not None else ""
+            unsure = f" ({_ONE_SEARCH})" if self.searches == 1 else ""
             return (f"ship the tuned baseline without R2: no R2 kind beat its {self.objective} "
-                    f"{base.objective.text()} over {seeds}{also}")
-        assert pick.gain is not None
-        sure = "clear: more than twice its uncertainty" if pick.gain.clear else "inside its uncertainty: not clear"
-        fp = f"; FP {pick.fp_change:+.1f}" if pick.fp_change is not None else ""
-        return (f"ship R2 {pick.kind}: {self.objective} {pick.objective.text()} over {seeds}, "
-                f"{pick.gain.text().removesuffix(' (clear)')} over the tuned baseline ({sure}){fp}")
+                    f"{base.objective.text()} over {self._over()}{also}{unsure}")
+        assert arm.gain is not None and arm.objective is not None
+        if arm.gain.clear(sign):
+            sure = "clear: more than twice its uncertainty, the searches' spread included"
+        elif not arm.gain.searched:
+            sure = _ONE_SEARCH
+        else:
+            sure = "inside its uncertainty: not clear"
+        picked = f"; the pick of {arm.picks} of {self.searches} searches" if self.searches > 1 else ""
+        fp = f"; FP {arm.fp_change:+.1f}" if arm.fp_change is not None else ""
+        return (f"ship R2 {arm.kind}: {self.objective} {arm.objective.text()} over {self._over()}, "
+                f"{arm.gain.text(signed=True)} over the tuned baseline ({sure}){picked}{fp}")
 
     def warnings(self) -> list[str]:
         """What makes the answer weaker than its numbers say: a winner whose pre-training fails
@@ -160,21 +260,53 @@ class StudyTable:
                 continue
             against = ("every gain here is measured against it" if row.kind == "none"
                        else "its gains rest on the seeds where it trained")
-            found.append(f"{row.label}: its winner {row.trial_id} is fragile: FP {min(row.fp.values):.1f} to "
+            where = f" (search {row.replicate})" if self.searches > 1 else ""
+            found.append(f"{row.label}{where}: its winner {row.trial_id} is fragile: FP {min(row.fp.values):.1f} to "
                          f"{max(row.fp.values):.1f} over the seeds (its pre-training fails on some), and {against}; "
                          "re-run more of each sweep's best (confirm.top) so a steadier configuration can win")
         return found
 
     def markdown(self) -> str:
-        """The table as Markdown (the study page and the command line show the same)."""
-        lines = [f"| R2 | {self.objective} (mean +- sd) | gain over the tuned baseline | gain over R2 off at the "
-                 "winner's knobs | R2 on the baseline's knobs: gain | fp/top1 | FP change | winner (searched values) |",
-                 "|---|---|---|---|---|---|---|---|"]
+        """The arms' table, then one row per sweep (the study page and the command line show the same)."""
+        return f"{self.arms_markdown()}\n\n{self.sweeps_markdown()}"
+
+    def arms_markdown(self) -> str:
+        over = "mean over searches +- se" if self.searches > 1 else "mean +- se over seeds"
+        lines = [f"| R2 | {self.objective} ({over}) | gain over the tuned baseline | its uncertainty | gain over R2 off "
+                 "at the winner's knobs | R2 on the baseline's knobs: gain | FP change | picked by | winners |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        sign = 1 if self.mode == "max" else -1
+        for arm in self.arms:
+            if arm.objective is None:
+                lines.append(f"| {arm.label} | {'; '.join(sorted({r.missing for r in arm.rows}))} |" + " - |" * 7)
+                continue
+            gain = "-" if arm.gain is None else arm.gain.text(signed=True) + (" (clear)" if arm.gain.clear(sign) else "")
+            cells = [arm.label + (" **recommended**" if arm is self.recommended_arm else ""),
+                     f"{arm.objective.text()} ({_count(arm.objective.searches, 'search')} x "
+                     f"{_count(arm.objective.seeds_each, 'seed')})",
+                     gain,
+                     arm.gain.detail() if arm.gain else "-",
+                     arm.gain_over_r2_off.text(signed=True) if arm.gain_over_r2_off else "-",
+                     arm.gain_on_baseline.text(signed=True) if arm.gain_on_baseline else "-",
+                     f"{arm.fp_change:+.1f}" if arm.fp_change is not None else "-",
+                     f"{arm.picks} of {self.searches}",
+                     ", ".join(r.trial_id for r in arm.rows if not r.missing)]
+            lines.append("| " + " | ".join(cells) + " |")
+        if self.searches == 1:
+            lines += ["", "One search per arm (replicates: 1): each +- is the spread over the confirmation seeds only. "
+                      "How far a second search of the same space would land is not measured; two searches of one "
+                      "space have landed points apart, so no gain is called clear (replicates: 2 or more)."]
+        return "\n".join(lines)
+
+    def sweeps_markdown(self) -> str:
+        lines = ["| search | R2 | sweep | objective (mean +- sd) | gain | over R2 off | R2 on the baseline's knobs "
+                 "| fp/top1 | FP change | winner (searched values) |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         for row in self.rows:
             if row.missing:
-                lines.append(f"| {row.label} | {row.missing} |" + " - |" * 6)
+                lines.append(f"| {row.replicate} | {row.label} | {row.sweep} | {row.missing} |" + " - |" * 6)
                 continue
-            cells = [row.label + (" **recommended**" if row is self.recommended else ""),
+            cells = [str(row.replicate), row.label + (" **recommended**" if row is self.recommended else ""), row.sweep,
                      f"{row.objective.text()} (n={row.objective.n})",
                      row.gain.text() if row.gain else "-",
                      row.gain_over_r2_off.text() if row.gain_over_r2_off else "-",
@@ -186,90 +318,16 @@ class StudyTable:
         return "\n".join(lines)
 
 
+_ONE_SEARCH = ("over seeds only: one search, whose spread is not measured; another search of the same space may land "
+               "elsewhere (replicates: 2 or more measures it)")
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}es" if what.endswith("h") else f"{n} {what}s"
+
+
 def _short(value: str) -> str:
     try:
         return f"{float(value):.3g}"
     except ValueError:
         return value
-
-
-def _by_seed(runs: Iterable[Any], objectives: Sequence[str], seeds: Sequence[int]) -> Reruns:
-    """Finished (or diverged) re-runs on the study's seeds: a seed run outside them (an earlier
-    ``r2sweep confirm`` of the user's) is not the study's."""
-    wanted = {int(s) for s in seeds}
-    chosen: dict[int, dict[str, float]] = {}
-    for run in runs:
-        seed = int(run.data.params.get("seed", -1))
-        if seed in wanted and run_outcome(run, objectives) in (FINISHED, DIVERGED):
-            chosen[seed] = dict(run.data.metrics)
-    return Reruns(chosen)
-
-
-def _row(tracker: Tracker, name: str, kind: str, seeds: Sequence[int], baseline_trial: str = "") -> StudyRow:
-    """The sweep's row; a kind without a winner gets an empty row saying why (the baseline must have one).
-
-    ``baseline_trial``: the baseline's winner; an r2_on_baseline control counts only if it took
-    that winner's knobs (an earlier winner's, before ``confirm.top`` was raised, does not)."""
-    def missing(why: str) -> StudyRow:
-        if kind == "none":
-            raise R2SweepError(f"the study's baseline sweep {name!r} {why}: the study has no answer yet "
-                               "(run it again to go on)")
-        return StudyRow(kind=kind, sweep=name, trial_id="", run_id="", params={}, reruns=Reruns({}), missing=why)
-
-    if tracker.find_sweep(name) is None:
-        return missing("has not run yet")
-    sweep, spec = read_sweep(tracker, name)
-    winner = tracker.client.get_run(sweep.parent_run_id).data.tags.get(TAG_CONFIRMED_BEST)
-    if winner is None:
-        if not finished_runs(sweep.trial_runs(), spec.objective_metrics):
-            return missing("has no finished trial")
-        if any(r.data.tags.get(TAG_CONFIRM_OF) for r in sweep.confirm_runs()):
-            return missing("its best diverged on every confirmation seed")
-        return missing("has no confirmed winner yet")
-    trial = next((r for r in sweep.trial_runs() if r.data.tags.get(TAG_TRIAL_ID) == winner), None)
-    if trial is None:
-        raise R2SweepError(f"sweep {name!r}: its confirmed winner {winner!r} is not among its trial runs")
-    confirm_runs = sweep.confirm_runs()
-    objectives = spec.objective_metrics
-    row = StudyRow(kind=kind, sweep=name, trial_id=winner, run_id=trial.info.run_id, params=dict(trial.data.params),
-                   reruns=_by_seed([r for r in confirm_runs if r.data.tags.get(TAG_CONFIRM_OF) == winner], objectives,
-                                   seeds))
-    for control in (CONTROL_R2_OFF, CONTROL_ON_BASELINE):
-        runs = [r for r in confirm_runs
-                if r.data.tags.get(TAG_CONTROL) == control and r.data.tags.get(TAG_CONTROL_OF) == winner
-                and (control != CONTROL_ON_BASELINE or r.data.params.get(PARAM_BASELINE_TRIAL) == baseline_trial)]
-        if runs:
-            row.controls[control] = _by_seed(runs, objectives, seeds)
-    row.objective = row.reruns.over_seeds(spec.objective.metric)
-    row.fp = row.reruns.over_seeds("fp/top1")
-    return row
-
-
-def read_study_table(tracker: Tracker, study: StudySpec) -> StudyTable:
-    """The study's table from MLflow alone.
-
-    A kind whose sweep has not run, or has no finished trial, gets a row saying so.
-
-    Raises:
-        R2SweepError: the baseline's sweep is missing or not confirmed yet.
-    """
-    objective = study.baseline.spec.objective
-    sign = 1 if objective.mode == "max" else -1
-    base = _row(tracker, study.baseline.name, "none", study.seeds)
-    rows = [base, *(_row(tracker, s.name, s.kind, study.seeds, base.trial_id) for s in study.kinds)]
-    for row in rows[1:]:
-        row.gain = Gain.of(row.objective, base.objective, sign)
-        if base.fp.values and row.fp.values:
-            row.fp_change = row.fp.mean - base.fp.mean
-        if CONTROL_R2_OFF in row.controls:
-            row.gain_over_r2_off = Gain.of(row.objective, row.controls[CONTROL_R2_OFF].over_seeds(objective.metric), sign)
-        if CONTROL_ON_BASELINE in row.controls:
-            row.gain_on_baseline = Gain.of(row.controls[CONTROL_ON_BASELINE].over_seeds(objective.metric),
-                                           base.objective, sign)
-    scored = [r for r in rows if r.objective.values]
-    if not scored:
-        raise R2SweepError(f"study {study.name!r}: every re-run of every winner diverged or failed; nothing to recommend")
-    # The best mean wins; on a tie the baseline (listed first) stays: R2 must earn its place.
-    recommended = max(scored, key=lambda r: sign * r.objective.mean)
-    return StudyTable(name=study.name, objective=objective.metric, mode=objective.mode, seeds=study.seeds, rows=rows,
-                      recommended=recommended)

@@ -93,9 +93,10 @@ def _first_difference(old: Any, new: Any, path: str = "") -> str:
 
 
 def _sweeps_part(study: Mapping[str, Any]) -> dict[str, Any]:
-    """What decides a study's sweeps: all of the file but ``confirm``, which may change between runs
-    (more seeds, more top trials) since re-runs only add to what MLflow holds."""
-    return {k: v for k, v in study.items() if k != "confirm"}
+    """What decides a study's sweeps: all of the file but ``confirm`` and ``replicates``, which may
+    change between runs (more seeds, more top trials, more searches): re-runs and replicates only add
+    to what MLflow holds, and replicate r's sweeps do not depend on how many others there are."""
+    return {k: v for k, v in study.items() if k not in ("confirm", "replicates")}
 
 
 def _ended_trials(tracker: Any, name: str) -> tuple[int, bool]:
@@ -141,7 +142,7 @@ def _run_sweeps(tracker: Any, study: StudySpec, storage: str, *, tracking_uri: s
         if state == _DONE:
             stage(f"{head}: in MLflow already, skipped")
         else:
-            lent = study.baseline.name if sweep.kind != "none" and state == _NEW else None
+            lent = study.baseline_of(sweep).name if sweep.kind != "none" and state == _NEW else None
             stage(f"{head}: {'resumed' if state == _RESUME else 'started'}, {sweep.spec.settings.num_samples} trials"
                 + (f", the baseline's best {study.start_top} first" if lent else ""))
             prepared = prepare_sweep(sweep.mapping, tracking_uri=tracking_uri, storage=storage, address=address,
@@ -215,7 +216,9 @@ def run_study(
                                "with the same file (its confirm: section may change), or give the study another name")
         if started_with != resolved:  # more seeds, or more top trials confirmed: the file says so from now on
             existing.log_text(existing.parent_run_id, text, STUDY_ARTIFACT)
-            stage(f"confirm: {started_with.get('confirm')} -> {resolved.get('confirm')}; the sweeps are kept")
+            changed = [f"{key}: {started_with.get(key)} -> {resolved.get(key)}" for key in ("confirm", "replicates")
+                       if started_with.get(key) != resolved.get(key)]
+            stage(f"{'; '.join(changed)}; the sweeps run so far are kept")
     record = existing or open_study(tracker, spec.name, text)
     storage_text = storage_text or DEFAULT_STORAGE
     _run_sweeps(tracker, spec, storage_text, tracking_uri=tracking_uri, address=address,
@@ -235,7 +238,7 @@ def _answer(tracker: Any, spec: StudySpec, record: Any, folder: Path, text: str,
     from r2sweep.analysis.confirm import logged_trial_config
     from r2sweep.analysis.select import read_sweep, register_champion
     from r2sweep.analysis.study_page import write_study_page
-    from r2sweep.analysis.study_table import read_study_table
+    from r2sweep.analysis.study_read import read_study_table
     from r2sweep.tracking.names import TAG_STUDY
 
     table = read_study_table(tracker, spec)
@@ -266,7 +269,7 @@ def load_study(name: str, *, tracking_uri: str | None = None, out: str | os.Path
         R2SweepError: no such study, or it has not reached its answer yet.
     """
     from r2sweep.analysis.study_page import write_study_page
-    from r2sweep.analysis.study_table import read_study_table
+    from r2sweep.analysis.study_read import read_study_table
     from r2sweep.tracking.studies import find_study, study_text
 
     check.sweep_to_read(name, "name")

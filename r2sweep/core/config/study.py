@@ -21,10 +21,18 @@ validates like any file, so every error names the study's own field::
     start_top: 1                             # each kind's sweep first tries the baseline's best 1
     confirm: {seeds: [1, 2, 3], top: 1}     # each sweep's top trials, re-run on these; the winner on the mean
     sweep: {max_concurrent: 2, scheduler: asha}   # settings every sweep shares
+    replicates: 2                            # the baseline's and each kind's sweep, searched twice
+    seed: 0                                  # the study's seed: every sweep's sampler seed derives from it
 
-Each sweep gets its own sampler seed, derived from the study's name and the sweep's,
-and written into its file (so it is recorded with the sweep in MLflow): sweeps of one
-study never draw the same early configurations.
+Each sweep gets its own sampler seed, derived from the study's seed, its name and the
+sweep's, and written into its file (so it is recorded with the sweep in MLflow): sweeps of
+one study never draw the same early configurations, and a study run again with another
+``seed`` searches afresh.
+
+``replicates: R`` runs the whole plan R times: replicate 1's sweeps are ``NAME-baseline``,
+``NAME-<kind>``; replicate r's are ``NAME-baseline-r<r>``, ``NAME-<kind>-r<r>``, each kind
+started from its own replicate's baseline. Two searches of one space can land points
+apart; only replicates measure how far (:mod:`r2sweep.analysis.study_table`).
 """
 
 from __future__ import annotations
@@ -43,7 +51,8 @@ from r2sweep.core.validate import check, reject_unknown, require_int
 __all__ = ["StudySpec", "StudySweep", "load_study_spec", "BASELINE"]
 
 BASELINE = "baseline"
-_TOP_LEVEL = ("name", *TRIAL_SECTIONS, "objective", "baseline", "kinds", "start_top", "confirm", "sweep")
+_TOP_LEVEL = ("name", *TRIAL_SECTIONS, "objective", "baseline", "kinds", "start_top", "confirm", "sweep", "replicates",
+              "seed")
 _STAGE_KEYS = ("trials", "search")
 _CONFIRM_KEYS = ("seeds", "top")
 # Fields of sweep: that the study decides for each of its sweeps.
@@ -58,28 +67,55 @@ class StudySweep:
     kind: str
     mapping: Mapping[str, Any]  # its search-space file
     spec: SweepSpec
+    replicate: int = 1  # which search of the study's replicates (1-based)
 
 
 @dataclass(frozen=True)
 class StudySpec:
-    """A validated study file: the baseline sweep, one sweep per R2 kind, the confirmation."""
+    """A validated study file: per replicate, the baseline sweep and one sweep per R2 kind; the confirmation."""
 
     name: str
-    baseline: StudySweep
-    kinds: tuple[StudySweep, ...]
+    replicate_sweeps: tuple[tuple[StudySweep, ...], ...]  # per replicate: its baseline, then its kinds
     seeds: tuple[int, ...]
     start_top: int
     confirm_top: int = 1  # how many of each sweep's best trials are re-run on the seeds
+    seed: int = 0  # the study's seed, from which every sweep's sampler seed derives
+
+    @property
+    def replicates(self) -> int:
+        return len(self.replicate_sweeps)
+
+    @property
+    def baseline(self) -> StudySweep:
+        """Replicate 1's baseline (the one every study has)."""
+        return self.replicate_sweeps[0][0]
+
+    @property
+    def kinds(self) -> tuple[StudySweep, ...]:
+        """Replicate 1's kinds."""
+        return self.replicate_sweeps[0][1:]
 
     @property
     def sweeps(self) -> tuple[StudySweep, ...]:
-        """In the order they run: the baseline first (every kind starts from its winner)."""
-        return (self.baseline, *self.kinds)
+        """In the order they run: replicate by replicate, each baseline first (its kinds start from its winner)."""
+        return tuple(sweep for replicate in self.replicate_sweeps for sweep in replicate)
+
+    def baseline_of(self, sweep: StudySweep) -> StudySweep:
+        """The baseline of ``sweep``'s replicate: what that kind starts from and is compared against."""
+        return self.replicate_sweeps[sweep.replicate - 1][0]
 
 
-def sampler_seed(study: str, sweep: str) -> int:
-    """A sweep's own sampler seed: fixed by the two names, different for each sweep of a study."""
-    return zlib.crc32(f"{study}/{sweep}".encode()) % (2**31)
+def sampler_seed(study: str, sweep: str, seed: int = 0) -> int:
+    """A sweep's own sampler seed: fixed by the names and the study's seed, different for each sweep of a study.
+
+    Seed 0 keeps the names alone (the studies recorded before ``seed`` existed)."""
+    text = f"{study}/{sweep}" + (f"/{seed}" if seed else "")
+    return zlib.crc32(text.encode()) % (2**31)
+
+
+def replicate_name(study: str, arm: str, replicate: int) -> str:
+    """``NAME-<arm>`` for replicate 1 (a study's sweeps before replicates existed), ``NAME-<arm>-r<k>`` after."""
+    return f"{study}-{arm}" + (f"-r{replicate}" if replicate > 1 else "")
 
 
 def _stage(data: Any, where: str) -> dict[str, Any]:
@@ -92,8 +128,8 @@ def _stage(data: Any, where: str) -> dict[str, Any]:
 
 
 def _sweep(study: str, raw: Mapping[str, Any], kind: str, stage: Mapping[str, Any], search: dict[str, Any],
-           where: str) -> StudySweep:
-    name = f"{study}-{BASELINE if kind == 'none' else kind}"
+           where: str, replicate: int, seed: int) -> StudySweep:
+    name = replicate_name(study, BASELINE if kind == "none" else kind, replicate)
     shared = dict(raw.get("sweep") or {})
     mapping = {
         "name": name,
@@ -101,7 +137,7 @@ def _sweep(study: str, raw: Mapping[str, Any], kind: str, stage: Mapping[str, An
         "r2": {**dict(raw.get("r2") or {}), "kind": kind},
         "objective": raw.get("objective"),
         "search": search,
-        "sweep": {**shared, "num_samples": stage["trials"], "seed": sampler_seed(study, name), "baseline": False},
+        "sweep": {**shared, "num_samples": stage["trials"], "seed": sampler_seed(study, name, seed), "baseline": False},
     }
     try:
         spec = load_sweep_spec(mapping)
@@ -112,7 +148,7 @@ def _sweep(study: str, raw: Mapping[str, Any], kind: str, stage: Mapping[str, An
         elif field.startswith("sweep.num_samples"):
             field = f"{where}.trials"
         raise ConfigError(field, error.value, error.allowed) from None
-    return StudySweep(name=name, kind=kind, mapping=mapping, spec=spec)
+    return StudySweep(name=name, kind=kind, mapping=mapping, spec=spec, replicate=replicate)
 
 
 def load_study_spec(raw: Any) -> StudySpec:
@@ -138,17 +174,21 @@ def load_study_spec(raw: Any) -> StudySpec:
         check(key not in shared, f"sweep.{key}", shared.get(key),
               "left to the study (trials: per sweep; the sampler seed: one per sweep; no baseline trial or start points)")
 
+    replicates = raw.get("replicates", 1)
+    require_int("replicates", replicates, 1)
+    seed = raw.get("seed", 0)
+    require_int("seed", seed, 0)
+
     base_stage = _stage(raw.get(BASELINE), BASELINE)
     check(bool(base_stage["search"]), "baseline.search", {}, "the no-R2 recipe's knobs to tune (train.lr, ...): a gain "
           "over an untuned baseline is not a gain")
     for path in base_stage["search"]:
         check(not str(path).startswith("r2."), f"baseline.search.{path}", base_stage["search"][path],
               "a knob of the recipe, not of R2 (the baseline trains without R2)")
-    baseline = _sweep(name, raw, "none", base_stage, dict(base_stage["search"]), "baseline.search")
 
     kinds_raw = dict(mapping_at(raw.get("kinds"), "kinds", "{linf: {search: {r2.strength: {loguniform: [1.0e-3, 1.0]}}}}"))
     check(bool(kinds_raw), "kinds", {}, f"at least one R2 kind: {[k for k in list_r2_losses() if k != 'none']}")
-    kinds = []
+    kind_stages = {}
     for kind, data in kinds_raw.items():
         where = f"kinds.{kind}"
         check(kind in list_r2_losses() and kind != "none", "kinds", kind,
@@ -158,18 +198,26 @@ def load_study_spec(raw: Any) -> StudySpec:
             check(path != "r2.kind", f"{where}.search.r2.kind", stage["search"][path], "left to the study")
             check(path not in base_stage["search"], f"{where}.search.{path}", stage["search"][path],
                   "a knob the baseline does not search already (each kind's sweep searches the baseline's knobs too)")
-        kinds.append(_sweep(name, raw, kind, stage, {**stage["search"], **base_stage["search"]}, f"{where}.search"))
+        kind_stages[kind] = stage
+
+    plan = []
+    for replicate in range(1, replicates + 1):
+        sweeps = [_sweep(name, raw, "none", base_stage, dict(base_stage["search"]), "baseline.search", replicate, seed)]
+        for kind, stage in kind_stages.items():
+            sweeps.append(_sweep(name, raw, kind, stage, {**stage["search"], **base_stage["search"]},
+                                 f"kinds.{kind}.search", replicate, seed))
+        plan.append(tuple(sweeps))
 
     confirm = dict(mapping_at(raw.get("confirm") or {}, "confirm", "{seeds: [1, 2, 3]}"))
     reject_unknown(confirm, _CONFIRM_KEYS, lambda key: f"confirm.{key}")
     seeds = confirm.get("seeds", [1, 2, 3])
     check(isinstance(seeds, list) and len(seeds) >= 2 and len(set(map(str, seeds))) == len(seeds), "confirm.seeds", seeds,
           "two or more distinct seeds, e.g. [1, 2, 3] (a gain needs its spread over seeds)")
-    for i, seed in enumerate(seeds):
-        require_int(f"confirm.seeds[{i}]", seed, 0)
+    for i, value in enumerate(seeds):
+        require_int(f"confirm.seeds[{i}]", value, 0)
     top = confirm.get("top", 1)
     require_int("confirm.top", top, 1)
     start_top = raw.get("start_top", 1)
     require_int("start_top", start_top, 1)
-    return StudySpec(name=name, baseline=baseline, kinds=tuple(kinds), seeds=tuple(seeds), start_top=start_top,
-                     confirm_top=top)
+    return StudySpec(name=name, replicate_sweeps=tuple(plan), seeds=tuple(seeds), start_top=start_top,
+                     confirm_top=top, seed=seed)
