@@ -145,6 +145,29 @@ def test_seeded_sampler_repeats_its_proposals() -> None:
     assert proposals() == proposals()
 
 
+def test_sampler_options_reach_the_sampler_and_a_wrong_one_names_the_field() -> None:
+    import copy
+
+    raw = copy.deepcopy(SPEC)
+    raw["sweep"] = {**raw.get("sweep", {}), "sampler_options": {"n_startup_trials": 5, "constant_liar": True,
+                                                                "multivariate": False}}
+    sampler = make_sampler(load_sweep_spec(raw).settings)
+    assert isinstance(sampler, optuna.samplers.TPESampler)
+    assert (sampler._n_startup_trials, sampler._constant_liar, sampler._multivariate, sampler._group) == (5, True, False, False)
+    default = make_sampler(load_sweep_spec(SPEC).settings)
+    assert (default._constant_liar, default._multivariate, default._group) == (True, True, True)  # Optuna 4's defaults
+    for options, message in (({"n_startup": 5}, r"^sweep.sampler_options.n_startup=5 is not valid: an option of the tpe "
+                                                r"sampler: one of \['n_startup_trials', 'constant_liar', 'multivariate'\]"),
+                             ({"constant_liar": "yes"}, r"^sweep.sampler_options.constant_liar='yes' is not valid: true or false"),
+                             ({"n_startup_trials": -1}, r"^sweep.sampler_options.n_startup_trials=-1 is not valid")):
+        raw["sweep"]["sampler_options"] = options
+        with pytest.raises(ConfigError, match=message):
+            load_sweep_spec(raw)
+    raw["sweep"] = {"sampler": "random", "sampler_options": {"n_startup_trials": 5}}
+    with pytest.raises(ConfigError, match=r"no options for the random sampler"):
+        load_sweep_spec(raw)
+
+
 def test_every_shipped_search_space_validates() -> None:
     from pathlib import Path
 

@@ -65,17 +65,17 @@ def make_space(params: Sequence[SearchParam]) -> Callable[[optuna.Trial], None]:
 def make_sampler(settings: SweepSettings, multi_objective: bool = False) -> optuna.samplers.BaseSampler:
     """The seeded Optuna sampler named by ``sweep.sampler``."""
     seed = settings.seed
+    options = dict(settings.sampler_options)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress is r2sweep's to print
     if settings.sampler == "tpe":
         # multivariate + group: TPE models the conditional parameters jointly
         # within the groups of trials that share a search-space shape.
+        chosen = {"multivariate": True, "n_startup_trials": min(8, settings.num_samples // 4 or 1), **options}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(
-                seed=seed, multivariate=True, group=True, n_startup_trials=min(8, settings.num_samples // 4 or 1)
-            )
+            return optuna.samplers.TPESampler(seed=seed, group=chosen["multivariate"], **chosen)
     if settings.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
+        return optuna.samplers.GPSampler(seed=seed, **options)
     if settings.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed)
     if settings.sampler == "nsga2":

@@ -46,6 +46,11 @@ SCHEDULERS = ("asha", "none")
 MODES = ("max", "min")
 # Samplers that handle several objectives (Optuna's multi-objective support).
 MULTI_OBJECTIVE_SAMPLERS = ("tpe", "nsga2", "random")
+# sweep.sampler_options a sampler takes: what a long search tunes (benchmarks/RESULTS.md,
+# TPE's cost): n_startup_trials (random trials before the model), constant_liar (pending
+# trials count as bad while they run; Optuna 4 turns it on by default),
+# multivariate (false: independent TPE, cheaper per suggestion past thousands of trials).
+SAMPLER_OPTIONS = {"tpe": ("n_startup_trials", "constant_liar", "multivariate"), "gp": ("n_startup_trials",)}
 #: The pre-training cache's folder in a sweep's storage (``sweep.pretrain_cache: true``).
 PRETRAIN_CACHE_FOLDER = "pretrain_cache"
 #: The object stores the pre-training cache can live on (besides a folder).
@@ -101,6 +106,8 @@ class SweepSettings:
     # optuna-dashboard and optuna.visualization: true keeps an SQLite file beside the
     # sweep's results (<storage>/<name>/optuna.db), an RDB URL puts it there, false: none.
     optuna_storage: Union[bool, str] = True
+    # Keyword options of the sampler (SAMPLER_OPTIONS), e.g. {n_startup_trials: 20, constant_liar: true}.
+    sampler_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         require_int("sweep.num_samples", self.num_samples, 1)
@@ -139,9 +146,23 @@ class SweepSettings:
               redact_uri(store) if isinstance(store, str) else store,
               "a URL without a password (the sweep file is logged with the sweep): put it in PGPASSWORD or "
               "~/.pgpass for PostgreSQL, ~/.my.cnf for MySQL")
+        self._check_sampler_options()
         gpu = resources.get("gpu", 0)
         check(gpu <= 1 or float(gpu).is_integer(), "sweep.resources_per_trial.gpu", gpu,
               "a fraction of one GPU (0-1) or a whole number of GPUs")
+
+
+    def _check_sampler_options(self) -> None:
+        options = mapping_at(self.sampler_options, "sweep.sampler_options", "{n_startup_trials: 20, constant_liar: true}")
+        known = SAMPLER_OPTIONS.get(self.sampler, ())
+        for key, value in options.items():
+            where = f"sweep.sampler_options.{key}"
+            check(key in known, where, value, f"an option of the {self.sampler} sampler: one of {list(known)}" if known
+                  else f"no options for the {self.sampler} sampler (options exist for {list(SAMPLER_OPTIONS)})")
+            if key == "n_startup_trials":
+                require_int(where, value, 0)
+            else:
+                check(isinstance(value, bool), where, value, "true or false")
 
 
 @dataclass(frozen=True)
