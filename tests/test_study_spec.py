@@ -98,3 +98,18 @@ def test_a_search_space_file_given_as_a_study_is_named_for_what_it_is() -> None:
     with pytest.raises(ConfigError, match=r"^search=\['train.lr'\] is not valid: not a study's section: this looks "
                                           r"like a search-space file \(r2sweep sweep FILE\)"):
         load_study_spec({**sweep_file, "search": {"train.lr": {"loguniform": [0.01, 0.1]}}})
+
+
+def test_every_shipped_study_validates_and_says_which_replicates_it_was_measured_with() -> None:
+    from pathlib import Path
+
+    from r2sweep.core.config.strict_yaml import load_file
+
+    files = sorted((Path(__file__).parent.parent / "search_spaces" / "studies").glob("*.yaml"))
+    assert len(files) >= 5
+    for path in files:
+        raw = load_file(path)
+        assert "replicates" in raw, f"{path.name}: say which replicates its figures were measured with"
+        assert load_study_spec(raw).replicates == raw["replicates"]
+        comments = [line for line in path.read_text().splitlines() if line.startswith("#") and "replicates" in line]
+        assert comments and any(unit in " ".join(comments) for unit in ("hour", "minute")), f"{path.name}: and its cost"
