@@ -2,7 +2,7 @@
 
 Each setting (R2LOSS.md section 4) is a study file: the tuned no-R2 baseline's
 sweep, one sweep per R2 kind started from its best, every winner re-run on seeds
-1-3, the controls, and the answer (README, "A study"). This script runs the ones
+1-3, the controls, and the answer (docs/studies.md). This script runs the ones
 named, in one MLflow store under ``--work``, and prints each table::
 
     .venv/bin/python benchmarks/paper_effect.py --settings dkm-r18             # about 70 minutes on 2 cores

@@ -11,7 +11,7 @@ build secret), a look at the image for the CA (in no layer, no variable), ``dock
 (PostgreSQL, the MLflow server with basic auth, a Ray head, two Ray workers), a shrunk
 quickstart sweep inside the cluster (``docker compose exec ray-head r2sweep sweep ...
 --address auto``) and its report, the same sweep as a Ray job submitted from this host
-(``ray job submit``, the README's second path), then the checks from this host through
+(``ray job submit``, docs/cluster.md's second path), then the checks from this host through
 the MLflow server with the client credentials:
 
 - one sweep parent run and one run per trial; trials on both worker nodes;
@@ -280,7 +280,7 @@ def image_name(env: dict[str, str]) -> str:
 
 
 def submit_job(env: dict[str, str]) -> None:
-    """The README's second path: this host's ``ray job submit`` against the head's job server."""
+    """docs/cluster.md's second path: this host's ``ray job submit`` against the head's job server."""
     folder = Path(tempfile.mkdtemp(prefix="r2sweep-job-"))
     try:
         shutil.copy(ROOT / "search_spaces" / "quickstart.yaml", folder / "space.yaml")

@@ -1,5 +1,5 @@
 """The deployment files: docker/compose.yaml validated by Docker Compose itself,
-the KubeRay manifest and the Dockerfile checked for what the README promises.
+the KubeRay manifest and the Dockerfile checked for what docs/cluster.md promises.
 
 The suite needs no Docker engine: ``docker compose config`` validates the files, and the
 Dockerfile is checked as text. The images are built and the cluster run for real by

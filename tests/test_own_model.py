@@ -240,15 +240,15 @@ def test_a_torchvision_checkpoint_loads_strictly_into_the_same_architecture(tmp_
         load_weights(model, pickled)
 
 
-def _readme_example() -> tuple[str, str]:
-    text = (Path(__file__).parent.parent / "README.md").read_text()
+def _documented_example() -> tuple[str, str]:
+    text = (Path(__file__).parent.parent / "docs" / "own_model.md").read_text()
     block = re.search(r"<!-- own-model:start -->\s*```python\n(.*?)```\s*```yaml\n(.*?)```\s*<!-- own-model:end -->", text, re.S)
-    assert block, "README.md lost its own-model example (<!-- own-model:start --> python, yaml <!-- own-model:end -->)"
+    assert block, "docs/own_model.md lost its own-model example (<!-- own-model:start --> python, yaml <!-- own-model:end -->)"
     return block.group(1), block.group(2)
 
 
-def test_the_readme_example_loads_checks_and_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    module, sweep_file = _readme_example()
+def test_the_documented_example_loads_checks_and_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module, sweep_file = _documented_example()
     (tmp_path / "my_nets.py").write_text(module)
     (tmp_path / "own.yaml").write_text(sweep_file)
     monkeypatch.chdir(tmp_path)

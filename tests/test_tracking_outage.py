@@ -54,7 +54,7 @@ def _trial_runs(client: MlflowClient) -> list:
 
 
 def _journal_ops(tmp_path: Path) -> list[str]:
-    """The operations the driver has journalled so far (README: ``<storage>/<name>/tracking/``)."""
+    """The operations the driver has journalled so far (docs/cluster.md: ``<storage>/<name>/tracking/``)."""
     journal = tmp_path / "r2sweep_results" / "outage" / "tracking" / "journal.jsonl"
     if not journal.exists():
         return []

@@ -114,7 +114,8 @@ class AdaRoundWeight(nn.Module):
 
 @dataclass(frozen=True)
 class AdaRoundSettings:
-    """Optimization knobs (defaults: the AdaRound paper's, fewer iterations and a larger lr; see README)."""
+    """Optimization knobs (defaults: the AdaRound paper's, fewer iterations and a larger lr;
+    docs/reference.md, "Downstream methods and their defaults")."""
 
     iterations: int = 1000
     batch_size: int = 32

@@ -68,8 +68,8 @@ class Rounding(NamedTuple):
 class MethodConfig:
     """The fields every method has (one entry of ``downstream:``); a method subclasses it.
 
-    Defaults are laptop-scale versions of the papers' settings; README.md,
-    "Downstream methods", lists them with the papers' values.
+    Defaults are laptop-scale versions of the papers' settings; docs/reference.md,
+    "Downstream methods and their defaults", lists them with the papers' values.
     """
 
     section: ClassVar[str] = "downstream"
