@@ -46,6 +46,8 @@ def test_the_scale_benchmark_is_a_valid_sweep_of_cheap_trials(sampler: str) -> N
 
 def test_the_four_settings_are_the_papers() -> None:
     assert paper_effect.SETTINGS == ["dkm-mbv2", "dkm-r18", "ptq-mbv2", "qat-mbv1"]
+    # Every shipped study is one of them, or the quickstart's (not a paper setting).
+    assert {p.stem for p in paper_effect.STUDIES.glob("*.yaml")} == {*paper_effect.SETTINGS, "quickstart"}
     qat = load_study_spec(load_file(paper_effect.STUDIES / "qat-mbv1.yaml"))
     # EWGS's fine-tuning lr is searched on both sides (a range-restricted model needs it lower).
     assert all("downstream.0.lr" in {p.path for p in s.spec.params} for s in qat.sweeps)
