@@ -76,7 +76,10 @@ def test_a_hit_from_s3_is_the_trial_trained_afresh_bit_for_bit(s3, uri: str) -> 
     assert (fresh["pretrain_cache"], stored["pretrain_cache"], hit["pretrain_cache"]) == ("off", "stored", "hit")
     _same_results(fresh, stored)
     _same_results(fresh, hit)
-    assert hit["pretrain_source"] == "s/first" and hit["time/pretrain_saved_s"] > 0
+    assert hit["pretrain_source"] == "s/first"
+    # What the hit saved: the entry's pre-training time less the download, never below 0. With
+    # this tiny model a busy machine's download can cost as much as the training (CI saw 0.0).
+    assert 0 <= hit["time/pretrain_saved_s"] <= stored["time/pretrain_s"]
     assert fresh_rng.equal(hit_rng)  # the RNG after pre-training came back from the entry
     assert _untimed(hit_reports) == _untimed(fresh_reports) and [r["pretrain_cache"] for r in hit_reports] == ["hit"] * 3
 
