@@ -32,12 +32,14 @@ from torch import nn
 
 from r2sweep.core.checkpoint import capture_rng_state, load_checkpoint, load_state, restore_rng_state, state_copy
 from r2sweep.core.config.trial import TrialConfig
+from r2sweep.core.data_parallel import PeerFailed, Peers
+from r2sweep.core.distributed import World, free_address, parameters_digest
 from r2sweep.core.losses import R2Loss
 from r2sweep.core.pretrain_cache import CacheKey, NotCacheable, PretrainCache, pretrain_key
 from r2sweep.core.pretrain_cache.store import Epochs
 from r2sweep.core.train import pretrain
 
-__all__ = ["PretrainJob", "Pretrained", "run_pretraining", "proxy_grid", "OFF", "STORED", "HIT", "UNCACHEABLE", "MISS"]
+__all__ = ["PretrainJob", "Pretrained", "run_pretraining", "epochs_reported", "proxy_grid", "OFF", "STORED", "HIT", "UNCACHEABLE", "MISS"]
 
 #: How the pre-trained weights came (the trial's ``pretrain_cache`` result, an MLflow tag).
 OFF, STORED, HIT, UNCACHEABLE = "off", "stored", "hit", "uncacheable"
@@ -65,6 +67,8 @@ class PretrainJob:
     checkpoint: Path | None = None  # the trial's own resumable state
     owner: str | None = None  # its fingerprint (see r2sweep.core.trial.check_out_dir)
     started: float = field(default_factory=time.perf_counter)
+    peers: Peers | None = None  # who runs ranks 1..N-1 when config.train.workers > 1
+    comm: dict[str, float] = field(default_factory=dict)  # the gradient all-reduce's figures, once trained
 
 
 @dataclass
@@ -107,7 +111,7 @@ def _as_this_trial(epochs: Epochs, job: PretrainJob) -> list[dict[str, Any]]:
     return out
 
 
-def _epochs_reported(job: PretrainJob) -> int:
+def epochs_reported(job: PretrainJob) -> int:
     """Epochs the scheduler already saw: those in the trial's own checkpoint (a restored trial resumes after them)."""
     if job.checkpoint is None or not job.checkpoint.is_file():
         return 0
@@ -128,8 +132,23 @@ def _train(job: PretrainJob, reported: int, publish: Callable[[list[dict[str, An
         if metrics["epoch"] >= reported:
             job.emit(metrics, False)
 
-    pretrain(job.model, job.r2, job.train_loader, job.val_loader, job.config.train, on_epoch=on_epoch,
-             checkpoint_path=job.checkpoint, checkpoint_owner=job.owner, device=job.device)
+    workers = job.config.train.workers
+    if workers == 1:
+        pretrain(job.model, job.r2, job.train_loader, job.val_loader, job.config.train, on_epoch=on_epoch,
+                 checkpoint_path=job.checkpoint, checkpoint_owner=job.owner, device=job.device)
+        return history
+    if job.peers is None:
+        raise ValueError(f"train.workers is {workers}, and nothing was given to run ranks 1..{workers - 1}")
+    address = free_address(job.peers.host)
+    world = World(0, workers, address, job.config.seed)
+    with job.peers.run(address) as peers:
+        pretrain(job.model, job.r2, job.train_loader, job.val_loader, job.config.train, on_epoch=on_epoch,
+                 checkpoint_path=job.checkpoint, checkpoint_owner=job.owner, device=job.device, world=world)
+    mine = parameters_digest(job.model)
+    differ = [int(peer["rank"]) for peer in peers if peer["weights"] != mine]
+    if differ:  # every rank took the same steps from the same weights: a difference is a bug, not noise
+        raise PeerFailed(f"rank(s) {differ} ended pre-training with other weights than rank 0")
+    job.comm.update(world.meter.per_step())
     return history
 
 
@@ -143,7 +162,7 @@ def run_pretraining(job: PretrainJob, cache: PretrainCache | None, label: str = 
 
     ``label`` names this trial in the entry it stores (its source) and in its lock.
     """
-    resumed = reported = _epochs_reported(job)
+    resumed = reported = epochs_reported(job)
     if cache is None:
         return Pretrained(_train(job, reported), OFF)
     try:

@@ -11,6 +11,13 @@ resumed from epoch ``k`` ends with the same weights as one never interrupted.
 ``train.precision`` (:mod:`r2sweep.core.precision`): ``bf16``/``fp16`` run the
 model's forward under autocast; the R2 term, the parameters and the optimizer
 state stay float32. ``fp32`` runs exactly the plain loop.
+
+Data-parallel (``world``, :mod:`r2sweep.core.distributed`): every rank runs this
+loop on its share of each batch, the model wrapped in DDP, which averages the
+task gradients; R2 is computed on every rank from the same weights, so its term
+and gradient are the same everywhere and the averaged step is the whole batch's.
+Only rank 0 evaluates, checkpoints and calls ``on_epoch``; BatchNorm statistics are
+each rank's own (gloo has no SyncBatchNorm), rank 0's being the ones kept.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from torch.nn import functional as F
 
 from r2sweep.core.checkpoint import capture_rng_state, load_checkpoint, load_state, restore_rng_state, save_atomic
 from r2sweep.core.config.sections import TrainConfig
+from r2sweep.core.data.loader import epoch_seed
+from r2sweep.core.distributed import SINGLE, World, all_sum, broadcast_state, joined
 from r2sweep.core.errors import TrialDiverged
 from r2sweep.core.losses import R2Loss
 from r2sweep.core.precision import Precision, check_precision
@@ -102,10 +111,16 @@ _CUDA_READBACK_STEPS = 32
 
 
 class _LossBook:
-    """The epoch's task and R2 losses, read back in windows; raises on the first non-finite one."""
+    """The epoch's task and R2 losses, read back in windows; raises on the first non-finite one.
 
-    def __init__(self, every: int) -> None:
-        self.every = every
+    Data-parallel, the losses are read back once, at the epoch's end, summed over the
+    ranks: a rank that saw a non-finite loss then fails every rank at the same point,
+    instead of leaving the others waiting in their next all-reduce.
+    """
+
+    def __init__(self, every: int, world: World = SINGLE) -> None:
+        self.every = every if not world.parallel else math.inf
+        self.world = world
         self.pending: list[Tensor] = []
         self.sums = [0.0, 0.0]
         self.batches = 0
@@ -131,6 +146,16 @@ class _LossBook:
             self.batches += 1
 
     def means(self) -> dict[str, float]:
+        if self.world.parallel:
+            # Equal shares: the mean over ranks of each rank's mean is the whole batches' mean.
+            steps = len(self.pending)
+            local = torch.stack(self.pending).sum(0).cpu() if self.pending else torch.zeros(2)
+            task, r2 = (all_sum(local.double(), self.world) / self.world.size).tolist()
+            self.pending = []
+            if not math.isfinite(task + r2):
+                raise TrialDiverged(f"non-finite loss in this epoch on some rank (task {task:.4g}, r2 {r2:.4g}): "
+                                    "lower train.lr or r2.strength")
+            self.sums, self.batches = [task, r2], steps
         self.flush()
         return {"train/loss": self.sums[0] / max(self.batches, 1), "train/r2": self.sums[1] / max(self.batches, 1)}
 
@@ -141,10 +166,12 @@ def _train_one_epoch(
     loader: Iterable[tuple[Tensor, Tensor]],
     optimizer: torch.optim.Optimizer,
     amp: Precision,
+    world: World = SINGLE,
 ) -> dict[str, float]:
     model.train()
-    book = _LossBook(_CUDA_READBACK_STEPS if amp.device.type == "cuda" else 1)
+    book = _LossBook(_CUDA_READBACK_STEPS if amp.device.type == "cuda" else 1, world)
     for x, y in loader:
+        world.meter.steps += world.parallel
         x, y = amp.batch(x, y)
         optimizer.zero_grad(set_to_none=True)
         with amp.autocast():
@@ -171,6 +198,7 @@ def pretrain(
     checkpoint_path: str | Path | None = None,
     checkpoint_owner: str | None = None,
     device: torch.device | None = None,
+    world: World = SINGLE,
 ) -> dict[str, float]:
     """Train ``model`` with task loss + ``r2`` for ``cfg.epochs`` epochs.
 
@@ -185,15 +213,26 @@ def pretrain(
             trial config's), stored with it; the caller checks it before resuming
             (:func:`r2sweep.core.trial.check_out_dir`).
         device: defaults to ``cfg.device`` resolved (a GPU when present).
+        world: this process's rank in a data-parallel pre-training (every rank calls
+            this with its own; ``train_loader`` sharded to match). Rank 0 alone reads
+            and writes the checkpoint and evaluates; the others get its state.
 
     Returns:
-        The metrics of the last epoch.
+        The metrics of the last epoch (on ranks other than 0: the training losses only).
 
     Raises:
         TrialDiverged: the loss became NaN or infinite.
         ConfigError: ``cfg.precision`` cannot run on the device (fp16 on the CPU).
     """
     device = device or resolve_device(cfg.device)
+    with joined(world, device):
+        return _pretrain(model, r2, train_loader, val_loader, cfg, on_epoch, checkpoint_path, checkpoint_owner,
+                         device, world)
+
+
+def _pretrain(model: nn.Module, r2: R2Loss, train_loader: Any, val_loader: Any, cfg: TrainConfig,
+              on_epoch: EpochCallback | None, checkpoint_path: str | Path | None, checkpoint_owner: str | None,
+              device: torch.device, world: World) -> dict[str, float]:
     amp = Precision(cfg.precision, device)
     model.to(device)
     amp.prepare(model)
@@ -202,7 +241,7 @@ def pretrain(
     scheduler = make_scheduler(optimizer, cfg)
     start_epoch = 0
     metrics: dict[str, float] = {}
-    if checkpoint_path is not None and Path(checkpoint_path).exists():
+    if world.main and checkpoint_path is not None and Path(checkpoint_path).exists():
         state = load_checkpoint(checkpoint_path, map_location=device)
         load_state(model, state["model"])
         r2.load_state_dict(state["r2"])
@@ -212,14 +251,28 @@ def pretrain(
         amp.load_state_dict(state.get("scaler"))
         start_epoch = state["epoch"] + 1
         metrics = dict(state["metrics"])
+    forward = _data_parallel(model, device, world)
+    if world.parallel:
+        # DDP sent rank 0's weights and buffers; the rest of its state goes here, so every rank steps alike.
+        shared = broadcast_state({"epoch": start_epoch, "r2": r2.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "scheduler": scheduler.state_dict()} if world.main else None, world, device)
+        start_epoch = int(shared["epoch"])
+        r2.load_state_dict(shared["r2"])
+        optimizer.load_state_dict(shared["optimizer"])
+        scheduler.load_state_dict(shared["scheduler"])
 
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
+        if world.parallel:
+            # Each rank's own dropout stream, a function of (seed, epoch, rank): resumes draw as before.
+            torch.manual_seed(epoch_seed(world.seed, epoch, _RANK_STREAM + world.rank))
         r2.set_epoch(epoch)
         train_loader.set_epoch(epoch)
         metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        metrics.update(_train_one_epoch(model, r2, train_loader, optimizer, amp))
+        metrics.update(_train_one_epoch(forward, r2, train_loader, optimizer, amp, world))
         scheduler.step()
+        if not world.main:
+            continue
         metrics["val/top1"] = evaluate(model, val_loader, device, amp)
         metrics.update(weight_stats(model))
         metrics["time/epoch_s"] = time.perf_counter() - started
@@ -244,3 +297,18 @@ def pretrain(
         if on_epoch is not None:
             on_epoch(dict(metrics))
     return metrics
+
+
+# The loader's streams are 0 and 1 (r2sweep.core.data.loader); ranks draw from 16 on.
+_RANK_STREAM = 16
+
+
+def _data_parallel(model: nn.Module, device: torch.device, world: World) -> nn.Module:
+    """``model`` wrapped in DDP for a data-parallel world (its gradient all-reduce metered), else itself."""
+    if not world.parallel:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    wrapped.register_comm_hook(None, world.meter.hook)
+    return wrapped

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from r2sweep.core.checkpoint import load_checkpoint, save_atomic
@@ -35,12 +33,13 @@ from r2sweep.core.config.trial import TrialConfig
 from r2sweep.core.build import build_trial_data, build_trial_model, check_output, model_field
 from r2sweep.core.environment import resolve_inputs
 from r2sweep.core.data import make_loader
+from r2sweep.core.data_parallel import LocalPeers, Peers, seed_everything, train_loader
 from r2sweep.core.errors import ConfigError, TrialDiverged
 from r2sweep.core.plots import weight_histograms
 from r2sweep.core.precision import check_precision
 from r2sweep.core.pretrain_cache import PretrainCache
 from r2sweep.core.pretrained_file import MODEL_ARCHIVE, PRETRAINED, export_archive, save_pretrained
-from r2sweep.core.pretraining import HIT, MISS, OFF, PretrainJob, run_pretraining
+from r2sweep.core.pretraining import HIT, MISS, OFF, PretrainJob, epochs_reported, run_pretraining
 from r2sweep.core.graph import graph_notes
 from r2sweep.core.quant.layers import bake_weights
 from r2sweep.core.quant.methods import DOWNSTREAM_METHODS, DownstreamContext
@@ -71,13 +70,6 @@ TRIAL_FILES = (PRETRAINED, MODEL_ARCHIVE, HISTOGRAMS)
 _EVAL_BATCH = 256
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch so initialization is reproducible."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def config_fingerprint(config: TrialConfig) -> str:
     """A digest of the whole trial config: what a pre-training checkpoint belongs to."""
     return hashlib.sha256(json.dumps(config.to_mapping(), sort_keys=True, default=str).encode()).hexdigest()
@@ -106,6 +98,7 @@ def run_trial(
     device: torch.device | None = None,
     cache: PretrainCache | None = None,
     cache_label: str = "",
+    peers: Peers | None = None,
 ) -> dict[str, Any]:
     """Run one trial and return its final metrics (the dict of the last report).
 
@@ -121,6 +114,8 @@ def run_trial(
         cache: the pre-training cache to take the pre-trained weights from, or store
             them in (:mod:`r2sweep.core.pretraining`); None trains without one.
         cache_label: names this trial in an entry it stores (e.g. ``sweep/trial_id``).
+        peers: who runs ranks 1..N-1 of a data-parallel pre-training (``train.workers`` > 1;
+            :mod:`r2sweep.core.data_parallel`); default: processes on this machine.
 
     A downstream fine-tuning that diverges is reported as ``<result>/diverged = 1``
     without a ``<result>/top1``; the other results still run. When a note was
@@ -154,8 +149,7 @@ def run_trial(
     for note in r2.notes(device):
         notes.append(note)
         progress(f"note: {note}")
-    train_loader = make_loader(data.train, config.train.batch_size, shuffle=True, seed=config.seed,
-                               num_workers=config.train.num_workers, pin_memory=device.type == "cuda")
+    loader = train_loader(config, data.train, device)
     val_loader = make_loader(data.val, _EVAL_BATCH, shuffle=False, seed=config.seed)
 
     # One entry's grid at one bit width (TrialConfig.proxy_target), never a mix of
@@ -184,8 +178,11 @@ def run_trial(
     # config is refused instead of silently resumed (the sweep gives each trial its own).
     if out is not None:
         check_out_dir(config, out)
-    job = PretrainJob(config, model, r2, train_loader, val_loader, device, measure, emit, checkpoint,
-                      config_fingerprint(config), started)
+    if config.train.workers > 1 and peers is None:
+        peers = LocalPeers(config, threads=torch.get_num_threads())
+    job = PretrainJob(config, model, r2, loader, val_loader, device, measure, emit, checkpoint,
+                      config_fingerprint(config), started, peers)
+    resumed = epochs_reported(job)
     done = run_pretraining(job, cache, cache_label)
     # Stale gradients of the last step would ride along into every downstream copy; a
     # model served from the cache has none, and the two must be the same model.
@@ -202,6 +199,9 @@ def run_trial(
         final["time/pretrain_saved_s"] = done.saved_s
     if done.key:
         final.update(pretrain_key=done.key, pretrain_source=done.source)
+    final.update({f"comm/{name}": value for name, value in job.comm.items()})
+    if resumed:  # this attempt took its first epochs from the trial's own checkpoint (a restart after a failure)
+        final["pretrain/resumed_epochs"] = resumed
     model.eval()
     final["fp/top1"] = evaluate(model, val_loader, device)
     final.update(weight_stats(model))

@@ -17,14 +17,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from r2sweep.core.errors import ConfigError
 from r2sweep.tune.ray_address import reach_ray
+from r2sweep.tune.data_parallel import ray_bundle
 from r2sweep.tune.ray_temp import local_temp_dir
 
 __all__ = ["connect", "check_resources", "check_data_roots", "trial_nodes", "ClusterError", "SKIP_RESOURCE_CHECK"]
 
 #: Set to 1 on autoscaling clusters, where nodes that fit may appear later.
 SKIP_RESOURCE_CHECK = "R2SWEEP_SKIP_RESOURCE_CHECK"
-# Ray's names for the two resources the spec spells in lower case.
-_RAY_NAMES = {"cpu": "CPU", "gpu": "GPU"}
 
 
 class ClusterError(ConfigError):
@@ -59,25 +58,34 @@ def _describe(resources: Mapping[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in resources.items()) + "}"
 
 
-def check_resources(resources: Mapping[str, float]) -> None:
-    """Fail unless some alive node can hold one trial's whole request.
+def check_resources(resources: Mapping[str, float], workers: int = 1) -> None:
+    """Fail unless the alive nodes can hold one trial's whole request.
 
-    A trial's resources form one bundle, so they must all fit on a single node:
-    two nodes with one GPU each cannot run a trial that asks for two.
+    Each rank's resources form one bundle, so they must all fit on a single node:
+    two nodes with one GPU each cannot run a rank that asks for two. A trial of
+    ``workers`` ranks needs that many bundles at once, on any nodes.
 
     Raises:
         ClusterError: naming ``sweep.resources_per_trial``, the request and the
-            largest node, and what to change.
+            largest node (or the cluster's count of bundles), and what to change.
     """
     if os.environ.get(SKIP_RESOURCE_CHECK) == "1":
         return
-    wanted = {_RAY_NAMES.get(k, k): float(v) for k, v in resources.items() if float(v) > 0}
+    wanted = ray_bundle(resources)
     nodes = _alive_nodes()
-    for node in nodes:
-        have = node.get("Resources", {})
-        if all(have.get(name, 0.0) >= amount for name, amount in wanted.items()):
-            return
+    fits = [_bundles_on(node.get("Resources", {}), wanted) for node in nodes]
+    if sum(fits) >= workers:
+        return
+    if any(fits):
+        raise ClusterError(
+            "sweep.resources_per_trial",
+            _describe({**resources, "workers": workers}),
+            f"ranks that this cluster can hold at once: its {len(nodes)} node(s) hold {sum(fits)} rank(s) of "
+            f"{_describe(resources)}. Lower workers or the per-rank request, or add nodes "
+            f"(on an autoscaling cluster set {SKIP_RESOURCE_CHECK}=1)",
+        )
     largest = max(nodes, key=lambda n: tuple(n.get("Resources", {}).get(k, 0.0) for k in wanted), default=None)
+    resources = {k: v for k, v in resources.items() if float(v) > 0}
     offered = {k: (largest or {}).get("Resources", {}).get(k, 0.0) for k in wanted}
     raise ClusterError(
         "sweep.resources_per_trial",
@@ -86,6 +94,12 @@ def check_resources(resources: Mapping[str, float]) -> None:
         f"{_describe(offered)}. Lower the request, or add a node with those resources "
         f"(on an autoscaling cluster set {SKIP_RESOURCE_CHECK}=1)",
     )
+
+
+def _bundles_on(have: Mapping[str, float], wanted: Mapping[str, float]) -> int:
+    """How many bundles of ``wanted`` one node's ``have`` holds (many, for a bundle of nothing)."""
+    counts = [int(have.get(name, 0.0) // amount) for name, amount in wanted.items()]
+    return min(counts, default=1_000_000)
 
 
 @ray.remote(num_cpus=0)

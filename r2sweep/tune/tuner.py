@@ -27,6 +27,7 @@ from r2sweep.core.ranking import best_of
 from r2sweep.core.sweep_files import DEFAULT_STORAGE, SweepFiles, experiment_path
 from r2sweep.tune.checkpoints import KeepNewestCheckpoints
 from r2sweep.tune.cluster import check_data_roots, check_resources, connect, trial_nodes
+from r2sweep.tune.data_parallel import trial_resources
 from r2sweep.tune.experiment_files import ExperimentFolder
 from r2sweep.tune.runtime_env import check_imports, runtime_env_for, shipped_callables
 from r2sweep.tune.search import tune_config
@@ -117,15 +118,14 @@ def run_experiment(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     folder = ExperimentFolder(experiment)
     connect(address, num_cpus, runtime_env_for(spec))
-    resources = {k: float(v) for k, v in spec.settings.resources_per_trial.items() if float(v) > 0}
-    check_resources(resources)
+    check_resources(spec.settings.rank_resources, spec.settings.workers)
     for field, paths in spec.shared_paths().items():
         check_data_roots(paths, field)
     check_imports(spec, trial_nodes())
     # Callables given from Python that do not import by name travel with the trainable, by value.
     trial = tune.with_parameters(trainable, spec=spec, callables=shipped_callables(spec),
                                  cache_dir=SweepFiles(str(storage), name, spec.settings).pretrain_cache)
-    function = tune.with_resources(trial, resources)
+    function = tune.with_resources(trial, trial_resources(spec.settings))
     if resume:
         for line in repair_tune_state(folder):
             if say is not None:

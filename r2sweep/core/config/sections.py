@@ -118,6 +118,8 @@ class TrainConfig:
     device: str = "auto"
     # Last, so the field order (and the "known fields" lists in messages) only grows at the end.
     precision: str = "fp32"
+    # Data-parallel ranks of the pre-training (r2sweep.core.distributed); batch_size is the global batch.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         s = self.section
@@ -140,6 +142,10 @@ class TrainConfig:
         # Whether the device can run it (fp16 needs CUDA) is checked once the
         # device is resolved: "auto" means different machines in one sweep.
         check(self.precision in PRECISIONS, f"{s}.precision", self.precision, f"one of {list(PRECISIONS)}")
+        check(isinstance(self.workers, int) and not isinstance(self.workers, bool) and self.workers >= 1,
+              f"{s}.workers", self.workers, "an integer >= 1 (data-parallel ranks of the pre-training)")
+        check(self.batch_size % self.workers == 0, f"{s}.batch_size", self.batch_size,
+              f"a multiple of {s}.workers ({self.workers}): it is the global batch, split evenly over the ranks")
 
     def unused_fields(self) -> dict[str, str]:
         """Fields the chosen optimizer and schedule never read (``train.step_gamma`` under cosine),

@@ -123,7 +123,14 @@ class SweepSettings:
         for key, value in resources.items():
             where = f"sweep.resources_per_trial.{key}"
             check(isinstance(key, str), where, value, "a resource name (cpu, gpu or a custom one)")
-            check(is_number(value) and value >= 0 and math.isfinite(value), where, value, "a number >= 0")
+            if key == "workers":
+                check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, where, value,
+                      "an integer >= 1: the data-parallel ranks of each trial's pre-training (cpu, gpu: per rank)")
+            elif key == "placement":
+                check(value in PLACEMENTS, where, value, f"one of {list(PLACEMENTS)}: {PLACEMENTS['pack']}; "
+                      f"{PLACEMENTS['spread']}")
+            else:
+                check(is_number(value) and value >= 0 and math.isfinite(value), where, value, "a number >= 0")
         check(resources.get("cpu", 1) > 0, "sweep.resources_per_trial.cpu", resources.get("cpu"), "a number > 0")
         env = mapping_at(self.runtime_env, "sweep.runtime_env", "{py_modules: [my_pkg], env_vars: {KEY: value}}")
         for key in ("py_modules", "excludes"):
@@ -150,6 +157,24 @@ class SweepSettings:
         gpu = resources.get("gpu", 0)
         check(gpu <= 1 or float(gpu).is_integer(), "sweep.resources_per_trial.gpu", gpu,
               "a fraction of one GPU (0-1) or a whole number of GPUs")
+        # NCCL refuses two ranks of one group on one GPU, which fractions would allow.
+        check(self.workers == 1 or gpu == 0 or float(gpu).is_integer(), "sweep.resources_per_trial.gpu", gpu,
+              f"a whole number of GPUs per rank with workers: {self.workers} (NCCL cannot put two ranks on one GPU)")
+
+    @property
+    def workers(self) -> int:
+        """Data-parallel ranks per trial, as ``resources_per_trial`` states them (the trial's ``train.workers``)."""
+        return int(self.resources_per_trial.get("workers", 1))
+
+    @property
+    def placement(self) -> str:
+        return str(self.resources_per_trial.get("placement", "pack"))
+
+    @property
+    def rank_resources(self) -> dict[str, float]:
+        """What each rank of a trial asks Ray for (``cpu``, ``gpu``, custom resources), zeros left out."""
+        return {k: float(v) for k, v in self.resources_per_trial.items()
+                if k not in ("workers", "placement") and float(v) > 0}
 
 
     def _check_sampler_options(self) -> None:
@@ -278,6 +303,11 @@ def _load_objectives(data: Any, trial: TrialConfig) -> tuple[Objective, ...]:
     return tuple(objectives)
 
 
+#: Where a trial's ranks go (Ray's soft placement strategies: a rank goes elsewhere when its node is full).
+PLACEMENTS = {"pack": "pack: on as few nodes as fit them (the fastest all-reduce)",
+              "spread": "spread: on as many nodes as they can (one node lost costs the fewest ranks)"}
+
+
 def _load_settings(data: Any, params: Mapping[str, SearchParam], multi: bool) -> SweepSettings:
     data = dict(mapping_at(data if data is not None else {}, "sweep", "{num_samples: 16, max_concurrent: 2}"))
     if "start_points" in data:  # checked against the search first: from_dict takes them as they are
@@ -301,6 +331,22 @@ def _proxy_for_objective(base: dict[str, Any], trial: TrialConfig, objective: Ob
     result = objective.metric.rsplit("/", 1)[0]
     chosen = result if result in trial.result_names() else PROXY_FP
     base = {**base, "proxy": {**dict(base.get("proxy") or {}), "result": chosen}}
+    return base, load_trial_config(base)
+
+
+def _workers_from_resources(base: dict[str, Any], trial: TrialConfig, settings: SweepSettings
+                            ) -> tuple[dict[str, Any], TrialConfig]:
+    """``sweep.resources_per_trial.workers`` written into every trial as ``train.workers``: Ray reserves the
+    ranks, the trial runs them, and the two must agree. A base that says otherwise is refused."""
+    if "workers" not in settings.resources_per_trial:
+        check(trial.train.workers == 1, "train.workers", trial.train.workers,
+              f"set in the sweep as sweep.resources_per_trial.workers: {trial.train.workers} (Ray reserves each "
+              "rank's cpu/gpu there), not in train")
+        return base, trial
+    written = (base.get("train") or {}).get("workers") if isinstance(base.get("train"), Mapping) else None
+    check(written is None or written == settings.workers, "train.workers", written,
+          f"left out, or equal to sweep.resources_per_trial.workers ({settings.workers}), which decides it")
+    base = {**base, "train": {**dict(base.get("train") or {}), "workers": settings.workers}}
     return base, load_trial_config(base)
 
 
@@ -377,8 +423,11 @@ def _load_sweep_spec(data: Any, *, default_name: str) -> SweepSpec:
     params: dict[str, SearchParam] = {}
     for path, body in search.items():
         params[path] = load_param(path, body, params)
-    validate_values(base, params)
+    check("train.workers" not in params, "search.train.workers", search.get("train.workers"),
+          "no search: the ranks per trial are fixed for a sweep (sweep.resources_per_trial.workers)")
     settings = _load_settings(data.get("sweep"), params, len(objectives) > 1)
+    base, trial = _workers_from_resources(base, trial, settings)
+    validate_values(base, params)
     spec = SweepSpec(name, base, objectives, tuple(params.values()), settings, trial)
     check_consistency(spec.trial, spec.params, spec.settings, spec.baseline_point)
     return spec

@@ -161,7 +161,9 @@ class _EpochBatches(Sampler):
         stop = n - n % bs if o.drop_last else n
         for number, start in enumerate(range(0, stop, bs)):
             seed = _batch_seed(o.seed, o.epoch, number)
-            yield [(seed, index) for index in order[start : start + bs]]
+            share = o._share(min(bs, stop - start))
+            if share is not None:
+                yield [(seed, index) for index in order[start : start + bs][share]]
 
 
 class EpochLoader:
@@ -221,15 +223,41 @@ class EpochLoader:
         )
         if self.shuffle and self._num_samples > 1 and self._num_samples % self.batch_size == 1:
             self.drop_last = True
+        self.rank, self.ranks = 0, 1
+
+    def shard(self, rank: int, ranks: int) -> EpochLoader:
+        """Yield only rank ``rank``'s share of each batch, of ``ranks`` equal shares (data-parallel training).
+
+        Every rank walks the same batch order and takes its contiguous slice of each
+        batch, so the ranks' gradients, averaged, are the whole batch's. The shares are
+        equal: the batch size must be a multiple of ``ranks``, and a final short batch
+        loses its remainder (fewer than ``ranks`` samples), or is skipped when it would
+        leave a rank under 2 samples (BatchNorm cannot train on one).
+        """
+        require_int("train.workers", ranks, 1)
+        if self.batch_size % ranks:
+            raise ValueError(f"train.batch_size {self.batch_size} is not a multiple of train.workers {ranks}")
+        self.rank, self.ranks = require_int("rank", rank, 0), ranks
+        return self
+
+    def _share(self, size: int) -> slice | None:
+        """This rank's slice of a batch of ``size`` samples, or None when the batch is skipped."""
+        if self.ranks == 1:
+            return slice(0, size)
+        each = size // self.ranks
+        if each < 2:
+            return None
+        return slice(self.rank * each, (self.rank + 1) * each)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next iteration yields (epochs count from 0)."""
         self.epoch = require_int("epoch", epoch, 0)
 
     def __len__(self) -> int:
-        if self.drop_last:
-            return self._num_samples // self.batch_size
-        return -(-self._num_samples // self.batch_size)
+        full, rest = divmod(self._num_samples, self.batch_size)
+        if self.drop_last or rest == 0:
+            return full
+        return full + (self._share(rest) is not None)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._tensors is not None:
@@ -243,13 +271,17 @@ class EpochLoader:
         stop = n - n % bs if self.drop_last else n
         if not self.shuffle:
             for start in range(0, stop, bs):
-                yield x[start : start + bs], y[start : start + bs]
+                share = self._share(min(bs, n - start))
+                if share is not None:
+                    yield x[start : start + bs][share], y[start : start + bs][share]
             return
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = torch.randperm(n, generator=gen)
         for start in range(0, stop, bs):
             index = order[start : start + bs]
-            yield x[index], y[index]
+            share = self._share(len(index))
+            if share is not None:
+                yield x[index[share]], y[index[share]]
 
     def _iter_dataloader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
@@ -270,7 +302,11 @@ class EpochLoader:
                     x, y = next(batches)
                 except StopIteration:
                     return
-            yield x.to(torch.float32), torch.as_tensor(y, dtype=torch.int64)
+            # Every rank loads the whole batch here and keeps its share; with file data
+            # set train.num_workers > 0, whose batches load only this rank's samples.
+            share = self._share(len(y))
+            if share is not None:
+                yield x[share].to(torch.float32), torch.as_tensor(y[share], dtype=torch.int64)
 
     def _iter_workers(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._workers is None:

@@ -47,6 +47,10 @@ PRETRAIN_SEMANTICS = 2  # 2: a shuffled loader drops a final batch of one sample
 
 # Train fields that change how fast pre-training runs, never what it computes.
 _SPEED_ONLY = ("num_workers",)
+# The data-parallel rank count is part of the key: at the same global batch and seed, 2 ranks do not
+# give 1 rank's weights (each rank's BatchNorm statistics, another summation order; benchmarks/
+# data_parallel.py measures by how much). One rank leaves it out, so keys from before it existed hold.
+_ONE_WORKER = {True: ("workers",), False: ()}
 # A package folder larger than this is identified by its defining file alone.
 _MAX_HASHED_FILES = 2000
 
@@ -135,7 +139,7 @@ def pretrain_key(config: TrialConfig, device: torch.device) -> CacheKey:
         "data_code": _code_identity("data", config.data.factory, config.data.name),
         "model": model,
         "model_code": _code_identity("model", config.model.factory, config.model.name),
-        "train": _without(to_dict(config.train), "train", unused, _SPEED_ONLY + ("device",)),
+        "train": _without(to_dict(config.train), "train", unused, _SPEED_ONLY + ("device",) + _ONE_WORKER[config.train.workers == 1]),
         "r2": _without(to_dict(config.r2), "r2", unused),
     }
     text = json.dumps(material, sort_keys=True, default=str)
