@@ -20,6 +20,7 @@ from conftest import new_mlflow_store
 from ray.cluster_utils import Cluster
 
 import r2sweep
+from r2sweep.analysis.confirm import confirm_top
 from r2sweep.tracking.store import TAG_ROLE, TAG_TRIAL_ID, Tracker
 from r2sweep.tune.cluster import ClusterError
 from r2sweep.tune.tuner import run_experiment
@@ -128,6 +129,13 @@ def test_two_rank_trials_match_one_process_trials_and_never_oversubscribe(cluste
             assert abs(single[key] - pair[key]) <= TOLERANCE, (lr, key, single[key], pair[key])
         steps = [m.step for m in tracker.client.get_metric_history(pairs[lr].info.run_id, "val/top1")]
         assert sorted(steps) == [0, 1, 2]
+
+    # A confirmation re-run of the winner is a two-rank trial too, in a placement group of its own.
+    (confirmed,) = confirm_top(tracker, "two-ranks", top=1, seeds=(7,), progress=lambda line: None)
+    experiment = tracker.client.get_experiment_by_name("two-ranks").experiment_id
+    reruns = [r for r in tracker.client.search_runs([experiment]) if r.data.tags.get(TAG_TRIAL_ID, "").endswith("-seed7")]
+    assert len(reruns) == 1 and reruns[0].data.metrics["comm/bytes_per_step"] == 4 * params
+    assert not [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED" and len(g["bundles"]) == 2]
 
 
 def _model():

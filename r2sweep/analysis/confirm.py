@@ -36,6 +36,7 @@ from r2sweep.core.trial import TEXT_RESULTS
 from r2sweep.tracking.names import TAG_EXPERIMENT_PATH, TAG_TEXT_PREFIX
 from r2sweep.tracking.store import TAG_TRIAL_ID, SweepRun, Tracker
 from r2sweep.tune.cluster import connect
+from r2sweep.tune.data_parallel import task_placement
 from r2sweep.tune.runtime_env import check_runtime_env, runtime_env_for, shipped_callables
 
 __all__ = ["Confirmation", "Rerun", "run_reruns", "confirm_top", "logged_trial_config", "TAG_CONFIRM_OF", "TAG_CONFIRMED_BEST"]
@@ -70,7 +71,7 @@ def _rerun_id(trial_id: str, seed: int) -> str:
 
 @ray.remote
 def _run_trial(mapping: dict[str, Any], threads: int, callables: dict[str, Any], cache_dir: str | None = None,
-               cache_label: str = "") -> dict[str, Any]:
+               cache_label: str = "", rank_resources: dict[str, float] | None = None) -> dict[str, Any]:
     """One re-run in a Ray worker: its final metrics, and its text results (``TEXT_RESULTS``) as strings."""
     import torch
 
@@ -79,12 +80,16 @@ def _run_trial(mapping: dict[str, Any], threads: int, callables: dict[str, Any],
     from r2sweep.core.factories import install_callables
     from r2sweep.core.pretraining import PretrainCache
     from r2sweep.core.trial import run_trial
+    from r2sweep.tune.data_parallel import RayPeers
 
     torch.set_num_threads(threads)
     install_callables(callables)  # factories given from Python in this driver, as a sweep ships them
     cache = PretrainCache(cache_dir, user=cache_label.split("/")[0]) if cache_dir else None
+    config = load_trial_config(mapping)
+    # A data-parallel re-run's other ranks go to the bundles its placement group reserved (task_placement).
+    peers = RayPeers(mapping, config.train.workers, rank_resources or {}, callables) if config.train.workers > 1 else None
     try:
-        final = run_trial(load_trial_config(mapping), cache=cache, cache_label=cache_label)
+        final = run_trial(config, cache=cache, cache_label=cache_label, peers=peers)
         texts = {key: str(final[key]) for key in TEXT_RESULTS if final.get(key)}  # tagged, as a trial's are
         return {**{k: float(v) for k, v in final.items() if isinstance(v, (int, float))}, **texts}
     except TrialDiverged as error:
@@ -139,6 +144,7 @@ def run_reruns(sweep: SweepRun, spec: SweepSpec, reruns: Sequence[Rerun], seeds:
     threads = int(max(1, resources.get("cpu", 1)))
     objective = spec.objective.metric
     pending: dict[Any, tuple[str, str, int]] = {}  # task -> (key, run id, seed)
+    groups: dict[Any, Any] = {}  # task -> the placement group of a data-parallel re-run
     results: dict[str, dict[int, dict[str, float]]] = {}
     to_run: list[tuple[Rerun, dict[str, Any], int]] = []
     for rerun in reruns:
@@ -166,10 +172,13 @@ def run_reruns(sweep: SweepRun, spec: SweepSpec, reruns: Sequence[Rerun], seeds:
     for rerun, config, seed in to_run:
         run_id = sweep.trial_run(_rerun_id(rerun.key, seed), {**rerun.params, "seed": seed}, confirm=True)
         sweep.set_tags(run_id, dict(rerun.tags))
-        task = _run_trial.options(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0)).remote(
+        options, group = task_placement(spec.settings)
+        task = _run_trial.options(**options).remote(
             {**config, "seed": seed}, threads, shipped_callables(spec), cache_dir,
-            f"{sweep.name}/{_rerun_id(rerun.key, seed)}")
+            f"{sweep.name}/{_rerun_id(rerun.key, seed)}", spec.settings.rank_resources)
         pending[task] = (rerun.key, run_id, seed)
+        if group is not None:
+            groups[task] = group
 
     total = len(pending)
     if total:
@@ -178,6 +187,8 @@ def run_reruns(sweep: SweepRun, spec: SweepSpec, reruns: Sequence[Rerun], seeds:
     while pending:
         finished, _ = ray.wait(list(pending), num_returns=1)
         key, run_id, seed = pending.pop(finished[0])
+        if finished[0] in groups:
+            ray.util.remove_placement_group(groups.pop(finished[0]))
         try:
             final = ray.get(finished[0])
         except Exception as error:  # a crashed worker: this re-run fails, the others go on

@@ -33,7 +33,7 @@ from r2sweep.core.config.sweep import SweepSettings
 from r2sweep.core.data_parallel import PeerFailed, run_peer
 from r2sweep.core.factories import install_callables
 
-__all__ = ["trial_resources", "RayPeers", "ray_bundle"]
+__all__ = ["trial_resources", "RayPeers", "ray_bundle", "task_placement"]
 
 # Ray's names for the two resources the spec spells in lower case.
 _RAY_NAMES = {"cpu": "CPU", "gpu": "GPU"}
@@ -52,6 +52,23 @@ def trial_resources(settings: SweepSettings) -> dict[str, float] | tune.Placemen
         return settings.rank_resources
     return tune.PlacementGroupFactory([ray_bundle(settings.rank_resources)] * settings.workers,
                                       strategy=settings.placement.upper())
+
+
+def task_placement(settings: SweepSettings) -> tuple[dict[str, Any], Any]:
+    """Ray task options for one trial run outside Tune (a confirmation re-run), and its placement group or None.
+
+    One rank: the rank's resources. N ranks: a placement group of N bundles, the task in
+    bundle 0 and its rank tasks captured into the group, so re-runs queue for whole trials
+    as Tune's trials do. The caller removes the group once the task ended.
+    """
+    resources = settings.rank_resources
+    options: dict[str, Any] = {"num_cpus": resources.get("cpu", 1), "num_gpus": resources.get("gpu", 0)}
+    if settings.workers == 1:
+        return options, None
+    group = ray.util.placement_group([ray_bundle(resources)] * settings.workers, strategy=settings.placement.upper())
+    options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+        group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
+    return options, group
 
 
 @ray.remote(max_retries=0)
