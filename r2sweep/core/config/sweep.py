@@ -14,7 +14,6 @@ This module imports neither Ray nor Optuna: :mod:`r2sweep.tune.space` turns a
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any, ClassVar, Union
 
 from r2sweep.core.config.inputs import with_references
 from r2sweep.core.config.consistency import check_consistency, max_epochs, refuse_ineffective_overrides
+from r2sweep.core.config.resources import check_resources_per_trial, workers_from_resources
 from r2sweep.core.config.overrides import Overrides, apply_overrides, override_pairs
 from r2sweep.core.config.search import SearchParam, load_param, load_start_points, mapping_at, validate_values
 from r2sweep.core.config.sections import from_dict
@@ -30,7 +30,7 @@ from r2sweep.core.config.start_from import StartFrom
 from r2sweep.core.config.trial import PROXY_FP, TRIAL_SECTIONS, TrialConfig, load_trial_config, read_yaml
 from r2sweep.core.errors import ConfigError, FileConfigError
 from r2sweep.core.locations import has_password, is_uri, redact_uri, scheme_of
-from r2sweep.core.validate import check, is_number, reject_unknown, require_int
+from r2sweep.core.validate import check, reject_unknown, require_int
 
 __all__ = [
     "SAMPLERS",
@@ -119,19 +119,7 @@ class SweepSettings:
         check(isinstance(self.baseline, bool), "sweep.baseline", self.baseline, "true or false")
         check(self.sampler in SAMPLERS, "sweep.sampler", self.sampler, f"one of {list(SAMPLERS)}")
         check(self.scheduler in SCHEDULERS, "sweep.scheduler", self.scheduler, f"one of {list(SCHEDULERS)}")
-        resources = mapping_at(self.resources_per_trial, "sweep.resources_per_trial", "{cpu: 1, gpu: 0.5}")
-        for key, value in resources.items():
-            where = f"sweep.resources_per_trial.{key}"
-            check(isinstance(key, str), where, value, "a resource name (cpu, gpu or a custom one)")
-            if key == "workers":
-                check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, where, value,
-                      "an integer >= 1: the data-parallel ranks of each trial's pre-training (cpu, gpu: per rank)")
-            elif key == "placement":
-                check(value in PLACEMENTS, where, value, f"one of {list(PLACEMENTS)}: {PLACEMENTS['pack']}; "
-                      f"{PLACEMENTS['spread']}")
-            else:
-                check(is_number(value) and value >= 0 and math.isfinite(value), where, value, "a number >= 0")
-        check(resources.get("cpu", 1) > 0, "sweep.resources_per_trial.cpu", resources.get("cpu"), "a number > 0")
+        check_resources_per_trial(self.resources_per_trial)
         env = mapping_at(self.runtime_env, "sweep.runtime_env", "{py_modules: [my_pkg], env_vars: {KEY: value}}")
         for key in ("py_modules", "excludes"):
             if key in env:
@@ -154,12 +142,6 @@ class SweepSettings:
               "a URL without a password (the sweep file is logged with the sweep): put it in PGPASSWORD or "
               "~/.pgpass for PostgreSQL, ~/.my.cnf for MySQL")
         self._check_sampler_options()
-        gpu = resources.get("gpu", 0)
-        check(gpu <= 1 or float(gpu).is_integer(), "sweep.resources_per_trial.gpu", gpu,
-              "a fraction of one GPU (0-1) or a whole number of GPUs")
-        # NCCL refuses two ranks of one group on one GPU, which fractions would allow.
-        check(self.workers == 1 or gpu == 0 or float(gpu).is_integer(), "sweep.resources_per_trial.gpu", gpu,
-              f"a whole number of GPUs per rank with workers: {self.workers} (NCCL cannot put two ranks on one GPU)")
 
     @property
     def workers(self) -> int:
@@ -303,11 +285,6 @@ def _load_objectives(data: Any, trial: TrialConfig) -> tuple[Objective, ...]:
     return tuple(objectives)
 
 
-#: Where a trial's ranks go (Ray's soft placement strategies: a rank goes elsewhere when its node is full).
-PLACEMENTS = {"pack": "pack: on as few nodes as fit them (the fastest all-reduce)",
-              "spread": "spread: on as many nodes as they can (one node lost costs the fewest ranks)"}
-
-
 def _load_settings(data: Any, params: Mapping[str, SearchParam], multi: bool) -> SweepSettings:
     data = dict(mapping_at(data if data is not None else {}, "sweep", "{num_samples: 16, max_concurrent: 2}"))
     if "start_points" in data:  # checked against the search first: from_dict takes them as they are
@@ -331,22 +308,6 @@ def _proxy_for_objective(base: dict[str, Any], trial: TrialConfig, objective: Ob
     result = objective.metric.rsplit("/", 1)[0]
     chosen = result if result in trial.result_names() else PROXY_FP
     base = {**base, "proxy": {**dict(base.get("proxy") or {}), "result": chosen}}
-    return base, load_trial_config(base)
-
-
-def _workers_from_resources(base: dict[str, Any], trial: TrialConfig, settings: SweepSettings
-                            ) -> tuple[dict[str, Any], TrialConfig]:
-    """``sweep.resources_per_trial.workers`` written into every trial as ``train.workers``: Ray reserves the
-    ranks, the trial runs them, and the two must agree. A base that says otherwise is refused."""
-    if "workers" not in settings.resources_per_trial:
-        check(trial.train.workers == 1, "train.workers", trial.train.workers,
-              f"set in the sweep as sweep.resources_per_trial.workers: {trial.train.workers} (Ray reserves each "
-              "rank's cpu/gpu there), not in train")
-        return base, trial
-    written = (base.get("train") or {}).get("workers") if isinstance(base.get("train"), Mapping) else None
-    check(written is None or written == settings.workers, "train.workers", written,
-          f"left out, or equal to sweep.resources_per_trial.workers ({settings.workers}), which decides it")
-    base = {**base, "train": {**dict(base.get("train") or {}), "workers": settings.workers}}
     return base, load_trial_config(base)
 
 
@@ -426,7 +387,7 @@ def _load_sweep_spec(data: Any, *, default_name: str) -> SweepSpec:
     check("train.workers" not in params, "search.train.workers", search.get("train.workers"),
           "no search: the ranks per trial are fixed for a sweep (sweep.resources_per_trial.workers)")
     settings = _load_settings(data.get("sweep"), params, len(objectives) > 1)
-    base, trial = _workers_from_resources(base, trial, settings)
+    base, trial = workers_from_resources(base, trial, settings.resources_per_trial)
     validate_values(base, params)
     spec = SweepSpec(name, base, objectives, tuple(params.values()), settings, trial)
     check_consistency(spec.trial, spec.params, spec.settings, spec.baseline_point)
