@@ -33,7 +33,7 @@ import torch
 
 from r2sweep.core.config.trial import load_trial_config
 from r2sweep.core.data_parallel import LocalPeers
-from r2sweep.core.distributed import World, free_address, joined
+from r2sweep.core.distributed import World, joined, open_store
 from r2sweep.core.models import create_model
 from r2sweep.core.trial import run_trial
 
@@ -64,12 +64,18 @@ def run_one(workers: int, seed: int, epochs: int, cores: int, smoke: bool) -> di
             "bytes_per_step": final.get("comm/bytes_per_step", 0.0)}
 
 
-def _one_step(rank: int, model_name: str, address: str, out: Any) -> None:
+def _one_step(rank: int, model_name: str, out: Any, ports: Any) -> None:
     """One DDP training step of rank ``rank`` (of 2): r2sweep's process group and meter, the model at 1000 classes."""
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
-    world = World(rank, 2, address)
+    store = None
+    if rank == 0:
+        store, address = open_store("127.0.0.1", 2)
+        ports.put(address)
+    else:
+        address = ports.get()
+    world = World(rank, 2, address, store=store)
     torch.manual_seed(0)
     model = create_model(model_name, num_classes=1000, in_channels=3, input_size=32)
     with joined(world, torch.device("cpu")):
@@ -84,9 +90,8 @@ def _one_step(rank: int, model_name: str, address: str, out: Any) -> None:
 def zoo_volume(model: str) -> dict[str, Any]:
     """The bytes one step's all-reduce hands gloo for an ImageNet-shaped model (1000 classes), from a 2-rank step."""
     context = torch.multiprocessing.get_context("spawn")
-    out = context.SimpleQueue()
-    address = free_address("127.0.0.1")
-    ranks = [context.Process(target=_one_step, args=(rank, model, address, out)) for rank in range(2)]
+    out, ports = context.SimpleQueue(), context.SimpleQueue()
+    ranks = [context.Process(target=_one_step, args=(rank, model, out, ports)) for rank in range(2)]
     for process in ranks:
         process.start()
     for process in ranks:

@@ -129,4 +129,5 @@ def test_r2sweep_trial_runs_the_ranks_itself(tmp_path: Path, monkeypatch: pytest
     (tmp_path / "trial.yaml").write_text(yaml.safe_dump({**TRIAL, "train": {**TRIAL["train"], "epochs": 1}}))
     done = cli_main("trial", "trial.yaml", "--out", "out", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "ptq_rtn_w4a8" in done.stdout and (tmp_path / "out" / PRETRAINED).is_file()
+    assert "over 2 data-parallel ranks" in done.stderr and "ptq_rtn_w4a8" in done.stdout
+    assert (tmp_path / "out" / PRETRAINED).is_file()

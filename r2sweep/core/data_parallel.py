@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ContextManager, Protocol
@@ -27,7 +28,7 @@ from r2sweep.core.config.trial import TrialConfig, load_trial_config
 from r2sweep.core.data import make_loader
 from r2sweep.core.distributed import World, parameters_digest
 from r2sweep.core.environment import resolve_inputs
-from r2sweep.core.errors import TrialDiverged
+from r2sweep.core.errors import ConfigError, TrialDiverged
 
 __all__ = ["Peers", "LocalPeers", "run_peer", "PeerFailed", "seed_everything"]
 
@@ -105,25 +106,42 @@ class LocalPeers:
 
     host = "127.0.0.1"
 
-    def __init__(self, config: TrialConfig, threads: int = 1) -> None:
+    def __init__(self, config: TrialConfig, threads: int = 1, device: torch.device | None = None) -> None:
         self.config = config.to_mapping()
         self.workers = config.train.workers
         self.threads = threads
+        # On CUDA each rank takes its own GPU (NCCL refuses two ranks on one): rank r on cuda:r.
+        self.cuda = device is not None and device.type == "cuda"
+        if self.cuda and torch.cuda.device_count() < self.workers:
+            raise ConfigError("train.workers", self.workers, f"at most {torch.cuda.device_count()} on this machine's "
+                              "GPUs (a GPU per rank); lower it, or run on the CPU (train.device: cpu)")
 
     @contextmanager
     def run(self, address: str) -> Iterator[list[dict[str, Any]]]:
-        processes = []
+        processes, logs = [], []
         results: list[dict[str, Any]] = []
         for rank in range(1, self.workers):
+            # stderr to a file: a chatty rank must not block on a full pipe nobody reads until the end.
+            log = tempfile.TemporaryFile()
+            logs.append(log)
             process = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
-                                       stderr=subprocess.PIPE, stdout=subprocess.PIPE)
-            task = {"config": self.config, "rank": rank, "address": address, "threads": self.threads}
+                                       stderr=log, stdout=subprocess.PIPE)
+            task = {"config": self.config, "rank": rank, "address": address, "threads": self.threads,
+                    "device": f"cuda:{rank}" if self.cuda else None}
             assert process.stdin is not None
             process.stdin.write(json.dumps(task, default=str).encode())
             process.stdin.close()
             processes.append(process)
         try:
             yield results
+        except Exception as error:
+            # Rank 0's error may only be the symptom (a closed connection): a rank that died first says why.
+            dead = [(rank, p, log) for rank, p, log in zip(range(1, self.workers), processes, logs) if p.poll()]
+            for process in processes:
+                process.kill()
+            if dead:
+                raise PeerFailed(_last_line(*dead[0])) from error
+            raise
         except BaseException:
             for process in processes:
                 process.kill()
@@ -135,21 +153,24 @@ class LocalPeers:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
-        failed = [(rank, p) for rank, p in enumerate(processes, 1) if p.returncode]
+        failed = [(rank, p, log) for rank, p, log in zip(range(1, self.workers), processes, logs) if p.returncode]
         if failed:
-            rank, process = failed[0]
-            assert process.stderr is not None
-            tail = process.stderr.read().decode(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-            raise PeerFailed(f"rank {rank} exited with {process.returncode}: {tail[0]}")
-        for process in processes:
-            assert process.stderr is not None and process.stdout is not None
-            process.stderr.close()
+            raise PeerFailed(_last_line(*failed[0]))
+        for process, log in zip(processes, logs):
+            assert process.stdout is not None
+            log.close()
             results.append(json.loads(process.stdout.read().decode().strip().splitlines()[-1]))
+
+
+def _last_line(rank: int, process: subprocess.Popen, log: Any) -> str:
+    log.seek(0)
+    tail = log.read().decode(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+    return f"rank {rank} exited with {process.returncode}: {tail[0]}"
 
 
 def _main() -> None:
     task = json.load(sys.stdin)
-    print(json.dumps(run_peer(task["config"], task["rank"], task["address"], task["threads"])))
+    print(json.dumps(run_peer(task["config"], task["rank"], task["address"], task["threads"], task["device"])))
 
 
 if __name__ == "__main__":

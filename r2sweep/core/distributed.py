@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import socket
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -24,11 +23,14 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "joined", "broadcast_state", "free_address", "CommMeter", "SINGLE", "parameters_digest"]
+__all__ = ["World", "joined", "broadcast_state", "open_store", "CommMeter", "SINGLE", "parameters_digest"]
 
-# A rank that does not arrive (a node lost, a process killed) fails the others' next
-# collective after this long; a dead peer's closed socket usually fails it at once.
-_TIMEOUT = timedelta(minutes=10)
+# A rank that does not arrive fails the others' next collective after this long (a dead
+# peer's closed socket usually fails it at once). Long: between epochs the other ranks
+# wait in their next all-reduce while rank 0 evaluates, which on a large validation set takes minutes.
+_TIMEOUT = timedelta(minutes=30)
+# How long the ranks wait for each other to start (a rank that never starts: its launcher failed).
+_RENDEZVOUS = timedelta(minutes=5)
 
 
 class CommMeter:
@@ -64,7 +66,8 @@ class CommMeter:
 class World:
     """One rank's view of the data-parallel group.
 
-    ``address`` is ``tcp://HOST:PORT`` where rank 0 listens; ``seed`` is the trial's
+    ``address`` is ``HOST:PORT`` where rank 0's store listens (``store``: that store, on
+    rank 0 only; the others connect to it); ``seed`` is the trial's
     (each rank's dropout stream is reseeded from ``(seed, epoch, rank)`` every epoch,
     so a resumed run draws what an uninterrupted one drew).
     """
@@ -74,6 +77,7 @@ class World:
     address: str = ""
     seed: int = 0
     meter: CommMeter = field(default_factory=CommMeter, compare=False)
+    store: Any = field(default=None, compare=False)
 
     @property
     def parallel(self) -> bool:
@@ -101,8 +105,12 @@ def joined(world: World, device: torch.device) -> Iterator[None]:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend_for(device), init_method=world.address, rank=world.rank,
-                            world_size=world.size, timeout=_TIMEOUT)
+    store = world.store
+    if store is None:
+        host, port = world.address.rsplit(":", 1)
+        store = dist.TCPStore(host, int(port), world.size, is_master=False, timeout=_RENDEZVOUS)
+    dist.init_process_group(backend_for(device), store=store, rank=world.rank, world_size=world.size,
+                            timeout=_TIMEOUT)
     try:
         yield
     finally:
@@ -140,12 +148,14 @@ def all_sum(values: torch.Tensor, world: World) -> torch.Tensor:
     return values
 
 
-def free_address(host: str) -> str:
-    """``tcp://host:PORT`` with a port free on this machine now (rank 0 binds it moments later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("", 0))
-        port = probe.getsockname()[1]
-    return f"tcp://{host}:{port}"
+def open_store(host: str, size: int) -> tuple[Any, str]:
+    """Rank 0's rendezvous store, listening on a port the system picks, and ``HOST:PORT`` for the others.
+
+    Bound before any other rank starts: a port merely found free and bound later could
+    be taken in between (Ray starts many processes that bind ports of their own).
+    """
+    store = dist.TCPStore(host, 0, size, is_master=True, timeout=_RENDEZVOUS, wait_for_workers=False)
+    return store, f"{host}:{store.port}"
 
 
 def parameters_digest(model: torch.nn.Module) -> str:

@@ -33,7 +33,7 @@ from torch import nn
 from r2sweep.core.checkpoint import capture_rng_state, load_checkpoint, load_state, restore_rng_state, state_copy
 from r2sweep.core.config.trial import TrialConfig
 from r2sweep.core.data_parallel import PeerFailed, Peers
-from r2sweep.core.distributed import World, free_address, parameters_digest
+from r2sweep.core.distributed import World, open_store, parameters_digest
 from r2sweep.core.losses import R2Loss
 from r2sweep.core.pretrain_cache import CacheKey, NotCacheable, PretrainCache, pretrain_key
 from r2sweep.core.pretrain_cache.store import Epochs
@@ -139,8 +139,8 @@ def _train(job: PretrainJob, reported: int, publish: Callable[[list[dict[str, An
         return history
     if job.peers is None:
         raise ValueError(f"train.workers is {workers}, and nothing was given to run ranks 1..{workers - 1}")
-    address = free_address(job.peers.host)
-    world = World(0, workers, address, job.config.seed)
+    store, address = open_store(job.peers.host, workers)
+    world = World(0, workers, address, job.config.seed, store=store)
     with job.peers.run(address) as peers:
         pretrain(job.model, job.r2, job.train_loader, job.val_loader, job.config.train, on_epoch=on_epoch,
                  checkpoint_path=job.checkpoint, checkpoint_owner=job.owner, device=job.device, world=world)

@@ -309,6 +309,7 @@ def _data_parallel(model: nn.Module, device: torch.device, world: World) -> nn.M
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    index = device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else None
+    wrapped = DistributedDataParallel(model, device_ids=[index] if index is not None else None)
     wrapped.register_comm_hook(None, world.meter.hook)
     return wrapped

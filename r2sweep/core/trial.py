@@ -172,14 +172,16 @@ def run_trial(
         # Every epoch says how its weights came, so a trial the scheduler stops early is tagged too.
         report({**metrics, "pretrain_cache": HIT if replayed else (MISS if cache is not None else OFF)})
 
-    progress(f"pre-training {config.model.reference} on {config.data.reference} with R2 {config.r2.kind} for {config.train.epochs} epochs")
+    ranks = f" over {config.train.workers} data-parallel ranks" if config.train.workers > 1 else ""
+    progress(f"pre-training {config.model.reference} on {config.data.reference} with R2 {config.r2.kind} for "
+             f"{config.train.epochs} epochs{ranks}")
     checkpoint = out / PRETRAIN_CHECKPOINT if out is not None else None
     # The checkpoint carries the config's fingerprint: a folder reused for another
     # config is refused instead of silently resumed (the sweep gives each trial its own).
     if out is not None:
         check_out_dir(config, out)
     if config.train.workers > 1 and peers is None:
-        peers = LocalPeers(config, threads=torch.get_num_threads())
+        peers = LocalPeers(config, threads=torch.get_num_threads(), device=device)
     job = PretrainJob(config, model, r2, loader, val_loader, device, measure, emit, checkpoint,
                       config_fingerprint(config), started, peers)
     resumed = epochs_reported(job)
