@@ -156,7 +156,7 @@ def test_a_lost_node_resumes_the_trial_from_its_checkpoint_on_the_nodes_left(clu
     ray_cluster, workers = cluster
     tracker = Tracker(new_mlflow_store(tmp_path / "mlflow.db"))
     epochs = 6
-    spec = _spec("node-loss", 2, num_samples=1, max_concurrent=1, start_points=[{"train.lr": 0.1}], max_failures=2)
+    spec = _spec("node-loss", 2, num_samples=1, max_concurrent=1, start_points=[{"train.lr": 0.2}], max_failures=2)
     spec["train"] = {**spec["train"], "epochs": epochs}
     spec["model"] = {"name": "small_cnn", "width": 1.0}
     removed: list[str] = []
