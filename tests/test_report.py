@@ -69,8 +69,8 @@ def test_report_writes_a_self_contained_page_with_valid_figures_and_logs_them(st
     tracker = _tracker(store)
     report = build_report(tracker, "report-kinds", store / "out-kinds")
     names = sorted(p.name for p in report.figures)
-    assert names == ["accuracy_vs_bits.png", "optimization_history.png", "parameter_importances.png",
-                     "weight_histograms.png"]
+    assert names == ["accuracy_vs_bits.png", "accuracy_vs_bytes.png", "optimization_history.png",
+                     "parameter_importances.png", "weight_histograms.png"]
     html = report.page.read_text()
     # Self-contained: no script, no stylesheet link, every image inline.
     assert "<script" not in html and "<link" not in html and "http://" not in html and "https://" not in html
@@ -170,7 +170,7 @@ def test_cli_writes_the_report_and_says_where(store: Path, monkeypatch: pytest.M
     monkeypatch.chdir(store)
     assert main(["report", "report-kinds", "--out", "cli-out", "--no-log"]) == 0
     out = capsys.readouterr().out
-    assert f"report: cli-out/{PAGE} (4 figures" in out and "logged" not in out
+    assert f"report: cli-out/{PAGE} (5 figures" in out and "logged" not in out
     assert (store / "cli-out" / PAGE).is_file()
 
 

@@ -191,3 +191,32 @@ def pareto_front_plot(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return save_png(figure, path)
+
+
+def accuracy_vs_bytes(series: Sequence[tuple[str, str, Sequence[tuple[float, float, str]], tuple[float, float] | None]],
+                      path: str | os.PathLike[str]) -> Path:
+    """Top-1 against the model's size in bytes (log scale): one line per trial shown, a point per result.
+
+    ``series``: ``(label, R2 kind, [(bytes, top-1, result name)], (FP bytes, FP top-1) or None)``.
+    Each trial's results are joined from smallest to largest, and its FP model is a
+    hollow marker of its colour at the right: the trade a result makes is read off directly.
+    """
+    figure = new_figure(7.2, 4.8)
+    ax = figure.subplots()
+    for index, (label, kind, points, fp) in enumerate(series):
+        color = kind_color(kind)
+        ordered = sorted(points)
+        marker = "os^Dv"[index % 5]
+        ax.plot([b for b, _, _ in ordered], [t for _, t, _ in ordered], "--" if kind == "none" else "-", marker=marker,
+                color=color, linewidth=1.4, markersize=6, label=label)
+        for size, top1, name in ordered:
+            ax.annotate(name, (size, top1), textcoords="offset points", xytext=(4, 4), fontsize=6, color=color)
+        if fp is not None:
+            ax.scatter([fp[0]], [fp[1]], s=50, facecolor="none", edgecolor=color, linewidth=1.4, zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("model size (bytes: packed weights, their grids, the float rest)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("Accuracy against size (hollow: each model in FP32)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return save_png(figure, path)

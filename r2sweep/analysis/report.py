@@ -37,6 +37,7 @@ from r2sweep.analysis.figures import (
     BitsSeries,
     TrialPoint,
     accuracy_vs_bits,
+    accuracy_vs_bytes,
     kind_color,
     optimization_history,
     parameter_importances,
@@ -60,6 +61,7 @@ PAGE = "index.html"
 HISTORY_PNG = "optimization_history.png"
 IMPORTANCE_PNG = "parameter_importances.png"
 BITS_PNG = "accuracy_vs_bits.png"
+BYTES_PNG = "accuracy_vs_bytes.png"
 WEIGHTS_PNG = "weight_histograms.png"
 PARETO_PNG = "pareto_front.png"
 # fANOVA fits a forest on (params -> objective): with fewer trials it says nothing.
@@ -212,6 +214,19 @@ def _bits_panels(best_by_kind: dict[str, Any], spec: SweepSpec) -> list[tuple[st
     return panels
 
 
+def _bytes_series(best_by_kind: dict[str, Any], spec: SweepSpec) -> list[tuple[str, str, list, tuple | None]]:
+    """Per R2 kind's best trial, every result's (bytes, top-1, name) and its FP point (trials from before sizes: none)."""
+    series = []
+    for kind, run in best_by_kind.items():
+        metrics = run.data.metrics
+        points = [(metrics[f"{name}/size_bytes"], metrics[f"{name}/top1"], name) for name in spec.trial.result_names()
+                  if f"{name}/size_bytes" in metrics and f"{name}/top1" in metrics]
+        fp = (metrics["fp/size_bytes"], metrics["fp/top1"]) if "fp/size_bytes" in metrics and "fp/top1" in metrics else None
+        if points:
+            series.append((_label(run, spec), kind, points, fp))
+    return series
+
+
 def _weight_figure(sweep: SweepRun, best_no_r2: Any, best_r2: Any, spec: SweepSpec, path: Path) -> tuple[Path | None, list[str]]:
     chosen = [r for r in (best_no_r2, best_r2) if r is not None]
     models, notes = {}, []
@@ -299,6 +314,9 @@ def build_report(tracker: Tracker, name: str, out: str | os.PathLike[str], *, lo
         panels = _bits_panels(best_by_kind, spec)
         if panels:
             figures["bits"] = accuracy_vs_bits(panels, scratch / BITS_PNG)
+        sizes = _bytes_series(best_by_kind, spec)
+        if sizes:
+            figures["bytes"] = accuracy_vs_bytes(sizes, scratch / BYTES_PNG)
         weights, weight_notes = _weight_figure(sweep, best_no_r2, best_r2, spec, scratch / WEIGHTS_PNG)
         notes += weight_notes
         if weights is not None:

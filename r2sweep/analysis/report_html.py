@@ -54,6 +54,10 @@ _CAPTIONS = {
     "bits": ("Accuracy against bit width",
              "For each downstream method, the best trial of each R2 kind (chosen by the objective) at every "
              "weight bit width it was evaluated at. Dashed grey: no R2. Dotted: that model's FP accuracy."),
+    "bytes": ("Accuracy against size",
+              "The same trials, each result at its size in bytes: the weights bit-packed at their width, the "
+              "scales, zero points or lookup tables that decode them, and everything else in float32 "
+              "(r2sweep.core.quant.size). Hollow: that model in FP32. Trials logged before sizes existed are left out."),
     "weights": ("Weight histograms",
                 "Pre-trained weights of the best R2 trial against the best trial without R2, in the four layers "
                 "where the no-R2 model's farthest weight lies most standard deviations out. Counts are log "
@@ -190,7 +194,7 @@ def _search_space(spec: SweepSpec) -> str:
 
 def render_page(page: ReportPage, figure_folder: Path, path: Path) -> Path:
     """Write the page to ``path``, inlining the figures found in ``figure_folder``."""
-    order = ["history", "importances", "bits", "weights", "pareto"]
+    order = ["history", "importances", "bits", "bytes", "weights", "pareto"]
     figures = "".join(_figure(key, page.figures[key], figure_folder) for key in order if key in page.figures)
     notes = "".join(f"<li>{escape(n)}</li>" for n in page.notes)
     advice = "".join(f"<li>{escape(a)}</li>" for a in page.advice)

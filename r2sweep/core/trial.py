@@ -8,8 +8,9 @@ nothing of Ray, Optuna or MLflow: it reports through a plain callback, called
   entry at its weight bit width: ``TrialConfig.proxy_target``; cheap enough to
   rank trials early), and
 * once at the end with every final metric (``fp/top1``, one ``<result>/top1``
-  per downstream result, the pre-trained weight statistics, the seconds each
-  phase took); that call has ``final = 1`` (not ``done``: Ray Tune reserves it),
+  per downstream result, each result's ``/size_bytes`` and ``/size_ratio`` and the
+  float model's ``fp/size_bytes`` (:mod:`r2sweep.core.quant.size`), the pre-trained
+  weight statistics, the seconds each phase took); that call has ``final = 1`` (not ``done``: Ray Tune reserves it),
   and the text values of :data:`TEXT_RESULTS` (how the pre-trained weights came,
   and any notes), which the sweep turns into tags of the trial's MLflow run.
 
@@ -41,9 +42,10 @@ from r2sweep.core.pretrain_cache import PretrainCache
 from r2sweep.core.pretrained_file import MODEL_ARCHIVE, PRETRAINED, export_archive, save_pretrained
 from r2sweep.core.pretraining import HIT, MISS, OFF, PretrainJob, epochs_reported, run_pretraining
 from r2sweep.core.graph import graph_notes
-from r2sweep.core.quant.layers import bake_weights
+from r2sweep.core.quant.layers import bake_weights, layer_bits
 from r2sweep.core.quant.methods import DOWNSTREAM_METHODS, DownstreamContext
 from r2sweep.core.quant.ptq import round_to_nearest
+from r2sweep.core.quant.size import fp32_bytes, model_size
 from r2sweep.core.stats import weight_stats
 from r2sweep.core.train import evaluate, resolve_device
 
@@ -206,6 +208,7 @@ def run_trial(
         final["pretrain/resumed_epochs"] = resumed
     model.eval()
     final["fp/top1"] = evaluate(model, val_loader, device)
+    final["fp/size_bytes"] = fp32_bytes(model)
     final.update(weight_stats(model))
     # The scheduler compares trials on the proxy at every report, the final one included.
     final.update(last_proxy)
@@ -240,6 +243,10 @@ def run_trial(
                 progress(f"{name}: diverged ({error})")
                 continue
             final[f"{name}/top1"] = evaluate(quantized, val_loader, device)
+            keep = entry.rounding().keep_first_last_bits
+            size = model_size(quantized, reference=model,
+                              widths=lambda layer: layer_bits(layer.first_or_last, bits, keep))
+            final[f"{name}/size_bytes"], final[f"{name}/size_ratio"] = size.total, size.ratio
             final.update({f"{name}/{fact}": value for fact, value in context.facts.pop(name, {}).items()})
             final[f"time/{name}_s"] = time.perf_counter() - phase_start
             progress(f"{name}: top-1 {final[f'{name}/top1']:.2f}% ({final[f'time/{name}_s']:.1f}s)")

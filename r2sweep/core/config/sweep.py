@@ -270,7 +270,7 @@ def _load_objectives(data: Any, trial: TrialConfig) -> tuple[Objective, ...]:
     check(data is not None, "objective", data, "{metric: <a /top1 key>, mode: max} (or a list of them)")
     items = data if isinstance(data, list) else [data]
     check(len(items) > 0, "objective", data, "at least one {metric, mode}")
-    produced = trial.metric_names()
+    produced = trial.objective_names()
     objectives = []
     for i, item in enumerate(items):
         where = "objective" if not isinstance(data, list) else f"objective[{i}]"

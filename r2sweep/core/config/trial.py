@@ -111,6 +111,12 @@ class TrialConfig:
         """The final ``/top1`` metrics this trial reports."""
         return ["fp/top1"] + [f"{name}/top1" for name in self.result_names()]
 
+    def objective_names(self) -> list[str]:
+        """Every final metric an objective may name: the ``/top1`` ones, then each result's size
+        (``/size_bytes``, ``/size_ratio``; minimized, they trade accuracy against bytes)."""
+        sizes = [f"{name}/{fact}" for name in self.result_names() for fact in ("size_bytes", "size_ratio")]
+        return self.metric_names() + sizes
+
     def to_mapping(self) -> dict[str, Any]:
         """The plain form a YAML file holds (``load_trial_config`` reads it back)."""
         return {
