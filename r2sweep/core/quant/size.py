@@ -2,12 +2,13 @@
 
 The accounting is the layout of a packed low-bit model:
 
-* each quantized layer's weight as integer codes bit-packed at the layer's width
-  (its nominal bit width, ``widths``; where a channel holds more distinct values
-  than that indexes, the fewest bits that do), plus the grid that decodes
-  them: a scale and a zero point (8 bytes) per grid when the values lie on a
-  uniform grid, else a lookup table of float32 values (DKM's centroids); one grid
-  per layer when every output channel shares it (per-tensor, DKM), else one per channel;
+* each quantized layer's weight as :mod:`r2sweep.core.quant.packing` packs it:
+  integer codes bit-packed at the layer's width (its nominal bit width, ``widths``;
+  where a channel holds more distinct values than that indexes, the fewest bits
+  that do), plus the grids that decode them bit for bit: a step and an offset
+  (8 bytes) per uniform grid, else a float32 table of the values (DKM's
+  centroids); one grid per layer when every output channel's values fit one,
+  else one per channel;
 * each quantized activation's scale and zero point (8 bytes);
 * everything else the model holds (biases, BatchNorm, layers left in float) as float32.
 
@@ -26,16 +27,15 @@ import torch
 from torch import Tensor, nn
 
 from r2sweep.core.quant.layers import QuantLayer
+from r2sweep.core.quant.packing import UNIFORM_GRID_BYTES, pack_weight
 
 __all__ = ["SizeReport", "model_size", "fp32_bytes", "GRID_BYTES"]
 
-#: A uniform grid's scale and zero point, each stored as 4 bytes.
-GRID_BYTES = 8
+#: A uniform grid's step and offset, or an activation's scale and zero point: 4 bytes each.
+GRID_BYTES = UNIFORM_GRID_BYTES
 _FLOAT_BYTES = 4
 # Above this many distinct values a layer's weight is not low-bit: it stays float32.
 _MAX_LEVELS = 256
-# How far from a whole number of steps a gap may be and still count as on the grid (float rounding).
-_GRID_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -75,48 +75,15 @@ def _quantizer_modules(model: nn.Module) -> set[int]:
             for q in (*layer.weight_quantizer.modules(), *layer.input_quantizer.modules())}
 
 
-def _uniform_rows(rows: Tensor, width: int) -> Tensor:
-    """Per row of sorted values, whether its distinct values sit on one uniform grid of ``2^width`` levels.
-
-    The grid's step may be a fraction of the smallest gap (a channel need not use
-    neighbouring levels): steps ``gap / k`` for k = 1, 2, ... are tried while the
-    row's span still fits the width's levels. Vectorized over rows: one pass per k.
-    """
-    gaps = rows.double().diff(dim=1)
-    if gaps.shape[1] == 0:
-        return torch.ones(rows.shape[0], dtype=torch.bool)
-    smallest = torch.where(gaps > 0, gaps, torch.full_like(gaps, math.inf)).amin(1, keepdim=True)
-    span = (rows[:, -1] - rows[:, 0]).double().unsqueeze(1)
-    flat = ~torch.isfinite(smallest).squeeze(1)  # one distinct value: a grid of one level
-    uniform = flat.clone()
-    undecided = ~flat
-    for parts in range(1, 2 ** width):
-        if not undecided.any():
-            break
-        step = smallest / parts
-        fits = (span / step <= (2 ** width - 1) * (1 + _GRID_TOLERANCE)).squeeze(1)
-        steps = gaps / step
-        on_grid = ((steps - steps.round()).abs() <= _GRID_TOLERANCE * parts).all(1)
-        uniform |= undecided & fits & on_grid
-        undecided &= fits & ~on_grid
-    return uniform
-
-
 def _weight_bytes(weight: Tensor, nominal: int) -> tuple[int, int] | None:
-    """(code bytes, grid bytes) of one layer's quantized weight, or None when it is not low-bit."""
+    """(code bytes, grid bytes) of one layer's quantized weight packed (:mod:`~r2sweep.core.quant.packing`),
+    or None when it is not low-bit."""
     rows = weight.detach().reshape(weight.shape[0], -1).float().cpu().sort(1).values
-    levels = (rows.diff(dim=1) != 0).sum(1) + 1
-    most = int(levels.max())
+    most = int(((rows.diff(dim=1) != 0).sum(1) + 1).max())
     if most > _MAX_LEVELS:
         return None
-    width = max(nominal, math.ceil(math.log2(most)), 1)
-    codes = math.ceil(weight.numel() * width / 8)
-    per_channel = int(torch.where(_uniform_rows(rows, width) | (levels <= 2), GRID_BYTES, levels * _FLOAT_BYTES).sum())
-    shared = torch.unique(rows).unsqueeze(0)
-    if shared.numel() <= 2 ** width:  # one grid can serve every channel (per-tensor, DKM's one table)
-        one = GRID_BYTES if shared.numel() <= 2 or bool(_uniform_rows(shared, width)) else shared.numel() * _FLOAT_BYTES
-        return codes, min(one, per_channel)
-    return codes, per_channel
+    packed = pack_weight(weight, max(nominal, math.ceil(math.log2(most)), 1))
+    return len(packed.codes), packed.nbytes - len(packed.codes)
 
 
 @torch.no_grad()
