@@ -14,6 +14,7 @@ runs them in the trial's placement group, where Tune reserved their resources.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -170,7 +171,11 @@ def _last_line(rank: int, process: subprocess.Popen, log: Any) -> str:
 
 def _main() -> None:
     task = json.load(sys.stdin)
-    print(json.dumps(run_peer(task["config"], task["rank"], task["address"], task["threads"], task["device"])))
+    print(json.dumps(run_peer(task["config"], task["rank"], task["address"], task["threads"], task["device"])), flush=True)
+    sys.stderr.flush()
+    # Done, and said so: skip the interpreter's teardown, where a gloo thread still joinable at exit
+    # has aborted the process ("terminate called without an active exception") after a good run.
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -254,12 +254,15 @@ def _pretrain(model: nn.Module, r2: R2Loss, train_loader: Any, val_loader: Any, 
     forward = _data_parallel(model, device, world)
     if world.parallel:
         # DDP sent rank 0's weights and buffers; the rest of its state goes here, so every rank steps alike.
+        # fp16's loss scale too: ranks scaling by different factors would average unlike gradients.
         shared = broadcast_state({"epoch": start_epoch, "r2": r2.state_dict(), "optimizer": optimizer.state_dict(),
-                                  "scheduler": scheduler.state_dict()} if world.main else None, world, device)
+                                  "scheduler": scheduler.state_dict(), "scaler": amp.state_dict()}
+                                 if world.main else None, world, device)
         start_epoch = int(shared["epoch"])
         r2.load_state_dict(shared["r2"])
         optimizer.load_state_dict(shared["optimizer"])
         scheduler.load_state_dict(shared["scheduler"])
+        amp.load_state_dict(shared["scaler"] or None)
 
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()

@@ -13,7 +13,7 @@ its two levels on zero.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -261,16 +261,24 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("min_val", torch.tensor(0.0))
         self.register_buffer("max_val", torch.tensor(0.0))
         self.register_buffer("num_batches", torch.tensor(0, dtype=torch.long))
+        # Mirrors num_batches > 0 as a plain attribute: forward must not read a buffer's value to
+        # choose its path, or torch.export (the packed file's graph) cannot trace it.
+        self._calibrated = False
 
     @property
     def calibrated(self) -> bool:
-        return int(self.num_batches) > 0
+        return self._calibrated
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._calibrated = int(self.num_batches) > 0
 
     def reset(self) -> None:
         """Forget the observed range."""
         self.min_val.zero_()
         self.max_val.zero_()
         self.num_batches.zero_()
+        self._calibrated = False
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
@@ -290,6 +298,7 @@ class ActivationQuantizer(nn.Module):
             self.max_val.mul_(n).add_(bound).div_(n + 1)
             self.min_val.copy_(-self.max_val)
         self.num_batches += 1
+        self._calibrated = True
 
     def qparams(self) -> tuple[Tensor, Tensor]:
         """Scale and zero point (0-d) of the calibrated range."""
