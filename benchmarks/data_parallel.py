@@ -35,6 +35,7 @@ from r2sweep.core.config.trial import load_trial_config
 from r2sweep.core.data_parallel import LocalPeers
 from r2sweep.core.distributed import World, joined, open_store
 from r2sweep.core.models import create_model
+from r2sweep.core.train import _data_parallel
 from r2sweep.core.trial import run_trial
 
 # Bytes per second a ring all-reduce's bus moves per rank, as vendors state them (one direction):
@@ -65,9 +66,8 @@ def run_one(workers: int, seed: int, epochs: int, cores: int, smoke: bool) -> di
 
 
 def _one_step(rank: int, model_name: str, out: Any, ports: Any) -> None:
-    """One DDP training step of rank ``rank`` (of 2): r2sweep's process group and meter, the model at 1000 classes."""
-    from torch.nn.parallel import DistributedDataParallel
-
+    """One DDP training step of rank ``rank`` (of 2): r2sweep's process group, DDP wrapping and meter, the model at
+    1000 classes."""
     torch.set_num_threads(1)
     store = None
     if rank == 0:
@@ -79,8 +79,7 @@ def _one_step(rank: int, model_name: str, out: Any, ports: Any) -> None:
     torch.manual_seed(0)
     model = create_model(model_name, num_classes=1000, in_channels=3, input_size=32)
     with joined(world, torch.device("cpu")):
-        wrapped = DistributedDataParallel(model)
-        wrapped.register_comm_hook(None, world.meter.hook)
+        wrapped = _data_parallel(model, torch.device("cpu"), world)
         world.meter.steps += 1
         torch.nn.functional.cross_entropy(wrapped(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1])).backward()
     if rank == 0:

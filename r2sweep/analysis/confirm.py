@@ -80,14 +80,14 @@ def _run_trial(mapping: dict[str, Any], threads: int, callables: dict[str, Any],
     from r2sweep.core.factories import install_callables
     from r2sweep.core.pretraining import PretrainCache
     from r2sweep.core.trial import run_trial
-    from r2sweep.tune.data_parallel import RayPeers
+    from r2sweep.tune.data_parallel import ray_peers
 
     torch.set_num_threads(threads)
     install_callables(callables)  # factories given from Python in this driver, as a sweep ships them
     cache = PretrainCache(cache_dir, user=cache_label.split("/")[0]) if cache_dir else None
     config = load_trial_config(mapping)
     # A data-parallel re-run's other ranks go to the bundles its placement group reserved (task_placement).
-    peers = RayPeers(mapping, config.train.workers, rank_resources or {}, callables) if config.train.workers > 1 else None
+    peers = ray_peers(config, rank_resources or {}, callables)
     try:
         final = run_trial(config, cache=cache, cache_label=cache_label, peers=peers)
         texts = {key: str(final[key]) for key in TEXT_RESULTS if final.get(key)}  # tagged, as a trial's are

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ContextManager, Protocol
 
+import numpy as np
 import torch
 
 from r2sweep.core.build import build_trial_data, build_trial_model
@@ -31,10 +33,10 @@ from r2sweep.core.distributed import World, parameters_digest
 from r2sweep.core.environment import resolve_inputs
 from r2sweep.core.errors import ConfigError, TrialDiverged
 
-__all__ = ["Peers", "LocalPeers", "run_peer", "PeerFailed", "seed_everything"]
+__all__ = ["Peers", "LocalPeers", "run_peer", "PeerFailed", "seed_everything", "train_loader", "RANK_EXIT_S"]
 
-
-_EXIT_S = 120
+#: Seconds a rank may take to end after rank 0's last all-reduce (it only has to return).
+RANK_EXIT_S = 120
 
 
 class PeerFailed(RuntimeError):
@@ -55,10 +57,6 @@ class Peers(Protocol):
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch so initialization is reproducible."""
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -135,22 +133,18 @@ class LocalPeers:
             processes.append(process)
         try:
             yield results
-        except Exception as error:
+        except BaseException as error:
             # Rank 0's error may only be the symptom (a closed connection): a rank that died first says why.
             dead = [(rank, p, log) for rank, p, log in zip(range(1, self.workers), processes, logs) if p.poll()]
             for process in processes:
                 process.kill()
-            if dead:
+            if dead and isinstance(error, Exception):
                 raise PeerFailed(_last_line(*dead[0])) from error
-            raise
-        except BaseException:
-            for process in processes:
-                process.kill()
             raise
         finally:
             for process in processes:
                 try:  # past rank 0's last collective a rank only has to exit; one that does not is stopped
-                    process.wait(timeout=_EXIT_S)
+                    process.wait(timeout=RANK_EXIT_S)
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()

@@ -39,7 +39,7 @@ from r2sweep.core.pretrain_cache import CacheKey, NotCacheable, PretrainCache, p
 from r2sweep.core.pretrain_cache.store import Epochs
 from r2sweep.core.train import pretrain
 
-__all__ = ["PretrainJob", "Pretrained", "run_pretraining", "epochs_reported", "proxy_grid", "OFF", "STORED", "HIT", "UNCACHEABLE", "MISS"]
+__all__ = ["PretrainJob", "Pretrained", "run_pretraining", "proxy_grid", "OFF", "STORED", "HIT", "UNCACHEABLE", "MISS"]
 
 #: How the pre-trained weights came (the trial's ``pretrain_cache`` result, an MLflow tag).
 OFF, STORED, HIT, UNCACHEABLE = "off", "stored", "hit", "uncacheable"
@@ -81,6 +81,7 @@ class Pretrained:
     source: str = ""  # the trial that trained a cached entry
     saved_s: float = 0.0  # the entry's pre-training time, less what taking it cost
     note: str = ""
+    resumed: int = 0  # epochs the trial's own checkpoint held when this attempt began (a restart)
 
 
 def proxy_grid(config: TrialConfig) -> Any:
@@ -111,7 +112,7 @@ def _as_this_trial(epochs: Epochs, job: PretrainJob) -> list[dict[str, Any]]:
     return out
 
 
-def epochs_reported(job: PretrainJob) -> int:
+def _epochs_reported(job: PretrainJob) -> int:
     """Epochs the scheduler already saw: those in the trial's own checkpoint (a restored trial resumes after them)."""
     if job.checkpoint is None or not job.checkpoint.is_file():
         return 0
@@ -162,7 +163,14 @@ def run_pretraining(job: PretrainJob, cache: PretrainCache | None, label: str = 
 
     ``label`` names this trial in the entry it stores (its source) and in its lock.
     """
-    resumed = reported = epochs_reported(job)
+    resumed = _epochs_reported(job)
+    done = _pretrained(job, cache, label, resumed)
+    done.resumed = resumed
+    return done
+
+
+def _pretrained(job: PretrainJob, cache: PretrainCache | None, label: str, resumed: int) -> Pretrained:
+    reported = resumed
     if cache is None:
         return Pretrained(_train(job, reported), OFF)
     try:

@@ -40,7 +40,7 @@ from r2sweep.core.plots import weight_histograms
 from r2sweep.core.precision import check_precision
 from r2sweep.core.pretrain_cache import PretrainCache
 from r2sweep.core.pretrained_file import MODEL_ARCHIVE, PRETRAINED, export_archive, save_pretrained
-from r2sweep.core.pretraining import HIT, MISS, OFF, PretrainJob, epochs_reported, run_pretraining
+from r2sweep.core.pretraining import HIT, MISS, OFF, PretrainJob, run_pretraining
 from r2sweep.core.graph import graph_notes
 from r2sweep.core.quant.layers import bake_weights, layer_bits
 from r2sweep.core.quant.methods import DOWNSTREAM_METHODS, DownstreamContext
@@ -186,7 +186,6 @@ def run_trial(
         peers = LocalPeers(config, threads=torch.get_num_threads(), device=device)
     job = PretrainJob(config, model, r2, loader, val_loader, device, measure, emit, checkpoint,
                       config_fingerprint(config), started, peers)
-    resumed = epochs_reported(job)
     done = run_pretraining(job, cache, cache_label)
     # Stale gradients of the last step would ride along into every downstream copy; a
     # model served from the cache has none, and the two must be the same model.
@@ -204,8 +203,8 @@ def run_trial(
     if done.key:
         final.update(pretrain_key=done.key, pretrain_source=done.source)
     final.update({f"comm/{name}": value for name, value in job.comm.items()})
-    if resumed:  # this attempt took its first epochs from the trial's own checkpoint (a restart after a failure)
-        final["pretrain/resumed_epochs"] = resumed
+    if done.resumed:  # this attempt took its first epochs from the trial's own checkpoint (a restart after a failure)
+        final["pretrain/resumed_epochs"] = done.resumed
     model.eval()
     final["fp/top1"] = evaluate(model, val_loader, device)
     final["fp/size_bytes"] = fp32_bytes(model)

@@ -30,15 +30,14 @@ from ray.exceptions import RayError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from r2sweep.core.config.sweep import SweepSettings
-from r2sweep.core.data_parallel import PeerFailed, run_peer
+from r2sweep.core.config.trial import TrialConfig
+from r2sweep.core.data_parallel import RANK_EXIT_S, PeerFailed, run_peer
 from r2sweep.core.factories import install_callables
 
-__all__ = ["trial_resources", "RayPeers", "ray_bundle", "task_placement"]
+__all__ = ["trial_resources", "RayPeers", "ray_peers", "ray_bundle", "task_placement"]
 
 # Ray's names for the two resources the spec spells in lower case.
 _RAY_NAMES = {"cpu": "CPU", "gpu": "GPU"}
-# Seconds a rank may take to end after rank 0's last all-reduce (it only has to return).
-_EXIT_S = 120
 
 
 def ray_bundle(resources: Mapping[str, float]) -> dict[str, float]:
@@ -79,13 +78,19 @@ def _rank(config: Mapping[str, Any], rank: int, address: str, threads: int,
     return {**result, "node_id": ray.get_runtime_context().get_node_id()}
 
 
+def ray_peers(trial: TrialConfig, resources: Mapping[str, float],
+              callables: Mapping[str, Any] | None = None) -> RayPeers | None:
+    """Ranks 1..N-1 of ``trial`` in its placement group (each with ``resources``), or None for one rank."""
+    return RayPeers(trial, resources, callables) if trial.train.workers > 1 else None
+
+
 class RayPeers:
     """Ranks 1..N-1 as Ray tasks in bundles 1..N-1 of the calling trial's placement group."""
 
-    def __init__(self, config: Mapping[str, Any], workers: int, resources: Mapping[str, float],
+    def __init__(self, trial: TrialConfig, resources: Mapping[str, float],
                  callables: Mapping[str, Any] | None = None) -> None:
-        self.config = dict(config)
-        self.workers = workers
+        self.config = trial.to_mapping()
+        self.workers = trial.train.workers
         self.resources = dict(resources)
         self.callables = dict(callables or {})
         self.host = ray.util.get_node_ip_address()
@@ -110,7 +115,7 @@ class RayPeers:
                 ray.cancel(task, force=True)
             raise
         try:
-            results.extend(ray.get(tasks, timeout=_EXIT_S))
+            results.extend(ray.get(tasks, timeout=RANK_EXIT_S))
         except (RayError, TimeoutError) as error:
             for task in tasks:
                 ray.cancel(task, force=True)

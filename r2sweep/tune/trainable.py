@@ -21,13 +21,12 @@ from ray import tune
 
 from r2sweep.core.checkpoint import write_text_atomic
 from r2sweep.core.config.sweep import SweepSpec
-from r2sweep.core.config.trial import TrialConfig
 from r2sweep.core.errors import ConfigError, TrialDiverged
 from r2sweep.core.factories import install_callables
 from r2sweep.core.pretrain_cache import PretrainCache
 from r2sweep.core.environment import resolve_inputs
 from r2sweep.core.trial import PRETRAIN_CHECKPOINT, TRIAL_FILES, check_out_dir, run_trial
-from r2sweep.tune.data_parallel import RayPeers
+from r2sweep.tune.data_parallel import ray_peers
 
 __all__ = ["trainable", "TRIAL_CONFIG", "TRIAL_ARTIFACTS"]
 
@@ -90,13 +89,6 @@ def trainable(config: dict[str, Any], spec: SweepSpec, callables: Mapping[str, A
     cache = PretrainCache(cache_dir, user=sweep) if cache_dir else None
     try:
         run_trial(trial_config, report, out_dir=work, cache=cache, cache_label=f"{sweep}/{context.get_trial_id()}",
-                  peers=_peers(trial_config, spec, callables))
+                  peers=ray_peers(trial_config, spec.settings.rank_resources, callables))
     except TrialDiverged as error:
         tune.report({"diverged": 1.0, "final": 1.0, "error": str(error)[:200], "node_id": node_id})
-
-
-def _peers(trial: TrialConfig, spec: SweepSpec, callables: Mapping[str, Any] | None) -> RayPeers | None:
-    """Ranks 1..N-1 in this trial's placement group (Tune reserved them with the trial), or None for one rank."""
-    if trial.train.workers == 1:
-        return None
-    return RayPeers(trial.to_mapping(), trial.train.workers, spec.settings.rank_resources, callables)
